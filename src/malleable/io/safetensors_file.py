@@ -1,0 +1,160 @@
+"""Streaming access to single safetensors files.
+
+Written by hand because the `safetensors` library reads through a memory map (every page touched stays
+in our RSS until the map closes) and `save_file` needs every tensor in memory at once. Merging a model
+tensor by tensor needs the opposite: read one tensor into a private buffer, write one tensor straight to
+its place in the output file, and hold nothing else. The format is tiny (an 8-byte little-endian header
+length, a JSON header, then raw little-endian bytes), and files written here load with `safetensors`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from malleable.errors import InputError
+
+DTYPES: dict[str, torch.dtype] = {
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
+}
+DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
+MAX_HEADER_BYTES = 100 * 1024 * 1024
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    """Where one tensor lives in a safetensors file."""
+
+    name: str
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+    begin: int  # absolute byte offset in the file
+    end: int
+
+    @property
+    def nbytes(self) -> int:
+        return self.end - self.begin
+
+    @property
+    def numel(self) -> int:
+        n = 1
+        for d in self.shape:
+            n *= d
+        return n
+
+
+class SafetensorsFile:
+    """One safetensors file: the header is parsed and checked on open, tensors are read on demand."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        self.tensors, self.metadata = _read_header(self.path)
+
+    def read(self, name: str) -> torch.Tensor:
+        info = self.tensors[name]
+        buf = bytearray(info.nbytes)
+        with open(self.path, "rb") as f:
+            f.seek(info.begin)
+            got = f.readinto(buf)
+        if got != info.nbytes:
+            raise InputError(f"{self.path}: truncated while reading tensor '{name}'")
+        if info.nbytes == 0:
+            return torch.empty(info.shape, dtype=info.dtype)
+        return torch.frombuffer(buf, dtype=info.dtype).reshape(info.shape)
+
+
+def _read_header(path: Path) -> tuple[dict[str, TensorInfo], dict[str, str]]:
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            head = f.read(8)
+            if len(head) < 8:
+                raise InputError(f"{path}: not a safetensors file (shorter than its 8-byte header length)")
+            (n,) = struct.unpack("<Q", head)
+            if n > MAX_HEADER_BYTES or 8 + n > size:
+                raise InputError(f"{path}: corrupt safetensors header (declares {n} header bytes, file has {size})")
+            raw = f.read(n)
+    except OSError as e:
+        raise InputError(f"{path}: cannot read ({e.strerror})") from None
+    try:
+        header = json.loads(raw)
+        if not isinstance(header, dict):
+            raise ValueError("header is not a JSON object")
+    except (UnicodeDecodeError, ValueError) as e:
+        raise InputError(f"{path}: corrupt safetensors header ({e})") from None
+    metadata = header.pop("__metadata__", None) or {}
+    data_start = 8 + n
+    tensors: dict[str, TensorInfo] = {}
+    for name, entry in header.items():
+        try:
+            dtype = DTYPES[entry["dtype"]]
+            shape = tuple(int(d) for d in entry["shape"])
+            b, e = (int(x) for x in entry["data_offsets"])
+        except (KeyError, TypeError, ValueError):
+            raise InputError(f"{path}: corrupt safetensors header entry for '{name}'") from None
+        info = TensorInfo(name, dtype, shape, data_start + b, data_start + e)
+        if e < b or info.nbytes != info.numel * dtype.itemsize:
+            raise InputError(f"{path}: tensor '{name}' has {info.nbytes} bytes for shape {list(shape)}")
+        if info.end > size:
+            raise InputError(f"{path}: truncated (tensor '{name}' ends at byte {info.end}, file has {size})")
+        tensors[name] = info
+    return tensors, metadata
+
+
+class StreamingSafetensorsWriter:
+    """Writes a safetensors file whose tensor names, dtypes and shapes are known in advance.
+
+    The header goes first with every offset computed up front, then each tensor's bytes are appended in
+    plan order as it is produced, so the writer never holds more than the tensor being written.
+    """
+
+    def __init__(self, path: str | Path, plan: list[tuple[str, torch.dtype, tuple[int, ...]]],
+                 metadata: dict[str, str] | None = None):
+        self.path = Path(path)
+        self.plan = plan
+        header: dict[str, object] = {"__metadata__": dict(metadata or {"format": "pt"})}
+        offset = 0
+        for name, dtype, shape in plan:
+            n = dtype.itemsize
+            for d in shape:
+                n *= d
+            header[name] = {"dtype": DTYPE_NAMES[dtype], "shape": list(shape), "data_offsets": [offset, offset + n]}
+            offset += n
+        raw = json.dumps(header, separators=(",", ":")).encode()
+        raw += b" " * (-len(raw) % 8)
+        self._f = open(self.path, "wb")
+        self._f.write(struct.pack("<Q", len(raw)) + raw)
+        self._next = 0
+
+    def write(self, name: str, tensor: torch.Tensor) -> None:
+        want_name, want_dtype, want_shape = self.plan[self._next]
+        if name != want_name or tensor.dtype != want_dtype or tuple(tensor.shape) != want_shape:
+            raise ValueError(f"writer expected {want_name} {want_dtype} {want_shape}, got {name} "
+                             f"{tensor.dtype} {tuple(tensor.shape)}")
+        t = tensor.detach().contiguous().cpu()
+        if t.numel():
+            # view as bytes to write without a copy; safetensors is little-endian like every host we run on
+            self._f.write(memoryview(t.view(torch.uint8).reshape(-1).numpy()))
+        self._next += 1
+
+    def close(self) -> None:
+        if self._next != len(self.plan):
+            self._f.close()
+            raise ValueError(f"{self.path}: {len(self.plan) - self._next} planned tensors were never written")
+        self._f.flush()
+        os.fsync(self._f.fileno())
+        self._f.close()

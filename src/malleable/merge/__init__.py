@@ -1,0 +1,6 @@
+"""Merge rules, one module per family, registered by name; importing this package registers them all."""
+
+from malleable.merge import linear  # noqa: F401
+from malleable.merge.registry import RULES, Param, get_rule, merge_rule
+
+__all__ = ["RULES", "Param", "get_rule", "merge_rule"]
