@@ -1,0 +1,113 @@
+"""The `malleable` command: one sub-command per verb, plus inspect / import-gguf / methods.
+
+Errors the user can fix (`MalleableError`) print one line on stderr and exit with code 2.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+from pathlib import Path
+
+import typer
+
+from malleable.errors import MalleableError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="Reshape trained models after training.")
+
+
+def _user_errors(fn):
+    """Turn a MalleableError into one line on stderr and exit code 2 (no traceback)."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except MalleableError as e:
+            typer.echo(f"error: {e}", err=True)
+            raise typer.Exit(2) from None
+        except KeyboardInterrupt:
+            typer.echo("interrupted: nothing was written", err=True)
+            raise typer.Exit(130) from None
+
+    return wrapper
+
+
+@app.command()
+@_user_errors
+def merge(
+    recipe: Path = typer.Argument(..., help="YAML recipe (malleable or mergekit format)"),
+    out: Path = typer.Argument(..., help="output directory (a checkpoint or a PEFT adapter)"),
+    force: bool = typer.Option(False, "--force", help="replace an existing output"),
+    dry_run: bool = typer.Option(False, "--dry-run", help="validate and print the plan; write nothing"),
+    allow_pickle: bool = typer.Option(False, "--allow-pickle",
+                                      help="load legacy .bin checkpoints (torch.load with weights_only=True)"),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="no progress bar"),
+) -> None:
+    """Merge full models or LoRA adapters into one model or one adapter."""
+    from malleable.merge.engine import describe, plan_merge, run_merge
+    from malleable.recipes.merge import load_recipe
+
+    r = load_recipe(recipe)
+    if allow_pickle:
+        r.allow_pickle = True
+    plan = plan_merge(r)
+    if dry_run:
+        typer.echo(describe(plan))
+        return
+    report = run_merge(plan, out, force=force, progress=not quiet)
+    typer.echo(f"merged {len(report['tensors'])} tensors with {report['method']} in {report['wall_time_s']} s "
+               f"(peak RSS {report['peak_rss_mb']} MB)")
+    typer.echo(f"output: {report['output']['path']}")
+    typer.echo(f"report: {Path(report['output']['path']) / 'report.json'}")
+
+
+@app.command()
+@_user_errors
+def inspect(
+    path: Path = typer.Argument(..., help="checkpoint directory, safetensors file, PEFT adapter or GGUF file"),
+    as_json: bool = typer.Option(False, "--json", help="print JSON"),
+) -> None:
+    """What a checkpoint, adapter or GGUF file holds (from headers; no weights are loaded)."""
+    from malleable.inspect import inspect_path
+
+    info = inspect_path(path)
+    if as_json:
+        typer.echo(json.dumps(info, indent=2))
+        return
+    width = max(len(k) for k in info)
+    for k, v in info.items():
+        if k == "bytes":
+            v = f"{v / 1e6:.1f} MB"
+        elif isinstance(v, (list, dict)):
+            v = json.dumps(v)
+        typer.echo(f"{k:<{width}}  {v}")
+
+
+@app.command("import-gguf")
+@_user_errors
+def import_gguf(
+    file: Path = typer.Argument(..., help="GGUF file"),
+    out: Path = typer.Argument(..., help="output checkpoint directory"),
+    force: bool = typer.Option(False, "--force", help="replace an existing output"),
+) -> None:
+    """Convert a GGUF file to a plain transformers checkpoint (safetensors), via transformers' GGUF loader."""
+    from malleable.io.gguf import import_gguf as run
+
+    typer.echo(f"output: {run(file, out, force=force)}")
+
+
+@app.command()
+def methods() -> None:
+    """List the merge methods and their parameters."""
+    from malleable.merge import RULES, get_rule
+
+    get_rule("linear")  # imports every rule module
+    for name in sorted(RULES):
+        rule = RULES[name]
+        typer.echo(f"{name}  [{rule.space}]  {rule.doc.splitlines()[0] if rule.doc else ''}")
+        for key, p in rule.params.items():
+            extra = f" one of {list(p.choices)}" if p.choices else ""
+            per = " (per input)" if p.per_input else ""
+            typer.echo(f"    {key} = {p.default!r}{per}{extra}: {p.doc}")

@@ -1,0 +1,377 @@
+"""The merge machinery, written once for every rule: plan (validate everything), then stream.
+
+`plan_merge` opens every input's headers, checks architectures, tensor sets, shapes and every parameter
+value for every tensor, and computes the output layout: nothing is read beyond headers and nothing is
+written. `run_merge` then streams: for each tensor, read it from each input, merge, write it into its
+place in the output shard, free. Peak memory is a few tensors, whatever the model size.
+"""
+
+from __future__ import annotations
+
+import shutil
+import time
+import zlib
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from malleable.deltas.linalg import lowrank_from_dense
+from malleable.deltas.lowrank import LowRankDelta
+from malleable.errors import InputError, RecipeError
+from malleable.io.adapter import LoraAdapter, is_adapter, read_adapter, write_adapter
+from malleable.io.atomic import atomic_dir, check_output
+from malleable.io.checkpoint import Checkpoint, dtype_from_name
+from malleable.io.hashing import BackgroundHasher
+from malleable.io.writer import ShardedWriter, parse_size, split_shards
+from malleable.merge.params import ParamResolver, layer_index
+from malleable.merge.registry import Rule, get_rule, rule_params
+from malleable.recipes.merge import MergeRecipe
+from malleable.report import environment, peak_rss_mb, write_report
+
+# files copied from the base (or first) model next to merged weights, so the output loads as-is
+MODEL_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
+               "special_tokens_map.json", "tokenizer.model", "vocab.json", "merges.txt", "chat_template.jinja",
+               "added_tokens.json")
+
+
+@dataclass
+class MergePlan:
+    recipe: MergeRecipe
+    rule: Rule
+    resolver: ParamResolver
+    input_kind: str  # "model" or "adapter"
+    output_kind: str  # "model" or "adapter"
+    base: Checkpoint | None
+    models: list[Checkpoint] = field(default_factory=list)
+    adapters: list[LoraAdapter] = field(default_factory=list)
+    tensors: list[tuple[str, torch.dtype, tuple[int, ...]]] = field(default_factory=list)
+    modules: list[str] = field(default_factory=list)  # LoRA modules, in output order
+    rank: int | None = None
+
+    @property
+    def input_files(self) -> list[Path]:
+        files = list(self.base.files) if self.base else []
+        for m in self.models:
+            files += m.files
+        for a in self.adapters:
+            files += a.files
+        return files
+
+    @property
+    def peak_estimate_bytes(self) -> int:
+        """Float32 working set of the largest tensor: one per input, the base, the result and a temporary."""
+        if self.output_kind == "adapter":
+            return sum(4 * (d.B.numel() + d.A.numel()) for a in self.adapters for d in a.deltas.values())
+        largest = max((_numel(s) for _, _, s in self.tensors), default=0)
+        n_inputs = len(self.models) or len(self.adapters)
+        return 4 * largest * (n_inputs + 3)
+
+
+def _numel(shape: tuple[int, ...]) -> int:
+    n = 1
+    for d in shape:
+        n *= d
+    return n
+
+
+def _num_layers(config: dict | None, names: list[str]) -> int:
+    if config:
+        for key in ("num_hidden_layers", "n_layer", "num_layers"):
+            if isinstance(config.get(key), int):
+                return config[key]
+    idx = [i for i in (layer_index(n) for n in names) if i is not None]
+    return max(idx) + 1 if idx else 1
+
+
+def plan_merge(recipe: MergeRecipe) -> MergePlan:
+    """Validate the recipe against its inputs. Raises a MalleableError naming the key or file."""
+    rule = get_rule(recipe.method)
+    inner = recipe.parameters.get("inner", rule.params["inner"].default) if rule.inner else None
+    if rule.inner and not isinstance(inner, str):
+        raise RecipeError("parameters.inner: expected the name of a full-space merge rule")
+    params = rule_params(rule, inner)
+    for p in ([recipe.base] if recipe.base else []) + [i.path for i in recipe.inputs]:
+        if not p.exists():
+            raise InputError(f"{p}: no such file or directory")
+    adapters_in = [is_adapter(i.path) for i in recipe.inputs]
+    if any(adapters_in) and not all(adapters_in):
+        raise InputError(f"{recipe.inputs[adapters_in.index(False)].path}: mixes full checkpoints with LoRA "
+                         "adapters; merge either checkpoints or adapters")
+    base = Checkpoint(recipe.base, recipe.allow_pickle) if recipe.base else None
+    if all(adapters_in):
+        plan = _plan_adapters(recipe, rule, params, base)
+    else:
+        plan = _plan_models(recipe, rule, params, base)
+    for name, _, _ in plan.tensors:  # every parameter value for every tensor, checked before any work
+        plan.resolver.values(name)
+        plan.resolver.weights(name)
+    return plan
+
+
+def _plan_models(recipe: MergeRecipe, rule: Rule, params, base: Checkpoint | None) -> MergePlan:
+    if rule.space == "lora":
+        raise RecipeError(f"method: '{rule.name}' merges LoRA adapters, but the inputs are full checkpoints")
+    if rule.uses_base and base is None:
+        raise RecipeError(f"base: method '{rule.name}' works on task vectors and needs a base model")
+    if recipe.output.kind == "adapter":
+        raise RecipeError("output.kind: full checkpoints merge into a model, not an adapter")
+    models = [Checkpoint(i.path, recipe.allow_pickle) for i in recipe.inputs]
+    ref = base or models[0]
+    ref_cfg = ref.config or {}
+    for m in models + ([base] if base else []):
+        cfg = m.config or {}
+        for key in ("model_type", "hidden_size", "num_hidden_layers", "vocab_size"):
+            if key in cfg and key in ref_cfg and cfg[key] != ref_cfg[key]:
+                raise InputError(f"{m.root / 'config.json'}: {key} is {cfg[key]}, but {ref.path} has "
+                                 f"{ref_cfg[key]}: different architectures cannot be merged")
+    for m in models + ([base] if base else []):
+        for name, meta in ref.meta.items():
+            if name not in m.meta:
+                raise InputError(f"{m.path}: tensor '{name}' is missing (present in {ref.path})")
+            if m.meta[name].shape != meta.shape:
+                raise InputError(f"{m.path}: tensor '{name}' has shape {list(m.meta[name].shape)}, but "
+                                 f"{ref.path} has {list(meta.shape)}")
+        extra = set(m.meta) - set(ref.meta)
+        if extra:
+            raise InputError(f"{m.path}: tensor '{sorted(extra)[0]}' is not in {ref.path}")
+    out_dtype = dtype_from_name(recipe.output.dtype) if recipe.output.dtype else None
+    tensors = [(name, out_dtype if (out_dtype and meta.dtype.is_floating_point) else meta.dtype, meta.shape)
+               for name, meta in ref.meta.items()]
+    resolver = ParamResolver(recipe, params, _num_layers(ref.config, ref.names))
+    return MergePlan(recipe, rule, resolver, "model", "model", base, models=models, tensors=tensors)
+
+
+def _plan_adapters(recipe: MergeRecipe, rule: Rule, params, base: Checkpoint | None) -> MergePlan:
+    adapters = [read_adapter(i.path) for i in recipe.inputs]
+    first = adapters[0]
+    for a in adapters[1:]:
+        if a.base_model and first.base_model and a.base_model != first.base_model:
+            raise InputError(f"{a.path / 'adapter_config.json'}: adapter for base model '{a.base_model}', but "
+                             f"{first.path} is for '{first.base_model}'")
+        if set(a.deltas) != set(first.deltas):
+            odd = sorted(set(a.deltas) ^ set(first.deltas))[0]
+            raise InputError(f"{a.path}: adapts a different set of modules than {first.path} (e.g. '{odd}')")
+        for m, d in a.deltas.items():
+            if d.shape != first.deltas[m].shape:
+                raise InputError(f"{a.path}: module '{m}' has delta shape {list(d.shape)}, but {first.path} "
+                                 f"has {list(first.deltas[m].shape)}")
+    kind = recipe.output.kind if recipe.output.kind != "auto" else "adapter"
+    modules = sorted(first.deltas)
+    max_rank = max(d.rank for a in adapters for d in a.deltas.values())
+    sum_rank = min(sum(a.deltas[m].rank for a in adapters) for m in modules)
+    rank = recipe.output.rank
+    if rule.space == "full" and kind == "adapter":
+        rank = rank or max_rank
+        smallest = min(min(first.deltas[m].shape) for m in modules)
+        if rank > smallest:
+            raise RecipeError(f"output.rank: {rank} is larger than the smallest adapted layer allows ({smallest})")
+    if rule.name == "concat" and rank is not None and rank < sum_rank:
+        raise RecipeError(f"output.rank: concat is exact and needs rank {sum_rank} (the sum of the input ranks)")
+    if kind == "model":
+        if base is None:
+            raise RecipeError("base: merging LoRA adapters into a model needs the base checkpoint")
+        for m in modules:
+            w = first.weight_name(m)
+            want = first.deltas[m].shape[::-1] if first.fan_in_fan_out else first.deltas[m].shape
+            if w not in base.meta:
+                raise InputError(f"{base.path}: has no tensor '{w}' that adapter {first.path} targets")
+            if base.meta[w].shape != tuple(want):
+                raise InputError(f"{base.path}: tensor '{w}' has shape {list(base.meta[w].shape)}, but adapter "
+                                 f"{first.path} makes a delta of shape {list(want)}")
+        out_dtype = dtype_from_name(recipe.output.dtype) if recipe.output.dtype else None
+        tensors = [(n, out_dtype if (out_dtype and meta.dtype.is_floating_point) else meta.dtype, meta.shape)
+                   for n, meta in base.meta.items()]
+    else:
+        tensors = [(m, torch.float32, first.deltas[m].shape) for m in modules]
+    resolver = ParamResolver(recipe, params, _num_layers(base.config if base else None, modules))
+    return MergePlan(recipe, rule, resolver, "adapter", kind, base, adapters=adapters, tensors=tensors,
+                     modules=modules, rank=rank)
+
+
+def _generator(seed: int, name: str) -> torch.Generator:
+    """One generator per tensor, from the seed and the tensor's name: results do not depend on order."""
+    return torch.Generator().manual_seed(seed * 1_000_003 + zlib.crc32(name.encode()))
+
+
+def _check_finite(t: torch.Tensor, name: str, source: Path, allow: bool) -> None:
+    if not allow and t.is_floating_point() and not torch.isfinite(t).all():
+        raise InputError(f"{source}: tensor '{name}' contains NaN or inf (set allow_nonfinite: true to merge "
+                         "anyway)")
+
+
+class _Stats:
+    """Per-tensor norms and ranks for the report."""
+
+    def __init__(self) -> None:
+        self.rows: list[dict] = []
+
+    def add(self, name: str, delta: torch.Tensor | None = None, rank: int | None = None) -> None:
+        row: dict = {"name": name}
+        if delta is not None:
+            row["delta_norm"] = round(float(delta.float().norm()), 6)
+        if rank is not None:
+            row["rank"] = rank
+        self.rows.append(row)
+
+
+def _merge_dense(plan: MergePlan, name: str, tensors: list[torch.Tensor], base: torch.Tensor | None) -> torch.Tensor:
+    """Apply a full-space rule to one tensor; returns the merged delta (uses_base) or merged weight."""
+    rule = plan.rule
+    params = plan.resolver.values(name)
+    weights = plan.resolver.weights(name)
+    gen = _generator(plan.recipe.seed, name)
+    if rule.uses_base and base is not None:
+        tensors = [t - base for t in tensors]
+    return rule.fn(tensors, weights, gen, **params)
+
+
+def _merge_module(plan: MergePlan, module: str) -> tuple[LowRankDelta | None, torch.Tensor | None]:
+    """Merge one LoRA module: a low-rank result (LoRA rules, or full rules compressed to the output rank),
+    or for full rules into a model the dense delta itself (no compression needed)."""
+    deltas = [a.deltas[module] for a in plan.adapters]
+    if plan.rule.space == "lora":
+        params = plan.resolver.values(module)
+        out = plan.rule.fn(deltas, plan.resolver.weights(module), _generator(plan.recipe.seed, module),
+                           rank=plan.rank, **params)
+        return out, None
+    dense = _merge_dense(plan, module, [d.dense() for d in deltas], None)
+    if plan.output_kind == "model":
+        return None, dense
+    return lowrank_from_dense(dense, plan.rank), None
+
+
+def run_merge(plan: MergePlan, out: str | Path, force: bool = False, progress: bool = True) -> dict:
+    """Execute a validated plan into `out` (atomically); returns the report dict."""
+    start = time.perf_counter()
+    recipe = plan.recipe
+    out = check_output(out, force, inputs=plan.input_files)
+    hasher = BackgroundHasher(plan.input_files)
+    stats = _Stats()
+    with atomic_dir(out, force) as tmp:
+        if plan.input_kind == "adapter" and plan.output_kind == "adapter":
+            merged = {}
+            for m in tqdm(plan.modules, desc=f"merge {recipe.method}", unit="module", disable=not progress):
+                merged[m], _ = _merge_module(plan, m)
+                stats.add(m, rank=merged[m].rank)
+            dtype = next(iter(plan.adapters[0].deltas.values())).A.dtype
+            if recipe.output.dtype:
+                dtype = dtype_from_name(recipe.output.dtype)
+            write_adapter(tmp, merged, plan.adapters[0].config, dtype)
+        else:
+            _stream_model(plan, tmp, stats, progress)
+        report = _report(plan, out, tmp, stats, hasher.results(), time.perf_counter() - start)
+        write_report(tmp, report, _markdown(report))
+    return report
+
+
+def _stream_model(plan: MergePlan, tmp: Path, stats: _Stats, progress: bool) -> None:
+    recipe = plan.recipe
+    writer = ShardedWriter(tmp, plan.tensors, parse_size(recipe.output.max_shard_size),
+                           {"merged_by": "malleable", "method": recipe.method})
+    lora_targets = {plan.adapters[0].weight_name(m): m for m in plan.modules} if plan.adapters else {}
+    fan_in_fan_out = bool(plan.adapters) and plan.adapters[0].fan_in_fan_out
+    for name, dtype, _ in tqdm(plan.tensors, desc=f"merge {recipe.method}", unit="tensor", disable=not progress):
+        base = plan.base.read(name) if plan.base else None
+        if base is not None:
+            _check_finite(base, name, plan.base.path, recipe.allow_nonfinite)
+        if plan.input_kind == "adapter":
+            if name in lora_targets:
+                low, dense = _merge_module(plan, lora_targets[name])
+                delta = low.dense() if low is not None else dense
+                delta = delta.T if fan_in_fan_out else delta
+                result = base.float() + delta
+                stats.add(name, delta, low.rank if low is not None else None)
+            else:
+                result = base
+        else:
+            tensors = [m.read(name) for m in plan.models]
+            for t, m in zip(tensors, plan.models):
+                _check_finite(t, name, m.path, recipe.allow_nonfinite)
+            if not tensors[0].is_floating_point():
+                result = base if base is not None else tensors[0]
+            else:
+                base_f = base.float() if base is not None else None
+                merged = _merge_dense(plan, name, [t.float() for t in tensors], base_f)
+                if plan.rule.uses_base:
+                    stats.add(name, merged)
+                    result = base_f + merged
+                else:
+                    stats.add(name, merged - base_f if base_f is not None else None)
+                    result = merged
+            del tensors
+        if not recipe.allow_nonfinite and result.is_floating_point() and not torch.isfinite(result).all():
+            raise InputError(f"tensor '{name}': the merge produced NaN or inf (check the weights and parameters)")
+        writer.write(name, result.to(dtype))
+    writer.close()
+    source = plan.base or plan.models[0]
+    for f in MODEL_FILES:
+        if (source.root / f).is_file():
+            shutil.copy2(source.root / f, tmp / f)
+
+
+def _report(plan: MergePlan, out: Path, tmp: Path, stats: _Stats, hashes: dict[str, str], wall: float) -> dict:
+    recipe = plan.recipe
+
+    def files(paths):
+        return [{"path": str(p), "sha256": hashes[str(p)], "bytes": Path(p).stat().st_size} for p in paths]
+
+    inputs = []
+    if plan.base:
+        inputs.append({"role": "base", "path": str(recipe.base), "files": files(plan.base.files)})
+    sources = plan.models or plan.adapters
+    for spec, src in zip(recipe.inputs, sources):
+        inputs.append({"role": "input", "path": str(spec.path), "kind": plan.input_kind,
+                       "weight": spec.model_dump(mode="json")["weight"], "files": files(src.files)})
+    out_files = sorted(p.name for p in tmp.iterdir())
+    return {
+        "schema": "malleable.merge.report/1",
+        "method": recipe.method,
+        "parameters": recipe.model_dump(mode="json")["parameters"],
+        "seed": recipe.seed,
+        "inputs": inputs,
+        "output": {"path": str(out), "kind": plan.output_kind, "files": out_files, "rank": plan.rank,
+                   "dtype": recipe.output.dtype},
+        "tensors": stats.rows,
+        "wall_time_s": round(wall, 3),
+        "peak_rss_mb": peak_rss_mb(),
+        "environment": environment(),
+    }
+
+
+def _markdown(r: dict) -> str:
+    lines = [f"# Merge report: {r['method']}", "",
+             f"- output: `{r['output']['path']}` ({r['output']['kind']})",
+             f"- parameters: `{r['parameters']}`, seed {r['seed']}",
+             f"- wall time: {r['wall_time_s']} s, peak RSS: {r['peak_rss_mb']} MB",
+             f"- tensors merged: {len(r['tensors'])}", "", "| role | path | sha256 |", "|---|---|---|"]
+    for i in r["inputs"]:
+        for f in i["files"]:
+            lines.append(f"| {i['role']} | `{f['path']}` | `{f['sha256'][:16]}…` |")
+    norms = [t for t in r["tensors"] if "delta_norm" in t]
+    if norms:
+        lines += ["", "Largest merged deltas (Frobenius norm):", "", "| tensor | norm | rank |", "|---|---|---|"]
+        for t in sorted(norms, key=lambda t: -t["delta_norm"])[:10]:
+            lines.append(f"| `{t['name']}` | {t['delta_norm']:.4g} | {t.get('rank', '')} |")
+    return "\n".join(lines) + "\n"
+
+
+def describe(plan: MergePlan) -> str:
+    """The `--dry-run` text: what would be read, computed and written."""
+    r = plan.recipe
+    lines = [f"method: {r.method} ({plan.rule.space}-space{', random, seed ' + str(r.seed) if plan.rule.random else ''})"]
+    if plan.base:
+        lines.append(f"base:   {plan.base.path} ({len(plan.base.meta)} tensors, {plan.base.nbytes / 1e6:.1f} MB)")
+    for spec, src in zip(r.inputs, plan.models or plan.adapters):
+        desc = (f"{len(src.meta)} tensors, {src.nbytes / 1e6:.1f} MB" if isinstance(src, Checkpoint)
+                else f"LoRA, {len(src.deltas)} modules, ranks {sorted({d.rank for d in src.deltas.values()})}")
+        lines.append(f"input:  {spec.path} (weight {spec.weight}; {desc})")
+    lines.append(f"parameters: {r.model_dump(mode='json')['parameters'] or 'defaults'}")
+    lines.append(f"output: {plan.output_kind}, {len(plan.tensors)} tensors"
+                 + (f", rank {plan.rank}" if plan.rank else "") + (f", dtype {r.output.dtype}" if r.output.dtype else ""))
+    if plan.output_kind == "model":
+        shards = len(split_shards(plan.tensors, parse_size(r.output.max_shard_size)))
+        lines.append(f"shards: {shards} (max {r.output.max_shard_size})")
+    lines.append(f"estimated peak working memory: {plan.peak_estimate_bytes / 1e6:.1f} MB (plus the Python process)")
+    return "\n".join(lines)

@@ -1,0 +1,92 @@
+"""Per-tensor parameter values: scalars, per-layer gradients and name-filter lists (mergekit's forms)."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from malleable.errors import RecipeError
+from malleable.merge.registry import Param
+from malleable.recipes.merge import Filtered, MergeRecipe
+
+_LAYER = re.compile(r"(?:^|\.)(?:layers|h|blocks|layer)\.(\d+)\.")
+
+
+def layer_index(name: str) -> int | None:
+    m = _LAYER.search(name)
+    return int(m.group(1)) if m else None
+
+
+def _gradient(values: list[float], layer: int | None, num_layers: int) -> float:
+    """Interpolate `values` evenly over the layers (mergekit's gradient); tensors outside a layer get the
+    first value before the first layer's tensors would, i.e. embeddings take values[0] and the rest
+    (final norm, lm_head) values[-1]."""
+    if len(values) == 1:
+        return values[0]
+    if layer is None:
+        return values[0]
+    t = layer / max(num_layers - 1, 1)
+    return float(np.interp(t, np.linspace(0.0, 1.0, len(values)), values))
+
+
+def _value(spec: Any, name: str, layer: int | None, num_layers: int) -> Any:
+    if isinstance(spec, list) and spec and isinstance(spec[0], Filtered):
+        for entry in spec:
+            if entry.filter is None or entry.filter in name:
+                return _value(entry.value, name, layer, num_layers)
+        return None  # no entry applies: the parameter's default
+    if isinstance(spec, list):
+        return _gradient([float(v) for v in spec], layer, num_layers)
+    return spec
+
+
+@dataclass
+class ParamResolver:
+    """Resolves every parameter of a rule for one tensor name, checked against its `Param` ranges."""
+
+    recipe: MergeRecipe
+    params: dict[str, Param]
+    num_layers: int
+
+    def __post_init__(self) -> None:
+        for key in self.recipe.parameters:
+            if key not in self.params:
+                known = ", ".join(sorted(self.params)) or "none"
+                raise RecipeError(f"parameters.{key}: unknown parameter for method '{self.recipe.method}' "
+                                  f"(known: {known})")
+        for i, inp in enumerate(self.recipe.inputs):
+            for key in inp.parameters:
+                if key not in self.params or not self.params[key].per_input:
+                    raise RecipeError(f"inputs.{i}.parameters.{key}: not a per-input parameter of "
+                                      f"'{self.recipe.method}'")
+
+    def weights(self, name: str) -> list[float]:
+        layer = layer_index(name)
+        out = []
+        for i, inp in enumerate(self.recipe.inputs):
+            w = _value(inp.weight, name, layer, self.num_layers)
+            w = 1.0 if w is None else w
+            if isinstance(w, bool) or not isinstance(w, (int, float)):
+                raise RecipeError(f"inputs.{i}.weight: expected a number, got {w!r}")
+            out.append(float(w))
+        return out
+
+    def values(self, name: str) -> dict[str, Any]:
+        layer = layer_index(name)
+        out: dict[str, Any] = {}
+        for key, p in self.params.items():
+            glob = self._one(f"parameters.{key}", p, self.recipe.parameters.get(key), name, layer)
+            if p.per_input:
+                out[key] = [glob if key not in inp.parameters else
+                            self._one(f"inputs.{i}.parameters.{key}", p, inp.parameters[key], name, layer)
+                            for i, inp in enumerate(self.recipe.inputs)]
+            else:
+                out[key] = glob
+        return out
+
+    def _one(self, key: str, p: Param, spec: Any, name: str, layer: int | None) -> Any:
+        v = None if spec is None else _value(spec, name, layer, self.num_layers)
+        return p.default if v is None else p.check(key, v)

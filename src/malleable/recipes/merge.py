@@ -1,0 +1,107 @@
+"""The merge recipe: a YAML file validated with pydantic before any work starts.
+
+```yaml
+method: ties                 # any registered merge rule (`malleable methods` lists them)
+base: path/to/base           # a checkpoint; needed by task-vector rules and to merge LoRAs into a model
+inputs:
+  - path: path/to/finetune-or-adapter
+    weight: 1.0              # per-input; may also be a filter list or a per-layer gradient
+    parameters: {density: 0.5}   # per-input values of rules' per-input parameters
+parameters:                  # the method's parameters; each value may be
+  density: 0.5               #   a scalar,
+  scale: [0.5, 1.0]          #   a per-layer gradient (interpolated over the layers), or
+  normalize:                 #   a filter list: the first entry whose filter is in the tensor name wins
+    - {filter: mlp, value: count}
+    - {value: weights}
+output: {kind: auto, rank: 16, dtype: bfloat16, max_shard_size: 5GB}
+seed: 0
+```
+A mergekit YAML (`merge_method:` ...) is read by `recipes.mergekit` and becomes this same recipe.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal, Union
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from malleable.errors import RecipeError
+
+Scalar = Union[bool, int, float, str]
+
+
+class Filtered(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    filter: str | None = None
+    value: Union[Scalar, list[float]]
+
+
+ParamSpec = Union[Scalar, list[float], list[Filtered]]
+
+
+class InputSpec(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    path: Path
+    weight: ParamSpec = 1.0
+    parameters: dict[str, ParamSpec] = Field(default_factory=dict)
+
+
+class OutputSpec(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    kind: Literal["auto", "model", "adapter"] = "auto"
+    rank: int | None = Field(default=None, gt=0)
+    dtype: str | None = None
+    max_shard_size: Union[str, int] = "5GB"
+
+
+class MergeRecipe(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    method: str
+    base: Path | None = None
+    inputs: list[InputSpec] = Field(min_length=1)
+    parameters: dict[str, ParamSpec] = Field(default_factory=dict)
+    output: OutputSpec = Field(default_factory=OutputSpec)
+    seed: int = 0
+    allow_nonfinite: bool = False
+    allow_pickle: bool = False
+
+
+def parse_recipe(data: dict, source: str = "recipe") -> MergeRecipe:
+    """Validate a recipe dict; a mergekit-style dict is translated first."""
+    if not isinstance(data, dict):
+        raise RecipeError(f"{source}: a recipe is a YAML mapping, got {type(data).__name__}")
+    if "merge_method" in data:
+        from malleable.recipes.mergekit import from_mergekit
+
+        data = from_mergekit(data, source)
+    try:
+        return MergeRecipe.model_validate(data)
+    except ValidationError as e:
+        err = e.errors()[0]
+        key = ".".join(str(p) for p in err["loc"] if not str(p).startswith(("list[", "union[", "Filtered")))
+        more = f" (and {len(e.errors()) - 1} more)" if len(e.errors()) > 1 else ""
+        msg = "unknown key" if err["type"] == "extra_forbidden" else err["msg"]
+        raise RecipeError(f"{source}: {key}: {msg}{more}") from None
+
+
+def load_recipe(path: str | Path) -> MergeRecipe:
+    """Read a YAML recipe; relative input paths are taken relative to the recipe's folder."""
+    path = Path(path)
+    try:
+        data = yaml.safe_load(path.read_text())
+    except OSError as e:
+        raise RecipeError(f"{path}: cannot read ({e.strerror})") from None
+    except yaml.YAMLError as e:
+        where = getattr(e, "problem_mark", None)
+        line = f" at line {where.line + 1}" if where else ""
+        raise RecipeError(f"{path}: not valid YAML{line}") from None
+    recipe = parse_recipe(data, str(path))
+    root = path.parent
+    if recipe.base is not None and not recipe.base.is_absolute() and (root / recipe.base).exists():
+        recipe.base = root / recipe.base
+    for inp in recipe.inputs:
+        if not inp.path.is_absolute() and (root / inp.path).exists():
+            inp.path = root / inp.path
+    return recipe

@@ -1,0 +1,28 @@
+"""Reports written beside every output: `report.json` (versioned schema) and a readable `report.md`."""
+
+from __future__ import annotations
+
+import json
+import platform
+import resource
+import sys
+from pathlib import Path
+
+
+def peak_rss_mb() -> float:
+    """Peak resident memory of this process so far (Linux reports KiB)."""
+    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
+
+
+def environment() -> dict:
+    import torch
+
+    from malleable import __version__
+
+    return {"malleable": __version__, "python": sys.version.split()[0], "torch": torch.__version__,
+            "platform": platform.platform(), "machine": platform.machine()}
+
+
+def write_report(directory: Path, report: dict, markdown: str) -> None:
+    (directory / "report.json").write_text(json.dumps(report, indent=2) + "\n")
+    (directory / "report.md").write_text(markdown)

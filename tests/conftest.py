@@ -1,0 +1,76 @@
+"""Shared fixtures: tiny random Llama checkpoints and PEFT adapters, saved through the real code paths."""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+TINY = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=2, vocab_size=128, max_position_embeddings=64, tie_word_embeddings=False)
+
+
+def tiny_llama(seed: int = 0) -> LlamaForCausalLM:
+    torch.manual_seed(seed)
+    return LlamaForCausalLM(LlamaConfig(**TINY)).eval()
+
+
+def save_finetune(base: LlamaForCausalLM, path: Path, seed: int, scale: float = 0.02, **save_kw) -> Path:
+    """A 'fine-tune': the base plus seeded noise, saved with save_pretrained."""
+    g = torch.Generator().manual_seed(seed)
+    model = tiny_llama(0)
+    model.load_state_dict(base.state_dict())
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn(p.shape, generator=g) * scale)
+    model.save_pretrained(path, **save_kw)
+    return path
+
+
+def make_adapter(base_dir: Path, path: Path, seed: int, r: int = 4, alpha: int = 8, **lora_kw) -> Path:
+    """A PEFT LoRA adapter with non-zero random B (PEFT initialises B to zero)."""
+    from peft import LoraConfig, get_peft_model
+
+    base = LlamaForCausalLM.from_pretrained(base_dir)
+    cfg = LoraConfig(r=r, lora_alpha=alpha, target_modules=lora_kw.pop("target_modules", ["q_proj", "v_proj"]),
+                     **lora_kw)
+    model = get_peft_model(base, cfg)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_" in name:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.1)
+    model.save_pretrained(path)
+    return path
+
+
+def tree_digest(path: Path) -> str:
+    """Hash of every file under `path` (names and bytes): inputs must be byte-identical after a run."""
+    h = hashlib.sha256()
+    for f in sorted(p for p in Path(path).rglob("*") if p.is_file()):
+        h.update(str(f.relative_to(path)).encode())
+        h.update(f.read_bytes())
+    return h.hexdigest()
+
+
+@pytest.fixture(scope="session")
+def models(tmp_path_factory) -> dict[str, Path]:
+    """A base checkpoint and three fine-tunes of it (safetensors, single file)."""
+    root = tmp_path_factory.mktemp("models")
+    base = tiny_llama(0)
+    base.save_pretrained(root / "base")
+    out = {"base": root / "base"}
+    for i in range(3):
+        out[f"ft{i}"] = save_finetune(base, root / f"ft{i}", seed=100 + i)
+    return out
+
+
+@pytest.fixture(scope="session")
+def adapters(models, tmp_path_factory) -> dict[str, Path]:
+    """Three LoRA adapters on the tiny base: ranks 4, 4 and 8."""
+    root = tmp_path_factory.mktemp("adapters")
+    return {f"lora{i}": make_adapter(models["base"], root / f"lora{i}", seed=200 + i, r=r)
+            for i, r in enumerate([4, 4, 8])}
