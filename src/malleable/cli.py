@@ -11,7 +11,7 @@ from pathlib import Path
 
 import typer
 
-from malleable.errors import MalleableError
+from malleable.errors import MalleableError, RecipeError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Reshape trained models after training.")
@@ -52,7 +52,10 @@ def merge(
     r = load_recipe(recipe)
     if allow_pickle:
         r.allow_pickle = True
-    plan = plan_merge(r)
+    try:
+        plan = plan_merge(r)
+    except RecipeError as e:  # keys are relative to the recipe: name the file too
+        raise RecipeError(f"{recipe}: {e}" if not str(e).startswith(str(recipe)) else str(e)) from None
     if dry_run:
         typer.echo(describe(plan))
         return

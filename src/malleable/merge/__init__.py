@@ -1,6 +1,8 @@
 """Merge rules, one module per family, registered by name; importing this package registers them all."""
 
 from malleable.merge import linear  # noqa: F401
+from malleable.merge import core_space, ctm, knots, lora_concat  # noqa: F401
+from malleable.merge import dare, isoc, magnitude, ties, tsv  # noqa: F401
 from malleable.merge.registry import RULES, Param, get_rule, merge_rule
 
 __all__ = ["RULES", "Param", "get_rule", "merge_rule"]

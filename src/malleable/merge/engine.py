@@ -8,6 +8,7 @@ place in the output shard, free. Peak memory is a few tensors, whatever the mode
 
 from __future__ import annotations
 
+import ctypes
 import shutil
 import time
 import zlib
@@ -195,8 +196,13 @@ def _generator(seed: int, name: str) -> torch.Generator:
     return torch.Generator().manual_seed(seed * 1_000_003 + zlib.crc32(name.encode()))
 
 
+def _all_finite(t: torch.Tensor) -> bool:
+    """A finite sum proves every entry finite (one fast reduction); only otherwise check entry by entry."""
+    return bool(torch.isfinite(t.sum())) or bool(torch.isfinite(t).all())
+
+
 def _check_finite(t: torch.Tensor, name: str, source: Path, allow: bool) -> None:
-    if not allow and t.is_floating_point() and not torch.isfinite(t).all():
+    if not allow and t.is_floating_point() and not _all_finite(t):
         raise InputError(f"{source}: tensor '{name}' contains NaN or inf (set allow_nonfinite: true to merge "
                          "anyway)")
 
@@ -223,7 +229,8 @@ def _merge_dense(plan: MergePlan, name: str, tensors: list[torch.Tensor], base: 
     weights = plan.resolver.weights(name)
     gen = _generator(plan.recipe.seed, name)
     if rule.uses_base and base is not None:
-        tensors = [t - base for t in tensors]
+        for t in tensors:  # the engine owns these buffers: subtract in place, no second copy
+            t.sub_(base)
     return rule.fn(tensors, weights, gen, **params)
 
 
@@ -242,9 +249,23 @@ def _merge_module(plan: MergePlan, module: str) -> tuple[LowRankDelta | None, to
     return lowrank_from_dense(dense, plan.rank), None
 
 
+def _keep_tensor_buffers_mmapped() -> None:
+    """Make freed tensor buffers go back to the OS at once.
+
+    glibc raises its mmap threshold (up to 32 MiB) each time a large block is freed, after which tensor
+    buffers come from the heap and stay in RSS when freed; streaming then grows by a model's worth.
+    Pinning the threshold keeps every buffer over 1 MiB mmapped. No-op where libc is not glibc.
+    """
+    try:
+        ctypes.CDLL("libc.so.6").mallopt(-3, 1 << 20)  # -3 is M_MMAP_THRESHOLD
+    except (OSError, AttributeError):
+        pass
+
+
 def run_merge(plan: MergePlan, out: str | Path, force: bool = False, progress: bool = True) -> dict:
     """Execute a validated plan into `out` (atomically); returns the report dict."""
     start = time.perf_counter()
+    _keep_tensor_buffers_mmapped()
     recipe = plan.recipe
     out = check_output(out, force, inputs=plan.input_files)
     hasher = BackgroundHasher(plan.input_files)
@@ -293,7 +314,8 @@ def _stream_model(plan: MergePlan, tmp: Path, stats: _Stats, progress: bool) -> 
                 result = base if base is not None else tensors[0]
             else:
                 base_f = base.float() if base is not None else None
-                merged = _merge_dense(plan, name, [t.float() for t in tensors], base_f)
+                tensors = [t.float() for t in tensors]
+                merged = _merge_dense(plan, name, tensors, base_f)
                 if plan.rule.uses_base:
                     stats.add(name, merged)
                     result = base_f + merged
@@ -301,7 +323,7 @@ def _stream_model(plan: MergePlan, tmp: Path, stats: _Stats, progress: bool) -> 
                     stats.add(name, merged - base_f if base_f is not None else None)
                     result = merged
             del tensors
-        if not recipe.allow_nonfinite and result.is_floating_point() and not torch.isfinite(result).all():
+        if not recipe.allow_nonfinite and result.is_floating_point() and not _all_finite(result):
             raise InputError(f"tensor '{name}': the merge produced NaN or inf (check the weights and parameters)")
         writer.write(name, result.to(dtype))
     writer.close()
@@ -366,7 +388,8 @@ def describe(plan: MergePlan) -> str:
     for spec, src in zip(r.inputs, plan.models or plan.adapters):
         desc = (f"{len(src.meta)} tensors, {src.nbytes / 1e6:.1f} MB" if isinstance(src, Checkpoint)
                 else f"LoRA, {len(src.deltas)} modules, ranks {sorted({d.rank for d in src.deltas.values()})}")
-        lines.append(f"input:  {spec.path} (weight {spec.weight}; {desc})")
+        own = f", {spec.model_dump(mode='json')['parameters']}" if spec.parameters else ""
+        lines.append(f"input:  {spec.path} (weight {spec.weight}{own}; {desc})")
     lines.append(f"parameters: {r.model_dump(mode='json')['parameters'] or 'defaults'}")
     lines.append(f"output: {plan.output_kind}, {len(plan.tensors)} tensors"
                  + (f", rank {plan.rank}" if plan.rank else "") + (f", dtype {r.output.dtype}" if r.output.dtype else ""))

@@ -21,12 +21,9 @@ def layer_index(name: str) -> int | None:
 
 
 def _gradient(values: list[float], layer: int | None, num_layers: int) -> float:
-    """Interpolate `values` evenly over the layers (mergekit's gradient); tensors outside a layer get the
-    first value before the first layer's tensors would, i.e. embeddings take values[0] and the rest
-    (final norm, lm_head) values[-1]."""
-    if len(values) == 1:
-        return values[0]
-    if layer is None:
+    """Interpolate `values` piecewise-linearly over evenly spaced layers (mergekit's gradient). Tensors
+    outside a layer (embeddings, final norm, lm_head) take the first value, as in mergekit."""
+    if len(values) == 1 or layer is None:
         return values[0]
     t = layer / max(num_layers - 1, 1)
     return float(np.interp(t, np.linspace(0.0, 1.0, len(values)), values))
@@ -35,7 +32,7 @@ def _gradient(values: list[float], layer: int | None, num_layers: int) -> float:
 def _value(spec: Any, name: str, layer: int | None, num_layers: int) -> Any:
     if isinstance(spec, list) and spec and isinstance(spec[0], Filtered):
         for entry in spec:
-            if entry.filter is None or entry.filter in name:
+            if entry.filter in (None, "*") or entry.filter in name:
                 return _value(entry.value, name, layer, num_layers)
         return None  # no entry applies: the parameter's default
     if isinstance(spec, list):
@@ -79,14 +76,15 @@ class ParamResolver:
         out: dict[str, Any] = {}
         for key, p in self.params.items():
             glob = self._one(f"parameters.{key}", p, self.recipe.parameters.get(key), name, layer)
-            if p.per_input:
-                out[key] = [glob if key not in inp.parameters else
-                            self._one(f"inputs.{i}.parameters.{key}", p, inp.parameters[key], name, layer)
-                            for i, inp in enumerate(self.recipe.inputs)]
+            if p.per_input:  # an input's own value wins; where its filters match nothing, the shared one
+                out[key] = [self._one(f"inputs.{i}.parameters.{key}", p, inp.parameters.get(key), name, layer,
+                                      fallback=glob) for i, inp in enumerate(self.recipe.inputs)]
             else:
                 out[key] = glob
         return out
 
-    def _one(self, key: str, p: Param, spec: Any, name: str, layer: int | None) -> Any:
+    def _one(self, key: str, p: Param, spec: Any, name: str, layer: int | None, fallback: Any = None) -> Any:
         v = None if spec is None else _value(spec, name, layer, self.num_layers)
-        return p.default if v is None else p.check(key, v)
+        if v is None:
+            return p.default if fallback is None else fallback
+        return p.check(key, v)

@@ -1,0 +1,214 @@
+"""Linear algebra over low-rank deltas: truncated SVD, the core space of T LoRAs, the KnOTS space, Tucker.
+
+Conventions used throughout:
+
+* A LoRA delta is ``s * B @ A`` with ``B: [out, r]``, ``A: [r, in]`` (PEFT's ``lora_B`` / ``lora_A``).
+* Bases are named for the side they live on: ``U_B`` is ``[out, k]`` with orthonormal *columns* (a basis of
+  the output space), ``V_A`` is ``[k, in]`` with orthonormal *rows* (a basis of the input space), so a
+  delta expressed in them reads ``U_B @ M @ V_A``, like ``U @ diag(S) @ Vh`` of ``torch.linalg.svd``.
+* Nothing here forms ``B @ A`` (``[out, in]``): every decomposition is a QR of a thin stack of factors
+  followed by an SVD of a small matrix whose side is the sum of the ranks. The small work runs in float64
+  (it is cheap and makes the "exact" reconstructions exact to float32 round-off); results come back in
+  the inputs' floating dtype (at least float32) unless ``dtype`` says otherwise.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from malleable.deltas.lowrank import LowRankDelta
+
+_WORK = torch.float64
+
+
+def _out_dtype(*tensors: torch.Tensor, dtype: torch.dtype | None = None) -> torch.dtype:
+    if dtype is not None:
+        return dtype
+    out = torch.float32
+    for t in tensors:
+        out = torch.promote_types(out, t.dtype)
+    return out
+
+
+def truncated_svd(M: torch.Tensor, rank: int | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The leading ``rank`` singular triplets of ``M``: ``U [m, k]``, ``S [k]``, ``Vh [k, n]``.
+
+    ``U @ diag(S) @ Vh`` is the best rank-``k`` approximation of ``M`` in Frobenius and spectral norm
+    (Eckart-Young), which is why merge-then-compress baselines (PEFT's ``*_svd`` combinations) truncate
+    this way. A deterministic full thin SVD (LAPACK), not a randomised one, so equal inputs give equal
+    bytes. ``rank=None`` (or a rank above ``min(m, n)``) keeps every triplet. Computed in the input's
+    dtype promoted to at least float32.
+    """
+    work = M.to(_out_dtype(M))
+    U, S, Vh = torch.linalg.svd(work, full_matrices=False)
+    k = S.numel() if rank is None else max(0, min(int(rank), S.numel()))
+    return U[:, :k], S[:k], Vh[:k]
+
+
+def split_balanced(U: torch.Tensor, S: torch.Tensor, Vh: torch.Tensor) -> LowRankDelta:
+    """``U diag(S) Vh`` as LoRA factors with ``sqrt(S)`` on each side (scale 1).
+
+    Splitting the singular values evenly keeps B and A of similar magnitude, which matters when the
+    adapter is stored in bf16/fp16.
+    """
+    root = S.clamp_min(0).sqrt()
+    return LowRankDelta(U * root, root[:, None] * Vh, 1.0)
+
+
+def lowrank_from_dense(M: torch.Tensor, rank: int | None) -> LowRankDelta:
+    """The best rank-``rank`` LoRA for a dense delta: ``B = U sqrt(S)``, ``A = sqrt(S) Vh``, scale 1."""
+    return split_balanced(*truncated_svd(M, rank))
+
+
+def compress(U: torch.Tensor, core: torch.Tensor, Vh: torch.Tensor | None, rank: int | None,
+             dtype: torch.dtype | None = None) -> LowRankDelta:
+    """``U @ core @ Vh`` as a balanced LoRA of rank at most ``rank``, touching only the small core.
+
+    ``U [out, p]`` must have orthonormal columns and ``Vh [q, in]`` orthonormal rows (or be None: the
+    identity, so ``core`` is ``[p, in]``). Then the SVD of ``core`` *is* the SVD of the product up to the
+    change of basis, and its truncation is the best rank-``rank`` approximation of the product.
+    """
+    out = _out_dtype(U, core, dtype=dtype)
+    u, s, vh = truncated_svd(core.to(_WORK), rank)
+    left = U.to(_WORK) @ u
+    right = vh if Vh is None else vh @ Vh.to(_WORK)
+    d = split_balanced(left, s, right)
+    return LowRankDelta(d.B.to(out), d.A.to(out), 1.0)
+
+
+def _left_basis(stack: torch.Tensor) -> torch.Tensor:
+    """Left singular vectors of a thin ``[m, R]`` stack, via QR and an SVD of the ``R x R`` factor.
+
+    ``stack = Q Rf`` and ``Rf = u s vh`` give ``stack = (Q u) s vh``, so ``Q u`` are the left singular
+    vectors of the stack. All ``min(m, R)`` of them are kept, zero singular values included: ``Q u``
+    always spans ``Q``'s columns, which contain the stack's column space even when the stack is rank
+    deficient, so projecting onto it loses nothing.
+    """
+    Q, Rf = torch.linalg.qr(stack)
+    u = torch.linalg.svd(Rf, full_matrices=False)[0]
+    return Q @ u
+
+
+def core_space(deltas: list[LowRankDelta], dtype: torch.dtype | None = None
+               ) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]]:
+    """The core space of T LoRAs (Panariello et al., NeurIPS 2025): shared bases and per-task cores.
+
+    Returns ``U_B [out, kB]``, ``V_A [kA, in]`` and cores ``M_t [kB, kA]`` with
+
+        s_t B_t A_t == U_B @ M_t @ V_A        (exactly, up to float round-off)
+
+    where ``U_B`` are the left singular vectors of the horizontal stack ``[s_1 B_1 | ... | s_T B_T]``
+    (``[out, R]``, ``R = sum r_t``), ``V_A`` the right singular vectors of the vertical stack
+    ``[A_1; ...; A_T]`` (``[R, in]``), ``M_t = U_B^T (s_t B_t) (A_t V_A^T)``, and ``kB = min(out, R)``,
+    ``kA = min(in, R)`` (both ``R`` for any real LoRA). Exactness: ``U_B U_B^T`` is the identity on the
+    column space of every ``B_t`` and ``V_A^T V_A`` on the row space of every ``A_t``.
+
+    Why SVD bases rather than the raw QR ``Q``: any orthonormal basis of the stacks reconstructs exactly,
+    but element-wise merge rules (TIES, DARE, magnitude pruning) are not rotation invariant; the paper's
+    reference bases are the singular vectors, which order coordinates by energy across tasks. They are
+    obtained from a QR of the thin stack and an SVD of its ``R x R`` triangular factor, never from
+    ``B @ A``. The scale ``s_t`` is folded into ``B_t`` (it does not change the spanned space, only how
+    the energy is weighted when choosing the basis order).
+    """
+    if not deltas:
+        raise ValueError("core_space needs at least one delta")
+    out = _out_dtype(*(d.B for d in deltas), *(d.A for d in deltas), dtype=dtype)
+    Bs = [d.B.to(_WORK) * d.scale for d in deltas]
+    As = [d.A.to(_WORK) for d in deltas]
+    U_B = _left_basis(torch.cat(Bs, dim=1))                 # [out, kB]
+    V_A = _left_basis(torch.cat(As, dim=0).T).T             # [kA, in]
+    cores = [(U_B.T @ B) @ (A @ V_A.T) for B, A in zip(Bs, As)]
+    return U_B.to(out), V_A.to(out), [M.to(out) for M in cores]
+
+
+def knots_space(deltas: list[LowRankDelta], dtype: torch.dtype | None = None
+                ) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]]:
+    """The KnOTS decomposition (Stoica et al., 2025): SVD of ``[Δ_1 | ... | Δ_T]``, from the factors.
+
+    Returns ``U [out, k]`` (orthonormal columns), ``S [k]`` and per-task ``V_t [k, in]`` with
+
+        [Δ_1 | ... | Δ_T] == U @ diag(S) @ [V_1 | ... | V_T]     (``[V_1 | ... | V_T]`` orthonormal rows)
+
+    so ``Δ_t == U @ diag(S) @ V_t``. This is the reference implementation's layout (deltas concatenated
+    along the input dimension, a shared *output* basis ``U``, task-specific ``V_t`` blocks of ``Vh``).
+    Only ``k`` singular values above float64 round-off are kept, as KnOTS drops unsupported directions.
+
+    Computed without any ``Δ_t``: with ``[s_1 B_1 | ... | s_T B_T] = Q_B R_B`` and ``A_t^T = Q_t R_t``,
+    the concatenation is ``Q_B · K · blockdiag(Q_t)^T`` with the small ``K = R_B · blockdiag(R_t^T)``
+    (``R x R``); ``K = u S w^T`` gives ``U = Q_B u`` and ``V_t = w_t^T Q_t^T`` (``w_t``: task t's rows of
+    ``w``). Costs ``O((out + T in) R^2)``.
+    """
+    if not deltas:
+        raise ValueError("knots_space needs at least one delta")
+    out = _out_dtype(*(d.B for d in deltas), *(d.A for d in deltas), dtype=dtype)
+    QB, RB = torch.linalg.qr(torch.cat([d.B.to(_WORK) * d.scale for d in deltas], dim=1))
+    Qs, Rts = [], []
+    for d in deltas:
+        Qt, Rt = torch.linalg.qr(d.A.to(_WORK).T)          # A_t^T = Q_t R_t: [in, k_t], [k_t, r_t]
+        Qs.append(Qt)
+        Rts.append(Rt.T)                                    # R_t^T: [r_t, k_t]
+    K = RB @ torch.block_diag(*Rts)                         # [kB, sum k_t]
+    u, S, wT = torch.linalg.svd(K, full_matrices=False)
+    keep = S > S.max() * max(K.shape) * torch.finfo(_WORK).eps if S.numel() else S > 0
+    u, S, wT = u[:, keep], S[keep], wT[keep]
+    U = QB @ u
+    Vs, start = [], 0
+    for Qt in Qs:
+        k_t = Qt.shape[1]
+        Vs.append(wT[:, start:start + k_t] @ Qt.T)          # [k, in]
+        start += k_t
+    return U.to(out), S.to(out), [V.to(out) for V in Vs]
+
+
+def mode_dot(X: torch.Tensor, M: torch.Tensor, mode: int) -> torch.Tensor:
+    """``X ×_mode M``: multiply mode ``mode`` of ``X`` (size ``I``) by ``M [J, I]``."""
+    return torch.tensordot(M, X, dims=([1], [mode])).movedim(0, mode)
+
+
+def unfold(X: torch.Tensor, mode: int) -> torch.Tensor:
+    """Mode-``mode`` matricisation: ``[I_mode, prod(other sizes)]``."""
+    return X.movedim(mode, 0).reshape(X.shape[mode], -1)
+
+
+def hooi(tensor: torch.Tensor, ranks: tuple[int, ...] | list[int], iters: int = 50, tol: float = 1e-7
+         ) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """Truncated Tucker decomposition by higher-order orthogonal iteration (De Lathauwer et al., 2000).
+
+    Returns ``core`` and orthonormal ``factors`` (``factors[n]: [I_n, r_n]``) with
+    ``tensor ≈ core ×_1 factors[0] ×_2 factors[1] ×_3 factors[2]``. Written for the 3-way tensors of
+    Compress-then-Merge but valid for any order.
+
+    Why HOOI: the truncated HOSVD (leading left singular vectors of each unfolding) is only
+    quasi-optimal; HOOI starts from it and, for each mode in turn, replaces the factor by the leading
+    left singular vectors of the tensor projected on every *other* mode's current factor. Each update
+    cannot decrease ``||core||`` (equivalently cannot increase the fit error), and it stops when that
+    improves by less than ``tol * ||tensor||`` or after ``iters`` sweeps. A tensor of exact multilinear
+    rank ``ranks`` is recovered exactly (the HOSVD already does). Deterministic: no random start.
+    Ranks are clipped to what the tensor's shape allows. Computed in float64, returned in the input's
+    dtype (at least float32).
+    """
+    out = _out_dtype(tensor)
+    X = tensor.to(_WORK)
+    if len(ranks) != X.ndim:
+        raise ValueError(f"hooi: {len(ranks)} ranks for a {X.ndim}-way tensor")
+    ranks = [max(1, min(int(r), n)) for r, n in zip(ranks, X.shape)]
+    factors = [torch.linalg.svd(unfold(X, n), full_matrices=False)[0][:, :r] for n, r in enumerate(ranks)]
+
+    def project(skip: int | None) -> torch.Tensor:
+        Y = X
+        for m, F in enumerate(factors):
+            if m != skip:
+                Y = mode_dot(Y, F.T, m)
+        return Y
+
+    norm_x = torch.linalg.vector_norm(X)
+    fit = torch.linalg.vector_norm(project(None))
+    for _ in range(iters):
+        for n in range(X.ndim):
+            factors[n] = torch.linalg.svd(unfold(project(n), n), full_matrices=False)[0][:, :ranks[n]]
+        new_fit = torch.linalg.vector_norm(project(None))
+        done = abs(new_fit - fit) <= tol * norm_x
+        fit = new_fit
+        if done:
+            break
+    return project(None).to(out), [F.to(out) for F in factors]

@@ -1,0 +1,94 @@
+"""Read a mergekit YAML (the `models:` form) as a malleable merge recipe, with mergekit 0.1.5's semantics.
+
+mergekit's defaults differ per method (ties normalises by the agreeing weights, dare_ties does not; both
+elect signs from the weighted task vectors), so each method maps to our rule with those defaults made
+explicit. Options that change nothing numerically (`int8_mask`, `density` for task_arithmetic) are dropped.
+One known difference: mergekit's DARE rescales kept entries to the input's L1 norm, ours by 1/density
+(the paper's); DARE masks are random in both tools, so their outputs never match bit for bit anyway.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from malleable.errors import RecipeError
+
+# mergekit method -> (our rule, our defaults that reproduce mergekit's, mergekit parameters to drop)
+METHODS: dict[str, tuple[str, dict[str, Any], set[str]]] = {
+    "linear": ("linear", {"normalize": True}, set()),
+    "task_arithmetic": ("task_arithmetic", {"normalize": False}, {"int8_mask", "density", "rescale"}),
+    "ties": ("ties", {"normalize": "weights", "weighted_election": True}, {"int8_mask"}),
+    "dare_ties": ("dare_ties", {"normalize": "none", "weighted_election": True}, {"int8_mask"}),
+    "dare_linear": ("dare_linear", {"normalize": False}, {"int8_mask"}),
+}
+TOP_KEYS = {"models", "merge_method", "base_model", "parameters", "dtype", "out_dtype", "tokenizer_source",
+            "tokenizer", "chat_template", "name"}
+PER_INPUT = {"weight", "density"}
+
+
+def _normalize(rule: str, value: Any) -> Any:
+    """mergekit's boolean `normalize` as our rule's value."""
+    if rule in ("ties", "dare_ties") and isinstance(value, bool):
+        return "weights" if value else "none"
+    return value
+
+
+def _translate(rule: str, params: dict, drop: set[str], where: str) -> dict:
+    out = {}
+    for key, value in (params or {}).items():
+        if key in drop:
+            continue
+        if key == "rescale" and rule.startswith("dare"):
+            out["rescale"] = value
+        elif key == "rescale":
+            if value:
+                raise RecipeError(f"{where}.rescale: mergekit's rescale for '{rule}' is not supported")
+        elif key == "lambda":
+            out["scale"] = value
+        elif key == "normalize":
+            out["normalize"] = _normalize(rule, value)
+        else:
+            out[key] = value
+    return out
+
+
+def from_mergekit(data: dict, source: str) -> dict:
+    """Translate a mergekit config dict into a malleable recipe dict (validated afterwards as usual)."""
+    if "slices" in data:
+        raise RecipeError(f"{source}: slices: mergekit's slice syntax is not supported yet; use `models:`")
+    unknown = sorted(set(data) - TOP_KEYS)
+    if unknown:
+        raise RecipeError(f"{source}: {unknown[0]}: unknown key in a mergekit config")
+    method = data["merge_method"]
+    if method not in METHODS:
+        raise RecipeError(f"{source}: merge_method: mergekit method '{method}' is not available in malleable "
+                          f"(mergekit methods it reads: {', '.join(METHODS)}; `malleable methods` lists its own)")
+    rule, defaults, drop = METHODS[method]
+    base = data.get("base_model")
+    top = _translate(rule, dict(data.get("parameters") or {}), drop, "parameters")
+    shared_weight = top.pop("weight", None)
+    inputs = []
+    entries = list(data.get("models") or [])
+    if base is not None and rule == "linear" and all(e.get("model") != base for e in entries):
+        entries.append({"model": base})  # mergekit: linear treats base_model as one more input
+    for i, entry in enumerate(entries):
+        if not isinstance(entry, dict) or "model" not in entry:
+            raise RecipeError(f"{source}: models.{i}: expected a mapping with a `model:` key")
+        if rule != "linear" and entry["model"] == base:
+            continue  # mergekit: the base contributes no task vector
+        per = _translate(rule, dict(entry.get("parameters") or {}), drop, f"models.{i}.parameters")
+        extra = sorted(set(per) - PER_INPUT)
+        if extra:
+            raise RecipeError(f"{source}: models.{i}.parameters.{extra[0]}: not a per-model parameter")
+        weight = per.pop("weight", shared_weight)
+        spec: dict[str, Any] = {"path": entry["model"], "parameters": per}
+        if weight is not None:
+            spec["weight"] = weight
+        inputs.append(spec)
+    out_dtype = data.get("out_dtype") or data.get("dtype")
+    recipe: dict[str, Any] = {"method": rule, "inputs": inputs, "parameters": {**defaults, **top}}
+    if rule != "linear" and base is not None:
+        recipe["base"] = base
+    if out_dtype:
+        recipe["output"] = {"dtype": out_dtype}
+    return recipe
