@@ -109,7 +109,8 @@ def methods() -> None:
     get_rule("linear")  # imports every rule module
     for name in sorted(RULES):
         rule = RULES[name]
-        typer.echo(f"{name}  [{rule.space}]  {rule.doc.splitlines()[0] if rule.doc else ''}")
+        summary = " ".join(rule.doc.split("\n\n")[0].split())
+        typer.echo(f"{name}  [{rule.space}]  {summary}")
         for key, p in rule.params.items():
             extra = f" one of {list(p.choices)}" if p.choices else ""
             per = " (per input)" if p.per_input else ""

@@ -382,7 +382,9 @@ def _markdown(r: dict) -> str:
 def describe(plan: MergePlan) -> str:
     """The `--dry-run` text: what would be read, computed and written."""
     r = plan.recipe
-    lines = [f"method: {r.method} ({plan.rule.space}-space{', random, seed ' + str(r.seed) if plan.rule.random else ''})"]
+    inner = plan.recipe.parameters.get("inner", plan.rule.params["inner"].default) if plan.rule.inner else None
+    random = plan.rule.random or (inner is not None and get_rule(inner).random)
+    lines = [f"method: {r.method} ({plan.rule.space}-space{', random, seed ' + str(r.seed) if random else ''})"]
     if plan.base:
         lines.append(f"base:   {plan.base.path} ({len(plan.base.meta)} tensors, {plan.base.nbytes / 1e6:.1f} MB)")
     for spec, src in zip(r.inputs, plan.models or plan.adapters):
