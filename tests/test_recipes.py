@@ -1,0 +1,95 @@
+"""Recipes: the mergekit YAML reader keeps mergekit's semantics; validation names the key."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import yaml
+
+from malleable.api import merge
+from malleable.errors import RecipeError
+from malleable.io.checkpoint import Checkpoint
+from malleable.recipes.merge import load_recipe, parse_recipe
+
+MERGEKIT_TIES = """
+merge_method: ties
+base_model: {base}
+models:
+  - model: {base}
+  - model: {ft0}
+    parameters: {{weight: 0.7, density: 0.5}}
+  - model: {ft1}
+    parameters: {{weight: 0.4, density: 0.8}}
+parameters:
+  normalize: true
+  int8_mask: true
+  lambda: 1.5
+dtype: float32
+"""
+
+
+def mergekit_ties_reference(base, deltas, weights, densities, lam):
+    """mergekit 0.1.5's ties, written out from its source: magnitude trim, weights before the sign
+    election (sum, zero counts as +), sum of agreeing weighted deltas over the sum of their weights."""
+    kept = []
+    for d, k in zip(deltas, densities):
+        n = int(k * d.numel())
+        mask = torch.zeros(d.numel())
+        mask[torch.argsort(d.abs().flatten(), descending=True)[:n]] = 1
+        kept.append(d * mask.view_as(d))
+    weighted = torch.stack([w * d for w, d in zip(weights, kept)])
+    majority = torch.where(weighted.sum(0) >= 0, 1.0, -1.0)
+    agree = weighted.sign() == majority
+    w = torch.tensor(weights).view(-1, *[1] * base.dim())
+    divisor = (w * agree).sum(0)
+    divisor[divisor == 0] = 1
+    return base + lam * (weighted * agree).sum(0) / divisor
+
+
+def test_mergekit_ties_yaml_runs_unchanged_with_mergekit_semantics(models, tmp_path):
+    path = tmp_path / "mergekit.yml"
+    path.write_text(MERGEKIT_TIES.format(**{k: str(v) for k, v in models.items()}))
+    recipe = load_recipe(path)
+    assert recipe.method == "ties" and len(recipe.inputs) == 2  # the base contributes no task vector
+    assert recipe.parameters == {"normalize": "weights", "weighted_election": True, "scale": 1.5}
+    merge(recipe, tmp_path / "out", progress=False)
+    out, base, a, b = (Checkpoint(p) for p in (tmp_path / "out", models["base"], models["ft0"], models["ft1"]))
+    for name in base.names:
+        x = base.read(name)
+        want = mergekit_ties_reference(x, [a.read(name) - x, b.read(name) - x], [0.7, 0.4], [0.5, 0.8], 1.5)
+        torch.testing.assert_close(out.read(name), want, rtol=1e-5, atol=1e-6)
+
+
+def test_mergekit_linear_counts_base_model_as_an_input(models):
+    recipe = parse_recipe({"merge_method": "linear", "base_model": str(models["base"]),
+                           "models": [{"model": str(models["ft0"]), "parameters": {"weight": 2.0}}],
+                           "parameters": {"weight": 1.0}})
+    assert [str(i.path) for i in recipe.inputs] == [str(models["ft0"]), str(models["base"])]
+    assert [i.weight for i in recipe.inputs] == [2.0, 1.0] and recipe.base is None
+
+
+def test_mergekit_dare_ties_defaults(models):
+    recipe = parse_recipe({"merge_method": "dare_ties", "base_model": "b",
+                           "models": [{"model": "m", "parameters": {"weight": 1, "density": 0.3}}]})
+    assert recipe.parameters == {"normalize": "none", "weighted_election": True}
+    assert recipe.inputs[0].parameters == {"density": 0.3}
+
+
+@pytest.mark.parametrize("data, key", [
+    ({"merge_method": "slerp", "base_model": "b", "models": []}, "slerp"),
+    ({"merge_method": "ties", "slices": []}, "slices"),
+    ({"merge_method": "ties", "modles": []}, "modles"),
+    ({"merge_method": "ties", "models": [{"model": "m", "parameters": {"normalize": True}}]}, "models.0"),
+])
+def test_mergekit_mistakes_name_the_key(data, key):
+    with pytest.raises(RecipeError, match=key):
+        parse_recipe(data, "mk.yml")
+
+
+def test_relative_paths_resolve_from_the_recipe_folder(models, tmp_path):
+    (tmp_path / "r.yml").write_text(yaml.safe_dump({"method": "linear", "inputs": [{"path": "../x"}]}))
+    assert str(load_recipe(tmp_path / "r.yml").inputs[0].path) == "../x"  # missing: left for the error
+    link = tmp_path / "ft0"
+    link.symlink_to(models["ft0"])
+    (tmp_path / "r.yml").write_text(yaml.safe_dump({"method": "linear", "inputs": [{"path": "ft0"}]}))
+    assert load_recipe(tmp_path / "r.yml").inputs[0].path == tmp_path / "ft0"
