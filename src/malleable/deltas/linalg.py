@@ -170,6 +170,13 @@ def unfold(X: torch.Tensor, mode: int) -> torch.Tensor:
     return X.movedim(mode, 0).reshape(X.shape[mode], -1)
 
 
+def _leading_left(M: torch.Tensor, r: int) -> torch.Tensor:
+    """The leading ``r`` left singular vectors of a wide matrix, as the top eigenvectors of the small
+    square ``M @ M.T`` (much cheaper than an SVD of ``M``; fine in float64 for subspace fitting)."""
+    _, vecs = torch.linalg.eigh(M @ M.T)
+    return vecs[:, -r:].flip(-1)
+
+
 def hooi(tensor: torch.Tensor, ranks: tuple[int, ...] | list[int], iters: int = 50, tol: float = 1e-7
          ) -> tuple[torch.Tensor, list[torch.Tensor]]:
     """Truncated Tucker decomposition by higher-order orthogonal iteration (De Lathauwer et al., 2000).
@@ -192,20 +199,24 @@ def hooi(tensor: torch.Tensor, ranks: tuple[int, ...] | list[int], iters: int = 
     if len(ranks) != X.ndim:
         raise ValueError(f"hooi: {len(ranks)} ranks for a {X.ndim}-way tensor")
     ranks = [max(1, min(int(r), n)) for r, n in zip(ranks, X.shape)]
-    factors = [torch.linalg.svd(unfold(X, n), full_matrices=False)[0][:, :r] for n, r in enumerate(ranks)]
+    # a mode kept at full rank (CtM's task mode) has an orthonormal square factor: a rotation that changes
+    # no fit, so it is never updated and the identity stands in for it
+    free = [n for n in range(X.ndim) if ranks[n] < X.shape[n]]
+    factors = [_leading_left(unfold(X, n), ranks[n]) if n in free else torch.eye(X.shape[n], dtype=_WORK)
+               for n in range(X.ndim)]
 
     def project(skip: int | None) -> torch.Tensor:
         Y = X
-        for m, F in enumerate(factors):
+        for m in free:
             if m != skip:
-                Y = mode_dot(Y, F.T, m)
+                Y = mode_dot(Y, factors[m].T, m)
         return Y
 
     norm_x = torch.linalg.vector_norm(X)
     fit = torch.linalg.vector_norm(project(None))
-    for _ in range(iters):
-        for n in range(X.ndim):
-            factors[n] = torch.linalg.svd(unfold(project(n), n), full_matrices=False)[0][:, :ranks[n]]
+    for _ in range(iters if free else 0):
+        for n in free:
+            factors[n] = _leading_left(unfold(project(n), n), ranks[n])
         new_fit = torch.linalg.vector_norm(project(None))
         done = abs(new_fit - fit) <= tol * norm_x
         fit = new_fit
