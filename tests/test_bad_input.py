@@ -207,3 +207,8 @@ def test_pickle_checkpoint_refused_unless_allowed(work, tmp_path):
     result = CliRunner().invoke(app, ["merge", str(tmp_path / "recipe.yml"), str(tmp_path / "ok"), "-q",
                                       "--allow-pickle"])
     assert result.exit_code == 0, result.output
+
+
+def test_force_never_overwrites_an_input(work, tmp_path):
+    line = run_fails(tmp_path, full(work, "linear"), "--force", mentions="would overwrite input", out=work["ft0"])
+    assert str(work["ft0"]) in line

@@ -38,6 +38,9 @@ def atomic_dir(out: str | Path, force: bool = False) -> Iterator[Path]:
     out = check_output(out, force)
     try:
         tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+        umask = os.umask(0)
+        os.umask(umask)
+        tmp.chmod(0o777 & ~umask)  # mkdtemp makes it owner-only; the output gets normal permissions
     except OSError as e:
         raise OutputError(f"{out.parent}: cannot write ({e.strerror})") from None
     try:

