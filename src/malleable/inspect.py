@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections import Counter
 from pathlib import Path
 
@@ -50,18 +51,11 @@ def inspect_path(path: Path) -> dict:
         "hidden_size": cfg.get("hidden_size"),
         "vocab_size": cfg.get("vocab_size"),
         "tensors": len(ck.meta),
-        "parameters": sum(_numel(m.shape) for m in ck.meta.values()),
+        "parameters": sum(math.prod(m.shape) for m in ck.meta.values()),
         "dtypes": _dtype_counts(m.dtype for m in ck.meta.values()),
         "shards": ck.shards,
         "bytes": ck.nbytes,
     }
-
-
-def _numel(shape) -> int:
-    n = 1
-    for d in shape:
-        n *= d
-    return n
 
 
 def _inspect_gguf(path: Path) -> dict:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -130,13 +131,7 @@ class Checkpoint:
 
     @property
     def nbytes(self) -> int:
-        total = 0
-        for m in self.meta.values():
-            n = m.dtype.itemsize
-            for d in m.shape:
-                n *= d
-            total += n
-        return total
+        return sum(m.dtype.itemsize * math.prod(m.shape) for m in self.meta.values())
 
     @property
     def shards(self) -> list[str]:

@@ -10,6 +10,7 @@ length, a JSON header, then raw little-endian bytes), and files written here loa
 from __future__ import annotations
 
 import json
+import math
 import os
 import struct
 from dataclasses import dataclass
@@ -51,10 +52,7 @@ class TensorInfo:
 
     @property
     def numel(self) -> int:
-        n = 1
-        for d in self.shape:
-            n *= d
-        return n
+        return math.prod(self.shape)
 
 
 class SafetensorsFile:
@@ -129,9 +127,7 @@ class StreamingSafetensorsWriter:
         header: dict[str, object] = {"__metadata__": dict(metadata or {"format": "pt"})}
         offset = 0
         for name, dtype, shape in plan:
-            n = dtype.itemsize
-            for d in shape:
-                n *= d
+            n = dtype.itemsize * math.prod(shape)
             header[name] = {"dtype": DTYPE_NAMES[dtype], "shape": list(shape), "data_offsets": [offset, offset + n]}
             offset += n
         raw = json.dumps(header, separators=(",", ":")).encode()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import re
 from pathlib import Path
 
@@ -26,10 +27,7 @@ def parse_size(size: str | int) -> int:
 
 
 def _nbytes(dtype: torch.dtype, shape: tuple[int, ...]) -> int:
-    n = dtype.itemsize
-    for d in shape:
-        n *= d
-    return n
+    return dtype.itemsize * math.prod(shape)
 
 
 def split_shards(plan: Plan, max_shard_bytes: int) -> list[Plan]:

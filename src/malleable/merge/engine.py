@@ -8,6 +8,7 @@ place in the output shard, free. Peak memory is a few tensors, whatever the mode
 
 from __future__ import annotations
 
+import math
 import ctypes
 import shutil
 import time
@@ -71,16 +72,9 @@ class MergePlan:
         """Float32 working set of the largest tensor: one per input, the base, the result and a temporary."""
         if self.output_kind == "adapter":
             return sum(4 * (d.B.numel() + d.A.numel()) for a in self.adapters for d in a.deltas.values())
-        largest = max((_numel(s) for _, _, s in self.tensors), default=0)
+        largest = max((math.prod(s) for _, _, s in self.tensors), default=0)
         n_inputs = len(self.models) or len(self.adapters)
         return 4 * largest * (n_inputs + 3)
-
-
-def _numel(shape: tuple[int, ...]) -> int:
-    n = 1
-    for d in shape:
-        n *= d
-    return n
 
 
 def _num_layers(config: dict | None, names: list[str]) -> int:
