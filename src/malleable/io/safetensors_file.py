@@ -64,15 +64,13 @@ class SafetensorsFile:
 
     def read(self, name: str) -> torch.Tensor:
         info = self.tensors[name]
-        buf = bytearray(info.nbytes)
+        raw = torch.empty(info.nbytes, dtype=torch.uint8)  # not zero-filled: readinto writes every byte
         with open(self.path, "rb") as f:
             f.seek(info.begin)
-            got = f.readinto(buf)
+            got = f.readinto(memoryview(raw.numpy()))
         if got != info.nbytes:
             raise InputError(f"{self.path}: truncated while reading tensor '{name}'")
-        if info.nbytes == 0:
-            return torch.empty(info.shape, dtype=info.dtype)
-        return torch.frombuffer(buf, dtype=info.dtype).reshape(info.shape)
+        return raw.view(info.dtype).reshape(info.shape)
 
 
 def _read_header(path: Path) -> tuple[dict[str, TensorInfo], dict[str, str]]:

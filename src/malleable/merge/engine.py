@@ -222,16 +222,10 @@ class _Stats:
         self.rows.append(row)
 
 
-def _merge_dense(plan: MergePlan, name: str, tensors: list[torch.Tensor], base: torch.Tensor | None) -> torch.Tensor:
-    """Apply a full-space rule to one tensor; returns the merged delta (uses_base) or merged weight."""
-    rule = plan.rule
+def _merge_dense(plan: MergePlan, name: str, tensors: list[torch.Tensor]) -> torch.Tensor:
+    """Apply a full-space rule to one tensor's float32 task vectors (uses_base) or weights."""
     params = plan.resolver.values(name)
-    weights = plan.resolver.weights(name)
-    gen = _generator(plan.recipe.seed, name)
-    if rule.uses_base and base is not None:
-        for t in tensors:  # the engine owns these buffers: subtract in place, no second copy
-            t.sub_(base)
-    return rule.fn(tensors, weights, gen, **params)
+    return plan.rule.fn(tensors, plan.resolver.weights(name), _generator(plan.recipe.seed, name), **params)
 
 
 def _merge_module(plan: MergePlan, module: str) -> tuple[LowRankDelta | None, torch.Tensor | None]:
@@ -243,7 +237,7 @@ def _merge_module(plan: MergePlan, module: str) -> tuple[LowRankDelta | None, to
         out = plan.rule.fn(deltas, plan.resolver.weights(module), _generator(plan.recipe.seed, module),
                            rank=plan.rank, **params)
         return out, None
-    dense = _merge_dense(plan, module, [d.dense() for d in deltas], None)
+    dense = _merge_dense(plan, module, [d.dense() for d in deltas])
     if plan.output_kind == "model":
         return None, dense
     return lowrank_from_dense(dense, plan.rank), None
@@ -314,8 +308,12 @@ def _stream_model(plan: MergePlan, tmp: Path, stats: _Stats, progress: bool) -> 
                 result = base if base is not None else tensors[0]
             else:
                 base_f = base.float() if base is not None else None
-                tensors = [t.float() for t in tensors]
-                merged = _merge_dense(plan, name, tensors, base_f)
+                if plan.rule.uses_base:  # task vectors in one pass: in place when already float32
+                    tensors = [t.sub_(base_f) if t.dtype == torch.float32 else torch.sub(t, base_f)
+                               for t in tensors]
+                else:
+                    tensors = [t.float() for t in tensors]
+                merged = _merge_dense(plan, name, tensors)
                 if plan.rule.uses_base:
                     stats.add(name, merged)
                     result = base_f + merged

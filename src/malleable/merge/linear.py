@@ -10,8 +10,9 @@ NORMALIZE = Param(True, "divide by the sum of the weights (a weighted average)")
 
 
 def weighted_sum(tensors: list[torch.Tensor], weights: list[float]) -> torch.Tensor:
-    out = torch.zeros_like(tensors[0])
-    for t, w in zip(tensors, weights):
+    """sum_i w_i * t_i into one new buffer (no zero-filled start, no temporaries)."""
+    out = tensors[0] * weights[0]
+    for t, w in zip(tensors[1:], weights[1:]):
         out.add_(t, alpha=w)
     return out
 
@@ -20,7 +21,7 @@ def weighted_sum(tensors: list[torch.Tensor], weights: list[float]) -> torch.Ten
 def linear(tensors, weights, generator, normalize):
     """Weighted average of the models' weights (model soup). No base model needed."""
     out = weighted_sum(tensors, weights)
-    return out / sum(weights) if normalize else out
+    return out.div_(sum(weights)) if normalize else out
 
 
 @merge_rule("task_arithmetic", params={
@@ -32,4 +33,4 @@ def task_arithmetic(tensors, weights, generator, normalize, scale):
     out = weighted_sum(tensors, weights)
     if normalize:
         out /= sum(weights)
-    return out * scale
+    return out.mul_(scale)
