@@ -56,6 +56,11 @@ NOTES = [
     "rank-16 truncation of the weighted sum: its rel. error is a different trade-off, not a bug. core_space "
     "with rank 16 truncates the exact merged core, which equals PEFT's answer up to round-off.",
     "The box is shared with other jobs; loadavg_1min is recorded per worker in the JSON.",
+    "ctm's time is dominated by its HOOI fit (20 sweeps on a 128 x 128 x 8 core tensor): about 0.11 s of its "
+    "0.14 s per layer at 576 x 576, nearly independent of the layer's size. So it wins big on one large layer but "
+    "not on many small ones: over SmolLM2's 210 layers it is about as slow as PEFT's dense SVDs.",
+    "Threads: pass --threads N (OMP/MKL threads per worker). `lora_merge_cost_2threads.*` is the same benchmark with "
+    "2 threads and 3 repeats (PEFT's LAPACK SVD gains most from the second core).",
 ]
 SMOL_SHAPES = {  # name: (out_features, in_features), SmolLM2-135M (hidden 576, kv 3 x 64, intermediate 1536)
     "q_proj": (576, 576), "k_proj": (192, 576), "v_proj": (192, 576), "o_proj": (576, 576),
