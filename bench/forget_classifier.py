@@ -251,7 +251,7 @@ def relearn_sentence(agg: dict) -> str:
                if max(agg[n]["relearn_drop"]["mean"] for n in ("retrain", "original", *methods)) <= 0 else ""))
 
 
-def targets(summary: dict) -> list[str]:
+def targets(summary: dict, runs: list[dict]) -> list[str]:
     methods = {s: {n: r for n, r in summary[s].items() if n not in ("retrain", "original")} for s in SCENARIOS}
     rnd = min(methods["random"].items(), key=lambda kv: kv[1]["gap"]["mean"])
     fast = {n: r for n, r in methods["random"].items() if r["time_ratio"]["mean"] <= 0.10}
@@ -268,10 +268,23 @@ def targets(summary: dict) -> list[str]:
     def miss(row: dict) -> float:
         return max(99 - row["UA"]["mean"], 0) + max(abs(row["RA"]["mean"] - gold_ra) - 1, 0)
 
+    seeds = {run["seed"] for run in runs}
+
+    def seeds_meeting(name: str) -> int:
+        return sum(r["methods"][name]["UA"] >= 99 and abs(r["methods"][name]["RA"] - r["retrain"]["RA"]) <= 1
+                   for r in runs if r["scenario"] == "class")  # each seed against its own retrain
+
+    def met(name: str) -> str:
+        r = methods["class"][name]
+        return (f"{name} (UA {r['UA']['mean']:.2f}, RA {r['RA']['mean']:.2f}; in {seeds_meeting(name)} of "
+                f"{len(seeds)} seeds alone; {r['time_ratio']['mean']:.2f}x retrain time"
+                + (f"; UA {r['UA_relearn']['mean']:.2f} after relearning, retrain "
+                   f"{summary['class']['retrain']['UA_relearn']['mean']:.2f}" if "UA_relearn" in r else "") + ")")
+
     near, r = min(methods["class"].items(), key=lambda kv: miss(kv[1]))
-    out.append(f"class-wise: UA >= 99 with RA within 1 point of retrain ({gold_ra:.2f}): "
-               + (f"MET by {', '.join(ok)}" if ok else "NOT met by any method")
-               + f"; closest {near}: UA {r['UA']['mean']:.2f}, RA {r['RA']['mean']:.2f}")
+    out.append(f"class-wise: UA >= 99 with RA within 1 point of retrain ({gold_ra:.2f}), on the means: "
+               + (f"MET by {', '.join(met(n) for n in ok)}" if ok else
+                  f"NOT met by any method; closest {near}: UA {r['UA']['mean']:.2f}, RA {r['RA']['mean']:.2f}"))
     return out
 
 
@@ -363,7 +376,7 @@ def main() -> None:
     args = ap.parse_args()
     if args.render:
         result = json.loads(Path(args.render).read_text())
-        result["targets"] = targets(result["summary"])
+        result["targets"] = targets(result["summary"], result["runs"])
         write_results(Path(args.render).stem, result, markdown(result))
         plot(result, RESULTS_DIR / f"{Path(args.render).stem}.png")
         return
@@ -430,7 +443,7 @@ def main() -> None:
     if args.update:
         result = merged(json.loads(Path(args.update).read_text()), result, args.update)
         args.out = Path(args.update).stem
-    result["targets"] = targets(result["summary"])
+    result["targets"] = targets(result["summary"], result["runs"])
     write_results(args.out, result, markdown(result))
     plot(result, RESULTS_DIR / f"{args.out}.png")
     print("\n".join(result["targets"]), file=sys.stderr)
