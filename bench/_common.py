@@ -154,8 +154,10 @@ def write_results(name: str, data: dict, markdown: str, results_dir: Path = RESU
     results_dir.mkdir(parents=True, exist_ok=True)
     j = results_dir / f"{name}.json"
     m = results_dir / f"{name}.md"
-    j.write_text(json.dumps(data, indent=2, sort_keys=False) + "\n")
-    m.write_text(markdown.rstrip() + "\n")
+    for path, text in ((j, json.dumps(data, indent=2, sort_keys=False) + "\n"), (m, markdown.rstrip() + "\n")):
+        tmp = path.with_suffix(path.suffix + ".tmp")  # a run stopped mid-write leaves the old file whole
+        tmp.write_text(text)
+        tmp.replace(path)
     return j, m
 
 

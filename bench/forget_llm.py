@@ -53,9 +53,10 @@ COLUMNS = (("forget_quality", "forget quality ↑"), ("model_utility", "model ut
            ("mia_auc_min_k", "MIA AUC (min-k)"), ("privacy_leakage", "PrivLeak %"))
 # (part of a relearn result, metric) pairs of the relearning table
 RELEARN_COLUMNS = tuple((part, m) for m in ("probability", "rouge_l", "truth_ratio") for part in ("before", "after")
-                        ) + (("recovered", "probability"), ("recovered", "rouge_l"))
+                        ) + (("recovered", "probability"), ("recovered", "rouge_l"), ("excess_gain", "probability"),
+                             ("excess_gain", "rouge_l"))
 RELEARN_LABELS = ("prob before", "prob after", "ROUGE-L before", "ROUGE-L after", "TR before", "TR after",
-                  "prob recovered", "ROUGE-L recovered")
+                  "prob recovered", "ROUGE-L recovered", "prob gain - retain's", "ROUGE-L gain - retain's")
 
 
 def run_key(run: dict) -> str:
@@ -124,25 +125,24 @@ def _cell(stats: dict | None) -> str:
 
 
 def relearn_line(result: dict, forget: str) -> list[str]:
-    """One line: the attack, what it did to the target and retain model, and the objectives' recovered shares."""
+    """One line: the attack, what it did to the target and retain model, and the objectives' gains beyond the
+    retain model's (knowledge revived)."""
     refs = result["reference"][forget]
     target, retain = refs["target"].get("relearn"), refs["retain"].get("relearn")
     if target is None:
         return []
-    shares = {o: a["relearn"]["recovered.probability"] for o, a in result["aggregate"].get(forget, {}).items()
-              if a.get("relearn") and a["relearn"]["recovered.probability"]}
+    gains = {o: a["relearn"]["excess_gain.probability"] for o, a in result["aggregate"].get(forget, {}).items()
+             if a.get("relearn")}
     line = (f"Relearning attack: {target['steps']} AdamW steps at lr {target['lr']:g} on {target['trained_on']} "
             f"forget questions, measured on the other {target['measured_on']}. Forget probability there: target "
             f"{target['before']['probability']:.3f} → {target['after']['probability']:.3f}, retain model "
-            f"{retain['before']['probability']:.3f} → {retain['after']['probability']:.3f}")
-    share = retain["recovered"]["probability"]
-    line += f" ({share:.2f} of the gap to the target)." if share is not None else "."
-    if shares:
-        ends = sorted({min(shares, key=lambda o: shares[o]["mean"]), max(shares, key=lambda o: shares[o]["mean"])},
-                      key=lambda o: shares[o]["mean"])
-        line += (" Share of the removed probability that came back: "
-                 + " to ".join(f"{shares[o]['mean']:.2f} ({o})" for o in ends)
-                 + "; a share above the retain model's is knowledge the attack revives rather than teaches.")
+            f"{retain['before']['probability']:.3f} → {retain['after']['probability']:.3f}.")
+    if gains:
+        ends = sorted({min(gains, key=lambda o: gains[o]["mean"]), max(gains, key=lambda o: gains[o]["mean"])},
+                      key=lambda o: gains[o]["mean"])
+        line += (" Probability gained beyond the retain model's gain: "
+                 + " to ".join(f"{gains[o]['mean']:+.3f} ({o})" for o in ends)
+                 + "; above 0 is knowledge the attack revives rather than teaches.")
     return [line, ""]
 
 
@@ -175,6 +175,8 @@ def plot(result: dict, path: Path) -> None:
 
 
 def markdown(result: dict) -> str:
+    from malleable.evaluate.llm_forget import MIN_REMOVED
+
     s, m = result["protocol"], result["machine"]
     where = f"{m['gpu']} + {m['cpu']}" if m.get("gpu") else f"{m['cpu']} ({m['cores']} cores, shared)"
     parts = [
@@ -201,7 +203,9 @@ def markdown(result: dict) -> str:
         relearned = relearn_table(result, forget)
         if relearned:
             parts += ["Relearning attack on the held-back forget questions (recovered: share of the target's "
-                      "lead over this model, before the attack, that the attack closed):", "", relearned, ""]
+                      "lead over this model, before the attack, that the attack closed, blank below a lead of "
+                      f"{MIN_REMOVED}; gain - retain's: what the attack added here beyond what it added to the "
+                      "retain model, which never saw these people):", "", relearned, ""]
             parts += relearn_line(result, forget)
     parts += ["", "## Reductions and caveats", ""] + [f"- {n}" for n in result["notes"]] + [""]
     return "\n".join(parts)
@@ -286,7 +290,8 @@ def main() -> None:
     for forget in splits:
         proto = Protocol(smollm2_checkpoint(), settings, forget, relearning=RELEARN,
                          eval_batch_size=args.eval_batch_size)
-        result.setdefault("reference", {})[forget] = proto.reference_summaries()
+        result.setdefault("reference", {})[forget] = refs = proto.reference_summaries()
+        refs["target"]["relearn"]["settings"] = refs["retain"]["relearn"]["settings"] = RELEARN
         result.setdefault("fine_tune", {})[forget] = proto.fine_tune
         result.setdefault("unlearn_settings", {})[forget] = {"epochs": args.epochs, "batch_size": args.batch_size}
         done = {run_key(r) for r in runs if r.get("relearn", {}).get("settings") == RELEARN}
@@ -308,8 +313,27 @@ def main() -> None:
     save(result, args, time.perf_counter() - t0)  # the references, also when every run was already there
 
 
+def rescore_relearning(result: dict) -> None:
+    """Recompute what came back in every attack from the stored before/after numbers (so a change of
+    `llm_forget.MIN_REMOVED` reaches old runs) and drop the attack from runs made under other attack settings
+    than their split's reference attack (they would be compared with another attack)."""
+    from malleable.evaluate.llm_forget import came_back
+
+    for forget, refs in result.get("reference", {}).items():
+        target, retain = refs["target"].get("relearn"), refs["retain"].get("relearn")
+        attacked = [refs["target"], refs["retain"]] if target else []
+        for run in (r for r in result["runs"] if r["forget"] == forget and "relearn" in r):
+            if target is None or run["relearn"]["settings"] != target.get("settings"):
+                del run["relearn"]
+            else:
+                attacked.append(run)
+        for model in attacked:
+            model["relearn"].update(came_back(target, retain, model["relearn"]))
+
+
 def save(result: dict, args: argparse.Namespace, seconds: float) -> None:
     """Re-aggregate every run and write the JSON, the markdown and the plot."""
+    rescore_relearning(result)
     groups: dict = {}
     for r in result["runs"]:
         label = f"{r['objective']} (lr {r['settings']['lr']:g})"

@@ -146,6 +146,10 @@ def test_small_pure_metrics():
     attacked = {"before": {"probability": 0.2, "rouge_l": 0.895}, "after": {"probability": 0.35, "rouge_l": 0.95}}
     # 0.15 of the 0.6 removed came back; ROUGE-L lost only 0.005 < MIN_REMOVED, no share
     assert M.recovered(target, attacked) == {"probability": pytest.approx(0.25), "rouge_l": None}
+    retain = {"before": {"probability": 0.3, "rouge_l": 0.5}, "after": {"probability": 0.35, "rouge_l": 0.45}}
+    # the attack added 0.15 probability here and 0.05 to the never-trained retain model: 0.10 revived
+    assert M.excess_gain(retain, attacked) == {"probability": pytest.approx(0.10), "rouge_l": pytest.approx(0.105)}
+    assert M.came_back(target, retain, retain)["excess_gain"] == {"probability": 0.0, "rouge_l": 0.0}
 
 
 def test_relearning_attack_brings_back_what_ga_removed(memorised, tok):
@@ -190,7 +194,8 @@ def test_protocol_end_to_end_on_the_tiny_model(tiny_lm, tmp_path):
     run = proto.unlearn("graddiff", seed=0, steps=2, batch_size=2, lr=1e-3)
     assert run["steps"] == 2 and 0 <= run["summary"]["forget_quality"] <= 1
     assert set(run["summary"]) >= {"model_utility", "mia_auc_min_k", "privacy_leakage", "forget_extraction_strength"}
-    assert set(run["relearn"]["recovered"]) == {"probability", "rouge_l"}
+    assert set(run["relearn"]["recovered"]) == set(run["relearn"]["excess_gain"]) == {"probability", "rouge_l"}
+    assert refs["retain"]["relearn"]["excess_gain"] == {"probability": 0.0, "rouge_l": 0.0}
 
 
 @pytest.mark.slow

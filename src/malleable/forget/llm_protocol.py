@@ -186,7 +186,7 @@ class Protocol:
         `kwargs` go to `forget.unlearn` (parameters, epochs or steps, batch_size, lr, lora, mask...). With
         `relearning`, "relearn" holds the attack's before/after numbers and the share recovered.
         """
-        from malleable.evaluate.llm_forget import recovered, summarise
+        from malleable.evaluate.llm_forget import summarise
         from malleable.forget import unlearn
         from malleable.learn.data import collate
 
@@ -200,17 +200,23 @@ class Protocol:
                "seconds": round(result.seconds, 1), "steps": result.steps,
                "summary": summarise(evals, self.evals["retain"]), "evals": evals}
         if self.relearning is not None:
-            attack = self._attack(result.model, tokenizer)
-            out["relearn"] = {**attack, "recovered": recovered(self.relearned["target"], attack)}
+            out["relearn"] = self._returned(self._attack(result.model, tokenizer))
         return out
 
     def reference_summaries(self) -> dict[str, dict]:
         """The target's and the retain model's headline numbers (the retain model's forget quality is 1.0),
         with their relearning attacks when there are any."""
-        from malleable.evaluate.llm_forget import recovered, summarise
+        from malleable.evaluate.llm_forget import summarise
 
         out = {"target": summarise(self.evals["target"], self.evals["retain"]),
                "retain": summarise(self.evals["retain"], None)}
         for name, attack in (self.relearned or {}).items():
-            out[name]["relearn"] = {**attack, "recovered": recovered(self.relearned["target"], attack)}
+            out[name]["relearn"] = self._returned(attack)
         return out
+
+    def _returned(self, attack: dict) -> dict:
+        """An attack's result with what came back: the share of the target's lead it closed, and its gain beyond
+        the retain model's under the same attack."""
+        from malleable.evaluate.llm_forget import came_back
+
+        return {**attack, **came_back(self.relearned["target"], self.relearned["retain"], attack)}
