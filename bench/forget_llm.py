@@ -233,12 +233,15 @@ def verdict(result: dict, forget: str) -> list[str]:
     return [line, ""]
 
 
-def parse_args() -> argparse.Namespace:
-    """The flags, with the chosen preset's values as defaults (any flag given overrides its preset value)."""
+def parse_args(description: str = __doc__, extra=None) -> argparse.Namespace:
+    """The flags, with the chosen preset's values as defaults (any flag given overrides its preset value);
+    `extra(parser)` adds a calling script's own."""
     pre = argparse.ArgumentParser(add_help=False)
     pre.add_argument("--preset", choices=sorted(PRESETS), default="cpu",
                      help="sizes: cpu (40 people x 5 QA) or tofu (200 x 20, for a GPU); see the docstring")
-    ap = argparse.ArgumentParser(parents=[pre], description=__doc__.split("\n\n")[0])
+    ap = argparse.ArgumentParser(parents=[pre], description=description.split("\n\n")[0])
+    if extra is not None:
+        extra(ap)
     ap.add_argument("--objectives", default="ga,graddiff,npo,simnpo,rmu")
     ap.add_argument("--forget", default="forget10", help="comma-separated: forget01, forget05, forget10")
     ap.add_argument("--seeds", default="0")
@@ -267,18 +270,24 @@ def gpu_name() -> str | None:
     return torch.cuda.get_device_name() if torch.cuda.is_available() else None
 
 
+def protocol_settings(args: argparse.Namespace):
+    from malleable.forget.llm_protocol import ProtocolSettings
+
+    return ProtocolSettings(people=args.people, qa_per_person=args.qa_per_person, epochs=args.ft_epochs,
+                            batch_size=args.ft_batch_size, retain_eval=args.retain_eval, world_eval=args.world_eval,
+                            max_new_tokens=args.max_new_tokens)
+
+
 def main() -> None:
     args = parse_args()
-    from malleable.forget.llm_protocol import RELEARN, RETAIN_OF, Protocol, ProtocolSettings
+    from malleable.forget.llm_protocol import RELEARN, RETAIN_OF, Protocol
     from malleable.models.smollm2 import smollm2_checkpoint
 
     splits = args.forget.split(",")
     unknown = sorted(set(splits) - set(RETAIN_OF))
     if unknown:
         raise SystemExit(f"--forget: {', '.join(unknown)} is not one of {', '.join(sorted(RETAIN_OF))}")
-    settings = ProtocolSettings(people=args.people, qa_per_person=args.qa_per_person, epochs=args.ft_epochs,
-                                batch_size=args.ft_batch_size, retain_eval=args.retain_eval,
-                                world_eval=args.world_eval, max_new_tokens=args.max_new_tokens)
+    settings = protocol_settings(args)
     path = args.results / f"{args.name}.json"
     result = json.loads(path.read_text()) if path.is_file() else {}
     if result.get("protocol") not in (None, asdict(settings)):

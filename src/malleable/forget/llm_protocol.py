@@ -153,8 +153,7 @@ class Protocol:
                                                                            eval_batch_size))
                       for name, d in (("target", self.target_dir), ("retain", self.retain_dir))}
         self.relearned = None if relearning is None else {
-            name: self._cached(d, "relearn", self._attack, relearning)
-            for name, d in (("target", self.target_dir), ("retain", self.retain_dir))}
+            name: self.reference_attack(name, relearning) for name in ("target", "retain")}
 
     def _cached(self, trained: Path, kind: str, compute, extra: dict | None = None) -> dict:
         """`compute(model, tokenizer)` of a trained model, kept beside it; keyed by the settings and `extra`."""
@@ -168,11 +167,17 @@ class Protocol:
         tmp.replace(path)
         return result
 
-    def _attack(self, model, tokenizer) -> dict:
+    def attack(self, model, tokenizer, relearning: dict | None = None) -> dict:
+        """`relearn_forget` on the forget split with `relearning` (default: the protocol's own attack)."""
         from malleable.evaluate.llm_forget import relearn_forget
 
         return relearn_forget(model, tokenizer, self.sets["forget"], max_new_tokens=self.settings.max_new_tokens,
-                              eval_batch_size=self.eval_batch_size, **self.relearning)
+                              eval_batch_size=self.eval_batch_size, **(relearning or self.relearning))
+
+    def reference_attack(self, name: str, relearning: dict) -> dict:
+        """The target's or the retain model's attack result under `relearning`, cached beside the model."""
+        trained = {"target": self.target_dir, "retain": self.retain_dir}[name]
+        return self._cached(trained, "relearn", lambda m, t: self.attack(m, t, relearning), relearning)
 
     def items(self, records: list[dict], tokenizer) -> list[tuple[list[int], list[int]]]:
         from malleable.learn.data import encode_pair, uses_chat_template
@@ -180,13 +185,9 @@ class Protocol:
         chat = uses_chat_template(tokenizer, "auto")
         return [encode_pair(tokenizer, r["prompt"], r["completion"], chat) for r in records]
 
-    def unlearn(self, objective: str, seed: int = 0, **kwargs) -> dict:
-        """Unlearn the forget split from a fresh copy of the target; its metrics and the run's cost.
-
-        `kwargs` go to `forget.unlearn` (parameters, epochs or steps, batch_size, lr, lora, mask...). With
-        `relearning`, "relearn" holds the attack's before/after numbers and the share recovered.
-        """
-        from malleable.evaluate.llm_forget import summarise
+    def unlearned(self, objective: str, seed: int = 0, **kwargs):
+        """(forget.unlearn's result, tokenizer): the forget split unlearned from a fresh copy of the target.
+        `kwargs` go to `forget.unlearn` (parameters, epochs or steps, batch_size, lr, lora, mask...)."""
         from malleable.forget import unlearn
         from malleable.learn.data import collate
 
@@ -195,12 +196,21 @@ class Protocol:
         pad = tokenizer.pad_token_id
         result = unlearn(model, forget=self.items(self.sets["forget"], tokenizer), retain=retain,
                          collate=lambda b: collate(b, pad), objective=objective, seed=seed, **kwargs)
-        evals = evaluate(result.model.eval(), tokenizer, self.sets, self.settings, self.eval_batch_size)
+        result.model.eval()
+        return result, tokenizer
+
+    def unlearn(self, objective: str, seed: int = 0, **kwargs) -> dict:
+        """`unlearned`, then its metrics and the run's cost. With `relearning`, "relearn" holds the attack's
+        before/after numbers and what came back."""
+        from malleable.evaluate.llm_forget import summarise
+
+        result, tokenizer = self.unlearned(objective, seed, **kwargs)
+        evals = evaluate(result.model, tokenizer, self.sets, self.settings, self.eval_batch_size)
         out = {"objective": objective, "seed": seed, "settings": kwargs,
                "seconds": round(result.seconds, 1), "steps": result.steps,
                "summary": summarise(evals, self.evals["retain"]), "evals": evals}
         if self.relearning is not None:
-            out["relearn"] = self._returned(self._attack(result.model, tokenizer))
+            out["relearn"] = self._returned(self.attack(result.model, tokenizer))
         return out
 
     def reference_summaries(self) -> dict[str, dict]:
