@@ -193,7 +193,7 @@ def markdown(result: dict) -> str:
         f"tokens. Metric definitions: `src/malleable/evaluate/llm_forget.py`.",
         "",
     ]
-    for forget in result["aggregate"]:
+    for forget in sorted(result["aggregate"]):
         ft = result.get("fine_tune", {}).get(forget, {})
         parts += [f"## {forget}", "", f"Unlearning settings: `{json.dumps(result['unlearn_settings'][forget])}`. "
                   + " ".join(f"{name.capitalize()} fine-tune: {f['steps']} steps, final train loss "

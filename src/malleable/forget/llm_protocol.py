@@ -27,7 +27,12 @@ from malleable.zoo import settings_key
 RETAIN_OF = {"forget01": "retain99", "forget05": "retain95", "forget10": "retain90"}
 # The relearning attack on every model: a quarter of the forget split, 10 AdamW steps at the unlearning runs'
 # own lr (1e-5, about their 13 steps on forget10 at 40 people), one seed for all so every model is measured on
-# the same held-back rows. Not calibrated on SmolLM2 yet.
+# the same held-back rows. Calibration (bench/results/forget_llm_attack.md, forget10, CPU preset): this is the
+# only setting tried under which the target nearly keeps its held-back answers (0.767 -> 0.750); 3x the lr or 3x the
+# steps lower the target's and the retain model's (fine-tuning on five answers overwrites the other fifteen), yet
+# raise an NPO or GradDiff model's gain beyond the retain model's from +0.02-0.03 to +0.045-0.075. So what an
+# attack revives is read against the retain model's gain under it (`evaluate.llm_forget.excess_gain`), and a
+# stronger attack (10 steps at 3e-5) is the next one to run on every model.
 RELEARN = {"fraction": 0.25, "steps": 10, "lr": 1e-5, "batch_size": 4, "seed": 0}
 
 
