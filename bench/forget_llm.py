@@ -299,8 +299,7 @@ def main() -> None:
     for forget in splits:
         proto = Protocol(smollm2_checkpoint(), settings, forget, relearning=RELEARN,
                          eval_batch_size=args.eval_batch_size)
-        result.setdefault("reference", {})[forget] = refs = proto.reference_summaries()
-        refs["target"]["relearn"]["settings"] = refs["retain"]["relearn"]["settings"] = RELEARN
+        result.setdefault("reference", {})[forget] = proto.reference_summaries()
         result.setdefault("fine_tune", {})[forget] = proto.fine_tune
         result.setdefault("unlearn_settings", {})[forget] = {"epochs": args.epochs, "batch_size": args.batch_size}
         done = {run_key(r) for r in runs if r.get("relearn", {}).get("settings") == RELEARN}
@@ -313,7 +312,7 @@ def main() -> None:
                     continue
                 out = proto.unlearn(objective, seed, **kwargs)
                 run.update(seconds=out["seconds"], steps=out["steps"], summary=out["summary"],
-                           relearn={**out["relearn"], "settings": RELEARN},
+                           relearn=out["relearn"],
                            examples=out["evals"]["forget"]["examples"], loadavg=loadavg())
                 runs[:] = [r for r in runs if run_key(r) != run_key(run)] + [run]
                 print(forget, objective, seed, json.dumps(out["summary"]), json.dumps(out["relearn"]["recovered"]),

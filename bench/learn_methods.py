@@ -114,16 +114,24 @@ def aux_norms(metrics: Path) -> dict:
             "aux_clipped_share": sum(bool(r["aux_clipped"]) for r in rows) / len(rows),
             "aux_first_clipped_step": next((r["step"] for r in rows if r["aux_clipped"]), None)}
 
+def a_budget(steps: int) -> dict:
+    """Part a's training budget (shared by parts d and e and recorded with their results); cosine is the learn
+    recipe's default schedule."""
+    return {"steps": steps, "batch_size": 8, "lr": 1e-3, "schedule": "cosine", "r": LORA["r"]}
+
+
 def em_run(model_dir: Path, tok, train: Path, test: list[dict], method: str, params: dict, seed: int, out_dir: Path,
            steps: int) -> dict:
-    """One `learn` run at part a's budget (batch 8, lr 1e-3 cosine) and the greedy exact match of its adapter on
-    `test`; a Bi-LoRA run adds its auxiliary norms from the metrics log."""
+    """One `learn` run at part a's budget (`a_budget`) and the greedy exact match of its adapter on `test`; a
+    Bi-LoRA run adds its auxiliary norms from the metrics log."""
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
     from malleable.evaluate.generation import exact_match
 
-    report = learn_run(model_dir, method, params, train, out_dir, steps=steps, batch=8, lr=1e-3, seed=seed)
+    budget = a_budget(steps)
+    report = learn_run(model_dir, method, params, train, out_dir, steps=steps, batch=budget["batch_size"],
+                       lr=budget["lr"], seed=seed)
     model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32), out_dir)
     em = exact_match(model, tok, test, max_new_tokens=6)[0]
     aux = aux_norms(out_dir / "metrics.jsonl") if method == "bilora" else {}
@@ -158,7 +166,7 @@ def part_a(model_dir: Path, seeds: list[int], work: Path, args) -> dict:
     train = write_jsonl(work / "capital_train.jsonl", splits["train"])
     test = splits["test"]
     base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
-    quality = {"budget": {"steps": args.a_steps, "batch_size": 8, "lr": 1e-3, "schedule": "cosine", "r": 8},
+    quality = {"budget": a_budget(args.a_steps),
                "train_examples": len(splits["train"]), "test_examples": len(test),
                "base_exact_match": exact_match(base, tok, test, max_new_tokens=6)[0], "runs": []}
     for seed in seeds:
@@ -183,7 +191,7 @@ def part_d(model_dir: Path, seeds: list[int], work: Path, args, earlier: dict | 
     tok = AutoTokenizer.from_pretrained(model_dir)
     splits = word_relations("capital-world", seed=0)
     train = write_jsonl(work / "capital_train.jsonl", splits["train"])
-    budget = {"steps": args.a_steps, "batch_size": 8, "lr": 1e-3, "schedule": "cosine", "r": 8}
+    budget = a_budget(args.a_steps)
     runs = {(x["aux_lr"], x.get("rho", 0.05), x["seed"]): x for x in (earlier or {}).get("runs", [])
             if earlier["budget"] == budget}
     for rho in [float(x) for x in args.rhos.split(",")]:
@@ -208,7 +216,7 @@ def part_e(model_dir: Path, seeds: list[int], work: Path, args) -> dict:
     rows = {"lora": ("lora", LORA), "bilora": ("bilora", {**LORA, "aux_lr": aux_lr, "rho": rho})}
     tok = AutoTokenizer.from_pretrained(model_dir)
     base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
-    out = {"budget": {"steps": args.a_steps, "batch_size": 8, "lr": 1e-3, "schedule": "cosine", "r": 8},
+    out = {"budget": a_budget(args.a_steps),
            "rows": {name: {"method": m, "parameters": p} for name, (m, p) in rows.items()}, "tasks": {}}
     for task in args.e_tasks.split(","):
         splits = word_relations(task, seed=0)

@@ -196,6 +196,7 @@ def test_protocol_end_to_end_on_the_tiny_model(tiny_lm, tmp_path):
     assert set(run["summary"]) >= {"model_utility", "mia_auc_min_k", "privacy_leakage", "forget_extraction_strength"}
     assert set(run["relearn"]["recovered"]) == set(run["relearn"]["excess_gain"]) == {"probability", "rouge_l"}
     assert refs["retain"]["relearn"]["excess_gain"] == {"probability": 0.0, "rouge_l": 0.0}
+    assert run["relearn"]["settings"] == refs["target"]["relearn"]["settings"] == attack
 
 
 @pytest.mark.slow

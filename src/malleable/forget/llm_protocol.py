@@ -230,8 +230,9 @@ class Protocol:
         return out
 
     def _returned(self, attack: dict) -> dict:
-        """An attack's result with what came back: the share of the target's lead it closed, and its gain beyond
-        the retain model's under the same attack."""
+        """An attack's result (under the protocol's own attack, whose settings it records) with what came back:
+        the share of the target's lead it closed, and its gain beyond the retain model's under the same attack."""
         from malleable.evaluate.llm_forget import came_back
 
-        return {**attack, **came_back(self.relearned["target"], self.relearned["retain"], attack)}
+        return {**attack, "settings": self.relearning,
+                **came_back(self.relearned["target"], self.relearned["retain"], attack)}
