@@ -148,8 +148,14 @@ def audit(
 
     if task not in ("causal_lm", "classification"):
         raise RecipeError(f"--task: '{task}' is not one of ['causal_lm', 'classification']")
-    if not 0 < relearn_fraction < 1:
+    if not 0 < relearn_fraction < 1:  # NaN fails this too
         raise RecipeError(f"--relearn-fraction: {relearn_fraction} must be between 0 and 1")
+    if relearn_steps < 1:
+        raise RecipeError(f"--relearn-steps: {relearn_steps} must be at least 1")
+    if not 0 < relearn_lr < float("inf"):
+        raise RecipeError(f"--relearn-lr: {relearn_lr} must be a positive finite number")
+    if not 0 <= seed < 2**32:
+        raise RecipeError(f"--seed: {seed} must be between 0 and 2**32 - 1")
     r = run(model, forget=forget, retain=retain, holdout=holdout, original=original, task=task,
             relearn_steps=relearn_steps, relearn_fraction=relearn_fraction, relearn_lr=relearn_lr, seed=seed,
             out=out, force=force)

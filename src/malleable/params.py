@@ -6,10 +6,14 @@ the declarations before any work starts, so a typo or an out-of-range value is a
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any
 
 from malleable.errors import RecipeError
+
+
+INT_MAX = 2**31 - 1  # the largest count or index torch and tokenizers take without overflowing
 
 
 @dataclass(frozen=True)
@@ -21,9 +25,11 @@ class Param:
     gt: float | None = None
     choices: tuple[Any, ...] | None = None
     per_input: bool = False
+    many: bool = False  # a name parameter that may also be a list of names
 
     def check(self, key: str, value: Any) -> Any:
-        """Return `value` coerced to this parameter's type, or raise a RecipeError naming `key`."""
+        """Return `value` coerced to this parameter's type, or raise a RecipeError naming `key`. Numbers must be
+        finite (NaN passes every range check) and an int parameter's value whole (3.5 is not a rank)."""
         if self.choices is not None:
             if value not in self.choices:
                 raise RecipeError(f"{key}: {value!r} is not one of {list(self.choices)}")
@@ -32,17 +38,25 @@ class Param:
             if not isinstance(value, bool):
                 raise RecipeError(f"{key}: expected true or false, got {value!r}")
             return value
-        if isinstance(self.default, (int, float)) or self.default is None:
-            if isinstance(value, bool) or not isinstance(value, (int, float)):
-                raise RecipeError(f"{key}: expected a number, got {value!r}")
-            if self.ge is not None and value < self.ge:
-                raise RecipeError(f"{key}: {value} is below the minimum {self.ge}")
-            if self.gt is not None and value <= self.gt:
-                raise RecipeError(f"{key}: {value} must be greater than {self.gt}")
-            if self.le is not None and value > self.le:
-                raise RecipeError(f"{key}: {value} is above the maximum {self.le}")
-            return type(self.default)(value) if self.default is not None else value
-        return value
+        if isinstance(self.default, str):
+            names = value if self.many and isinstance(value, list) and value else [value]
+            if not all(isinstance(n, str) and n for n in names):
+                raise RecipeError(f"{key}: expected a name{' or a list of names' if self.many else ''}, "
+                                  f"got {value!r}")
+            return value
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise RecipeError(f"{key}: expected a number, got {value!r}")
+        if not math.isfinite(value):
+            raise RecipeError(f"{key}: {value} is not a finite number")
+        if isinstance(self.default, int) and (value != int(value) or abs(value) > INT_MAX):
+            raise RecipeError(f"{key}: {value} is not a whole number up to {INT_MAX}")
+        if self.ge is not None and value < self.ge:
+            raise RecipeError(f"{key}: {value} is below the minimum {self.ge}")
+        if self.gt is not None and value <= self.gt:
+            raise RecipeError(f"{key}: {value} must be greater than {self.gt}")
+        if self.le is not None and value > self.le:
+            raise RecipeError(f"{key}: {value} is above the maximum {self.le}")
+        return type(self.default)(value) if self.default is not None else value
 
 
 def check_params(declared: dict[str, Param], given: dict[str, Any], prefix: str = "parameters") -> dict[str, Any]:

@@ -168,13 +168,11 @@ def unlearn(model: torch.nn.Module, *, forget: Sequence, retain: Sequence | None
     accelerator = make_accelerator()
     torch.manual_seed(seed)
     if lora is not None:
-        from peft import get_peft_model
-
-        from malleable.learn.lora import LORA_PARAMS, lora_config
+        from malleable.learn.lora import LORA_PARAMS, with_lora
         from malleable.params import check_params
 
-        model = get_peft_model(model, lora_config(check_params(LORA_PARAMS, lora, "lora"), "causal_lm"
-                                                   if kind == "causal_lm" else "classification"))
+        model = with_lora(model, check_params(LORA_PARAMS, lora, "lora"),
+                          "causal_lm" if kind == "causal_lm" else "classification", prefix="lora")
     elif not hasattr(model, "peft_config"):  # an adapter given as the model: its own trainable factors train
         model = obj.prepare(model, kind)
     # setup, the reference and the mask read the original model where training happens, in eval mode (dropout

@@ -110,7 +110,7 @@ def get_mask(spec: dict[str, Any]) -> tuple[Callable, dict[str, Any]]:
 
     spec = dict(spec)
     name = spec.pop("name", None)
-    if name not in MASKS:
+    if not isinstance(name, str) or name not in MASKS:
         raise RecipeError(f"mask.name: unknown mask '{name}' (known: {', '.join(sorted(MASKS))})")
     fn, declared, _ = MASKS[name]
     return fn, check_params(declared, spec, prefix="mask")

@@ -19,7 +19,9 @@ from malleable.forget.registry import get_mask, get_objective
 from malleable.io.atomic import atomic_dir, check_output
 from malleable.io.hashing import sha256_file
 from malleable.learn.data import collate, load_examples
+from malleable.learn.lora import LORA_PARAMS
 from malleable.models.checkpoints import load_model, load_tokenizer, model_labels
+from malleable.params import check_params
 from malleable.recipes.forget import ForgetRecipe
 from malleable.recipes.learn import DataFormat
 from malleable.report import environment, peak_rss_mb, write_report
@@ -70,6 +72,8 @@ def check_recipe(recipe: ForgetRecipe):
     objective = get_objective(recipe.objective, recipe.parameters)
     if recipe.mask is not None:
         get_mask(recipe.mask)
+    if recipe.lora is not None:
+        check_params(LORA_PARAMS, recipe.lora, "lora")
     kind = "classifier" if recipe.task == "classification" else "causal_lm"
     if kind not in objective.kinds:
         raise RecipeError(f"objective: {recipe.objective} does not apply to task {recipe.task}")

@@ -119,6 +119,8 @@ def plan_merge(recipe: MergeRecipe) -> MergePlan:
         plan = _plan_adapters(recipe, rule, params, base)
     else:
         plan = _plan_models(recipe, rule, params, base)
+    if recipe.output.rank is not None and plan.output_kind == "model" and rule.space == "full":
+        raise RecipeError("output.rank: this merge writes a model with a full-space rule; there is no rank to set")
     for name, _, _ in plan.tensors:  # every parameter value for every tensor, checked before any work
         plan.resolver.values(name)
         plan.resolver.weights(name)
@@ -177,9 +179,12 @@ def _plan_adapters(recipe: MergeRecipe, rule: Rule, params, base: Checkpoint | N
     rank = recipe.output.rank
     if rule.space == "full" and kind == "adapter":
         rank = rank or max_rank
-        smallest = min(min(first.deltas[m].shape) for m in modules)
-        if rank > smallest:
-            raise RecipeError(f"output.rank: {rank} is larger than the smallest adapted layer allows ({smallest})")
+    # a full-space result is compressed to `rank` (at most a layer's width); a LoRA rule's result lives in the
+    # span of the inputs' factors (at most the sum of their ranks): a larger rank would be clamped silently
+    smallest = min(min(first.deltas[m].shape) for m in modules)
+    limit = smallest if rule.space == "full" else min(smallest, sum_rank)
+    if rank is not None and rank > limit:
+        raise RecipeError(f"output.rank: {rank} is larger than these inputs allow ({limit})")
     if rule.name == "concat" and rank is not None and rank < sum_rank:
         raise RecipeError(f"output.rank: concat is exact and needs rank {sum_rank} (the sum of the input ranks)")
     if kind == "model":

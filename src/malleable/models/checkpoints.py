@@ -57,7 +57,9 @@ def load_model(path: Path, task: str, pad_id: int, *, labels: list[str] | None =
     the adapter's factors trainable. `labels` gives a classifier a fresh head sized and named by them; without
     it a classifier keeps the head it was saved with."""
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+    from transformers.utils import logging
 
+    logging.disable_progress_bar()  # its bar ignores --quiet and would precede a refusal's one line
     base, adapter = checkpoint_base(path)
     kw = {"dtype": torch.float32, "trust_remote_code": trust_remote_code}
     if task == "classification" and labels is not None:

@@ -1,26 +1,69 @@
-"""What every verb's recipe shares: reading the YAML file and turning pydantic's first error into one line."""
+"""What every verb's recipe shares: reading the YAML file, the strict base of every recipe section, and turning
+pydantic's first error into one line."""
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Callable
+from typing import Annotated, Any, Callable
 
 import yaml
-from pydantic import BaseModel, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from malleable.errors import RecipeError
+from malleable.io.paths import regular_file
+
+MAX_BYTES = 1_000_000  # a recipe is a few hundred bytes; a bigger file is a mistake or an attack
+MAX_VALUES = 100_000  # values the loaded YAML may expand to, every alias followed
+
+Seed = Annotated[int, Field(ge=0, lt=2**32)]  # what numpy's and torch's seeding accept
+
+
+class Strict(BaseModel):
+    """Every recipe section: an unknown key is an error, and so is an infinite or NaN number (NaN passes every
+    range check, since any comparison with it is false)."""
+
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
 
 def read_yaml(path: str | Path) -> Any:
+    """The recipe's YAML, read from a regular file of at most MAX_BYTES of UTF-8 that expands to at most
+    MAX_VALUES values: a FIFO would block, and a few lines of nested aliases can expand to billions."""
     path = Path(path)
     try:
-        return yaml.safe_load(path.read_text())
+        with regular_file(path).open("rb") as f:
+            raw = f.read(MAX_BYTES + 1)
     except OSError as e:
         raise RecipeError(f"{path}: cannot read ({e.strerror})") from None
+    if len(raw) > MAX_BYTES:
+        raise RecipeError(f"{path}: larger than {MAX_BYTES // 1_000_000} MB; a recipe is a small YAML file")
+    try:
+        data = yaml.safe_load(raw.decode("utf-8"))
+    except UnicodeDecodeError as e:
+        raise RecipeError(f"{path}: not UTF-8 text (byte {e.start})") from None
     except yaml.YAMLError as e:
         where = getattr(e, "problem_mark", None)
         line = f" at line {where.line + 1}" if where else ""
         raise RecipeError(f"{path}: not valid YAML{line}") from None
+    except RecursionError:
+        raise RecipeError(f"{path}: nested too deeply to be a recipe") from None
+    _bounded(data, path)
+    return data
+
+
+def _bounded(data: Any, path: Path) -> None:
+    """Count the values of the loaded YAML as validation would walk them, aliases followed (PyYAML shares an
+    aliased object, so loading was cheap; walking it is not), and stop past MAX_VALUES."""
+    stack, count = [data], 0
+    while stack:
+        node = stack.pop()
+        count += 1
+        if count > MAX_VALUES:
+            raise RecipeError(f"{path}: expands to more than {MAX_VALUES} values (through YAML aliases); "
+                              f"not a recipe")
+        if isinstance(node, dict):
+            stack.extend(node.values())
+        elif isinstance(node, list):
+            stack.extend(node)
 
 
 def validate(schema: type[BaseModel], data: Any, source: str):
@@ -33,12 +76,30 @@ def validate(schema: type[BaseModel], data: Any, source: str):
         raise recipe_error(e, source) from None
 
 
+def _key(loc: tuple) -> str:
+    """A pydantic error location as the recipe's key path, without the names of union members ('int',
+    'list[float]', ...) pydantic puts in it."""
+    tags = ("bool", "int", "float", "str")
+    return ".".join(str(p) for p in loc if not (p in tags or str(p).startswith(("list[", "union[", "dict[",
+                                                                               "function-"))))
+
+
 def recipe_error(e: ValidationError, source: str) -> RecipeError:
-    """`source: key.path: message (and N more)` for the first validation error."""
-    err = e.errors()[0]
-    key = ".".join(str(p) for p in err["loc"] if not str(p).startswith(("list[", "union[", "Filtered"))) or "recipe"
-    more = f" (and {len(e.errors()) - 1} more)" if len(e.errors()) > 1 else ""
-    msg = "unknown key" if err["type"] == "extra_forbidden" else err["msg"].removeprefix("Value error, ")
+    """`source: key.path: message (and N more)` for the most telling error: an unknown key first (a misspelt key
+    also makes the intended one missing); then, as a value that may take several forms (a number, a gradient,
+    a filter list) gives one error per form, the first that is not merely 'wrong type' (it is about the form
+    that fitted: a NaN in a gradient)."""
+    errors = sorted(e.errors(), key=lambda x: (x["type"] != "extra_forbidden", x["type"].endswith("_type")))
+    err = errors[0]
+    key = _key(err["loc"]) or "recipe"
+    if err["type"] == "extra_forbidden":
+        msg = "unknown key"
+    elif key != ".".join(map(str, err["loc"])) and err["type"].endswith("_type"):  # no form fitted
+        msg = f"{err['input']!r:.60} is not a valid value here"
+    else:
+        msg = err["msg"].removeprefix("Value error, ")
+    others = {_key(x["loc"]) for x in errors} - {_key(err["loc"])}
+    more = f" (and {len(others)} more)" if others else ""
     return RecipeError(f"{source}: {key}: {msg}{more}")
 
 

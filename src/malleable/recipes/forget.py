@@ -29,8 +29,8 @@ from typing import Any, Literal
 
 from pydantic import Field, model_validator
 
-from malleable.recipes.common import load_recipe_file, validate
-from malleable.recipes.learn import DataFormat, _Strict
+from malleable.recipes.common import Seed, Strict, load_recipe_file, validate
+from malleable.recipes.learn import DataFormat
 
 
 class ForgetData(DataFormat):
@@ -39,7 +39,7 @@ class ForgetData(DataFormat):
     holdout: Path | None = None
 
 
-class ForgetTraining(_Strict):
+class ForgetTraining(Strict):
     steps: int | None = Field(default=None, gt=0)
     epochs: float | None = Field(default=None, gt=0)
     batch_size: int = Field(default=8, gt=0)
@@ -57,7 +57,7 @@ class ForgetTraining(_Strict):
         return self
 
 
-class ForgetRecipe(_Strict):
+class ForgetRecipe(Strict):
     model: Path
     task: Literal["causal_lm", "classification"] = "causal_lm"
     objective: str
@@ -68,7 +68,7 @@ class ForgetRecipe(_Strict):
     training: ForgetTraining = Field(default_factory=lambda: ForgetTraining(epochs=5))
     reference: Path | None = None
     retrain: Path | None = None
-    seed: int = 0
+    seed: Seed = 0
     trust_remote_code: bool = False
 
 

@@ -26,16 +26,12 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Literal, Union
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import Field, model_validator
 
-from malleable.recipes.common import load_recipe_file, validate
-
-
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+from malleable.recipes.common import Seed, Strict, load_recipe_file, validate
 
 
-class DataFormat(_Strict):
+class DataFormat(Strict):
     """How rows of a data file become examples (shared by learn and forget recipes)."""
 
     format: Literal["auto", "prompt_completion", "text", "text_label"] = "auto"
@@ -43,7 +39,7 @@ class DataFormat(_Strict):
     completion_field: str = "completion"
     text_field: str = "text"
     label_field: str = "label"
-    labels: list[str] | None = None  # classification: the label set (default: the labels seen in train)
+    labels: list[str] | None = Field(default=None, min_length=1)  # classification (default: the labels in train)
     chat_template: Literal["auto", "on", "off"] = "auto"
     max_length: int = Field(default=512, gt=1)
     max_bad_rows: Union[int, float] = Field(default=0, ge=0)
@@ -54,7 +50,7 @@ class DataSpec(DataFormat):
     validation: Path | None = None
 
 
-class TrainingSpec(_Strict):
+class TrainingSpec(Strict):
     steps: int | None = Field(default=None, gt=0)
     epochs: float | None = Field(default=None, gt=0)
     batch_size: int = Field(default=8, gt=0)
@@ -84,14 +80,14 @@ class TrainingSpec(_Strict):
         return self
 
 
-class LearnRecipe(_Strict):
+class LearnRecipe(Strict):
     model: Path
     task: Literal["causal_lm", "classification"] = "causal_lm"
     method: str = "lora"
     parameters: dict[str, Any] = Field(default_factory=dict)
     data: DataSpec
     training: TrainingSpec
-    seed: int = 0
+    seed: Seed = 0
     trust_remote_code: bool = False
 
 

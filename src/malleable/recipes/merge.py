@@ -22,47 +22,68 @@ A mergekit YAML (`merge_method:` ...) is read by `recipes.mergekit` and becomes 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal, Union
+from typing import Annotated, Literal, Union
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field, field_validator
 
-from malleable.recipes.common import load_recipe_file, validate
+from malleable.recipes.common import Seed, Strict, load_recipe_file, validate
 
 Scalar = Union[bool, int, float, str]
+Gradient = Annotated[list[float], Field(min_length=1)]
 
 
-class Filtered(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+class Filtered(Strict):
     filter: str | None = None
-    value: Union[Scalar, list[float]]
+    value: Union[Scalar, Gradient]
 
 
-ParamSpec = Union[Scalar, list[float], list[Filtered]]
+ParamSpec = Union[Scalar, Gradient, Annotated[list[Filtered], Field(min_length=1)]]
 
 
-class InputSpec(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+class InputSpec(Strict):
     path: Path
     weight: ParamSpec = 1.0
     parameters: dict[str, ParamSpec] = Field(default_factory=dict)
 
 
-class OutputSpec(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+class OutputSpec(Strict):
     kind: Literal["auto", "model", "adapter"] = "auto"
     rank: int | None = Field(default=None, gt=0)
     dtype: str | None = None
     max_shard_size: Union[str, int] = "5GB"
 
+    @field_validator("dtype")
+    @classmethod
+    def _floating(cls, dtype: str | None) -> str | None:
+        """Only floating tensors are cast to it: an integer or unknown name fails here, not mid-merge."""
+        from malleable.io.checkpoint import dtype_from_name
 
-class MergeRecipe(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+        if dtype is not None:
+            dtype_from_name(dtype)
+        return dtype
+
+    @field_validator("max_shard_size")
+    @classmethod
+    def _size(cls, size: str | int) -> str | int:
+        """Checked now, not when the first shard is written."""
+        from malleable.io.writer import parse_size
+
+        try:
+            positive = parse_size(size) > 0
+        except OverflowError:  # more digits than a float holds
+            positive = False
+        if not positive:
+            raise ValueError(f"{size!r:.40} is not a positive size (use e.g. 5GB, 500MB)")
+        return size
+
+
+class MergeRecipe(Strict):
     method: str
     base: Path | None = None
     inputs: list[InputSpec] = Field(min_length=1)
     parameters: dict[str, ParamSpec] = Field(default_factory=dict)
     output: OutputSpec = Field(default_factory=OutputSpec)
-    seed: int = 0
+    seed: Seed = 0
     allow_nonfinite: bool = False
     allow_pickle: bool = False
 

@@ -14,7 +14,11 @@ import json
 from pathlib import Path
 from typing import Any
 
+from pydantic import Field
+
 from malleable.errors import RecipeError
+from malleable.recipes.common import Strict, validate
+from malleable.recipes.merge import ParamSpec
 
 # mergekit method -> (our rule, our defaults that reproduce mergekit's, mergekit parameters to drop)
 METHODS: dict[str, tuple[str, dict[str, Any], set[str]]] = {
@@ -24,9 +28,39 @@ METHODS: dict[str, tuple[str, dict[str, Any], set[str]]] = {
     "dare_ties": ("dare_ties", {"normalize": "none", "weighted_election": True}, {"int8_mask"}),
     "dare_linear": ("dare_linear", {"normalize": False}, {"int8_mask"}),
 }
-TOP_KEYS = {"models", "slices", "merge_method", "base_model", "parameters", "dtype", "out_dtype", "tokenizer_source",
-            "tokenizer", "chat_template", "name"}
 PER_INPUT = {"weight", "density"}
+Params = dict[str, ParamSpec]
+
+
+class Model(Strict):
+    model: str
+    parameters: Params = Field(default_factory=dict)
+
+
+class Source(Model):
+    layer_range: list[int] | None = None
+
+
+class Slice(Strict):
+    sources: list[Source] = Field(min_length=1)
+    parameters: Params = Field(default_factory=dict)
+
+
+class Mergekit(Strict):
+    """mergekit's config keys and their types, checked before translating: a wrong type is one line naming
+    the key, as in our own recipes."""
+
+    merge_method: str
+    models: list[Model] | None = None
+    slices: list[Slice] | None = None
+    base_model: str | None = None
+    parameters: Params = Field(default_factory=dict)
+    dtype: str | None = None
+    out_dtype: str | None = None
+    tokenizer_source: Any = None  # read by mergekit only; ignored here
+    tokenizer: Any = None
+    chat_template: Any = None
+    name: str | None = None
 
 
 def _normalize(rule: str, value: Any) -> Any:
@@ -73,17 +107,12 @@ def _slices_as_models(data: dict, source: str) -> dict:
     if "models" in data:
         raise RecipeError(f"{source}: slices: give either `models:` or `slices:`, not both")
     slices = data["slices"]
-    if not isinstance(slices, list) or len(slices) != 1 or not isinstance(slices[0], dict):
+    if len(slices) != 1:
         raise RecipeError(f"{source}: slices: only one slice taking every layer of every model is supported "
                           "(stacking or mixing layer ranges is not); use `models:`")
-    extra = sorted(set(slices[0]) - {"sources", "parameters"})
-    if extra:
-        raise RecipeError(f"{source}: slices.0.{extra[0]}: unknown key in a mergekit slice")
     models = []
-    for i, src in enumerate(slices[0].get("sources") or []):
+    for i, src in enumerate(slices[0]["sources"]):
         where = f"{source}: slices.0.sources.{i}"
-        if not isinstance(src, dict) or "model" not in src:
-            raise RecipeError(f"{where}: expected a mapping with a `model:` key")
         layers = _num_layers(src["model"], source)
         if layers is None:
             raise RecipeError(f"{where}.layer_range: cannot read num_hidden_layers from {src['model']}/config.json "
@@ -103,11 +132,9 @@ def _slices_as_models(data: dict, source: str) -> dict:
 
 def from_mergekit(data: dict, source: str) -> dict:
     """Translate a mergekit config dict into a malleable recipe dict (validated afterwards as usual)."""
+    data = validate(Mergekit, data, source).model_dump(exclude_unset=True)
     if "slices" in data:
         data = _slices_as_models(data, source)
-    unknown = sorted(set(data) - TOP_KEYS)
-    if unknown:
-        raise RecipeError(f"{source}: {unknown[0]}: unknown key in a mergekit config")
     method = data["merge_method"]
     if method not in METHODS:
         raise RecipeError(f"{source}: merge_method: mergekit method '{method}' is not available in malleable "
@@ -121,8 +148,6 @@ def from_mergekit(data: dict, source: str) -> dict:
     if base is not None and rule == "linear" and all(e.get("model") != base for e in entries):
         entries.append({"model": base})  # mergekit: linear treats base_model as one more input
     for i, entry in enumerate(entries):
-        if not isinstance(entry, dict) or "model" not in entry:
-            raise RecipeError(f"{source}: models.{i}: expected a mapping with a `model:` key")
         if rule != "linear" and entry["model"] == base:
             continue  # mergekit: the base contributes no task vector
         per = _translate(rule, dict(entry.get("parameters") or {}), drop, f"models.{i}.parameters")
