@@ -57,10 +57,14 @@ def loras(adapters) -> dict:
     return {"method": "ctm", "inputs": [{"path": str(adapters["lora0"])}, {"path": str(adapters["lora1"])}]}
 
 
+def refuse(verb: str, tmp_path: Path, recipe, mentions, inputs: list, *flags: str) -> None:
+    """`malleable VERB RECIPE OUT *flags` on `recipe` written to VERB.yml: refused, the recipe among the inputs."""
+    path = write(tmp_path / f"{verb}.yml", recipe)
+    refused([verb, path, tmp_path / "out", *flags], mentions=mentions, inputs=[path, *inputs], out=tmp_path / "out")
+
+
 def refuse_merge(tmp_path, recipe, mentions, inputs):
-    path = write(tmp_path / "recipe.yml", recipe)
-    refused(["merge", path, tmp_path / "out", "--dry-run", "-q"], mentions=mentions,
-            inputs=[path, *inputs], out=tmp_path / "out")
+    refuse("merge", tmp_path, recipe, mentions, inputs, "--dry-run", "-q")
 
 
 @pytest.mark.parametrize("key, value, mentions", [
@@ -86,6 +90,7 @@ def refuse_merge(tmp_path, recipe, mentions, inputs):
     ("output.max_shard_size", "0GB", "output.max_shard_size"),
     ("output.max_shard_size", "9" * 400 + "GB", "output.max_shard_size"),
     ("output.rank", 3.5, "output.rank"),
+    ("output.rank", 2**40, "output.rank"),
     ("output.rank", 4, "output.rank"),  # full checkpoints merge into a model: a rank would be ignored
     ("output.kind", "lora", "output.kind"),
     ("seed", -1, "seed"),
@@ -165,7 +170,7 @@ BOMB = "a: &a [x, x, x, x, x, x, x, x, x, x]\n" + "".join(
 ])
 def test_yaml(models, tmp_path, text, mentions):
     start = time.perf_counter()
-    refuse_merge(tmp_path, text, ["recipe.yml", mentions], [])
+    refuse_merge(tmp_path, text, ["merge.yml", mentions], [])
     assert time.perf_counter() - start < 10
 
 
@@ -193,6 +198,8 @@ def learn_recipe(tiny_lm, tmp_path_factory) -> dict:
     ("training.weight_decay", NAN, "training.weight_decay"),
     ("training.max_grad_norm", INF, "training.max_grad_norm"),
     ("training.steps", 2.5, "training.steps"),
+    ("training.steps", 10**400, "training.steps"),  # overflowed range() once training started
+    ("training.lr", 10**400, "training.lr"),
     ("data.max_bad_rows", NAN, "data.max_bad_rows"),
     ("data.max_length", INF, "data.max_length"),
     ("data.labels", [], "data.labels"),
@@ -212,16 +219,12 @@ def learn_recipe(tiny_lm, tmp_path_factory) -> dict:
     ("parameters.rslora", "yes", "parameters.rslora"),
 ])
 def test_learn_recipe(learn_recipe, tiny_lm, tmp_path, key, value, mentions):
-    path = write(tmp_path / "learn.yml", put(learn_recipe, key, value))
-    refused(["learn", path, tmp_path / "out", "-q"], mentions=mentions, inputs=[path, tiny_lm],
-            out=tmp_path / "out")
+    refuse("learn", tmp_path, put(learn_recipe, key, value), mentions, [tiny_lm], "-q")
 
 
 def test_learn_epochs_infinite(learn_recipe, tiny_lm, tmp_path):
     recipe = put(put(learn_recipe, "training.steps", None), "training.epochs", INF)
-    path = write(tmp_path / "learn.yml", recipe)
-    refused(["learn", path, tmp_path / "out", "-q"], mentions="training.epochs", inputs=[path, tiny_lm],
-            out=tmp_path / "out")
+    refuse("learn", tmp_path, recipe, "training.epochs", [tiny_lm], "-q")
 
 
 # ---------------------------------------------------------------------------------------------- forget
@@ -254,22 +257,20 @@ def forget_recipe(tiny_lm, tmp_path_factory) -> dict:
     ("parameters", {"beta": "big"}, "parameters.beta"),
     ("training.lr", NAN, "training.lr"),
     ("training.batch_size", 0, "training.batch_size"),
+    ("training.steps", 2**63, "training.steps"),
+    ("parameters", {"beta": 10**400}, "parameters.beta"),
     ("training.optimizer", "adam", "training.optimizer"),
     ("data.max_length", NAN, "data.max_length"),
     ("seed", 2**32, "seed"),
     ("objective", "npoo", "objective"),
 ])
 def test_forget_recipe(forget_recipe, tiny_lm, tmp_path, key, value, mentions):
-    path = write(tmp_path / "forget.yml", put(forget_recipe, key, value))
-    refused(["forget", path, tmp_path / "out", "--dry-run"], mentions=mentions, inputs=[path, tiny_lm],
-            out=tmp_path / "out")
+    refuse("forget", tmp_path, put(forget_recipe, key, value), mentions, [tiny_lm], "--dry-run")
 
 
 def test_forget_objective_parameter_not_whole(forget_recipe, tiny_lm, tmp_path):
     recipe = put({**forget_recipe, "objective": "soul_npo"}, "parameters", {"hessian_every": 2.5})
-    path = write(tmp_path / "forget.yml", recipe)
-    refused(["forget", path, tmp_path / "out", "--dry-run"], mentions="parameters.hessian_every",
-            inputs=[path, tiny_lm], out=tmp_path / "out")
+    refuse("forget", tmp_path, recipe, "parameters.hessian_every", [tiny_lm], "--dry-run")
 
 
 # ----------------------------------------------------------------------------------------------- audit

@@ -13,7 +13,7 @@ from typing import Any
 from malleable.errors import RecipeError
 
 
-INT_MAX = 2**31 - 1  # the largest count or index torch and tokenizers take without overflowing
+INT_MAX = 2**31 - 1  # the largest count or index torch takes without overflowing, and far beyond any sane value
 
 
 @dataclass(frozen=True)
@@ -46,10 +46,12 @@ class Param:
             return value
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise RecipeError(f"{key}: expected a number, got {value!r}")
-        if not math.isfinite(value):
+        if isinstance(value, float) and not math.isfinite(value):
             raise RecipeError(f"{key}: {value} is not a finite number")
-        if isinstance(self.default, int) and (value != int(value) or abs(value) > INT_MAX):
-            raise RecipeError(f"{key}: {value} is not a whole number up to {INT_MAX}")
+        if abs(value) > INT_MAX and (isinstance(value, int) or isinstance(self.default, int)):
+            raise RecipeError(f"{key}: {value} is beyond the largest value allowed ({INT_MAX})")
+        if isinstance(self.default, int) and value != int(value):
+            raise RecipeError(f"{key}: {value} is not a whole number")
         if self.ge is not None and value < self.ge:
             raise RecipeError(f"{key}: {value} is below the minimum {self.ge}")
         if self.gt is not None and value <= self.gt:

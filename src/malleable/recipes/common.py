@@ -7,22 +7,30 @@ from pathlib import Path
 from typing import Annotated, Any, Callable
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from malleable.errors import RecipeError
 from malleable.io.paths import regular_file
+from malleable.params import INT_MAX
 
 MAX_BYTES = 1_000_000  # a recipe is a few hundred bytes; a bigger file is a mistake or an attack
 MAX_VALUES = 100_000  # values the loaded YAML may expand to, every alias followed
 
-Seed = Annotated[int, Field(ge=0, lt=2**32)]  # what numpy's and torch's seeding accept
+Seed = Annotated[int, Field(ge=0)]  # numpy's seeding refuses negative seeds (and Strict bounds them above)
 
 
 class Strict(BaseModel):
     """Every recipe section: an unknown key is an error, and so is an infinite or NaN number (NaN passes every
-    range check, since any comparison with it is false)."""
+    range check, since any comparison with it is false) or one beyond INT_MAX (steps: 1e400 overflows range())."""
 
     model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+
+    @field_validator("*")
+    @classmethod
+    def _not_huge(cls, value: Any) -> Any:
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and abs(value) > INT_MAX:
+            raise ValueError(f"{value} is beyond the largest value allowed ({INT_MAX})")
+        return value
 
 
 def read_yaml(path: str | Path) -> Any:
