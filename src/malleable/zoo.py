@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import statistics
 import time
@@ -49,6 +50,20 @@ class ZooSettings:
     fractions: tuple[float, float, float] = (0.5, 0.2, 0.3)
     max_eval: int = 40
     max_new_tokens: int = 6
+
+    def __post_init__(self) -> None:
+        """Refuse impossible settings before anything is trained or cached."""
+        from malleable.errors import RecipeError
+
+        for name in ("rank", "steps", "multi_steps", "batch_size", "max_eval", "max_new_tokens"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise RecipeError(f"{name.replace('_', '-')}: {value!r} must be a whole number of at least 1")
+        for name in ("alpha", "lr"):
+            if not math.isfinite(getattr(self, name)) or getattr(self, name) <= 0:
+                raise RecipeError(f"{name}: {getattr(self, name)!r} must be a positive finite number")
+        if any(t not in TASKS for t in self.tasks) or not self.tasks:
+            raise RecipeError(f"tasks: {list(self.tasks)} must be some of {list(TASKS)}")
 
     def key(self) -> str:
         return settings_key(asdict(self))

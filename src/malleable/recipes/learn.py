@@ -92,7 +92,8 @@ class LearnRecipe(_Strict):
     data: DataSpec
     training: TrainingSpec
     seed: int = 0
-    trust_remote_code: bool = False
+    trust_remote_code: bool = False  # run code shipped inside the model folder (off unless set)
+    allow_pickle: bool = False  # load legacy .bin weights with torch.load(weights_only=True)
 
 
 def parse_learn_recipe(data: Any, source: str = "recipe") -> LearnRecipe:
