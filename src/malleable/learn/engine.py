@@ -212,6 +212,8 @@ def learn(recipe: LearnRecipe, out: str | Path, *, force: bool = False, resume: 
     if t.sharding == "fsdp" and not method.shardable:
         raise RecipeError(f"training.sharding: fsdp does not fit method {recipe.method}, which works on whole "
                           f"parameter tensors (use sharding: none)")
+    if not (recipe.model / "config.json").is_file():
+        raise InputError(f"{recipe.model}: not a transformers checkpoint (no config.json)")
     inputs = [recipe.model, recipe.data.train] + ([recipe.data.validation] if recipe.data.validation else [])
     out = check_output(out, force=force, inputs=inputs)
     run_dir = out.with_name(out.name + ".run")
@@ -227,8 +229,6 @@ def learn(recipe: LearnRecipe, out: str | Path, *, force: bool = False, resume: 
     main = accelerator.is_main_process
     set_seed(recipe.seed)
     spec = recipe.data
-    if not (recipe.model / "config.json").is_file():
-        raise InputError(f"{recipe.model}: not a transformers checkpoint (no config.json)")
     trust = Trust(recipe.trust_remote_code, recipe.allow_pickle)
     tokenizer = load_tokenizer(recipe.model, trust)
     train = load_examples(spec.train, spec, tokenizer)

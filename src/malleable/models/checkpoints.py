@@ -126,17 +126,31 @@ def load_model(path: Path, task: str, pad_id: int, *, labels: list[str] | None =
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
     base, adapter = check_model_folder(path, trust)
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # a bar per load on stderr; the verbs have their own progress
+    # mismatched shapes are loaded as fresh weights and reported, so the check below names the tensor
     kw = {"dtype": torch.float32, "trust_remote_code": trust.remote_code, "local_files_only": True,
-          "use_safetensors": None if trust.pickle else True, "output_loading_info": True}
+          "use_safetensors": None if trust.pickle else True, "output_loading_info": True,
+          "ignore_mismatched_sizes": True}
     if task == "classification" and labels is not None:
         kw |= {"num_labels": len(labels), "id2label": dict(enumerate(labels)),
                "label2id": {x: i for i, x in enumerate(labels)}}
     cls = AutoModelForSequenceClassification if task == "classification" else AutoModelForCausalLM
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()  # its load report on stderr; what matters in it becomes our one line below
     try:
         model, info = cls.from_pretrained(base, **kw)
-    except Exception as e:  # a size mismatch, an unknown architecture, a config transformers rejects
+    except Exception as e:  # an unknown architecture, a config transformers rejects, a damaged file
         raise InputError(f"{base}: cannot load the model ({_first_line(e)})") from None
+    finally:
+        hf_logging.set_verbosity(verbosity)
     fresh = [k for k in info.get("missing_keys", ()) if not (labels is not None and _head(model, k))]
+    mismatched = sorted(m for m in info.get("mismatched_keys", ()) if not (labels is not None and _head(model, m[0])))
+    if mismatched:
+        key, found, wanted = (list(mismatched[0]) + [None, None])[:3]
+        raise InputError(f"{base}: tensor '{key}' has shape {list(found or [])} in the checkpoint, but config.json "
+                         f"makes it {list(wanted or [])}")
     if fresh:
         raise InputError(f"{base}: config.json declares weights the checkpoint does not hold ({len(fresh)}, e.g. "
                          f"'{sorted(fresh)[0]}'); transformers would initialise them at random")
