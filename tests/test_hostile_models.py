@@ -312,3 +312,16 @@ def test_inputs_are_untouched_by_a_successful_forget(lm, data, tmp_path):
     result = invoke("forget", forget_recipe(tmp_path, lm, data), tmp_path / "out", "-q")
     assert result.exit_code == 0, result.output
     assert {p: digest(p) for p in every_input(tmp_path) if p in before} == before
+
+
+def test_merge_copies_no_linked_file_from_outside_into_its_output(models, tmp_path):
+    """merge copies the base's config and tokenizer files beside the merged weights: a link among them that
+    leads outside is refused before anything is read."""
+    outside = plant(tmp_path.parent / f"{tmp_path.name}-outside")
+    base = Path(shutil.copytree(models["base"], tmp_path / "base"))
+    os.symlink(outside / "tokenizer.json", base / "tokenizer.json")
+    recipe = tmp_path / "merge.yml"
+    recipe.write_text(yaml.safe_dump({"method": "task_arithmetic", "base": str(base),
+                                      "inputs": [{"path": str(models["ft0"])}, {"path": str(models["ft1"])}]}))
+    refused(["merge", recipe, tmp_path / "out", "-q"], mentions=[str(base / "tokenizer.json"), "outside"],
+            inputs=[base, recipe, models["ft0"], models["ft1"]], out=tmp_path / "out", outside=outside)
