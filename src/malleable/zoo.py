@@ -22,6 +22,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from malleable.data.files import write_jsonl
+from malleable.io.atomic import write_text_atomic
 
 SCHEMA = "malleable.zoo/1"
 # Eight relations with the most pairs (29-116) and the widest spread of skills: world knowledge (capitals,
@@ -249,7 +250,7 @@ def run_zoo(settings: ZooSettings = ZooSettings(), cache: str | Path | None = No
         "environment": environment(),
     }
     root.mkdir(parents=True, exist_ok=True)
-    cached.write_text(json.dumps(result, indent=2) + "\n")
+    write_text_atomic(cached, json.dumps(result, indent=2) + "\n")
     return result, evaluator
 
 
@@ -304,6 +305,6 @@ def write_zoo_results(settings: ZooSettings = ZooSettings(), results_dir: str | 
     result, _ = run_zoo(settings, cache, progress)
     out = Path(results_dir)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "zoo.json").write_text(json.dumps(result, indent=2) + "\n")
-    (out / "zoo.md").write_text(zoo_markdown(result))
+    write_text_atomic(out / "zoo.json", json.dumps(result, indent=2) + "\n")
+    write_text_atomic(out / "zoo.md", zoo_markdown(result))
     return result

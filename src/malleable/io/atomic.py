@@ -82,3 +82,17 @@ def atomic_dir(out: str | Path, force: bool = False, inputs: Iterable[str | Path
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def write_text_atomic(path: str | Path, text: str) -> Path:
+    """Write one file through a temporary sibling and a rename: a run stopped mid-write leaves the old file
+    whole (or none)."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        tmp.write_text(text)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return path
