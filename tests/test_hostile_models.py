@@ -325,3 +325,18 @@ def test_merge_copies_no_linked_file_from_outside_into_its_output(models, tmp_pa
                                       "inputs": [{"path": str(models["ft0"])}, {"path": str(models["ft1"])}]}))
     refused(["merge", recipe, tmp_path / "out", "-q"], mentions=[str(base / "tokenizer.json"), "outside"],
             inputs=[base, recipe, models["ft0"], models["ft1"]], out=tmp_path / "out", outside=outside)
+
+
+def test_file_names_inside_tokenizer_config_never_reach_outside(lm, data, tmp_path):
+    """tokenizer_config.json may name vocabulary files; names that lead outside the folder are never opened."""
+    from hostile import recording_opens
+
+    outside = plant(tmp_path.parent / f"{tmp_path.name}-outside")
+    cfg = json.loads((lm / "tokenizer_config.json").read_text())
+    cfg |= {"vocab_file": str(outside / "secret.txt"), "merges_file": "../../" + str(outside / "secret.txt"),
+            "tokenizer_file": str(outside / "tokenizer.json")}
+    (lm / "tokenizer_config.json").write_text(json.dumps(cfg))
+    with recording_opens() as opened:
+        result = invoke("learn", learn_recipe(tmp_path, lm, data), tmp_path / "out", "-q")
+    assert result.exit_code in (0, 2) and "Traceback" not in result.output, result.output
+    assert not [p for p in opened if p and p.startswith(str(outside.resolve()))]
