@@ -27,6 +27,7 @@ from malleable.io.adapter import LoraAdapter, is_adapter, read_adapter, write_ad
 from malleable.io.atomic import atomic_dir, check_output
 from malleable.io.checkpoint import Checkpoint, dtype_from_name
 from malleable.io.hashing import BackgroundHasher
+from malleable.io.paths import contained
 from malleable.io.writer import ShardedWriter, parse_size, split_shards
 from malleable.merge.params import ParamResolver, layer_index
 from malleable.merge.registry import Rule, get_rule, rule_params
@@ -119,10 +120,17 @@ def plan_merge(recipe: MergeRecipe) -> MergePlan:
         plan = _plan_adapters(recipe, rule, params, base)
     else:
         plan = _plan_models(recipe, rule, params, base)
+    if plan.output_kind == "model":
+        _model_files(plan.base or plan.models[0])  # checked now, copied at the end
     for name, _, _ in plan.tensors:  # every parameter value for every tensor, checked before any work
         plan.resolver.values(name)
         plan.resolver.weights(name)
     return plan
+
+
+def _model_files(source: Checkpoint) -> list[Path]:
+    """The MODEL_FILES beside `source`; one that links out of its folder is refused, not copied into the output."""
+    return [contained(source.root, f, source.root / f) for f in MODEL_FILES if (source.root / f).is_file()]
 
 
 def _plan_models(recipe: MergeRecipe, rule: Rule, params, base: Checkpoint | None) -> MergePlan:
@@ -329,9 +337,8 @@ def _stream_model(plan: MergePlan, tmp: Path, stats: _Stats, progress: bool) -> 
         _merge_tensors(plan, writer, write_thread, stats, progress)
     writer.close()
     source = plan.base or plan.models[0]
-    for f in MODEL_FILES:
-        if (source.root / f).is_file():
-            shutil.copy2(source.root / f, tmp / f)
+    for f in _model_files(source):
+        shutil.copy2(f, tmp / f.name)
 
 
 def _merge_tensors(plan: MergePlan, writer: ShardedWriter, write_thread: ThreadPoolExecutor, stats: _Stats,
