@@ -115,7 +115,7 @@ def _link(name: str, to: str):
 def _shard_link(d: Path, outside: Path) -> list[str]:
     write_index(d, **{T: "model-00002.safetensors"})
     (d / "model-00002.safetensors").symlink_to(outside / "x.safetensors")
-    return [str(d / INDEX), "model-00002.safetensors", "outside"]
+    return ["model-00002.safetensors", "outside"]
 
 
 ESCAPES = {
@@ -141,6 +141,24 @@ def test_names_and_links_out_of_the_folder_are_refused(case, verb, work, outside
     target = work["lora1"] if case in ADAPTER_ESCAPES else work["ft1"]
     mentions = {**ESCAPES, **ADAPTER_ESCAPES}[case](target, outside)
     check_refused(verb, work, target, tmp_path, mentions, outside=outside)
+
+
+def test_pickle_index_escape_refused_even_with_allow_pickle(work, outside, tmp_path):
+    """allow_pickle opts in to the folder's pickles, not to torch.load on a file an index points at elsewhere."""
+    d = work["ft1"]
+    (d / "model.safetensors").unlink()
+    (d / "pytorch_model.bin.index.json").write_text(json.dumps({"weight_map": {T: "../elsewhere/pytorch_model.bin"}}))
+    check_refused("merge", work, d, tmp_path, ["pytorch_model.bin.index.json", "outside"], outside=outside,
+                  extra=["--allow-pickle"])
+
+
+def test_shards_in_a_subfolder_inside_are_read(work, tmp_path):
+    d = work["ft1"]
+    (d / "sub").mkdir()
+    write_index(d)
+    (d / "model.safetensors").rename(d / "sub" / "model.safetensors")
+    edit_json(d / INDEX, lambda i: i.__setitem__("weight_map", dict.fromkeys(i["weight_map"], "sub/model.safetensors")))
+    assert json.loads(merged_ok(["inspect", d, "--json"]))["shards"] == ["sub/model.safetensors"]
 
 
 def test_copied_model_file_linking_outside_is_refused(work, outside, tmp_path):
@@ -242,6 +260,7 @@ HEADERS = {
     "metadata-value-not-string": (lambda h: h.__setitem__("__metadata__", {"format": 1}), "__metadata__"),
     "metadata-nested": (lambda h: h.__setitem__("__metadata__", {"format": {"pt": "x"}}), "__metadata__"),
     "metadata-list": (lambda h: h.__setitem__("__metadata__", ["pt"]), "__metadata__"),
+    "metadata-empty-list": (lambda h: h.__setitem__("__metadata__", []), "__metadata__"),
 }
 
 

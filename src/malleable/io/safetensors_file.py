@@ -116,8 +116,8 @@ def _read_header(path: Path) -> tuple[dict[str, TensorInfo], dict[str, str]]:
             raise ValueError("header is not a JSON object")
     except (UnicodeDecodeError, ValueError) as e:
         raise InputError(f"{path}: corrupt safetensors header ({e})") from None
-    metadata = header.pop("__metadata__", None) or {}
-    if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
+    metadata = header.pop("__metadata__", None)
+    if metadata is not None and not (isinstance(metadata, dict) and all(isinstance(v, str) for v in metadata.values())):
         raise InputError(f"{path}: corrupt safetensors header (__metadata__ must map strings to strings)")
     data_start = 8 + n
     tensors = {name: _entry(path, name, entry, data_start) for name, entry in header.items()}
@@ -132,23 +132,24 @@ def _read_header(path: Path) -> tuple[dict[str, TensorInfo], dict[str, str]]:
         raise InputError(f"{path}: truncated (tensors end at byte {at}, file has {size})")
     if at < size:
         raise InputError(f"{path}: {size - at} bytes after the last tensor that no tensor claims")
-    return tensors, metadata
+    return tensors, metadata or {}
+
+
+def _natural(x) -> bool:
+    return type(x) is int and x >= 0  # not a bool, not a float like 4.0
 
 
 def _entry(path: Path, name: str, entry, data_start: int) -> TensorInfo:
     """One header entry, checked as the safetensors library checks it: known dtype, a shape of non-negative
     ints, [begin, end] offsets of non-negative ints spanning exactly the tensor's bytes."""
-    def natural(x) -> bool:
-        return type(x) is int and x >= 0
-
     if not isinstance(entry, dict):
         raise InputError(f"{path}: tensor '{name}': header entry is not a JSON object")
     dtype, shape, offsets = entry.get("dtype"), entry.get("shape"), entry.get("data_offsets")
     if not isinstance(dtype, str) or dtype not in DTYPES:
         raise InputError(f"{path}: tensor '{name}': unknown dtype {dtype!r}")
-    if not isinstance(shape, list) or not all(natural(d) for d in shape):
+    if not isinstance(shape, list) or not all(_natural(d) for d in shape):
         raise InputError(f"{path}: tensor '{name}': shape must be a list of non-negative integers, got {shape!r}")
-    if not isinstance(offsets, list) or len(offsets) != 2 or not all(natural(x) for x in offsets):
+    if not isinstance(offsets, list) or len(offsets) != 2 or not all(_natural(x) for x in offsets):
         raise InputError(f"{path}: tensor '{name}': data_offsets must be [begin, end] integers, got {offsets!r}")
     b, e = offsets
     info = TensorInfo(name, DTYPES[dtype], tuple(shape), data_start + b, data_start + e)
