@@ -14,6 +14,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from malleable.io.atomic import write_text_atomic
+
 BENCH_DIR = Path(__file__).resolve().parent
 RESULTS_DIR = BENCH_DIR / "results"
 REPO = BENCH_DIR.parent
@@ -154,10 +156,8 @@ def write_results(name: str, data: dict, markdown: str, results_dir: Path = RESU
     results_dir.mkdir(parents=True, exist_ok=True)
     j = results_dir / f"{name}.json"
     m = results_dir / f"{name}.md"
-    for path, text in ((j, json.dumps(data, indent=2, sort_keys=False) + "\n"), (m, markdown.rstrip() + "\n")):
-        tmp = path.with_suffix(path.suffix + ".tmp")  # a run stopped mid-write leaves the old file whole
-        tmp.write_text(text)
-        tmp.replace(path)
+    write_text_atomic(j, json.dumps(data, indent=2, sort_keys=False) + "\n")
+    write_text_atomic(m, markdown.rstrip() + "\n")
     return j, m
 
 

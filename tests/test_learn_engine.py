@@ -136,7 +136,8 @@ def test_zeroth_order_on_two_processes_follows_one_and_the_replicas_agree(tiny_l
     assert all(torch.equal(rank0[k], rank1[k]) for k in rank0)  # the replicas hold the same weights
     for k in one:
         assert (one[k] - base[k]).abs().max() > 1e-4, k  # every tensor moved far beyond the tolerance below
-        torch.testing.assert_close(rank0[k], one[k], rtol=1e-4, atol=1e-6)
+        # the global loss difference is summed over processes in another order than in one: 1.1e-6 seen once
+        torch.testing.assert_close(rank0[k], one[k], rtol=1e-4, atol=1e-5)
     with safe_open(tmp_path / "two.rank0.safetensors", "pt") as f:
         assert f.metadata()["model"] != "DistributedDataParallel"  # no gradient buckets for a gradient-free method
 

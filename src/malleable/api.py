@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from malleable.io.atomic import check_not_input
+
 from malleable.recipes.forget import ForgetRecipe, load_forget_recipe, parse_forget_recipe
 from malleable.recipes.learn import LearnRecipe, load_learn_recipe, parse_learn_recipe
 from malleable.recipes.merge import MergeRecipe, load_recipe, parse_recipe
@@ -18,6 +20,12 @@ def _as_recipe(recipe, cls, parse, load):
     return load(recipe)
 
 
+def _not_over_recipe(out, recipe) -> None:
+    """A recipe given as a file is an input too: the output must not replace or hold it."""
+    if isinstance(recipe, (str, Path)):
+        check_not_input(out, [recipe])
+
+
 def _recipe(recipe: MergeRecipe | dict | str | Path) -> MergeRecipe:
     return _as_recipe(recipe, MergeRecipe, parse_recipe, load_recipe)
 
@@ -30,6 +38,7 @@ def merge(recipe: MergeRecipe | dict | str | Path, out: str | Path, force: bool 
     """
     from malleable.merge.engine import plan_merge, run_merge
 
+    _not_over_recipe(out, recipe)
     return run_merge(plan_merge(_recipe(recipe)), out, force=force, progress=progress)
 
 
@@ -52,6 +61,7 @@ def learn(recipe: LearnRecipe | dict | str | Path, out: str | Path, force: bool 
     """
     from malleable.learn.engine import learn as run
 
+    _not_over_recipe(out, recipe)
     return run(_learn_recipe(recipe), out, force=force, resume=resume, progress=progress)
 
 
@@ -65,6 +75,7 @@ def forget(recipe: ForgetRecipe | dict | str | Path, out: str | Path, force: boo
     """
     from malleable.forget.run import forget as run
 
+    _not_over_recipe(out, recipe)
     return run(_as_recipe(recipe, ForgetRecipe, parse_forget_recipe, load_forget_recipe), out, force=force,
                reference=reference, progress=progress)
 

@@ -1,25 +1,37 @@
 """The `malleable` command: one sub-command per verb, plus inspect / import-gguf / methods / bench.
 
-Errors the user can fix (`MalleableError`) print one line on stderr and exit with code 2.
+Errors the user can fix (`MalleableError`) print one line on stderr and exit with code 2. Anything else is a
+bug in malleable: its traceback is printed with a line asking for a report, and the exit code is 1, so the two
+are never confused.
 """
 
 from __future__ import annotations
 
 import functools
 import json
+import os
+import traceback
 from pathlib import Path
 
-import typer
+# Nothing is fetched from a model hub: every model is a local folder. Set before any Hugging Face library loads.
+for _flag in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE"):
+    os.environ.setdefault(_flag, "1")
 
-from malleable.errors import MalleableError, RecipeError
-from malleable.zoo import ZooSettings
+import click  # noqa: E402 (after the offline flags, on purpose)
+import typer  # noqa: E402
 
+from malleable.errors import MalleableError, RecipeError  # noqa: E402
+from malleable.io.atomic import check_not_input  # noqa: E402
+from malleable.zoo import ZooSettings  # noqa: E402
+
+PICKLE_HELP = "load legacy .bin weights (torch.load with weights_only=True); refused otherwise"
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Reshape trained models after training.")
 
 
 def _user_errors(fn):
-    """Turn a MalleableError into one line on stderr and exit code 2 (no traceback)."""
+    """The error boundary: a MalleableError is one line on stderr and exit code 2 (no traceback); any other
+    exception is a bug in malleable, shown with its traceback and a request to report it, exit code 1."""
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
@@ -31,6 +43,13 @@ def _user_errors(fn):
         except KeyboardInterrupt:
             typer.echo("interrupted: nothing was written", err=True)
             raise typer.Exit(130) from None
+        except (click.exceptions.Exit, click.exceptions.ClickException, click.exceptions.Abort):
+            raise
+        except Exception:
+            traceback.print_exc()
+            typer.echo("this is a bug in malleable, not a problem with your input: please report it with the "
+                       "command and the traceback above", err=True)
+            raise typer.Exit(1) from None
 
     return wrapper
 
@@ -42,14 +61,14 @@ def merge(
     out: Path = typer.Argument(..., help="output directory (a checkpoint or a PEFT adapter)"),
     force: bool = typer.Option(False, "--force", help="replace an existing output"),
     dry_run: bool = typer.Option(False, "--dry-run", help="validate and print the plan; write nothing"),
-    allow_pickle: bool = typer.Option(False, "--allow-pickle",
-                                      help="load legacy .bin checkpoints (torch.load with weights_only=True)"),
+    allow_pickle: bool = typer.Option(False, "--allow-pickle", help=PICKLE_HELP),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="no progress bar"),
 ) -> None:
     """Merge full models or LoRA adapters into one model or one adapter."""
     from malleable.merge.engine import describe, plan_merge, run_merge
     from malleable.recipes.merge import load_recipe
 
+    check_not_input(out, [recipe])
     r = load_recipe(recipe)
     if allow_pickle:
         r.allow_pickle = True
@@ -74,13 +93,17 @@ def learn(
     out: Path = typer.Argument(..., help="output directory (a PEFT adapter or a checkpoint)"),
     force: bool = typer.Option(False, "--force", help="replace an existing output and discard old checkpoints"),
     resume: bool = typer.Option(False, "--resume", help="continue an interrupted run from OUT.run/"),
+    allow_pickle: bool = typer.Option(False, "--allow-pickle", help=PICKLE_HELP),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="no progress bar"),
 ) -> None:
     """Train an adapter or a model (LoRA, Bi-LoRA, zeroth-order, MemFT, full); `accelerate launch` for DDP or FSDP."""
     from malleable.learn.engine import learn as run
     from malleable.recipes.learn import load_learn_recipe
 
-    report = run(load_learn_recipe(recipe), out, force=force, resume=resume, progress=not quiet)
+    check_not_input(out, [recipe])
+    r = load_learn_recipe(recipe)
+    r.allow_pickle = r.allow_pickle or allow_pickle
+    report = run(r, out, force=force, resume=resume, progress=not quiet)
     if not report["main_process"]:  # under `accelerate launch`, one process speaks
         return
     final = ", ".join(f"{k} {v}" for k, v in report["final"].items() if v is not None)
@@ -100,6 +123,7 @@ def forget(
                                        "recipe's `retrain:` learn recipe on data.retain"),
     force: bool = typer.Option(False, "--force", help="replace an existing output"),
     dry_run: bool = typer.Option(False, "--dry-run", help="validate the recipe and print the plan; write nothing"),
+    allow_pickle: bool = typer.Option(False, "--allow-pickle", help=PICKLE_HELP),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="no progress bar"),
 ) -> None:
     """Remove the forget set from a model (GA, NPO, SimNPO, RMU, SalUn, ...) and report the evidence."""
@@ -107,7 +131,9 @@ def forget(
     from malleable.forget.run import forget as run
     from malleable.recipes.forget import load_forget_recipe
 
+    check_not_input(out, [recipe])
     r = load_forget_recipe(recipe)
+    r.allow_pickle = r.allow_pickle or allow_pickle
     objective = check_recipe(r)
     if dry_run:
         typer.echo(f"forget {r.data.forget} from {r.model} with {r.objective} {json.dumps(objective.p)}"
@@ -142,6 +168,7 @@ def audit(
     seed: int = typer.Option(0, "--seed"),
     out: Path = typer.Option(None, "--out", help="write report.json, report.md and evidence.png here"),
     force: bool = typer.Option(False, "--force", help="replace an existing --out"),
+    allow_pickle: bool = typer.Option(False, "--allow-pickle", help=PICKLE_HELP),
 ) -> None:
     """Membership-inference and relearning evidence that a model has forgotten a set."""
     from malleable.forget.run import audit as run
@@ -158,7 +185,7 @@ def audit(
         raise RecipeError(f"--seed: {seed} must be between 0 and 2**32 - 1")
     r = run(model, forget=forget, retain=retain, holdout=holdout, original=original, task=task,
             relearn_steps=relearn_steps, relearn_fraction=relearn_fraction, relearn_lr=relearn_lr, seed=seed,
-            out=out, force=force)
+            out=out, force=force, allow_pickle=allow_pickle)
     for name, row in r["evidence"].items():
         typer.echo(f"{name:<9} " + ", ".join(f"{s} acc {row[s]['accuracy']:.3f}" for s in ("forget", "retain",
                                                                                           "holdout") if s in row)

@@ -9,6 +9,7 @@ from pathlib import Path
 from malleable.errors import InputError
 from malleable.io.adapter import is_adapter, read_adapter
 from malleable.io.checkpoint import Checkpoint
+from malleable.io.gguf import read_gguf
 
 
 def _dtype_counts(dtypes) -> dict[str, int]:
@@ -18,7 +19,7 @@ def _dtype_counts(dtypes) -> dict[str, int]:
 def inspect_path(path: Path) -> dict:
     if not path.exists():
         raise InputError(f"{path}: no such file or directory")
-    if path.is_file() and path.suffix == ".gguf":
+    if path.suffix == ".gguf" and not path.is_dir():
         return _inspect_gguf(path)
     if is_adapter(path):
         a = read_adapter(path)
@@ -59,14 +60,7 @@ def inspect_path(path: Path) -> dict:
 
 
 def _inspect_gguf(path: Path) -> dict:
-    try:
-        from gguf import GGUFReader
-    except ImportError:
-        raise InputError(f"{path}: reading GGUF needs the gguf package (pip install gguf)") from None
-    try:
-        r = GGUFReader(path)
-    except Exception as e:  # gguf raises ValueError/struct errors on bad files
-        raise InputError(f"{path}: not a readable GGUF file ({type(e).__name__})") from None
+    r = read_gguf(path)
     arch = r.fields.get("general.architecture")
     arch_name = bytes(arch.parts[arch.data[0]]).decode() if arch else None
     return {

@@ -26,3 +26,16 @@ def environment() -> dict:
 def write_report(directory: Path, report: dict, markdown: str) -> None:
     (directory / "report.json").write_text(json.dumps(report, indent=2) + "\n")
     (directory / "report.md").write_text(markdown)
+
+
+def trusted(recipe) -> dict:
+    """What the recipe allowed beyond plain files, for the report: both are off unless the user turned them on."""
+    return {"trust_remote_code": bool(getattr(recipe, "trust_remote_code", False)),
+            "allow_pickle": bool(getattr(recipe, "allow_pickle", False))}
+
+
+def trusted_lines(flags: dict) -> list[str]:
+    """report.md lines saying loudly what was allowed (nothing when nothing was)."""
+    words = {"trust_remote_code": "code shipped inside the model folder was allowed to run",
+             "allow_pickle": "pickle weight files were allowed (loaded with weights_only=True)"}
+    return [f"- **{k}: on**: {words[k]}" for k, on in flags.items() if on]

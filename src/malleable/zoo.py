@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import statistics
 import time
@@ -21,6 +22,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from malleable.data.files import write_jsonl
+from malleable.io.atomic import write_text_atomic
 
 SCHEMA = "malleable.zoo/1"
 # Eight relations with the most pairs (29-116) and the widest spread of skills: world knowledge (capitals,
@@ -49,6 +51,20 @@ class ZooSettings:
     fractions: tuple[float, float, float] = (0.5, 0.2, 0.3)
     max_eval: int = 40
     max_new_tokens: int = 6
+
+    def __post_init__(self) -> None:
+        """Refuse impossible settings before anything is trained or cached."""
+        from malleable.errors import RecipeError
+
+        for name in ("rank", "steps", "multi_steps", "batch_size", "max_eval", "max_new_tokens"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise RecipeError(f"{name.replace('_', '-')}: {value!r} must be a whole number of at least 1")
+        for name in ("alpha", "lr"):
+            if not math.isfinite(getattr(self, name)) or getattr(self, name) <= 0:
+                raise RecipeError(f"{name}: {getattr(self, name)!r} must be a positive finite number")
+        if any(t not in TASKS for t in self.tasks) or not self.tasks:
+            raise RecipeError(f"tasks: {list(self.tasks)} must be some of {list(TASKS)}")
 
     def key(self) -> str:
         return settings_key(asdict(self))
@@ -234,7 +250,7 @@ def run_zoo(settings: ZooSettings = ZooSettings(), cache: str | Path | None = No
         "environment": environment(),
     }
     root.mkdir(parents=True, exist_ok=True)
-    cached.write_text(json.dumps(result, indent=2) + "\n")
+    write_text_atomic(cached, json.dumps(result, indent=2) + "\n")
     return result, evaluator
 
 
@@ -289,6 +305,6 @@ def write_zoo_results(settings: ZooSettings = ZooSettings(), results_dir: str | 
     result, _ = run_zoo(settings, cache, progress)
     out = Path(results_dir)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "zoo.json").write_text(json.dumps(result, indent=2) + "\n")
-    (out / "zoo.md").write_text(zoo_markdown(result))
+    write_text_atomic(out / "zoo.json", json.dumps(result, indent=2) + "\n")
+    write_text_atomic(out / "zoo.md", zoo_markdown(result))
     return result

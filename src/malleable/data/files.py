@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import json
+import tempfile
 from pathlib import Path
 
 from malleable.errors import InputError
+from malleable.io.paths import regular_file
 
 BUILDERS = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet", ".pq": "parquet"}
 
@@ -16,19 +18,24 @@ def load_table(path: str | Path) -> tuple[list[dict], list[str]]:
     builder = BUILDERS.get(path.suffix.lower())
     if builder is None:
         raise InputError(f"{path}: unsupported data file type '{path.suffix}' (use .jsonl, .json, .csv or .parquet)")
-    if not path.is_file():
+    if not path.exists():
         raise InputError(f"{path}: no such data file")
+    regular_file(path)
     if builder == "json":
         _check_json_lines(path)
     import datasets
 
     datasets.disable_progress_bars()
-    try:
-        table = datasets.load_dataset(builder, data_files=str(path), split="train")
-    except Exception as e:  # datasets wraps parser errors in several types; the first line is the useful part
-        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise InputError(f"{path}: cannot read as {builder} ({reason})") from None
-    rows = table.to_list()
+    # datasets keeps an Arrow copy of every file it reads in its cache; a forget set must leave no copy
+    # behind, so the copy goes to a temporary folder that is gone when the rows are in memory
+    with tempfile.TemporaryDirectory(prefix="malleable-data-") as cache:
+        try:
+            table = datasets.load_dataset(builder, data_files=str(path), split="train", cache_dir=cache)
+            rows = table.to_list()
+        except Exception as e:  # datasets wraps parser errors in several types; the first line is the useful part
+            reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise InputError(f"{path}: cannot read as {builder} ({reason})") from None
+        del table
     if builder == "json":
         lines = [i for i, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1) if line.strip()]
         where = [f"line {n}" for n in lines] if len(lines) == len(rows) else [f"row {i + 1}" for i in range(len(rows))]

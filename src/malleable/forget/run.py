@@ -20,11 +20,11 @@ from malleable.io.atomic import atomic_dir, check_output
 from malleable.io.hashing import sha256_file
 from malleable.learn.data import collate, load_examples
 from malleable.learn.lora import LORA_PARAMS
-from malleable.models.checkpoints import load_model, load_tokenizer, model_labels
+from malleable.models.checkpoints import Trust, load_model, load_tokenizer, model_labels
 from malleable.params import check_params
 from malleable.recipes.forget import ForgetRecipe
 from malleable.recipes.learn import DataFormat
-from malleable.report import environment, peak_rss_mb, write_report
+from malleable.report import environment, peak_rss_mb, trusted, trusted_lines, write_report
 
 SCHEMA = "malleable.forget/1"
 AUDIT_SCHEMA = "malleable.audit/1"
@@ -89,10 +89,11 @@ def forget(recipe: ForgetRecipe, out: str | Path, *, force: bool = False, refere
     check_recipe(recipe)
     d = recipe.data
     reference = reference if reference is not None else recipe.reference
-    inputs = [recipe.model] + [p for p in (d.forget, d.retain, d.holdout) if p] + \
+    inputs = [recipe.model] + [p for p in (d.forget, d.retain, d.holdout, recipe.retrain) if p] + \
         ([Path(reference)] if reference not in (None, "retrain") else [])
     out = check_output(out, force=force, inputs=inputs)
-    tokenizer = load_tokenizer(recipe.model, recipe.trust_remote_code)
+    trust = Trust(recipe.trust_remote_code, recipe.allow_pickle)
+    tokenizer = load_tokenizer(recipe.model, trust)
     labels = model_labels(recipe.model, recipe.task)
     sets = load_sets({"forget": d.forget, "retain": d.retain, "holdout": d.holdout}, d, tokenizer, labels)
     items = {name: ex.items if ex else [] for name, ex in sets.items()}
@@ -102,11 +103,11 @@ def forget(recipe: ForgetRecipe, out: str | Path, *, force: bool = False, refere
         return collate(b, pad)
 
     if reference not in (None, "retrain"):
-        check_same_tokenizer(tokenizer, load_tokenizer(Path(reference), recipe.trust_remote_code), Path(reference))
-    model = load_model(recipe.model, recipe.task, pad, trust_remote_code=recipe.trust_remote_code)
+        check_same_tokenizer(tokenizer, load_tokenizer(Path(reference), trust), Path(reference))
+    model = load_model(recipe.model, recipe.task, pad, trust=trust)
     if reference == "retrain":
         reference = _retrain(recipe, out, force, progress)
-    ref_model = (load_model(Path(reference), recipe.task, pad, trust_remote_code=recipe.trust_remote_code)
+    ref_model = (load_model(Path(reference), recipe.task, pad, trust=trust)
                  if reference else None)
 
     size = recipe.training.batch_size
@@ -124,6 +125,7 @@ def forget(recipe: ForgetRecipe, out: str | Path, *, force: bool = False, refere
     report = {
         "schema": SCHEMA,
         "objective": recipe.objective,
+        "trusted": trusted(recipe),
         "recipe": json.loads(recipe.model_dump_json()),
         "model": str(recipe.model),
         "data": {name: {"path": str(ex.path), "sha256": sha256_file(ex.path), "examples": len(ex),
@@ -156,18 +158,19 @@ def forget(recipe: ForgetRecipe, out: str | Path, *, force: bool = False, refere
 def audit(model_path: str | Path, *, forget: Path, retain: Path | None = None, holdout: Path | None = None,
           original: Path | None = None, task: str = "causal_lm", relearn_steps: int = 10,
           relearn_fraction: float = 0.1, relearn_lr: float = 1e-4, batch_size: int = 8, seed: int = 0,
-          out: Path | None = None, force: bool = False) -> dict:
+          out: Path | None = None, force: bool = False, allow_pickle: bool = False) -> dict:
     """Membership and relearning evidence for a model that claims to have forgotten `forget`."""
     start = time.perf_counter()
     inputs = [Path(model_path), forget] + [p for p in (retain, holdout, original) if p]
     out = check_output(out, force=force, inputs=inputs) if out is not None else None
-    tokenizer = load_tokenizer(Path(model_path))
+    trust = Trust(pickle=allow_pickle)
+    tokenizer = load_tokenizer(Path(model_path), trust)
     labels = model_labels(Path(model_path), task)
     sets = load_sets({"forget": forget, "retain": retain, "holdout": holdout}, DataFormat(), tokenizer, labels)
     items = {name: ex.items if ex else [] for name, ex in sets.items()}
     if original is not None:
-        check_same_tokenizer(tokenizer, load_tokenizer(original), original)
-    model = load_model(Path(model_path), task, tokenizer.pad_token_id)
+        check_same_tokenizer(tokenizer, load_tokenizer(original, trust), original)
+    model = load_model(Path(model_path), task, tokenizer.pad_token_id, trust=trust)
 
     def batch(b):
         return collate(b, tokenizer.pad_token_id)
@@ -176,11 +179,12 @@ def audit(model_path: str | Path, *, forget: Path, retain: Path | None = None, h
     attack = {"audited": relearn(model, items["forget"], batch, fraction=relearn_fraction, steps=relearn_steps,
                                  lr=relearn_lr, batch_size=batch_size, seed=seed)}
     if original is not None:
-        orig = load_model(original, task, tokenizer.pad_token_id)
+        orig = load_model(original, task, tokenizer.pad_token_id, trust=trust)
         rows["original"] = evidence(orig, items, batch, batch_size)
         attack["original"] = relearn(orig, items["forget"], batch, fraction=relearn_fraction, steps=relearn_steps,
                                      lr=relearn_lr, batch_size=batch_size, seed=seed)
     report = {"schema": AUDIT_SCHEMA, "model": str(model_path), "task": task,
+              "trusted": {"trust_remote_code": False, "allow_pickle": allow_pickle},
               "data": {n: {"path": str(ex.path), "sha256": sha256_file(ex.path), "examples": len(ex)}
                        for n, ex in sets.items() if ex is not None},
               "evidence": rows, "relearning": attack, "recovered": recovered(rows, attack),
@@ -228,7 +232,7 @@ def evidence_plot(path: Path, rows: dict) -> None:
 
 
 def _markdown(title: str, r: dict) -> str:
-    lines = [f"# {title}", "", f"- model: `{r['model']}`"]
+    lines = [f"# {title}", "", f"- model: `{r['model']}`"] + trusted_lines(r.get("trusted", {}))
     lines += [f"- {name}: `{v['path']}` ({v['examples']} rows)" for name, v in r["data"].items()]
     rows = r["evidence"]
     sets = [s for s in ("forget", "retain", "holdout") if s in next(iter(rows.values()))]

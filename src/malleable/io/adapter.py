@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import re
 from collections import Counter
 from dataclasses import dataclass
@@ -14,6 +15,8 @@ from safetensors.torch import save_file
 
 from malleable.deltas.lowrank import LowRankDelta
 from malleable.errors import InputError
+from malleable.io.checkpoint import read_json
+from malleable.io.paths import contained
 from malleable.io.safetensors_file import SafetensorsFile
 
 CONFIG = "adapter_config.json"
@@ -23,13 +26,18 @@ _KEY = re.compile(r"^(?:base_model\.model\.)?(?P<module>.+)\.lora_(?P<ab>[AB])(?
 
 
 def is_adapter(path: str | Path) -> bool:
-    return (Path(path) / CONFIG).is_file()
+    """A folder with an adapter config, even a broken one, so the adapter reader reports what is wrong with it."""
+    return os.path.lexists(Path(path) / CONFIG)
+
+
+def _pattern(key: str) -> re.Pattern:
+    """PEFT's rule: a pattern key matches a module whose name ends with it at a dot boundary."""
+    return re.compile(rf"(.*\.)?({key})$")
 
 
 def _pattern_value(patterns: dict, module: str, default):
-    """PEFT's rule: a pattern key matches a module whose name ends with it at a dot boundary."""
     for key, value in patterns.items():
-        if re.match(rf"(.*\.)?({key})$", module):
+        if _pattern(key).match(module):
             return value
     return default
 
@@ -37,6 +45,43 @@ def _pattern_value(patterns: dict, module: str, default):
 def lora_scale(config: dict, module: str, rank: int) -> float:
     alpha = _pattern_value(config.get("alpha_pattern") or {}, module, config.get("lora_alpha", 8))
     return alpha / math.sqrt(rank) if config.get("use_rslora") else alpha / rank
+
+
+def _number(x) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
+
+def _check_config(cfg_path: Path, config: dict) -> dict:
+    """The config's fields that decide how the factors are read and scaled, checked before any is used: PEFT
+    would refuse or misread a config that fails here, and a merge would silently scale by a wrong number."""
+    if config.get("peft_type", "LORA") != "LORA":
+        raise InputError(f"{cfg_path}: peft_type {config.get('peft_type')} is not LORA")
+    r = config.get("r", 8)
+    if type(r) is not int or r <= 0:
+        raise InputError(f"{cfg_path}: r must be a positive integer, got {r!r}")
+    if not _number(config.get("lora_alpha", 8)):
+        raise InputError(f"{cfg_path}: lora_alpha must be a finite number, got {config['lora_alpha']!r}")
+    for key in ("use_dora", "use_rslora", "fan_in_fan_out"):
+        if not isinstance(config.get(key, False), bool):
+            raise InputError(f"{cfg_path}: {key} must be true or false, got {config[key]!r}")
+    if config.get("use_dora"):
+        raise InputError(f"{cfg_path}: use_dora is true; DoRA adapters are not supported")
+    for key in ("rank_pattern", "alpha_pattern"):
+        patterns = config.get(key) or {}
+        if not isinstance(patterns, dict):
+            raise InputError(f"{cfg_path}: {key} must map module patterns to numbers")
+        for pattern, value in patterns.items():
+            try:
+                _pattern(pattern)
+            except re.error as e:
+                raise InputError(f"{cfg_path}: {key} key '{pattern}' is not a valid regular expression ({e})") from None
+            if not _number(value) or value <= 0 or (key == "rank_pattern" and type(value) is not int):
+                raise InputError(f"{cfg_path}: {key}['{pattern}'] must be a positive number, got {value!r}")
+    targets = config.get("target_modules")
+    if targets is not None and not isinstance(targets, str) and not (
+            isinstance(targets, list) and all(isinstance(t, str) for t in targets)):
+        raise InputError(f"{cfg_path}: target_modules must be a string or a list of strings, got {targets!r}")
+    return config
 
 
 @dataclass
@@ -64,18 +109,11 @@ class LoraAdapter:
 
 def read_adapter(path: str | Path) -> LoraAdapter:
     path = Path(path)
-    cfg_path = path / CONFIG
-    try:
-        config = json.loads(cfg_path.read_text())
-    except OSError as e:
-        raise InputError(f"{cfg_path}: cannot read ({e.strerror})") from None
-    except ValueError:
-        raise InputError(f"{cfg_path}: not valid JSON") from None
-    if config.get("peft_type", "LORA") != "LORA":
-        raise InputError(f"{cfg_path}: peft_type {config.get('peft_type')} is not LORA")
-    weights = path / WEIGHTS
+    cfg_path = contained(path, CONFIG, path / CONFIG)
+    config = _check_config(cfg_path, read_json(cfg_path))
+    weights = contained(path, WEIGHTS, path / WEIGHTS)
     if not weights.exists():
-        if (path / "adapter_model.bin").exists():
+        if os.path.lexists(path / "adapter_model.bin"):
             raise InputError(f"{path / 'adapter_model.bin'}: pickle adapters are refused; save it with "
                              "safe_serialization=True")
         raise InputError(f"{weights}: missing")
@@ -95,7 +133,13 @@ def read_adapter(path: str | Path) -> LoraAdapter:
         if A.ndim != 2 or B.ndim != 2 or A.shape[0] != B.shape[1]:
             raise InputError(f"{weights}: module '{module}' has factors of shapes {list(B.shape)} and "
                              f"{list(A.shape)} that do not chain")
-        deltas[module] = LowRankDelta(B, A, lora_scale(config, module, A.shape[0]))
+        rank = _pattern_value(config.get("rank_pattern") or {}, module, config.get("r", 8))
+        if A.shape[0] != rank:
+            raise InputError(f"{weights}: module '{module}' has factors of rank {A.shape[0]}, but {cfg_path} "
+                             f"gives it rank {rank}")
+        if not (torch.isfinite(A).all() and torch.isfinite(B).all()):
+            raise InputError(f"{weights}: module '{module}' has factors containing NaN or inf")
+        deltas[module] = LowRankDelta(B, A, lora_scale(config, module, rank))
     if not deltas:
         raise InputError(f"{weights}: no LoRA factors")
     return LoraAdapter(path, config, deltas, [cfg_path, weights])

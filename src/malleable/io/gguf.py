@@ -7,29 +7,53 @@ checkpoint, and writes the result atomically.
 
 from __future__ import annotations
 
-import importlib.util
+import contextlib
+import io
 import json
 from pathlib import Path
 
 from malleable.errors import InputError
 from malleable.io.atomic import atomic_dir, check_output
+from malleable.io.paths import regular_file
 
 MAGIC = b"GGUF"
 PROVENANCE = "malleable_import.json"
 
 
-def check_gguf(gguf_file: str | Path) -> Path:
-    """Return the file's absolute path, or raise `InputError` if it is missing or not a GGUF file."""
+def read_gguf(gguf_file: str | Path):
+    """The file parsed by gguf's own reader (a `GGUFReader`), or `InputError`: a damaged file is reported here
+    as one line, not deep inside a loader."""
     gguf_file = Path(gguf_file).absolute()
-    if not gguf_file.is_file():
+    if not gguf_file.exists():
         raise InputError(f"{gguf_file}: no such file")
+    regular_file(gguf_file)
     with open(gguf_file, "rb") as f:
         magic = f.read(4)
     if magic != MAGIC:
         raise InputError(f"{gguf_file}: not a GGUF file (first bytes {magic!r}, expected {MAGIC!r})")
-    if importlib.util.find_spec("gguf") is None:
-        raise InputError(f"{gguf_file}: reading GGUF needs the gguf package (pip install gguf)")
-    return gguf_file
+    try:
+        from gguf import GGUFReader
+    except ImportError:
+        raise InputError(f"{gguf_file}: reading GGUF needs the gguf package (pip install gguf)") from None
+    try:
+        return GGUFReader(gguf_file)
+    except Exception as e:  # gguf raises ValueError, struct and numpy errors on bad files
+        raise InputError(f"{gguf_file}: not a readable GGUF file ({type(e).__name__})") from None
+
+
+@contextlib.contextmanager
+def _quiet_transformers():
+    """Neither transformers' load report (its logger) nor its progress bars (plain stderr) while loading:
+    a refusal is one line, and says itself what is wrong."""
+    from transformers.utils import logging as hf_logging
+
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    try:
+        with contextlib.redirect_stderr(io.StringIO()):
+            yield
+    finally:
+        hf_logging.set_verbosity(verbosity)
 
 
 def import_gguf(gguf_file: str | Path, out: str | Path, force: bool = False) -> Path:
@@ -38,18 +62,27 @@ def import_gguf(gguf_file: str | Path, out: str | Path, force: bool = False) -> 
     The output holds `config.json`, `model.safetensors`, `generation_config.json` and the tokenizer files,
     plus `malleable_import.json` naming the source file. Weights are de-quantised to fp32.
     """
-    gguf_file = check_gguf(gguf_file)
+    gguf_file = Path(gguf_file).absolute()
+    read_gguf(gguf_file)
     out = check_output(out, force, inputs=[gguf_file])
 
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     src, name = str(gguf_file.parent), gguf_file.name
     try:
-        tokenizer = AutoTokenizer.from_pretrained(src, gguf_file=name)
-        model = AutoModelForCausalLM.from_pretrained(src, gguf_file=name)
-    except (ValueError, KeyError, NotImplementedError) as e:  # unsupported architecture or tokenizer
+        with _quiet_transformers():
+            tokenizer = AutoTokenizer.from_pretrained(src, gguf_file=name)
+            model, info = AutoModelForCausalLM.from_pretrained(src, gguf_file=name, output_loading_info=True,
+                                                               ignore_mismatched_sizes=True)
+    except (KeyboardInterrupt, SystemExit):
+        raise
+    except BaseException as e:  # a damaged file makes transformers or tokenizers raise anything, even a Rust panic
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise InputError(f"{gguf_file}: transformers cannot load this GGUF ({first})") from None
+    # transformers fills a missing or misshapen tensor with random values and carries on
+    bad = sorted(info["missing_keys"]) + sorted(k for k, *_ in info["mismatched_keys"])
+    if bad:
+        raise InputError(f"{gguf_file}: has no usable tensor for '{bad[0]}' (missing or of the wrong shape)")
 
     # The weights are plain fp32 now; without this, save_pretrained writes a quantised-model marker.
     model.hf_quantizer = None

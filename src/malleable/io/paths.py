@@ -49,3 +49,16 @@ def regular_file(path: Path) -> Path:
     if not stat.S_ISREG(mode):
         raise InputError(f"{path}: not a regular file")
     return Path(path)
+
+
+def check_folder(root: str | Path) -> Path:
+    """`root`, after checking that no file directly in it is a link leading outside it: transformers and PEFT
+    open the files of a model folder by their fixed names (config, tokenizer, weights) and follow links."""
+    root = Path(root)
+    try:
+        links = [p.name for p in root.iterdir() if p.is_symlink()]
+    except OSError as e:
+        raise InputError(f"{root}: cannot read ({e.strerror})") from None
+    for name in links:
+        contained(root, name, root / name)
+    return root

@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 
 from malleable.errors import InputError
+from malleable.io.paths import regular_file
 
 DTYPES: dict[str, torch.dtype] = {
     "F64": torch.float64,
@@ -96,6 +97,7 @@ class SafetensorsFile:
 
 
 def _read_header(path: Path) -> tuple[dict[str, TensorInfo], dict[str, str]]:
+    regular_file(path)
     try:
         size = path.stat().st_size
         with open(path, "rb") as f:
@@ -109,28 +111,51 @@ def _read_header(path: Path) -> tuple[dict[str, TensorInfo], dict[str, str]]:
     except OSError as e:
         raise InputError(f"{path}: cannot read ({e.strerror})") from None
     try:
-        header = json.loads(raw)
+        header = json.loads(raw.decode("utf-8"))
         if not isinstance(header, dict):
             raise ValueError("header is not a JSON object")
     except (UnicodeDecodeError, ValueError) as e:
         raise InputError(f"{path}: corrupt safetensors header ({e})") from None
-    metadata = header.pop("__metadata__", None) or {}
+    metadata = header.pop("__metadata__", None)
+    if metadata is not None and not (isinstance(metadata, dict) and all(isinstance(v, str) for v in metadata.values())):
+        raise InputError(f"{path}: corrupt safetensors header (__metadata__ must map strings to strings)")
     data_start = 8 + n
-    tensors: dict[str, TensorInfo] = {}
-    for name, entry in header.items():
-        try:
-            dtype = DTYPES[entry["dtype"]]
-            shape = tuple(int(d) for d in entry["shape"])
-            b, e = (int(x) for x in entry["data_offsets"])
-        except (KeyError, TypeError, ValueError):
-            raise InputError(f"{path}: corrupt safetensors header entry for '{name}'") from None
-        info = TensorInfo(name, dtype, shape, data_start + b, data_start + e)
-        if e < b or info.nbytes != info.numel * dtype.itemsize:
-            raise InputError(f"{path}: tensor '{name}' has {info.nbytes} bytes for shape {list(shape)}")
-        if info.end > size:
-            raise InputError(f"{path}: truncated (tensor '{name}' ends at byte {info.end}, file has {size})")
-        tensors[name] = info
-    return tensors, metadata
+    tensors = {name: _entry(path, name, entry, data_start) for name, entry in header.items()}
+    # the rule of the safetensors library: sorted by offset, tensors tile the data section exactly
+    at = data_start
+    for info in sorted(tensors.values(), key=lambda t: (t.begin, t.end)):
+        if info.begin != at:
+            what = "overlaps the tensor before it" if info.begin < at else f"leaves a gap of {info.begin - at} bytes"
+            raise InputError(f"{path}: tensor '{info.name}' {what} (data_offsets must be contiguous from 0)")
+        at = info.end
+    if at > size:
+        raise InputError(f"{path}: truncated (tensors end at byte {at}, file has {size})")
+    if at < size:
+        raise InputError(f"{path}: {size - at} bytes after the last tensor that no tensor claims")
+    return tensors, metadata or {}
+
+
+def _natural(x) -> bool:
+    return type(x) is int and x >= 0  # not a bool, not a float like 4.0
+
+
+def _entry(path: Path, name: str, entry, data_start: int) -> TensorInfo:
+    """One header entry, checked as the safetensors library checks it: known dtype, a shape of non-negative
+    ints, [begin, end] offsets of non-negative ints spanning exactly the tensor's bytes."""
+    if not isinstance(entry, dict):
+        raise InputError(f"{path}: tensor '{name}': header entry is not a JSON object")
+    dtype, shape, offsets = entry.get("dtype"), entry.get("shape"), entry.get("data_offsets")
+    if not isinstance(dtype, str) or dtype not in DTYPES:
+        raise InputError(f"{path}: tensor '{name}': unknown dtype {dtype!r}")
+    if not isinstance(shape, list) or not all(_natural(d) for d in shape):
+        raise InputError(f"{path}: tensor '{name}': shape must be a list of non-negative integers, got {shape!r}")
+    if not isinstance(offsets, list) or len(offsets) != 2 or not all(_natural(x) for x in offsets):
+        raise InputError(f"{path}: tensor '{name}': data_offsets must be [begin, end] integers, got {offsets!r}")
+    b, e = offsets
+    info = TensorInfo(name, DTYPES[dtype], tuple(shape), data_start + b, data_start + e)
+    if e < b or info.nbytes != info.numel * info.dtype.itemsize:
+        raise InputError(f"{path}: tensor '{name}' has {e - b} bytes for shape {shape} of {dtype}")
+    return info
 
 
 class StreamingSafetensorsWriter:

@@ -20,6 +20,7 @@ import torch
 
 from malleable.data.files import load_table
 from malleable.errors import InputError, RecipeError
+from malleable.models.chat import render_user_turn
 
 
 @dataclass
@@ -37,9 +38,9 @@ class Examples:
 
 
 def chat_prompt(tokenizer, prompt: str) -> str:
-    """The prompt as the model's chat template renders a user turn followed by the assistant header."""
-    return tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
-                                         add_generation_prompt=True)
+    """The prompt as the model's chat template renders a user turn followed by the assistant header (within
+    bounds of time, memory and length: see models.chat)."""
+    return render_user_turn(tokenizer, prompt)
 
 
 def uses_chat_template(tokenizer, setting: str) -> bool:

@@ -30,15 +30,15 @@ from pathlib import Path
 import torch
 
 from malleable.errors import InputError, MalleableError, OutputError, RecipeError
-from malleable.io.atomic import atomic_dir, check_output
+from malleable.io.atomic import atomic_dir, check_not_input, check_output, replaceable
 from malleable.io.hashing import sha256_file
 from malleable.learn.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint, trainable_state, whole
 from malleable.learn.data import Examples, collate, load_examples
 from malleable.learn.loss import task_loss
 from malleable.learn.registry import Method, get_method
-from malleable.models.checkpoints import load_model, load_tokenizer
+from malleable.models.checkpoints import Trust, load_model, load_tokenizer
 from malleable.recipes.learn import LearnRecipe
-from malleable.report import environment, peak_rss_mb, write_report
+from malleable.report import environment, peak_rss_mb, trusted, trusted_lines, write_report
 
 SCHEMA = "malleable.learn/1"
 
@@ -212,26 +212,31 @@ def learn(recipe: LearnRecipe, out: str | Path, *, force: bool = False, resume: 
     if t.sharding == "fsdp" and not method.shardable:
         raise RecipeError(f"training.sharding: fsdp does not fit method {recipe.method}, which works on whole "
                           f"parameter tensors (use sharding: none)")
+    if not (recipe.model / "config.json").is_file():
+        raise InputError(f"{recipe.model}: not a transformers checkpoint (no config.json)")
     inputs = [recipe.model, recipe.data.train] + ([recipe.data.validation] if recipe.data.validation else [])
     out = check_output(out, force=force, inputs=inputs)
     run_dir = out.with_name(out.name + ".run")
+    check_not_input(run_dir, inputs, "run folder")
     if run_dir.exists() and not (resume or force):
         raise OutputError(f"{run_dir}: an earlier run's checkpoints (pass --resume to continue it, "
                           f"--force to start over)")
+    if force and not resume and run_dir.exists() and not ((run_dir / "recipe.json").is_file()
+                                                           or replaceable(run_dir)):
+        raise OutputError(f"{run_dir}: exists and is not an earlier run's folder; --force deletes only those")
 
     accelerator = make_accelerator(t.mixed_precision)
     main = accelerator.is_main_process
     set_seed(recipe.seed)
     spec = recipe.data
-    if not (recipe.model / "config.json").is_file():
-        raise InputError(f"{recipe.model}: not a transformers checkpoint (no config.json)")
-    tokenizer = load_tokenizer(recipe.model, recipe.trust_remote_code)
+    trust = Trust(recipe.trust_remote_code, recipe.allow_pickle)
+    tokenizer = load_tokenizer(recipe.model, trust)
     train = load_examples(spec.train, spec, tokenizer)
     if (recipe.task == "classification") != (train.format == "text_label"):
         raise RecipeError(f"task: {recipe.task} does not fit {spec.train}'s {train.format} rows")
     val = load_examples(spec.validation, spec, tokenizer, labels=train.labels) if spec.validation else None
     model = load_model(recipe.model, recipe.task, tokenizer.pad_token_id, labels=train.labels,
-                       trust_remote_code=recipe.trust_remote_code)  # train's label set sizes a classifier head
+                       trust=trust)  # train's label set sizes a classifier head
     plan = BatchPlan(t, accelerator.num_processes, len(train))
 
     set_seed(recipe.seed)  # the method's fresh parameters (LoRA's A) start from the recipe's seed
@@ -261,13 +266,23 @@ def learn(recipe: LearnRecipe, out: str | Path, *, force: bool = False, resume: 
     accelerator.wait_for_everyone()
     found = latest_checkpoint(run_dir) if resume and run_dir.exists() else None
     if found is not None:
-        saved = json.loads((run_dir / "recipe.json").read_text())
+        try:
+            saved = json.loads((run_dir / "recipe.json").read_text())
+        except (OSError, ValueError):
+            saved = None
         if saved != recipe_json:
             raise RecipeError(f"{run_dir}: its checkpoints come from a different recipe (--force starts over)")
-        step, rng = load_checkpoint(found, accelerator.unwrap_model(model), optimizer, scheduler,
-                                    accelerator.process_index)
-        if rng is not None:
-            torch.set_rng_state(rng)
+        try:  # our own files, but a crash, a full disk or a user's edit can leave anything in them
+            step, rng = load_checkpoint(found, accelerator.unwrap_model(model), optimizer, scheduler,
+                                        accelerator.process_index)
+            if not isinstance(step, int) or not 0 < step <= plan.steps:
+                raise ValueError(f"step {step!r} outside 1..{plan.steps}")
+            if rng is not None:
+                torch.set_rng_state(rng)
+        except Exception as e:  # safetensors, json, torch and the optimizer each raise their own types
+            reason = str(e).strip().splitlines()[0][:200] if str(e).strip() else ""
+            raise InputError(f"{found}: damaged checkpoint, cannot resume ({type(e).__name__}: {reason}); "
+                             "--force starts over") from None
         first = False
     if main:
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -335,6 +350,7 @@ def learn(recipe: LearnRecipe, out: str | Path, *, force: bool = False, resume: 
         state = whole(trainable_state(model) if method.output == "adapter" else model.state_dict(keep_vars=True), main)
     report = {
         "schema": SCHEMA,
+        "trusted": trusted(recipe),
         "method": recipe.method,
         "parameters": method.p,
         "recipe": recipe_json,
@@ -370,7 +386,7 @@ def learn(recipe: LearnRecipe, out: str | Path, *, force: bool = False, resume: 
 
 def _markdown(r: dict) -> str:
     b, f = r["batches"], r["final"]
-    lines = [f"# learn: {r['method']}", "", f"- model: `{r['model']}`",
+    lines = [f"# learn: {r['method']}", "", f"- model: `{r['model']}`", *trusted_lines(r["trusted"]),
              f"- parameters: {json.dumps(r['parameters'])}",
              "- data: " + "; ".join(f"{k} `{v['path']}` ({v['examples']} examples, {v['bad_rows']} bad rows skipped)"
                                      for k, v in r["data"].items()),

@@ -27,6 +27,7 @@ from malleable.io.adapter import LoraAdapter, is_adapter, read_adapter, write_ad
 from malleable.io.atomic import atomic_dir, check_output
 from malleable.io.checkpoint import Checkpoint, dtype_from_name
 from malleable.io.hashing import BackgroundHasher
+from malleable.io.paths import check_folder
 from malleable.io.writer import ShardedWriter, parse_size, split_shards
 from malleable.merge.params import ParamResolver, layer_index
 from malleable.merge.registry import Rule, get_rule, rule_params
@@ -110,6 +111,7 @@ def plan_merge(recipe: MergeRecipe) -> MergePlan:
     for p in ([recipe.base] if recipe.base else []) + [i.path for i in recipe.inputs]:
         if not p.exists():
             raise InputError(f"{p}: no such file or directory")
+        check_folder(p if p.is_dir() else p.parent)  # its config and tokenizer files are copied to the output
     adapters_in = [is_adapter(i.path) for i in recipe.inputs]
     if any(adapters_in) and not all(adapters_in):
         raise InputError(f"{recipe.inputs[adapters_in.index(False)].path}: mixes full checkpoints with LoRA "

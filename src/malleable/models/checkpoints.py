@@ -1,43 +1,109 @@
 """Loading a user's transformers checkpoint or PEFT adapter: the one place every verb gets its model and tokenizer.
 
-Failures become one InputError line naming the path (the CLI turns that into exit 2), never a traceback.
+Before transformers or PEFT sees a folder, it is checked the way `merge` checks its inputs: a local folder
+(nothing is fetched from a hub), no link leading outside it, weights in safetensors (pickle only when the user
+allowed it, and then with `weights_only=True`), headers and indexes consistent. After loading, any weight
+transformers had to initialise afresh (a config that declares more layers than the checkpoint holds) is an
+error. Failures become one InputError line naming the path (the CLI turns that into exit 2), never a traceback.
 """
 
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from malleable.errors import InputError
+from malleable.io.checkpoint import Checkpoint
+from malleable.io.paths import check_folder, contained
+from malleable.models.chat import check_chat_template
 
-LOAD_ERRORS = (OSError, ValueError, KeyError)
+ADAPTER_CONFIG = "adapter_config.json"
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+
+
+@dataclass(frozen=True)
+class Trust:
+    """What the user allowed beyond plain data: code shipped inside a model folder, pickle weight files."""
+
+    remote_code: bool = False
+    pickle: bool = False
+
+
+def _first_line(e: Exception) -> str:
+    text = str(e).strip()
+    return f"{type(e).__name__}: {text.splitlines()[0][:200]}" if text else type(e).__name__
+
+
+def _json_object(path: Path) -> dict:
+    try:
+        data = json.loads(path.read_bytes().decode("utf-8"))
+    except OSError as e:
+        raise InputError(f"{path}: cannot read ({e.strerror})") from None
+    except ValueError:
+        raise InputError(f"{path}: not valid UTF-8 JSON") from None
+    if not isinstance(data, dict):
+        raise InputError(f"{path}: expected a JSON object, got {type(data).__name__}")
+    return data
 
 
 def checkpoint_base(path: Path) -> tuple[Path, bool]:
-    """(the checkpoint whose weights load, whether `path` is a PEFT adapter on top of it)."""
+    """(the checkpoint whose weights load, whether `path` is a PEFT adapter on top of it); both local folders."""
     path = Path(path)
-    if (path / "adapter_config.json").is_file():
-        return Path(json.loads((path / "adapter_config.json").read_text())["base_model_name_or_path"]), True
+    if not path.is_dir():
+        raise InputError(f"{path}: no such folder (malleable loads models from local folders only)")
+    if (path / ADAPTER_CONFIG).is_file():
+        cfg = path / ADAPTER_CONFIG
+        base = _json_object(cfg).get("base_model_name_or_path")
+        if not isinstance(base, str) or not base:
+            raise InputError(f"{cfg}: base_model_name_or_path is not set; malleable needs the base model's folder")
+        if not (Path(base) / "config.json").is_file():
+            raise InputError(f"{cfg}: base model '{base}' is not a local checkpoint folder (no {base}/config.json); "
+                             "malleable loads local paths only, nothing from a hub")
+        return Path(base), True
     if not (path / "config.json").is_file():
         raise InputError(f"{path}: neither a transformers checkpoint (config.json) nor a PEFT adapter")
     return path, False
 
 
-def load_tokenizer(path: Path, trust_remote_code: bool = False):
-    """The tokenizer beside a checkpoint or adapter (else the adapter's base), with a pad token (EOS if none)."""
+def check_model_folder(path: Path, trust: Trust = Trust()) -> tuple[Path, bool]:
+    """`checkpoint_base(path)`, after checking every folder it involves the way `merge` checks its inputs:
+    no links leading outside, a config that is a JSON object, and weights that open (headers, indexes, shards
+    inside the folder, no pickle unless allowed)."""
+    base, adapter = checkpoint_base(path)
+    for folder in {Path(path), base}:
+        check_folder(folder)
+    _json_object(base / "config.json")
+    Checkpoint(base, allow_pickle=trust.pickle)
+    if adapter:
+        weights = contained(path, ADAPTER_WEIGHTS, path / ADAPTER_CONFIG)
+        if not weights.is_file() and not trust.pickle:
+            raise InputError(f"{path}: no {ADAPTER_WEIGHTS}; pickle adapters (adapter_model.bin) are refused unless "
+                             "you allow them (--allow-pickle / allow_pickle: true)")
+        if weights.is_file():
+            Checkpoint(weights)
+    return base, adapter
+
+
+def load_tokenizer(path: Path, trust: Trust = Trust()):
+    """The tokenizer beside a checkpoint or adapter (else the adapter's base), with a pad token (EOS if none).
+    Its chat template is tried once, within bounds, so a broken or hostile one is refused here."""
     from transformers import AutoTokenizer
 
     path = Path(path)
-    base, _ = checkpoint_base(path)
+    base, _ = check_model_folder(path, trust)
+    source = path if (path / "tokenizer_config.json").is_file() else base
     try:
-        tokenizer = AutoTokenizer.from_pretrained(path if (path / "tokenizer_config.json").is_file() else base,
-                                                  trust_remote_code=trust_remote_code)
-    except LOAD_ERRORS as e:
-        raise InputError(f"{path}: cannot load its tokenizer ({str(e).splitlines()[0]})") from None
+        tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=trust.remote_code, local_files_only=True)
+    except Exception as e:  # tokenizers, sentencepiece and transformers each raise their own types on bad files
+        raise InputError(f"{source}: cannot load its tokenizer ({_first_line(e)})") from None
     if tokenizer.pad_token_id is None:
+        if tokenizer.eos_token is None:
+            raise InputError(f"{source}: its tokenizer has neither a pad nor an end-of-sequence token")
         tokenizer.pad_token = tokenizer.eos_token
+    check_chat_template(tokenizer)
     return tokenizer
 
 
@@ -45,35 +111,61 @@ def model_labels(path: Path, task: str) -> list[str] | None:
     """A classifier checkpoint's classes in index order, from its config (no weights loaded)."""
     if task != "classification":
         return None
-    from transformers import AutoConfig
+    base, _ = checkpoint_base(path)
+    id2label = _json_object(base / "config.json").get("id2label") or {"0": "LABEL_0", "1": "LABEL_1"}
+    try:
+        return [str(id2label[str(i)]) for i in range(len(id2label))]
+    except (KeyError, TypeError):
+        raise InputError(f"{base / 'config.json'}: id2label must map 0..{len(id2label) - 1} to names") from None
 
-    id2label = AutoConfig.from_pretrained(checkpoint_base(path)[0]).id2label
-    return [str(id2label[i]) for i in range(len(id2label))]
 
-
-def load_model(path: Path, task: str, pad_id: int, *, labels: list[str] | None = None,
-               trust_remote_code: bool = False):
+def load_model(path: Path, task: str, pad_id: int, *, labels: list[str] | None = None, trust: Trust = Trust()):
     """A checkpoint's model in float32 (mixed precision is autocast's job), or a PEFT adapter on its base with
     the adapter's factors trainable. `labels` gives a classifier a fresh head sized and named by them; without
     it a classifier keeps the head it was saved with."""
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
-    from transformers.utils import logging
 
-    logging.disable_progress_bar()  # its bar ignores --quiet and would precede a refusal's one line
-    base, adapter = checkpoint_base(path)
-    kw = {"dtype": torch.float32, "trust_remote_code": trust_remote_code}
+    base, adapter = check_model_folder(path, trust)
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # a bar per load on stderr; the verbs have their own progress
+    # mismatched shapes are loaded as fresh weights and reported, so the check below names the tensor
+    kw = {"dtype": torch.float32, "trust_remote_code": trust.remote_code, "local_files_only": True,
+          "use_safetensors": None if trust.pickle else True, "output_loading_info": True,
+          "ignore_mismatched_sizes": True}
     if task == "classification" and labels is not None:
         kw |= {"num_labels": len(labels), "id2label": dict(enumerate(labels)),
                "label2id": {x: i for i, x in enumerate(labels)}}
     cls = AutoModelForSequenceClassification if task == "classification" else AutoModelForCausalLM
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()  # its load report on stderr; what matters in it becomes our one line below
     try:
-        model = cls.from_pretrained(base, **kw)
-        if adapter:
-            from peft import PeftModel
+        model, info = cls.from_pretrained(base, **kw)
+    except Exception as e:  # an unknown architecture, a config transformers rejects, a damaged file
+        raise InputError(f"{base}: cannot load the model ({_first_line(e)})") from None
+    finally:
+        hf_logging.set_verbosity(verbosity)
+    fresh = [k for k in info.get("missing_keys", ()) if not (labels is not None and _head(model, k))]
+    mismatched = sorted(m for m in info.get("mismatched_keys", ()) if not (labels is not None and _head(model, m[0])))
+    if mismatched:
+        key, found, wanted = (list(mismatched[0]) + [None, None])[:3]
+        raise InputError(f"{base}: tensor '{key}' has shape {list(found or [])} in the checkpoint, but config.json "
+                         f"makes it {list(wanted or [])}")
+    if fresh:
+        raise InputError(f"{base}: config.json declares weights the checkpoint does not hold ({len(fresh)}, e.g. "
+                         f"'{sorted(fresh)[0]}'); transformers would initialise them at random")
+    if adapter:
+        from peft import PeftModel
 
+        try:
             model = PeftModel.from_pretrained(model, path, is_trainable=True)
-    except LOAD_ERRORS as e:
-        raise InputError(f"{path}: cannot load the model ({str(e).splitlines()[0]})") from None
+        except Exception as e:  # PEFT raises ValueError, KeyError, RuntimeError (shapes) on a bad adapter
+            raise InputError(f"{path}: cannot load the adapter ({_first_line(e)})") from None
     if task == "classification":
         model.config.pad_token_id = pad_id
     return model.eval()
+
+
+def _head(model, key: str) -> bool:
+    """A weight of the task head that a classifier with new labels gets afresh (outside the base model)."""
+    return key.split(".", 1)[0] != getattr(model, "base_model_prefix", "model")

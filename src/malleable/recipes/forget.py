@@ -69,7 +69,8 @@ class ForgetRecipe(Strict):
     reference: Path | None = None
     retrain: Path | None = None
     seed: Seed = 0
-    trust_remote_code: bool = False
+    trust_remote_code: bool = False  # run code shipped inside the model folder (off unless set)
+    allow_pickle: bool = False  # load legacy .bin weights with torch.load(weights_only=True)
 
 
 def parse_forget_recipe(data: Any, source: str = "recipe") -> ForgetRecipe:
