@@ -58,9 +58,12 @@ def loras(adapters) -> dict:
 
 
 def refuse(verb: str, tmp_path: Path, recipe, mentions, inputs: list, *flags: str) -> None:
-    """`malleable VERB RECIPE OUT *flags` on `recipe` written to VERB.yml: refused, the recipe among the inputs."""
+    """`malleable VERB RECIPE OUT *flags` on `recipe` written to VERB.yml: refused naming the file and `mentions`,
+    the recipe among the inputs."""
     path = write(tmp_path / f"{verb}.yml", recipe)
-    refused([verb, path, tmp_path / "out", *flags], mentions=mentions, inputs=[path, *inputs], out=tmp_path / "out")
+    mentions = [mentions] if isinstance(mentions, str) else mentions
+    refused([verb, path, tmp_path / "out", *flags], mentions=[f"{path}: ", *mentions], inputs=[path, *inputs],
+            out=tmp_path / "out")
 
 
 def refuse_merge(tmp_path, recipe, mentions, inputs):
@@ -209,17 +212,26 @@ def learn_recipe(tiny_lm, tmp_path_factory) -> dict:
     ("parameters.r", 0, "parameters.r"),
     ("parameters.r", 3.5, "parameters.r"),
     ("parameters.r", 2**40, "parameters.r"),
-    ("parameters.r", 100_000, "parameters.r"),  # wider than any layer of the model: memory, not a rank
     ("parameters.alpha", NAN, "parameters.alpha"),
     ("parameters.dropout", NAN, "parameters.dropout"),
     ("parameters.targets", [["q_proj"]], "parameters.targets"),
     ("parameters.targets", 5, "parameters.targets"),
     ("parameters.targets", [], "parameters.targets"),
-    ("parameters.targets", ["no_such_module"], "parameters.targets"),
     ("parameters.rslora", "yes", "parameters.rslora"),
 ])
 def test_learn_recipe(learn_recipe, tiny_lm, tmp_path, key, value, mentions):
     refuse("learn", tmp_path, put(learn_recipe, key, value), mentions, [tiny_lm], "-q")
+
+
+@pytest.mark.parametrize("key, value", [
+    ("parameters.r", 100_000),  # wider than any layer of the model: memory, not a rank
+    ("parameters.targets", ["no_such_module"]),
+])
+def test_learn_lora_against_the_model(learn_recipe, tiny_lm, tmp_path, key, value):
+    """Checked once the model is loaded, before training: the line names the key (the model, not the file, is
+    what the value does not fit)."""
+    path = write(tmp_path / "learn.yml", put(learn_recipe, key, value))
+    refused(["learn", path, tmp_path / "out", "-q"], mentions=key, inputs=[path, tiny_lm], out=tmp_path / "out")
 
 
 def test_learn_epochs_infinite(learn_recipe, tiny_lm, tmp_path):

@@ -131,10 +131,17 @@ def resolve_paths(node: Any, root: Path) -> None:
                 resolve_paths(value, root)
 
 
-def load_recipe_file(path: str | Path, parse: Callable[[Any, str], BaseModel]):
-    """Read a YAML recipe with `parse` (a verb's `parse_*_recipe`); relative paths are taken relative to the
-    recipe's folder."""
+def load_recipe_file(path: str | Path, parse: Callable[[Any, str], BaseModel],
+                     check: Callable[[Any], Any] | None = None):
+    """Read a YAML recipe with `parse` (a verb's `parse_*_recipe`) and `check` (what the schema cannot see: the
+    method's declared parameters), so that every problem names the file; relative paths are taken relative to
+    the recipe's folder."""
     path = Path(path)
     recipe = parse(read_yaml(path), str(path))
     resolve_paths(recipe, path.parent)
+    if check is not None:
+        try:
+            check(recipe)
+        except RecipeError as e:
+            raise RecipeError(f"{path}: {e}") from None
     return recipe

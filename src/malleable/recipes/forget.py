@@ -79,4 +79,6 @@ def parse_forget_recipe(data: Any, source: str = "recipe") -> ForgetRecipe:
 
 
 def load_forget_recipe(path: str | Path) -> ForgetRecipe:
-    return load_recipe_file(path, parse_forget_recipe)
+    from malleable.forget.run import check_recipe
+
+    return load_recipe_file(path, parse_forget_recipe, check_recipe)

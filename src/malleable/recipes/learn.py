@@ -97,5 +97,11 @@ def parse_learn_recipe(data: Any, source: str = "recipe") -> LearnRecipe:
     return validate(LearnRecipe, data, source)
 
 
+def _check_method(recipe: LearnRecipe) -> None:
+    from malleable.learn.registry import get_method
+
+    get_method(recipe.method, recipe.parameters)
+
+
 def load_learn_recipe(path: str | Path) -> LearnRecipe:
-    return load_recipe_file(path, parse_learn_recipe)
+    return load_recipe_file(path, parse_learn_recipe, _check_method)
