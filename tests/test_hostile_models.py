@@ -340,3 +340,11 @@ def test_file_names_inside_tokenizer_config_never_reach_outside(lm, data, tmp_pa
         result = invoke("learn", learn_recipe(tmp_path, lm, data), tmp_path / "out", "-q")
     assert result.exit_code in (0, 2) and "Traceback" not in result.output, result.output
     assert not [p for p in opened if p and p.startswith(str(outside.resolve()))]
+
+
+@pytest.mark.parametrize("verb", ["learn", "forget"])
+def test_training_that_diverges_writes_nothing(lm, data, tmp_path, verb):
+    """A finite but absurd learning rate drives the weights to NaN: refused, no adapter of NaNs written."""
+    training = {"steps": 3, "batch_size": 4, "lr": 1e30, "max_grad_norm": None}
+    run = learn_refused if verb == "learn" else forget_refused
+    run(tmp_path, lm, data, "training.lr", training=training)

@@ -21,7 +21,7 @@ import torch
 from malleable.errors import InputError, RecipeError
 from malleable.forget.data import set_batches
 from malleable.forget.registry import Objective, get_mask, get_objective
-from malleable.learn.engine import batch_indices, lr_factor, make_accelerator, optimizer_step
+from malleable.learn.engine import batch_indices, check_finite_weights, lr_factor, make_accelerator, optimizer_step
 from malleable.learn.registry import Method
 
 
@@ -119,6 +119,7 @@ def _run(model: torch.nn.Module, objective: Objective, draw: Callable[[int], dic
     prepared.eval()
     for handle in handles:
         handle.remove()
+    check_finite_weights(params, accelerator)
     return history, time.perf_counter() - start
 
 

@@ -147,7 +147,22 @@ def optimizer_step(method: Method, model, optimizer, params, micro: list[dict], 
     else:
         loss = closure()
         optimizer.step()
-    return float(loss), (norms[-1] if norms else None)
+    loss = float(loss)
+    # fp16's loss scaler skips a step whose values overflowed; anywhere else a non-finite loss has ruined the weights
+    if not math.isfinite(loss) and accelerator.mixed_precision != "fp16":
+        raise RecipeError(f"training.lr: the loss became {loss} (training diverged; lower the learning rate or "
+                          "check the data); nothing was written")
+    return loss, (norms[-1] if norms else None)
+
+
+def check_finite_weights(params, accelerator) -> None:
+    """Refuse to write weights that hold NaN or inf (every process checks its own shards, all agree)."""
+    bad = sum(not bool(torch.isfinite(p.to_local() if hasattr(p, "to_local") else p).all()) for p in params)
+    if accelerator.num_processes > 1:
+        bad = int(accelerator.reduce(torch.tensor(bad, device=accelerator.device), "sum"))
+    if bad:
+        raise RecipeError("training.lr: training left NaN or inf in the weights (it diverged; lower the learning "
+                          "rate); nothing was written")
 
 
 def make_accelerator(mixed_precision: str = "no"):
@@ -340,6 +355,7 @@ def learn(recipe: LearnRecipe, out: str | Path, *, force: bool = False, resume: 
         if log:
             log.close()
 
+    check_finite_weights(params, accelerator)
     final = {"train_loss": last.get("loss"), **method.metrics()}
     if val is not None:
         final["val_loss"] = round(evaluate_loss(model, val, plan.micro, pad, accelerator, method), 6)
