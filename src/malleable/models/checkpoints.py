@@ -9,14 +9,13 @@ error. Failures become one InputError line naming the path (the CLI turns that i
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from malleable.errors import InputError
-from malleable.io.checkpoint import Checkpoint
+from malleable.io.checkpoint import Checkpoint, read_json
 from malleable.io.paths import check_folder, contained
 from malleable.models.chat import check_chat_template
 
@@ -37,18 +36,6 @@ def _first_line(e: Exception) -> str:
     return f"{type(e).__name__}: {text.splitlines()[0][:200]}" if text else type(e).__name__
 
 
-def _json_object(path: Path) -> dict:
-    try:
-        data = json.loads(path.read_bytes().decode("utf-8"))
-    except OSError as e:
-        raise InputError(f"{path}: cannot read ({e.strerror})") from None
-    except ValueError:
-        raise InputError(f"{path}: not valid UTF-8 JSON") from None
-    if not isinstance(data, dict):
-        raise InputError(f"{path}: expected a JSON object, got {type(data).__name__}")
-    return data
-
-
 def checkpoint_base(path: Path) -> tuple[Path, bool]:
     """(the checkpoint whose weights load, whether `path` is a PEFT adapter on top of it); both local folders."""
     path = Path(path)
@@ -56,7 +43,7 @@ def checkpoint_base(path: Path) -> tuple[Path, bool]:
         raise InputError(f"{path}: no such folder (malleable loads models from local folders only)")
     if (path / ADAPTER_CONFIG).is_file():
         cfg = path / ADAPTER_CONFIG
-        base = _json_object(cfg).get("base_model_name_or_path")
+        base = read_json(cfg).get("base_model_name_or_path")
         if not isinstance(base, str) or not base:
             raise InputError(f"{cfg}: base_model_name_or_path is not set; malleable needs the base model's folder")
         if not (Path(base) / "config.json").is_file():
@@ -75,7 +62,7 @@ def check_model_folder(path: Path, trust: Trust = Trust()) -> tuple[Path, bool]:
     base, adapter = checkpoint_base(path)
     for folder in {Path(path), base}:
         check_folder(folder)
-    _json_object(base / "config.json")
+    read_json(base / "config.json")
     Checkpoint(base, allow_pickle=trust.pickle)
     if adapter:
         weights = contained(path, ADAPTER_WEIGHTS, path / ADAPTER_CONFIG)
@@ -112,7 +99,7 @@ def model_labels(path: Path, task: str) -> list[str] | None:
     if task != "classification":
         return None
     base, _ = checkpoint_base(path)
-    id2label = _json_object(base / "config.json").get("id2label") or {"0": "LABEL_0", "1": "LABEL_1"}
+    id2label = read_json(base / "config.json").get("id2label") or {"0": "LABEL_0", "1": "LABEL_1"}
     try:
         return [str(id2label[str(i)]) for i in range(len(id2label))]
     except (KeyError, TypeError):
