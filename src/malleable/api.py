@@ -6,8 +6,8 @@ from pathlib import Path
 
 from malleable.io.atomic import check_not_input
 
-from malleable.recipes.forget import ForgetRecipe, load_forget_recipe, parse_forget_recipe
-from malleable.recipes.learn import LearnRecipe, load_learn_recipe, parse_learn_recipe
+from malleable.recipes.forget import ForgetRecipe, parse_forget_recipe
+from malleable.recipes.learn import LearnRecipe, parse_learn_recipe
 from malleable.recipes.merge import MergeRecipe, load_recipe, parse_recipe
 
 
@@ -50,7 +50,9 @@ def merge_plan(recipe: MergeRecipe | dict | str | Path) -> str:
 
 
 def _learn_recipe(recipe: LearnRecipe | dict | str | Path) -> LearnRecipe:
-    return _as_recipe(recipe, LearnRecipe, parse_learn_recipe, load_learn_recipe)
+    from malleable.learn.engine import read_recipe
+
+    return _as_recipe(recipe, LearnRecipe, parse_learn_recipe, read_recipe)
 
 
 def learn(recipe: LearnRecipe | dict | str | Path, out: str | Path, force: bool = False, resume: bool = False,
@@ -74,9 +76,10 @@ def forget(recipe: ForgetRecipe | dict | str | Path, out: str | Path, force: boo
     `malleable.forget.unlearn`.
     """
     from malleable.forget.run import forget as run
+    from malleable.forget.run import read_recipe
 
     _not_over_recipe(out, recipe)
-    return run(_as_recipe(recipe, ForgetRecipe, parse_forget_recipe, load_forget_recipe), out, force=force,
+    return run(_as_recipe(recipe, ForgetRecipe, parse_forget_recipe, read_recipe), out, force=force,
                reference=reference, progress=progress)
 
 

@@ -98,10 +98,10 @@ def learn(
 ) -> None:
     """Train an adapter or a model (LoRA, Bi-LoRA, zeroth-order, MemFT, full); `accelerate launch` for DDP or FSDP."""
     from malleable.learn.engine import learn as run
-    from malleable.recipes.learn import load_learn_recipe
+    from malleable.learn.engine import read_recipe
 
     check_not_input(out, [recipe])
-    r = load_learn_recipe(recipe)
+    r = read_recipe(recipe)
     r.allow_pickle = r.allow_pickle or allow_pickle
     report = run(r, out, force=force, resume=resume, progress=not quiet)
     if not report["main_process"]:  # under `accelerate launch`, one process speaks
@@ -129,10 +129,10 @@ def forget(
     """Remove the forget set from a model (GA, NPO, SimNPO, RMU, SalUn, ...) and report the evidence."""
     from malleable.forget.run import check_recipe
     from malleable.forget.run import forget as run
-    from malleable.recipes.forget import load_forget_recipe
+    from malleable.forget.run import read_recipe
 
     check_not_input(out, [recipe])
-    r = load_forget_recipe(recipe)
+    r = read_recipe(recipe)
     r.allow_pickle = r.allow_pickle or allow_pickle
     objective = check_recipe(r)
     if dry_run:

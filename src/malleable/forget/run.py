@@ -22,7 +22,7 @@ from malleable.learn.data import collate, load_examples
 from malleable.learn.lora import LORA_PARAMS
 from malleable.models.checkpoints import Trust, load_model, load_tokenizer, model_labels
 from malleable.params import check_params
-from malleable.recipes.forget import ForgetRecipe
+from malleable.recipes.forget import ForgetRecipe, load_forget_recipe
 from malleable.recipes.learn import DataFormat
 from malleable.report import environment, peak_rss_mb, trusted, trusted_lines, write_report
 
@@ -53,14 +53,14 @@ def check_same_tokenizer(tokenizer, other, where: Path) -> None:
 
 def _retrain(recipe: ForgetRecipe, out: Path, force: bool, progress: bool) -> Path:
     """Run the recipe's `retrain` learn recipe on data.retain; the gold standard lands in OUT.retrain."""
-    from malleable.recipes.learn import load_learn_recipe
     from malleable.learn.engine import learn
+    from malleable.learn.engine import read_recipe as read_learn_recipe
 
     if recipe.retrain is None:
         raise RecipeError("retrain: --reference retrain needs a `retrain:` learn recipe in the forget recipe")
     if recipe.data.retain is None:
         raise RecipeError("data.retain: --reference retrain trains on the retain set; none was given")
-    spec = load_learn_recipe(recipe.retrain)
+    spec = read_learn_recipe(recipe.retrain)
     spec.data.train = recipe.data.retain
     target = out.with_name(out.name + ".retrain")
     learn(spec, target, force=force, progress=progress)
@@ -80,6 +80,11 @@ def check_recipe(recipe: ForgetRecipe):
     if objective.needs_retain and recipe.data.retain is None:
         raise RecipeError(f"data.retain: {recipe.objective} needs retain data and none was given")
     return objective
+
+
+def read_recipe(path: str | Path) -> ForgetRecipe:
+    """A forget recipe file, validated, its objective, mask and LoRA settings included (problems name the file)."""
+    return load_forget_recipe(path, check_recipe)
 
 
 def forget(recipe: ForgetRecipe, out: str | Path, *, force: bool = False, reference: str | Path | None = None,

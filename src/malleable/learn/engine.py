@@ -37,7 +37,7 @@ from malleable.learn.data import Examples, collate, load_examples
 from malleable.learn.loss import task_loss
 from malleable.learn.registry import Method, get_method
 from malleable.models.checkpoints import Trust, load_model, load_tokenizer
-from malleable.recipes.learn import LearnRecipe
+from malleable.recipes.learn import LearnRecipe, load_learn_recipe
 from malleable.report import environment, peak_rss_mb, trusted, trusted_lines, write_report
 
 SCHEMA = "malleable.learn/1"
@@ -213,6 +213,11 @@ def shard(model: torch.nn.Module, device: torch.device, mixed_precision: str) ->
     for module in [m for m in model.modules() if type(m).__name__ in blocks]:
         fully_shard(module, mesh=mesh, mp_policy=policy)
     return fully_shard(model, mesh=mesh, mp_policy=policy)
+
+
+def read_recipe(path: str | Path) -> LearnRecipe:
+    """A learn recipe file, validated, its method's parameters included (every problem names the file)."""
+    return load_learn_recipe(path, lambda r: get_method(r.method, r.parameters))
 
 
 def learn(recipe: LearnRecipe, out: str | Path, *, force: bool = False, resume: bool = False,

@@ -25,7 +25,7 @@ seed: 0
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Callable, Literal
 
 from pydantic import Field, model_validator
 
@@ -78,7 +78,6 @@ def parse_forget_recipe(data: Any, source: str = "recipe") -> ForgetRecipe:
     return validate(ForgetRecipe, data, source)
 
 
-def load_forget_recipe(path: str | Path) -> ForgetRecipe:
-    from malleable.forget.run import check_recipe
-
-    return load_recipe_file(path, parse_forget_recipe, check_recipe)
+def load_forget_recipe(path: str | Path, check: Callable[[ForgetRecipe], Any] | None = None) -> ForgetRecipe:
+    """The recipe file, validated; `check` is the verb's own check against its registries (forget.run.read_recipe)."""
+    return load_recipe_file(path, parse_forget_recipe, check)

@@ -24,7 +24,7 @@ seed: 0
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal, Union
+from typing import Any, Callable, Literal, Union
 
 from pydantic import Field, model_validator
 
@@ -97,11 +97,6 @@ def parse_learn_recipe(data: Any, source: str = "recipe") -> LearnRecipe:
     return validate(LearnRecipe, data, source)
 
 
-def _check_method(recipe: LearnRecipe) -> None:
-    from malleable.learn.registry import get_method
-
-    get_method(recipe.method, recipe.parameters)
-
-
-def load_learn_recipe(path: str | Path) -> LearnRecipe:
-    return load_recipe_file(path, parse_learn_recipe, _check_method)
+def load_learn_recipe(path: str | Path, check: Callable[[LearnRecipe], Any] | None = None) -> LearnRecipe:
+    """The recipe file, validated; `check` is the verb's own check against its registry (learn.engine.read_recipe)."""
+    return load_recipe_file(path, parse_learn_recipe, check)
