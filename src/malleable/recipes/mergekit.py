@@ -6,6 +6,9 @@ elect signs from the weighted task vectors), so each method maps to our rule wit
 explicit. Options that change nothing numerically (`int8_mask`, `density` for task_arithmetic) are dropped.
 One known difference: mergekit's DARE rescales kept entries to the input's L1 norm, ours by 1/density
 (the paper's); DARE masks are random in both tools, so their outputs never match bit for bit anyway.
+breadcrumbs and della rescale as mergekit does (L1). della's draws are random in both tools (different RNG
+streams); everything else matches (bench/mergekit_parity.py). Where mergekit accepts values we refuse: slerp's
+`t` outside [0, 1], nearswap's negative `t`.
 """
 
 from __future__ import annotations
@@ -23,15 +26,27 @@ METHODS: dict[str, tuple[str, dict[str, Any], set[str]]] = {
     "ties": ("ties", {"normalize": "weights", "weighted_election": True}, {"int8_mask"}),
     "dare_ties": ("dare_ties", {"normalize": "none", "weighted_election": True}, {"int8_mask"}),
     "dare_linear": ("dare_linear", {"normalize": False}, {"int8_mask"}),
+    "slerp": ("slerp", {}, set()),
+    "nearswap": ("nearswap", {}, set()),
+    "model_stock": ("model_stock", {"filter_wise": False}, set()),
+    "breadcrumbs": ("breadcrumbs", {"normalize": False, "rescale": False}, {"int8_mask"}),
+    "breadcrumbs_ties": ("breadcrumbs_ties", {"normalize": "none", "rescale": False}, {"int8_mask"}),
+    "della": ("della", {"normalize": "weights", "rescale": True}, {"int8_mask"}),
+    "della_linear": ("della_linear", {"normalize": False, "rescale": True}, {"int8_mask"}),
+    "sce": ("sce", {"select_topk": 1.0}, {"int8_mask"}),
 }
+# rules whose mergekit `normalize: true/false` is our "weights"/"none" (TIES' disjoint merge)
+DISJOINT = {"ties", "dare_ties", "breadcrumbs_ties", "della"}
+# rules that take mergekit's `rescale` (the others refuse rescale: true)
+RESCALABLE = {"dare_ties", "dare_linear", "breadcrumbs", "breadcrumbs_ties", "della", "della_linear"}
 TOP_KEYS = {"models", "slices", "merge_method", "base_model", "parameters", "dtype", "out_dtype", "tokenizer_source",
             "tokenizer", "chat_template", "name"}
-PER_INPUT = {"weight", "density"}
+PER_INPUT = {"weight", "density", "gamma", "epsilon"}
 
 
 def _normalize(rule: str, value: Any) -> Any:
     """mergekit's boolean `normalize` as our rule's value."""
-    if rule in ("ties", "dare_ties") and isinstance(value, bool):
+    if rule in DISJOINT and isinstance(value, bool):
         return "weights" if value else "none"
     return value
 
@@ -41,7 +56,7 @@ def _translate(rule: str, params: dict, drop: set[str], where: str) -> dict:
     for key, value in (params or {}).items():
         if key in drop:
             continue
-        if key == "rescale" and rule.startswith("dare"):
+        if key == "rescale" and rule in RESCALABLE:
             out["rescale"] = value
         elif key == "rescale":
             if value:
