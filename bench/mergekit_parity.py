@@ -117,6 +117,25 @@ def cases(m: dict[str, Path]) -> dict[str, dict]:
                              "parameters: {gamma: 0.03, lambda: 0.9}"])
     add("sce", ["merge_method: sce", f"base_model: {m['base']}",
                 *_models(m, [("ft0", None), ("ft1", None), ("ft2", None)]), "parameters: {select_topk: 0.4}"])
+    add("nuslerp", ["merge_method: nuslerp", f"base_model: {m['base']}",
+                    *_models(m, [("ft0", {"weight": 0.3}), ("ft1", {"weight": 0.5})])],
+        note="with a base: slerp of the task vectors, flattened (mergekit's default)")
+    add("nuslerp_rows_no_base", ["merge_method: nuslerp",
+                                 *_models(m, [("ft0", {"weight": [0.2, 0.8]}), ("ft1", {"weight": 0.6})]),
+                                 "parameters: {nuslerp_flatten: false}"],
+        note="no base: slerp of the weights, row by row; weight as a per-layer gradient")
+    add("nuslerp_columns", ["merge_method: nuslerp", f"base_model: {m['base']}",
+                            *_models(m, [("ft0", {"weight": 0.7}), ("ft2", {"weight": 0.4})]),
+                            "parameters: {nuslerp_flatten: false, nuslerp_row_wise: true}"])
+    add("multislerp", ["merge_method: multislerp", f"base_model: {m['base']}",
+                       *_models(m, [("ft0", {"weight": 0.5}), ("ft1", {"weight": 0.3}), ("ft2", {"weight": 0.9})])])
+    add("multislerp_no_base", ["merge_method: multislerp",
+                               *_models(m, [("ft0", {"weight": 1.0}), ("ft1", {"weight": 2.0})]),
+                               "parameters: {normalize_weights: false}"])
+    add("karcher", ["merge_method: karcher", f"base_model: {m['base']}",
+                    *_models(m, [("ft0", None), ("ft1", None), ("ft2", None)]),
+                    "parameters: {max_iter: 20, tol: 1.0e-6}"], note="base_model is one more input, as in mergekit")
+    add("arcee_fusion", ["merge_method: arcee_fusion", f"base_model: {m['base']}", *_models(m, [("ft1", None)])])
     for name in ("della", "della_linear"):
         lines = ["merge_method: " + name, f"base_model: {m['base']}",
                  *_models(m, [("ft0", {"weight": 0.6, "density": 0.6, "epsilon": 0.1}),

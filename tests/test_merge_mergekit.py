@@ -1,4 +1,5 @@
-"""mergekit's merge methods (slerp, nearswap, model_stock, breadcrumbs, breadcrumbs_ties, della, della_linear, sce).
+"""mergekit's merge methods: slerp, nearswap, model_stock, breadcrumbs, breadcrumbs_ties, della, della_linear, sce,
+nuslerp, multislerp, karcher, arcee_fusion.
 
 The main venv cannot import mergekit, so each reference below is mergekit 0.1.5's code transcribed (named by file
 and function, stacked as mergekit stacks); bench/mergekit_parity.py runs mergekit itself on the same YAML.
@@ -160,6 +161,102 @@ def mk_sce(base, tensors, select_topk=1.0):
     return base + (tvs * erased).sum(dim=0) / erased.sum(dim=0).clamp(min=1e-6)
 
 
+def mk_nuslerp(t, v0, v1, dim=-1, eps=1e-8, flatten=False):
+    """merge_methods/nuslerp.py: nuslerp."""
+    out_shape = v0.shape
+
+    def _normalize(x, eps=1e-7):
+        return x / torch.norm(x, dim=-1, keepdim=True).clamp(min=eps)
+
+    if flatten:
+        v0, v1 = v0.reshape(-1), v1.reshape(-1)
+    elif dim != -1:
+        v0, v1 = v0.transpose(dim, -1), v1.transpose(dim, -1)
+    cos_theta = torch.sum(_normalize(v0) * _normalize(v1), dim=-1, keepdim=True).clamp(-1, 1)
+    colinear = (1 - cos_theta.square()) <= eps ** 2
+    theta = torch.acos(torch.where(colinear, 0, cos_theta))
+    result = (torch.sin((1 - t) * theta) * v0 + torch.sin(t * theta) * v1) / torch.sin(theta)
+    result = torch.where(colinear, (1 - t) * v0 + t * v1, result)
+    if dim != -1 and not flatten:
+        result = result.transpose(dim, -1)
+    return result.reshape(out_shape)
+
+
+def mk_nuslerp_merge(base, tensors, weights, row_wise=False, flatten=True):
+    """merge_methods/nuslerp.py: nuslerp_merge_method."""
+    total = sum(weights)
+    t = 0.5 if abs(total) < 1e-6 else weights[1] / total
+    dim = 0 if row_wise else -1
+    if base is None:
+        return mk_nuslerp(t, tensors[0], tensors[1], dim=dim, flatten=flatten)
+    return base + mk_nuslerp(t, tensors[0] - base, tensors[1] - base, dim=dim, flatten=flatten)
+
+
+def mk_multislerp(base, tensors, weight, normalize_weights=True, eps=1e-8):
+    """merge_methods/multislerp.py: multislerp."""
+    if len(tensors) == 1:
+        return tensors[0]
+    tensors = torch.stack(tensors, dim=0)
+    if base is not None:
+        tensors = tensors - base
+    flat = tensors.view(tensors.shape[0], -1)
+    weights = torch.tensor(weight)
+    if normalize_weights:
+        weights = weights / weights.sum()
+    norms = torch.norm(flat, dim=-1, keepdim=True)
+    units = flat / (norms + eps)
+    mean = (units * weights.view(-1, 1)).sum(0)
+    mean = mean / torch.norm(mean)
+    dots = (units * mean).sum(-1, keepdim=True)
+    tangent = ((units - dots * mean) * weights.view(-1, 1)).sum(0)
+    tangent_norm = torch.norm(tangent) + eps
+    result = mean * torch.cos(tangent_norm) + tangent * (torch.sin(tangent_norm) / tangent_norm)
+    result = (result * (norms.squeeze(-1) * weights).sum()).view(tensors.shape[1:])
+    return result if base is None else result + base
+
+
+def mk_karcher(tensors, alphas, max_iter=10, tol=1e-5):
+    """merge_methods/karcher.py: karcher_merge_tensors."""
+    norms = [torch.linalg.vector_norm(t) for t in tensors]
+    units = [torch.zeros_like(t) if n.item() == 0 else t / n for t, n in zip(tensors, norms)]
+    valid = [i for i, n in enumerate(norms) if n.item() > tol]
+    alpha_sum = sum(alphas[i] for i in valid)
+    va, vu = [alphas[i] / alpha_sum for i in valid], [units[i] for i in valid]
+    mean = torch.zeros_like(vu[0])
+    for a, u in zip(va, vu):
+        mean += a * u
+    mean_norm = torch.linalg.vector_norm(mean)
+    mean = vu[0].clone() if mean_norm.item() < tol else mean / mean_norm
+    for _ in range(max_iter):
+        tangent = torch.zeros_like(mean)
+        for a, u in zip(va, vu):
+            dot = torch.clamp(torch.dot(mean.flatten(), u.flatten()), -1.0, 1.0)
+            theta = torch.arccos(dot)
+            if theta.item() < tol:
+                continue
+            tangent += a * (theta / torch.sin(theta)) * (u - dot * mean)
+        tangent_norm = torch.linalg.vector_norm(tangent)
+        if tangent_norm.item() < tol:
+            break
+        mean = torch.cos(tangent_norm) * mean + torch.sin(tangent_norm) * (tangent / tangent_norm)
+        unit_norm = torch.linalg.vector_norm(mean)
+        if unit_norm.item() > tol:
+            mean = mean / unit_norm
+    return sum(a * n for a, n in zip(alphas, norms)) * mean
+
+
+def mk_arcee_fusion(base, other):
+    """merge_methods/arcee_fusion.py: _compute_importance, DynamicThresholdFusion, arcee_fusion_merge_method
+    (tensors of at most 1M entries: exact quartiles)."""
+    p = torch.softmax(other, dim=-1) + 1e-8
+    q = torch.softmax(base, dim=-1) + 1e-8
+    scores = (other - base).abs() * torch.sum(p * torch.log(p / q), dim=-1, keepdim=True)
+    s = torch.sort(scores.reshape(-1)).values
+    q1, median, q3 = s[(torch.tensor([0.25, 0.5, 0.75]) * (s.numel() - 1)).long()]
+    mask = (scores >= median + 1.5 * (q3 - q1)).float()
+    return base + (other - base) * mask
+
+
 def fixed_bernoulli(p, *args, **kwargs):
     """Deterministic stand-in for torch.bernoulli: keep where p exceeds a fixed sequence over the positions."""
     u = torch.frac(torch.arange(1, p.numel() + 1, dtype=torch.float64) * 0.6180339887498949)
@@ -275,9 +372,72 @@ def test_sce_hand_values_and_mergekit_formula():
             assert_close(rule("sce", tvs, select_topk=k), mk_sce(torch.zeros(shape), tvs, k), rtol=1e-5, atol=1e-6)
 
 
+def test_nuslerp_hand_values_and_mergekit_formula():
+    # weights 1 and 3: t = 0.75 of the way from [1, 0] to [0, 1]
+    got = rule("nuslerp", [torch.tensor([1.0, 0.0]), torch.tensor([0.0, 1.0])], [1.0, 3.0])
+    assert_close(got, torch.tensor([math.sin(math.pi / 8), math.sin(3 * math.pi / 8)]))
+    a, b = torch.tensor([[1.0, 0.0], [2.0, 0.0]]), torch.tensor([[0.0, 1.0], [4.0, 0.0]])
+    rows = rule("nuslerp", [a, b], [1.0, 1.0], nuslerp_flatten=False)  # row 2 is colinear: linear
+    assert_close(rows, torch.tensor([[math.sqrt(0.5), math.sqrt(0.5)], [3.0, 0.0]]))
+    for shape in [(37,), (16, 12), (4, 6, 5)]:
+        base, x, y = rand(*shape)
+        for fl, rw in [(True, False), (False, False), (False, True)]:
+            for b in (base, None):
+                got = rule("nuslerp", [x - b if b is not None else x, y - b if b is not None else y], [0.3, 0.5],
+                           nuslerp_flatten=fl, nuslerp_row_wise=rw)
+                got = got + b if b is not None else got
+                assert_close(got, mk_nuslerp_merge(b, [x, y], [0.3, 0.5], rw, fl), rtol=1e-5, atol=1e-6)
+    assert_close(rule("nuslerp", [x, y], [0.5, -0.5]), mk_nuslerp(0.5, x, y, flatten=True))  # weights sum to 0: t = 0.5
+
+
+def test_multislerp_hand_values_and_mergekit_formula():
+    # equal weights on orthogonal unit vectors: the mean direction, at the mean norm
+    got = rule("multislerp", [torch.tensor([1.0, 0.0]), torch.tensor([0.0, 1.0])], [1.0, 1.0])
+    assert_close(got, torch.tensor([math.sqrt(0.5), math.sqrt(0.5)]))
+    for shape in [(37,), (16, 12)]:
+        base, *xs = rand(*shape, n=4)
+        w = [0.5, 0.3, 0.9]
+        for norm in (True, False):
+            got = base + rule("multislerp", [x - base for x in xs], w, normalize_weights=norm)
+            assert_close(got, mk_multislerp(base, xs, w, norm), rtol=1e-5, atol=1e-5)
+            assert_close(rule("multislerp", xs, w, normalize_weights=norm), mk_multislerp(None, xs, w, norm),
+                         rtol=1e-5, atol=1e-5)
+    # antipodal inputs with balancing weights: two fall back to the weighted sum, three are an error
+    x = torch.tensor([1.0, 2.0])
+    assert_close(rule("multislerp", [x, -x], [1.0, 1.0]), torch.zeros(2))
+    with pytest.raises(Exception, match="directions is zero"):
+        rule("multislerp", [x, -x, x, -x], [1.0] * 4)
+
+
+def test_karcher_hand_values_and_mergekit_formula():
+    # two orthogonal vectors of norms 1 and 3: the geodesic midpoint, at the mean norm 2
+    got = rule("karcher", [torch.tensor([1.0, 0.0]), torch.tensor([0.0, 3.0])], [5.0, 1.0])  # weights ignored
+    assert_close(got, torch.tensor([2 * math.sqrt(0.5), 2 * math.sqrt(0.5)]), rtol=1e-4, atol=1e-4)
+    for shape in [(37,), (16, 12)]:
+        xs = rand(*shape, n=4)
+        for it, tol in [(10, 1e-5), (3, 1e-6)]:
+            assert_close(rule("karcher", xs, max_iter=it, tol=tol), mk_karcher(xs, [0.25] * 4, it, tol),
+                         rtol=1e-5, atol=1e-6)
+
+
+def test_arcee_fusion_hand_values_and_mergekit_formula():
+    # one row: KL is one number, so importance ranks |other - base|; only the outlier passes the fence
+    base, other = torch.zeros(9), torch.tensor([0.1, 0.12, 0.14, 0.16, 0.18, 0.2, 0.22, 0.24, 5.0])
+    assert_close(rule("arcee_fusion", [base, other]), torch.tensor([0.0] * 8 + [5.0]))
+    for shape in [(37,), (16, 12), (4, 6, 5)]:
+        b, o, _ = rand(*shape)
+        o = b + 0.05 * o
+        got = rule("arcee_fusion", [b, o])
+        want = mk_arcee_fusion(b, o)
+        assert_close(got, want)
+        assert 0 < int((got == o).sum()) < o.numel() // 2  # some entries swapped, most kept
+
+
 def test_rules_on_tensors_larger_than_a_block():
     big = rand(300, 1000, seed=5)
     assert_close(rule("slerp", big[:2], t=0.3), mk_slerp(0.3, *big[:2]), rtol=1e-5, atol=1e-6)
+    assert_close(rule("multislerp", big, [0.2, 0.5, 0.3]), mk_multislerp(None, big, [0.2, 0.5, 0.3]),
+                 rtol=1e-5, atol=1e-6)
     assert_close(rule("sce", big, select_topk=0.3), mk_sce(torch.zeros(300, 1000), big, 0.3), rtol=1e-5, atol=1e-6)
 
 
@@ -330,6 +490,10 @@ def test_slerp_yaml_reads_as_our_recipe(models, tmp_path):
     ("della_linear", {"lambda": 0.9}, [{"weight": 1, "density": 0.4}, {"weight": 1}],
      {"normalize": False, "rescale": True, "scale": 0.9}, [{"density": 0.4}, {}]),
     ("sce", {"select_topk": 0.3, "int8_mask": True}, [{}, {}], {"select_topk": 0.3}, [{}, {}]),
+    ("nuslerp", {"nuslerp_row_wise": True}, [{"weight": 0.3}, {"weight": 0.6}], {"nuslerp_row_wise": True},
+     [{}, {}]),
+    ("multislerp", {"eps": 1e-6}, [{"weight": 1}, {"weight": 2}], {"eps": 1e-6}, [{}, {}]),
+    ("arcee_fusion", {}, [{}], {}, [{}]),
 ])
 def test_mergekit_yaml_reads_with_mergekit_defaults(method, params, model_params, want, want_inputs):
     models = [{"model": "b"}] + [{"model": f"m{i}", "parameters": p} for i, p in enumerate(model_params)]
@@ -339,9 +503,20 @@ def test_mergekit_yaml_reads_with_mergekit_defaults(method, params, model_params
     defaults = {"model_stock": {"filter_wise": False}, "breadcrumbs": {"normalize": False, "rescale": False},
                 "breadcrumbs_ties": {"normalize": "none", "rescale": False},
                 "della": {"normalize": "weights", "rescale": True},
-                "della_linear": {"normalize": False, "rescale": True}, "sce": {"select_topk": 1.0}}.get(method, {})
+                "della_linear": {"normalize": False, "rescale": True}, "sce": {"select_topk": 1.0},
+                "nuslerp": {"nuslerp_flatten": True, "nuslerp_row_wise": False},
+                "multislerp": {"normalize_weights": True}}.get(method, {})
     assert r.parameters == {**defaults, **want}
     assert [i.parameters for i in r.inputs] == want_inputs
+
+
+def test_karcher_takes_base_model_as_an_input_and_optional_bases_stay_optional():
+    models = [{"model": "m0"}, {"model": "m1"}]
+    r = parse_recipe({"merge_method": "karcher", "base_model": "b", "models": models})
+    assert r.base is None and [str(i.path) for i in r.inputs] == ["m0", "m1", "b"]
+    assert r.parameters == {"max_iter": 10, "tol": 1e-5}
+    for method in ("nuslerp", "multislerp"):
+        assert parse_recipe({"merge_method": method, "models": models}).base is None
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -375,6 +550,14 @@ def reference(method, base, fts, p):
         return mk_model_stock(base, fts)
     if method == "sce":
         return mk_sce(base, fts, p["select_topk"])
+    if method == "nuslerp":
+        return mk_nuslerp_merge(base, fts, [0.6, 0.5], flatten=False)
+    if method == "multislerp":
+        return mk_multislerp(None, fts, [0.6, 0.5, 0.3])
+    if method == "karcher":
+        return mk_karcher(fts + [base], [0.25] * 4)
+    if method == "arcee_fusion":
+        return mk_arcee_fusion(base, fts[0])
     w, d = [0.6, 0.5, 0.3], [0.6, 0.4, 0.7]
     if method.startswith("breadcrumbs"):
         return mk_gta(base, fts, w, lambda i, x: mk_magnitude_outliers(x, d[i], 0.05), method.endswith("ties"),
@@ -387,15 +570,22 @@ def reference(method, base, fts, p):
     ("nearswap", {"t": 0.02}), ("model_stock", {}), ("sce", {"select_topk": 0.5}),
     ("breadcrumbs", {"gamma": 0.05, "lambda": 1.2}), ("breadcrumbs_ties", {"gamma": 0.05, "lambda": 1.2}),
     ("della", {"epsilon": 0.2, "lambda": 1.2}), ("della_linear", {"epsilon": 0.2, "lambda": 1.2}),
+    ("nuslerp", {"nuslerp_flatten": False}), ("multislerp", {}), ("karcher", {}), ("arcee_fusion", {}),
 ])
 def test_mergekit_yaml_end_to_end(models, tmp_path, monkeypatch, method, params):
     monkeypatch.setattr(torch, "bernoulli", fixed_bernoulli)  # della: the same draws as the reference
-    n = 1 if method == "nearswap" else 3
-    per = [{"weight": w, "density": d} for w, d in zip([0.6, 0.5, 0.3], [0.6, 0.4, 0.7])]
-    entries = [{"model": str(models[f"ft{i}"]), **({"parameters": per[i]} if method not in
-               ("nearswap", "model_stock", "sce") else {})} for i in range(n)]
+    n = {"nearswap": 1, "arcee_fusion": 1, "nuslerp": 2}.get(method, 3)
+    if method in ("nearswap", "model_stock", "sce", "karcher", "arcee_fusion"):
+        per = [{}] * 3
+    elif method in ("nuslerp", "multislerp"):
+        per = [{"weight": w} for w in [0.6, 0.5, 0.3]]
+    else:
+        per = [{"weight": w, "density": d} for w, d in zip([0.6, 0.5, 0.3], [0.6, 0.4, 0.7])]
+    entries = [{"model": str(models[f"ft{i}"]), **({"parameters": per[i]} if per[i] else {})} for i in range(n)]
     data = {"merge_method": method, "base_model": str(models["base"]), "models": entries, "parameters": params,
             "dtype": "float32"}
+    if method == "multislerp":
+        del data["base_model"]  # the no-base form: the weights themselves
     (tmp_path / "mk.yml").write_text(yaml.safe_dump(data))
     run_merge(load_recipe(tmp_path / "mk.yml"), tmp_path / "out", progress=False)
     out, base = Checkpoint(tmp_path / "out"), Checkpoint(models["base"])
@@ -435,6 +625,8 @@ def slerp_data(models, **kw):
     (lambda d, m: d.update(merge_method="della", parameters={"density": 0.1, "epsilon": 0.15}),
      "parameters.epsilon"),
     (lambda d, m: d.update(merge_method="nearswap", parameters={"t": -1}), "parameters.t"),
+    (lambda d, m: d.update(merge_method="nuslerp", parameters={}), "exactly 2 input"),
+    (lambda d, m: d.update(merge_method="arcee_fusion", parameters={}, base_model=None), "needs a base model"),
 ])
 def test_bad_mergekit_yaml_is_one_line(models, tmp_path, change, mentions):
     data = slerp_data(models)
@@ -445,3 +637,13 @@ def test_bad_mergekit_yaml_is_one_line(models, tmp_path, change, mentions):
 def test_slerp_refuses_lora_adapters(models, adapters, tmp_path):
     fails(tmp_path, {"method": "slerp", "base": str(models["base"]), "inputs": [{"path": str(adapters["lora0"])}],
                      "parameters": {"t": 0.5}}, "not LoRA adapters")
+
+
+def test_gradient_positions_follow_mergekit():
+    from malleable.merge.params import _gradient
+
+    # mergekit plan.py: layer i of n sits at t = i / (n - 1), a one-layer model at t = 1; evaluate_setting then
+    # interpolates linearly between the list's neighbouring values
+    assert _gradient([0.0, 0.5, 0.3, 0.7, 1.0], 1, 4) == pytest.approx(0.5 + (0.3 - 0.5) * (1 / 3 * 4 - 1))
+    assert _gradient([0.0, 0.5, 0.3, 0.7, 1.0], 2, 4) == pytest.approx(0.3 + (0.7 - 0.3) * (2 / 3 * 4 - 2))
+    assert _gradient([0.2, 0.9], 0, 1) == 0.9 and _gradient([0.2, 0.9], None, 4) == 0.2

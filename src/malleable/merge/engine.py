@@ -135,7 +135,7 @@ def plan_merge(recipe: MergeRecipe) -> MergePlan:
 def _plan_models(recipe: MergeRecipe, rule: Rule, params, base: Checkpoint | None) -> MergePlan:
     if rule.space == "lora":
         raise RecipeError(f"method: '{rule.name}' merges LoRA adapters, but the inputs are full checkpoints")
-    if rule.uses_base and base is None:
+    if rule.uses_base in (True, "raw") and base is None:
         what = "interpolates from the base model" if rule.uses_base == "raw" else "works on task vectors"
         raise RecipeError(f"base: method '{rule.name}' {what} and needs a base model")
     if recipe.output.kind == "adapter":
@@ -388,14 +388,15 @@ def _merge_floats(plan: MergePlan, name: str, buffers: _Buffers, stats: _Stats) 
     if base is not None:
         _check_finite(base, name, plan.base.path, allow)
     raw_base = plan.rule.uses_base == "raw"  # the rule gets the base's raw weight first, then the inputs'
+    task_vectors = plan.rule.uses_base is True or (plan.rule.uses_base == "optional" and base is not None)
     tensors = [base] if raw_base else []
     for i, m in enumerate(plan.models):
         t = buffers.read_float(m, name, f"input{i}")
         _check_finite(t, name, m.path, allow)
-        tensors.append(t.sub_(base) if plan.rule.uses_base is True else t)  # task vectors in place
+        tensors.append(t.sub_(base) if task_vectors else t)  # task vectors in place
     merged = _merge_dense(plan, name, tensors)
     del tensors
-    if plan.rule.uses_base is not True:
+    if not task_vectors:
         stats.add(name, merged - base if base is not None else None)
         return merged
     stats.add(name, merged)

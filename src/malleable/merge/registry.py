@@ -5,9 +5,12 @@ Two kinds of rule:
 * ``space="full"``: ``fn(tensors, weights, generator, **params) -> Tensor``. ``tensors`` are the inputs'
   task vectors (fine-tuned minus base; for LoRA inputs, the dense deltas) when ``uses_base`` is true, or the
   inputs' raw weights when it is false (linear), or, when it is ``"raw"``, the base's raw weight first and
-  then the inputs' raw weights (rules that interpolate between the base and another model: slerp, nearswap).
-  The result is a merged task vector (added to the base by the engine) or, for ``uses_base=False`` and
-  ``"raw"``, the merged weight itself. A ``"raw"`` rule needs a base and full checkpoints (not LoRAs).
+  then the inputs' raw weights (rules that interpolate between the base and another model: slerp, nearswap),
+  or, when it is ``"optional"``, task vectors if the recipe gives a base and raw weights if it does not
+  (mergekit's nuslerp and multislerp, whose base is optional).
+  The result is a merged task vector (added to the base by the engine) or, for ``uses_base=False``,
+  ``"raw"``, and ``"optional"`` without a base, the merged weight itself. A ``"raw"`` rule needs a base and
+  full checkpoints (not LoRAs).
   All tensors arrive as contiguous float32, in scratch buffers the engine reuses: a rule may overwrite its
   inputs (and return one of them) instead of allocating, which is what keeps large tensors cheap; a
   ``"raw"`` rule may overwrite the inputs but not the base (tensors[0]), which the engine still reads for
@@ -38,7 +41,8 @@ class Rule:
     fn: Callable[..., Any]
     space: str
     params: dict[str, Param]
-    uses_base: bool | str  # True: task vectors; False: raw weights; "raw": base's raw weight, then the inputs'
+    uses_base: bool | str  # True: task vectors; False: raw weights; "raw": base's raw weight, then the inputs';
+    # "optional": task vectors with a base, raw weights without one
     random: bool
     doc: str
     inner: bool = field(default=False)  # LoRA rule that applies a full-space rule to its coordinates
@@ -55,8 +59,8 @@ def merge_rule(name: str, *, space: str = "full", params: dict[str, Param] | Non
     number of inputs besides the base (min, max; None: no maximum); the engine checks it before any work."""
 
     def register(fn: Callable) -> Callable:
-        if uses_base not in (True, False, "raw"):
-            raise ValueError(f"merge rule '{name}': uses_base must be True, False or 'raw'")
+        if uses_base not in (True, False, "raw", "optional"):
+            raise ValueError(f"merge rule '{name}': uses_base must be True, False, 'raw' or 'optional'")
         if name in RULES:
             raise ValueError(f"merge rule '{name}' registered twice")
         ps = dict(params or {})

@@ -34,7 +34,13 @@ METHODS: dict[str, tuple[str, dict[str, Any], set[str]]] = {
     "della": ("della", {"normalize": "weights", "rescale": True}, {"int8_mask"}),
     "della_linear": ("della_linear", {"normalize": False, "rescale": True}, {"int8_mask"}),
     "sce": ("sce", {"select_topk": 1.0}, {"int8_mask"}),
+    "nuslerp": ("nuslerp", {"nuslerp_flatten": True, "nuslerp_row_wise": False}, set()),
+    "multislerp": ("multislerp", {"normalize_weights": True}, set()),
+    "karcher": ("karcher", {"max_iter": 10, "tol": 1e-5}, set()),
+    "arcee_fusion": ("arcee_fusion", {}, set()),
 }
+# rules with no base: mergekit's base_model is one more input
+BASE_AS_INPUT = {"linear", "karcher"}
 # rules whose mergekit `normalize: true/false` is our "weights"/"none" (TIES' disjoint merge)
 DISJOINT = {"ties", "dare_ties", "breadcrumbs_ties", "della"}
 # rules that take mergekit's `rescale` (the others refuse rescale: true)
@@ -133,12 +139,12 @@ def from_mergekit(data: dict, source: str) -> dict:
     shared_weight = top.pop("weight", None)
     inputs = []
     entries = list(data.get("models") or [])
-    if base is not None and rule == "linear" and all(e.get("model") != base for e in entries):
-        entries.append({"model": base})  # mergekit: linear treats base_model as one more input
+    if base is not None and rule in BASE_AS_INPUT and all(e.get("model") != base for e in entries):
+        entries.append({"model": base})  # mergekit: linear and karcher treat base_model as one more input
     for i, entry in enumerate(entries):
         if not isinstance(entry, dict) or "model" not in entry:
             raise RecipeError(f"{source}: models.{i}: expected a mapping with a `model:` key")
-        if rule != "linear" and entry["model"] == base:
+        if rule not in BASE_AS_INPUT and entry["model"] == base:
             continue  # mergekit: the base contributes no task vector
         per = _translate(rule, dict(entry.get("parameters") or {}), drop, f"models.{i}.parameters")
         extra = sorted(set(per) - PER_INPUT)
@@ -151,7 +157,7 @@ def from_mergekit(data: dict, source: str) -> dict:
         inputs.append(spec)
     out_dtype = data.get("out_dtype") or data.get("dtype")
     recipe: dict[str, Any] = {"method": rule, "inputs": inputs, "parameters": {**defaults, **top}}
-    if rule != "linear" and base is not None:
+    if rule not in BASE_AS_INPUT and base is not None:
         recipe["base"] = base
     if out_dtype:
         recipe["output"] = {"dtype": out_dtype}
