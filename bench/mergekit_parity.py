@@ -42,6 +42,7 @@ MERGEKIT_VENV = Path(os.environ.get("MERGEKIT_VENV", "/work/mergekit-venv"))
 TINY = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
             num_key_value_heads=2, vocab_size=128, max_position_embeddings=64, tie_word_embeddings=False)
 RTOL, ATOL = 1e-5, 1e-7
+BF16_RTOL = 2.0 ** -7  # one bfloat16 ulp, relative: both tools compute in float32 and round once
 
 # torch.bernoulli stand-in for the deterministic della comparison: the same in both tools, so the masks agree
 # wherever the keep probabilities agree. Injected with `python -c` before either tool imports its merge code.
@@ -53,20 +54,24 @@ PATCH = ("import torch\n"
 
 
 def build_models(root: Path) -> dict[str, Path]:
-    """A base and three fine-tunes (base + seeded noise of scale 0.02), as tests/conftest.py builds them."""
+    """A base and three fine-tunes (base + seeded noise of scale 0.02), as tests/conftest.py builds them, in
+    float32 (`base`, `ft0`..) and the same rounded to bfloat16 (`base_bf16`, `ft0_bf16`..)."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
     base = LlamaForCausalLM(LlamaConfig(**TINY)).eval()
-    out = {"base": root / "base"}
-    base.save_pretrained(out["base"])
-    for i in range(3):
-        g = torch.Generator().manual_seed(100 + i)
-        sd = {k: v + torch.randn(v.shape, generator=g) * 0.02 for k, v in base.state_dict().items()}
-        model = LlamaForCausalLM(LlamaConfig(**TINY)).eval()
-        model.load_state_dict(sd)
-        model.save_pretrained(root / f"ft{i}")
-        out[f"ft{i}"] = root / f"ft{i}"
+    out = {}
+    for i in range(-1, 3):
+        name = "base" if i < 0 else f"ft{i}"
+        model = base
+        if i >= 0:
+            g = torch.Generator().manual_seed(100 + i)
+            sd = {k: v + torch.randn(v.shape, generator=g) * 0.02 for k, v in base.state_dict().items()}
+            model = LlamaForCausalLM(LlamaConfig(**TINY)).eval()
+            model.load_state_dict(sd)
+        model.save_pretrained(root / name)
+        model.to(torch.bfloat16).save_pretrained(root / f"{name}_bf16")
+        out[name], out[f"{name}_bf16"] = root / name, root / f"{name}_bf16"
     return out
 
 
@@ -83,8 +88,9 @@ def cases(m: dict[str, Path]) -> dict[str, dict]:
     """name -> {yaml, random, note}. YAML is written by hand (JSON flow style for the parameters)."""
     c: dict[str, dict] = {}
 
-    def add(name, lines, random=False, note=""):
-        c[name] = {"yaml": "\n".join(lines + ["dtype: float32"]) + "\n", "random": random, "note": note}
+    def add(name, lines, random=False, note="", dtype="float32", rtol=RTOL):
+        c[name] = {"yaml": "\n".join(lines + [f"dtype: {dtype}"]) + "\n", "random": random, "note": note,
+                   "rtol": rtol}
 
     add("slerp", [
         "merge_method: slerp", f"base_model: {m['base']}",
@@ -96,6 +102,12 @@ def cases(m: dict[str, Path]) -> dict[str, dict]:
         "    - filter: mlp", "      value: [1, 0.5, 0.7, 0.3, 0]",
         "    - value: 0.35",
     ], note="slices form, t as per-filter per-layer gradients with a default")
+    add("slerp_bf16", [
+        "merge_method: slerp", f"base_model: {m['base_bf16']}",
+        *_models(m, [("base_bf16", None), ("ft0_bf16", None)]),
+        "parameters:", "  t:", "    - filter: mlp", "      value: [0.1, 0.9]", "    - value: [0.7, 0.3, 0.5]",
+    ], dtype="bfloat16", rtol=BF16_RTOL,
+        note="bfloat16 checkpoints and dtype (the usual published form); pass: within one bfloat16 ulp")
     add("slerp_scalar", ["merge_method: slerp", f"base_model: {m['base']}",
                          *_models(m, [("base", None), ("ft1", None)]), "parameters: {t: 0.8}"])
     add("nearswap", ["merge_method: nearswap", f"base_model: {m['base']}",
@@ -173,9 +185,9 @@ def read_all(d: Path) -> dict[str, torch.Tensor]:
     return out
 
 
-def compare(mk: dict, ours: dict) -> dict:
+def compare(mk: dict, ours: dict, rtol: float = RTOL) -> dict:
     res = {"only_in_mergekit": sorted(set(mk) - set(ours)), "only_in_malleable": sorted(set(ours) - set(mk))}
-    max_abs, worst, n_bad, n_total = 0.0, None, 0, 0
+    max_abs, worst, n_bad, n_total, n_diff = 0.0, None, 0, 0, 0
     for n in sorted(set(mk) & set(ours)):
         a, b = mk[n].float(), ours[n].float()
         if a.shape != b.shape:
@@ -185,10 +197,11 @@ def compare(mk: dict, ours: dict) -> dict:
         m = float(d.max()) if d.numel() else 0.0
         if m > max_abs or worst is None:
             max_abs, worst = max(m, max_abs), n
-        n_bad += int((d > RTOL * a.abs() + ATOL).sum())
+        n_bad += int((d > rtol * a.abs() + ATOL).sum())
+        n_diff += int((d > 0).sum())
         n_total += d.numel()
     res.update({"max_abs_diff": max_abs, "worst_tensor": worst, "elements_outside_tolerance": n_bad,
-                "elements_total": n_total})
+                "elements_total": n_total, "elements_differing": n_diff, "rtol": rtol})
     res["pass"] = (n_bad == 0 and not res["only_in_mergekit"] and not res["only_in_malleable"]
                    and "shape_mismatch" not in res)
     return res
@@ -232,7 +245,7 @@ def main(argv=None) -> int:
                                           "relative_difference": abs(mk - ours) / mk, "pass": abs(mk - ours) / mk < 0.05}
                 else:
                     row["deterministic" if not case["random"] else "fixed_draws"] = compare(
-                        outs["mergekit"], outs["malleable"])
+                        outs["mergekit"], outs["malleable"], case["rtol"])
             parts = [v for k, v in row.items() if k in ("deterministic", "fixed_draws", "statistical")]
             row["pass"] = all(p["pass"] for p in parts)
             results[name] = row
@@ -243,7 +256,8 @@ def main(argv=None) -> int:
     data = {"benchmark": "mergekit_parity", "tolerance": {"rtol": RTOL, "atol": ATOL},
             "machine": machine({"mergekit": _version("mergekit", str(MERGEKIT_VENV / "bin" / "python")),
                                 "torch (mergekit venv)": _version("torch", str(MERGEKIT_VENV / "bin" / "python"))}),
-            "models": {"config": TINY, "dtype": "float32", "fine-tunes": "base + N(0, 0.02^2) noise, seeds 100-102"},
+            "models": {"config": TINY, "dtype": "float32 (and bfloat16 copies for *_bf16 cases)",
+                       "fine-tunes": "base + N(0, 0.02^2) noise, seeds 100-102"},
             "results": results}
     name = "mergekit_parity" if not only else "mergekit_parity_partial"
     write_results(name, data, markdown(data))
@@ -257,25 +271,29 @@ def markdown(data: dict) -> str:
              f"Machine: {mach['cpu']}, {mach['cores']} cores; torch {v.get('torch')} (malleable), "
              f"{v.get('torch (mergekit venv)')} (mergekit); mergekit {v.get('mergekit')}; malleable git "
              f"{mach.get('malleable_git')}; {mach['date']}.", "",
-             "Tiny random Llama (4 layers, hidden 64, float32), a base and three fine-tunes (base + N(0, 0.02^2)). "
+             "Tiny random Llama (4 layers, hidden 64, float32, and the same rounded to bfloat16), a base and three "
+             "fine-tunes (base + N(0, 0.02^2)). "
              "Both tools run the same mergekit YAML as subprocesses; every output tensor is compared in float32. "
              f"Pass: every element within {data['tolerance']['rtol']:g} relative "
-             f"(|a - b| <= {data['tolerance']['rtol']:g} |a| + {data['tolerance']['atol']:g}).", "",
+             f"(|a - b| <= {data['tolerance']['rtol']:g} |a| + {data['tolerance']['atol']:g}); bfloat16 cases (bfloat16 "
+             "checkpoints, `dtype: bfloat16`): within one bfloat16 ulp (2^-7 relative).", "",
              "Random methods (della, della_linear): `fixed draws` replaces torch.bernoulli in both tools by the same "
              "deterministic stand-in (a fixed low-discrepancy threshold per position), so everything but the random "
              "draws is compared element by element; `own RNGs` runs both tools unpatched and compares the mean "
              "|merged - base| over all tensors (pass: within 5%).", "",
-             "| case | compared | max abs diff | elements outside tolerance | result |", "|---|---|---|---|---|"]
+             "| case | compared | max abs diff | elements differing at all | elements outside tolerance | result |",
+             "|---|---|---|---|---|---|"]
     for name, r in data["results"].items():
         for kind, label in (("deterministic", "every tensor"), ("fixed_draws", "every tensor, fixed draws")):
             if kind in r:
                 c = r[kind]
-                lines.append(f"| {name} | {label} | {c['max_abs_diff']:.3g} | {c['elements_outside_tolerance']} of "
-                             f"{c['elements_total']} | {'pass' if c['pass'] else 'FAIL'} |")
+                lines.append(f"| {name} | {label} | {c['max_abs_diff']:.3g} | {c['elements_differing']} | "
+                             f"{c['elements_outside_tolerance']} of {c['elements_total']} | "
+                             f"{'pass' if c['pass'] else 'FAIL'} |")
         if "statistical" in r:
             s = r["statistical"]
             lines.append(f"| {name} | own RNGs: mean abs delta {s['mean_abs_delta_mergekit']:.4g} (mergekit) vs "
-                         f"{s['mean_abs_delta_malleable']:.4g} | relative {s['relative_difference']:.3g} | - | "
+                         f"{s['mean_abs_delta_malleable']:.4g} | relative {s['relative_difference']:.3g} | - | - | "
                          f"{'pass' if s['pass'] else 'FAIL'} |")
     lines += ["", "Recipes: see `results.<case>.yaml` in mergekit_parity.json."]
     return "\n".join(lines)
