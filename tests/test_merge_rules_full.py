@@ -223,7 +223,10 @@ def test_every_full_rule_keeps_the_shape(shape):
     assert {"ties", "dare_linear", "dare_ties", "magnitude_prune", "tsv", "iso_c"} <= set(names)
     tvs = task_vectors(shape)
     for name in names:
-        out = merge(name, tvs, WEIGHTS[0])
+        rule = RULES[name]
+        n = min(3, rule.inputs[1] or 3) + (rule.uses_base == "raw")  # raw rules take the base first
+        required = {k: 0.5 for k, p in rule.params.items() if p.required}
+        out = merge(name, tvs[:n], WEIGHTS[0][:n], **required)
         assert out.shape == torch.Size(shape) and out.dtype == torch.float32, name
 
 

@@ -76,7 +76,7 @@ def test_mergekit_dare_ties_defaults(models):
 
 
 @pytest.mark.parametrize("data, key", [
-    ({"merge_method": "slerp", "base_model": "b", "models": []}, "slerp"),
+    ({"merge_method": "passthrough", "base_model": "b", "models": []}, "passthrough"),
     ({"merge_method": "ties", "slices": []}, "slices"),
     ({"merge_method": "ties", "slices": [{"sources": [], "base": "b"}]}, "slices.0.base"),
     ({"merge_method": "ties", "modles": []}, "modles"),

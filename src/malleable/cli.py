@@ -270,7 +270,8 @@ def _describe(title: str, doc: str, params: dict) -> None:
     for key, p in params.items():
         extra = f" one of {list(p.choices)}" if p.choices else ""
         per = " (per input)" if p.per_input else ""
-        typer.echo(f"    {key} = {p.default!r}{per}{extra}: {p.doc}")
+        value = "(required)" if p.required else f"= {p.default!r}"
+        typer.echo(f"    {key} {value}{per}{extra}: {p.doc}")
 
 
 bench_app = typer.Typer(no_args_is_help=True, help="Reproducible benchmarks on real models and data.")

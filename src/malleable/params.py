@@ -26,6 +26,7 @@ class Param:
     choices: tuple[Any, ...] | None = None
     per_input: bool = False
     many: bool = False  # a name parameter that may also be a list of names
+    required: bool = False  # no default: a recipe must set it (mergekit's slerp `t`)
 
     def check(self, key: str, value: Any) -> Any:
         """Return `value` coerced to this parameter's type, or raise a RecipeError naming `key`. Numbers must be
@@ -66,4 +67,7 @@ def check_params(declared: dict[str, Param], given: dict[str, Any], prefix: str 
     unknown = sorted(set(given) - set(declared))
     if unknown:
         raise RecipeError(f"{prefix}.{unknown[0]}: unknown parameter (known: {', '.join(sorted(declared)) or 'none'})")
+    missing = sorted(k for k, p in declared.items() if p.required and k not in given)
+    if missing:
+        raise RecipeError(f"{prefix}.{missing[0]}: required, and not given")
     return {k: (p.check(f"{prefix}.{k}", given[k]) if k in given else p.default) for k, p in declared.items()}

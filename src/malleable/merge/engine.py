@@ -123,6 +123,11 @@ def plan_merge(recipe: MergeRecipe) -> MergePlan:
         plan = _plan_models(recipe, rule, params, base)
     if recipe.output.rank is not None and plan.output_kind == "model" and rule.space == "full":
         raise RecipeError("output.rank: this merge writes a model with a full-space rule; there is no rank to set")
+    low, high = rule.inputs
+    if not low <= len(recipe.inputs) <= (high if high is not None else len(recipe.inputs)):
+        want = f"exactly {low}" if low == high else f"at least {low}" if high is None else f"{low} to {high}"
+        raise RecipeError(f"inputs: method '{rule.name}' merges {want} input(s) besides the base, got "
+                          f"{len(recipe.inputs)}")
     for name, _, _ in plan.tensors:  # every parameter value for every tensor, checked before any work
         plan.resolver.values(name)
         plan.resolver.weights(name)
@@ -132,8 +137,9 @@ def plan_merge(recipe: MergeRecipe) -> MergePlan:
 def _plan_models(recipe: MergeRecipe, rule: Rule, params, base: Checkpoint | None) -> MergePlan:
     if rule.space == "lora":
         raise RecipeError(f"method: '{rule.name}' merges LoRA adapters, but the inputs are full checkpoints")
-    if rule.uses_base and base is None:
-        raise RecipeError(f"base: method '{rule.name}' works on task vectors and needs a base model")
+    if rule.uses_base in (True, "raw") and base is None:
+        what = "interpolates from the base model" if rule.uses_base == "raw" else "works on task vectors"
+        raise RecipeError(f"base: method '{rule.name}' {what} and needs a base model")
     if recipe.output.kind == "adapter":
         raise RecipeError("output.kind: full checkpoints merge into a model, not an adapter")
     models = [Checkpoint(i.path, recipe.allow_pickle) for i in recipe.inputs]
@@ -161,6 +167,9 @@ def _plan_models(recipe: MergeRecipe, rule: Rule, params, base: Checkpoint | Non
 
 
 def _plan_adapters(recipe: MergeRecipe, rule: Rule, params, base: Checkpoint | None) -> MergePlan:
+    if rule.uses_base == "raw":
+        raise RecipeError(f"method: '{rule.name}' interpolates between the base's and the inputs' own weights; "
+                          "it merges full checkpoints, not LoRA adapters")
     adapters = [read_adapter(i.path) for i in recipe.inputs]
     first = adapters[0]
     for a in adapters[1:]:
@@ -383,14 +392,16 @@ def _merge_floats(plan: MergePlan, name: str, buffers: _Buffers, stats: _Stats) 
     base = buffers.read_float(plan.base, name, "base") if plan.base else None
     if base is not None:
         _check_finite(base, name, plan.base.path, allow)
-    tensors = []
+    raw_base = plan.rule.uses_base == "raw"  # the rule gets the base's raw weight first, then the inputs'
+    task_vectors = plan.rule.uses_base is True or (plan.rule.uses_base == "optional" and base is not None)
+    tensors = [base] if raw_base else []
     for i, m in enumerate(plan.models):
         t = buffers.read_float(m, name, f"input{i}")
         _check_finite(t, name, m.path, allow)
-        tensors.append(t.sub_(base) if plan.rule.uses_base else t)  # task vectors in place
+        tensors.append(t.sub_(base) if task_vectors else t)  # task vectors in place
     merged = _merge_dense(plan, name, tensors)
     del tensors
-    if not plan.rule.uses_base:
+    if not task_vectors:
         stats.add(name, merged - base if base is not None else None)
         return merged
     stats.add(name, merged)

@@ -23,8 +23,8 @@ def apply_inner(inner: str, tensors: list[torch.Tensor], weights, generator, par
     (DARE) are seeded only by it.
     """
     rule = get_rule(inner)
-    if rule.space != "full":
-        raise RecipeError(f"parameters.inner: '{inner}' is not a full-space merge rule")
+    if rule.space != "full" or rule.uses_base == "raw":
+        raise RecipeError(f"parameters.inner: '{inner}' is not a full-space merge rule over task vectors")
     unknown = sorted(set(params) - set(rule.params))
     if unknown:
         raise RecipeError(f"parameters.{unknown[0]}: not a parameter of inner rule '{inner}' "

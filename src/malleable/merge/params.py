@@ -22,10 +22,11 @@ def layer_index(name: str) -> int | None:
 
 def _gradient(values: list[float], layer: int | None, num_layers: int) -> float:
     """Interpolate `values` piecewise-linearly over evenly spaced layers (mergekit's gradient). Tensors
-    outside a layer (embeddings, final norm, lm_head) take the first value, as in mergekit."""
+    outside a layer (embeddings, final norm, lm_head) take the first value, and a one-layer model's layer the
+    last, as in mergekit (plan.py: t = idx / (num_layers - 1), or 1 for a single layer)."""
     if len(values) == 1 or layer is None:
         return values[0]
-    t = layer / max(num_layers - 1, 1)
+    t = layer / (num_layers - 1) if num_layers > 1 else 1.0
     return float(np.interp(t, np.linspace(0.0, 1.0, len(values)), values))
 
 
@@ -76,6 +77,9 @@ class ParamResolver:
         out: dict[str, Any] = {}
         for key, p in self.params.items():
             glob = self._one(f"parameters.{key}", p, self.recipe.parameters.get(key), name, layer)
+            if p.required and glob is None:
+                raise RecipeError(f"parameters.{key}: method '{self.recipe.method}' needs it (no default), and "
+                                  f"it is not set for tensor '{name}'")
             if p.per_input:  # an input's own value wins; where its filters match nothing, the shared one
                 out[key] = [self._one(f"inputs.{i}.parameters.{key}", p, inp.parameters.get(key), name, layer,
                                       fallback=glob) for i, inp in enumerate(self.recipe.inputs)]

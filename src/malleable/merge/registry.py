@@ -4,10 +4,17 @@ Two kinds of rule:
 
 * ``space="full"``: ``fn(tensors, weights, generator, **params) -> Tensor``. ``tensors`` are the inputs'
   task vectors (fine-tuned minus base; for LoRA inputs, the dense deltas) when ``uses_base`` is true, or the
-  inputs' raw weights when it is false (linear). The result is a merged task vector (added to the base by
-  the engine) or, for ``uses_base=False``, the merged weight itself. All tensors arrive as contiguous float32,
-  in scratch buffers the engine reuses: a rule may overwrite its inputs (and return one of them) instead of
-  allocating, which is what keeps large tensors cheap. Callers that need their tensors afterwards pass copies.
+  inputs' raw weights when it is false (linear), or, when it is ``"raw"``, the base's raw weight first and
+  then the inputs' raw weights (rules that interpolate between the base and another model: slerp, nearswap),
+  or, when it is ``"optional"``, task vectors if the recipe gives a base and raw weights if it does not
+  (mergekit's nuslerp and multislerp, whose base is optional).
+  The result is a merged task vector (added to the base by the engine) or, for ``uses_base=False``,
+  ``"raw"``, and ``"optional"`` without a base, the merged weight itself. A ``"raw"`` rule needs a base and
+  full checkpoints (not LoRAs).
+  All tensors arrive as contiguous float32, in scratch buffers the engine reuses: a rule may overwrite its
+  inputs (and return one of them) instead of allocating, which is what keeps large tensors cheap; a
+  ``"raw"`` rule may overwrite the inputs but not the base (tensors[0]), which the engine still reads for
+  the report. Callers that need their tensors afterwards pass copies.
 * ``space="lora"``: ``fn(deltas, weights, generator, rank, **params) -> LowRankDelta``. ``deltas`` are one
   module's `LowRankDelta` per input; ``rank`` is the requested output rank (None: the rule decides).
   A LoRA rule with an ``inner`` parameter applies that full-space rule to the coordinates it builds,
@@ -34,25 +41,31 @@ class Rule:
     fn: Callable[..., Any]
     space: str
     params: dict[str, Param]
-    uses_base: bool
+    uses_base: bool | str  # True: task vectors; False: raw weights; "raw": base's raw weight, then the inputs';
+    # "optional": task vectors with a base, raw weights without one
     random: bool
     doc: str
     inner: bool = field(default=False)  # LoRA rule that applies a full-space rule to its coordinates
+    inputs: tuple[int, int | None] = (1, None)  # how many inputs (besides the base) the rule takes: min, max
 
 
 RULES: dict[str, Rule] = {}
 
 
 def merge_rule(name: str, *, space: str = "full", params: dict[str, Param] | None = None,
-               uses_base: bool = True, random: bool = False) -> Callable:
-    """Register `fn` as merge method `name`. Its docstring is the method's documentation."""
+               uses_base: bool | str = True, random: bool = False,
+               inputs: tuple[int, int | None] = (1, None)) -> Callable:
+    """Register `fn` as merge method `name`. Its docstring is the method's documentation. `inputs` bounds the
+    number of inputs besides the base (min, max; None: no maximum); the engine checks it before any work."""
 
     def register(fn: Callable) -> Callable:
+        if uses_base not in (True, False, "raw", "optional"):
+            raise ValueError(f"merge rule '{name}': uses_base must be True, False, 'raw' or 'optional'")
         if name in RULES:
             raise ValueError(f"merge rule '{name}' registered twice")
         ps = dict(params or {})
         RULES[name] = Rule(name, fn, space, ps, uses_base, random, (fn.__doc__ or "").strip(),
-                           inner="inner" in ps)
+                           inner="inner" in ps, inputs=inputs)
         return fn
 
     return register
@@ -71,7 +84,7 @@ def rule_params(rule: Rule, inner_name: str | None) -> dict[str, Param]:
     ps = dict(rule.params)
     if rule.inner and inner_name is not None:
         inner = get_rule(inner_name)
-        if inner.space != "full":
-            raise RecipeError(f"parameters.inner: '{inner_name}' is not a full-space merge rule")
+        if inner.space != "full" or inner.uses_base == "raw":  # raw rules need the base's own weights
+            raise RecipeError(f"parameters.inner: '{inner_name}' is not a full-space merge rule over task vectors")
         ps.update({k: v for k, v in inner.params.items() if k not in ps})
     return ps

@@ -6,6 +6,9 @@ elect signs from the weighted task vectors), so each method maps to our rule wit
 explicit. Options that change nothing numerically (`int8_mask`, `density` for task_arithmetic) are dropped.
 One known difference: mergekit's DARE rescales kept entries to the input's L1 norm, ours by 1/density
 (the paper's); DARE masks are random in both tools, so their outputs never match bit for bit anyway.
+breadcrumbs and della rescale as mergekit does (L1). della's draws are random in both tools (different RNG
+streams); everything else matches (bench/mergekit_parity.py). Where mergekit accepts values we refuse: slerp's
+`t` outside [0, 1], nearswap's negative `t`.
 """
 
 from __future__ import annotations
@@ -27,8 +30,26 @@ METHODS: dict[str, tuple[str, dict[str, Any], set[str]]] = {
     "ties": ("ties", {"normalize": "weights", "weighted_election": True}, {"int8_mask"}),
     "dare_ties": ("dare_ties", {"normalize": "none", "weighted_election": True}, {"int8_mask"}),
     "dare_linear": ("dare_linear", {"normalize": False}, {"int8_mask"}),
+    "slerp": ("slerp", {}, set()),
+    "nearswap": ("nearswap", {}, set()),
+    "model_stock": ("model_stock", {"filter_wise": False}, set()),
+    "breadcrumbs": ("breadcrumbs", {"normalize": False, "rescale": False}, {"int8_mask"}),
+    "breadcrumbs_ties": ("breadcrumbs_ties", {"normalize": "none", "rescale": False}, {"int8_mask"}),
+    "della": ("della", {"normalize": "weights", "rescale": True}, {"int8_mask"}),
+    "della_linear": ("della_linear", {"normalize": False, "rescale": True}, {"int8_mask"}),
+    "sce": ("sce", {"select_topk": 1.0}, {"int8_mask"}),
+    "nuslerp": ("nuslerp", {"nuslerp_flatten": True, "nuslerp_row_wise": False}, set()),
+    "multislerp": ("multislerp", {"normalize_weights": True}, set()),
+    "karcher": ("karcher", {"max_iter": 10, "tol": 1e-5}, set()),
+    "arcee_fusion": ("arcee_fusion", {}, set()),
 }
-PER_INPUT = {"weight", "density"}
+# rules with no base: mergekit's base_model is one more input
+BASE_AS_INPUT = {"linear", "karcher"}
+# rules whose mergekit `normalize: true/false` is our "weights"/"none" (TIES' disjoint merge)
+DISJOINT = {"ties", "dare_ties", "breadcrumbs_ties", "della"}
+# rules that take mergekit's `rescale` (the others refuse rescale: true)
+RESCALABLE = {"dare_ties", "dare_linear", "breadcrumbs", "breadcrumbs_ties", "della", "della_linear"}
+PER_INPUT = {"weight", "density", "gamma", "epsilon"}
 Params = dict[str, ParamSpec]
 
 
@@ -65,7 +86,7 @@ class Mergekit(Strict):
 
 def _normalize(rule: str, value: Any) -> Any:
     """mergekit's boolean `normalize` as our rule's value."""
-    if rule in ("ties", "dare_ties") and isinstance(value, bool):
+    if rule in DISJOINT and isinstance(value, bool):
         return "weights" if value else "none"
     return value
 
@@ -75,7 +96,7 @@ def _translate(rule: str, params: dict, drop: set[str], where: str) -> dict:
     for key, value in (params or {}).items():
         if key in drop:
             continue
-        if key == "rescale" and rule.startswith("dare"):
+        if key == "rescale" and rule in RESCALABLE:
             out["rescale"] = value
         elif key == "rescale":
             if value:
@@ -145,10 +166,10 @@ def from_mergekit(data: dict, source: str) -> dict:
     shared_weight = top.pop("weight", None)
     inputs = []
     entries = list(data.get("models") or [])
-    if base is not None and rule == "linear" and all(e.get("model") != base for e in entries):
-        entries.append({"model": base})  # mergekit: linear treats base_model as one more input
+    if base is not None and rule in BASE_AS_INPUT and all(e.get("model") != base for e in entries):
+        entries.append({"model": base})  # mergekit: linear and karcher treat base_model as one more input
     for i, entry in enumerate(entries):
-        if rule != "linear" and entry["model"] == base:
+        if rule not in BASE_AS_INPUT and entry["model"] == base:
             continue  # mergekit: the base contributes no task vector
         per = _translate(rule, dict(entry.get("parameters") or {}), drop, f"models.{i}.parameters")
         extra = sorted(set(per) - PER_INPUT)
@@ -161,7 +182,7 @@ def from_mergekit(data: dict, source: str) -> dict:
         inputs.append(spec)
     out_dtype = data.get("out_dtype") or data.get("dtype")
     recipe: dict[str, Any] = {"method": rule, "inputs": inputs, "parameters": {**defaults, **top}}
-    if rule != "linear" and base is not None:
+    if rule not in BASE_AS_INPUT and base is not None:
         recipe["base"] = base
     if out_dtype:
         recipe["output"] = {"dtype": out_dtype}

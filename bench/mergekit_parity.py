@@ -1,0 +1,324 @@
+#!/usr/bin/env python
+"""Parity of malleable's mergekit methods with mergekit 0.1.5 itself, on the same mergekit YAML.
+
+For each method: tiny random Llama checkpoints (a base and three seeded "fine-tunes", 4 layers, float32, saved
+with save_pretrained) and one mergekit YAML per case (the method's main parameters at non-default values; slerp
+also with a per-layer `t` gradient inside a filter list, the form published merges use). Both tools run as
+subprocesses on the same file:
+
+    mergekit-yaml RECIPE OUT --random-seed 0 --no-copy-tokenizer --quiet    (/work/mergekit-venv, CPU)
+    python -m malleable merge RECIPE OUT -q                                  (this repo's sources)
+
+and every tensor of the two outputs is compared in float32: max |a - b|, and whether every element is within
+1e-5 relative (|a - b| <= 1e-5 * |a| + 1e-7). Random methods (della, della_linear) run twice: once with
+`torch.bernoulli` replaced, in BOTH tools, by the same deterministic stand-in (keep an entry where its
+probability exceeds a fixed low-discrepancy sequence over its position), which compares everything except the
+random draws exactly (probabilities, rank normalisation, L1 rescale, sign election, normalisation); and once
+with their own RNGs, compared statistically (mean |merged - base| over all tensors, which should agree to a
+few percent).
+
+Usage:
+  bench/setup_mergekit.sh                   # once: mergekit 0.1.5 in /work/mergekit-venv
+  PYTHONPATH=src python bench/mergekit_parity.py [--only slerp,nearswap]
+Writes bench/results/mergekit_parity.{json,md}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import REPO, _version, machine, write_results  # noqa: E402
+
+MERGEKIT_VENV = Path(os.environ.get("MERGEKIT_VENV", "/work/mergekit-venv"))
+TINY = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
+            num_key_value_heads=2, vocab_size=128, max_position_embeddings=64, tie_word_embeddings=False)
+RTOL, ATOL = 1e-5, 1e-7
+BF16_RTOL = 2.0 ** -7  # one bfloat16 ulp, relative: both tools compute in float32 and round once
+
+# torch.bernoulli stand-in for the deterministic della comparison: the same in both tools, so the masks agree
+# wherever the keep probabilities agree. Injected with `python -c` before either tool imports its merge code.
+PATCH = ("import torch\n"
+         "def _bernoulli(p, *a, **k):\n"
+         "    u = torch.frac(torch.arange(1, p.numel() + 1, dtype=torch.float64) * 0.6180339887498949)\n"
+         "    return (p.double().reshape(-1) > u).to(p.dtype).reshape(p.shape)\n"
+         "torch.bernoulli = _bernoulli\n")
+
+
+def build_models(root: Path) -> dict[str, Path]:
+    """A base and three fine-tunes (base + seeded noise of scale 0.02), as tests/conftest.py builds them, in
+    float32 (`base`, `ft0`..) and the same rounded to bfloat16 (`base_bf16`, `ft0_bf16`..)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    base = LlamaForCausalLM(LlamaConfig(**TINY)).eval()
+    out = {}
+    for i in range(-1, 3):
+        name = "base" if i < 0 else f"ft{i}"
+        model = base
+        if i >= 0:
+            g = torch.Generator().manual_seed(100 + i)
+            sd = {k: v + torch.randn(v.shape, generator=g) * 0.02 for k, v in base.state_dict().items()}
+            model = LlamaForCausalLM(LlamaConfig(**TINY)).eval()
+            model.load_state_dict(sd)
+        model.save_pretrained(root / name)
+        model.to(torch.bfloat16).save_pretrained(root / f"{name}_bf16")
+        out[name], out[f"{name}_bf16"] = root / name, root / f"{name}_bf16"
+    return out
+
+
+def _models(m, names_params):
+    lines = ["models:"]
+    for name, params in names_params:
+        lines.append(f"  - model: {m[name]}")
+        if params:
+            lines.append(f"    parameters: {json.dumps(params)}")
+    return lines
+
+
+def cases(m: dict[str, Path]) -> dict[str, dict]:
+    """name -> {yaml, random, note}. YAML is written by hand (JSON flow style for the parameters)."""
+    c: dict[str, dict] = {}
+
+    def add(name, lines, random=False, note="", dtype="float32", rtol=RTOL, info=False):
+        c[name] = {"yaml": "\n".join(lines + [f"dtype: {dtype}"]) + "\n", "random": random, "note": note,
+                   "rtol": rtol, "info": info}
+
+    add("slerp", [
+        "merge_method: slerp", f"base_model: {m['base']}",
+        "slices:", "  - sources:",
+        f"      - model: {m['base']}", "        layer_range: [0, 4]",
+        f"      - model: {m['ft0']}", "        layer_range: [0, 4]",
+        "parameters:", "  t:",
+        "    - filter: self_attn", "      value: [0, 0.5, 0.3, 0.7, 1]",
+        "    - filter: mlp", "      value: [1, 0.5, 0.7, 0.3, 0]",
+        "    - value: 0.35",
+    ], note="slices form, t as per-filter per-layer gradients with a default")
+    add("slerp_bf16", [
+        "merge_method: slerp", f"base_model: {m['base_bf16']}",
+        *_models(m, [("base_bf16", None), ("ft0_bf16", None)]),
+        "parameters:", "  t:", "    - filter: mlp", "      value: [0.1, 0.9]", "    - value: [0.7, 0.3, 0.5]",
+    ], dtype="bfloat16", rtol=BF16_RTOL,
+        note="bfloat16 checkpoints and dtype (the usual published form); pass: within one bfloat16 ulp")
+    add("slerp_scalar", ["merge_method: slerp", f"base_model: {m['base']}",
+                         *_models(m, [("base", None), ("ft1", None)]), "parameters: {t: 0.8}"])
+    add("nearswap", ["merge_method: nearswap", f"base_model: {m['base']}",
+                     *_models(m, [("ft0", None)]), "parameters: {t: 0.015}"])
+    add("model_stock", ["merge_method: model_stock", f"base_model: {m['base']}",
+                        *_models(m, [("ft0", None), ("ft1", None), ("ft2", None)])])
+    add("model_stock_filter_wise", ["merge_method: model_stock", f"base_model: {m['base']}",
+                                    *_models(m, [("ft0", None), ("ft1", None), ("ft2", None)]),
+                                    "parameters: {filter_wise: true}"])
+    add("breadcrumbs", ["merge_method: breadcrumbs", f"base_model: {m['base']}",
+                        *_models(m, [("ft0", {"weight": 0.6, "density": 0.7, "gamma": 0.05}),
+                                     ("ft1", {"weight": 0.3, "density": 0.5}),
+                                     ("ft2", {"weight": 0.4, "density": 0.9, "gamma": 0.02})]),
+                        "parameters: {gamma: 0.1, lambda: 1.3, normalize: true, rescale: true}"])
+    add("breadcrumbs_ties", ["merge_method: breadcrumbs_ties", f"base_model: {m['base']}",
+                             *_models(m, [("ft0", {"weight": 0.6, "density": 0.7, "gamma": 0.05}),
+                                          ("ft1", {"weight": 0.5, "density": 0.5}),
+                                          ("ft2", {"weight": 0.4, "density": 0.9})]),
+                             "parameters: {gamma: 0.03, lambda: 0.9}"])
+    add("sce", ["merge_method: sce", f"base_model: {m['base']}",
+                *_models(m, [("ft0", None), ("ft1", None), ("ft2", None)]), "parameters: {select_topk: 0.4}"])
+    add("nuslerp", ["merge_method: nuslerp", f"base_model: {m['base']}",
+                    *_models(m, [("ft0", {"weight": 0.3}), ("ft1", {"weight": 0.5})])],
+        note="with a base: slerp of the task vectors, flattened (mergekit's default)")
+    add("nuslerp_rows_no_base", ["merge_method: nuslerp",
+                                 *_models(m, [("ft0", {"weight": [0.2, 0.8]}), ("ft1", {"weight": 0.6})]),
+                                 "parameters: {nuslerp_flatten: false}"],
+        note="no base: slerp of the weights, row by row; weight as a per-layer gradient")
+    add("nuslerp_columns", ["merge_method: nuslerp", f"base_model: {m['base']}",
+                            *_models(m, [("ft0", {"weight": 0.7}), ("ft2", {"weight": 0.4})]),
+                            "parameters: {nuslerp_flatten: false, nuslerp_row_wise: true}"])
+    add("multislerp", ["merge_method: multislerp", f"base_model: {m['base']}",
+                       *_models(m, [("ft0", {"weight": 0.5}), ("ft1", {"weight": 0.3}), ("ft2", {"weight": 0.9})])])
+    add("multislerp_no_base", ["merge_method: multislerp",
+                               *_models(m, [("ft0", {"weight": 1.0}), ("ft1", {"weight": 2.0})]),
+                               "parameters: {normalize_weights: false}"])
+    add("karcher", ["merge_method: karcher", f"base_model: {m['base']}",
+                    *_models(m, [("ft0", None), ("ft1", None), ("ft2", None)]),
+                    "parameters: {max_iter: 20, tol: 1.0e-6}"], note="base_model is one more input, as in mergekit")
+    add("arcee_fusion", ["merge_method: arcee_fusion", f"base_model: {m['base']}", *_models(m, [("ft1", None)])])
+    # Informational (not pass/fail): with `dtype: bfloat16`, mergekit's group methods compute in bfloat16 (the task
+    # vectors, the sort, the sums); malleable computes in float32 and rounds once at the end.
+    bf16_note = "informational: mergekit computes this method in bfloat16, malleable in float32 (rounded once)"
+    add("model_stock_bf16", ["merge_method: model_stock", f"base_model: {m['base_bf16']}",
+                             *_models(m, [("ft0_bf16", None), ("ft1_bf16", None), ("ft2_bf16", None)])],
+        dtype="bfloat16", rtol=BF16_RTOL, info=True, note=bf16_note)
+    add("breadcrumbs_ties_bf16", ["merge_method: breadcrumbs_ties", f"base_model: {m['base_bf16']}",
+                                  *_models(m, [("ft0_bf16", {"weight": 0.6, "density": 0.7}),
+                                               ("ft1_bf16", {"weight": 0.5, "density": 0.5})]),
+                                  "parameters: {gamma: 0.03}"], dtype="bfloat16", rtol=BF16_RTOL, info=True,
+        note=bf16_note)
+    add("nearswap_bf16", ["merge_method: nearswap", f"base_model: {m['base_bf16']}",
+                          *_models(m, [("ft0_bf16", None)]), "parameters: {t: 0.015}"],
+        dtype="bfloat16", rtol=BF16_RTOL, info=True, note=bf16_note)
+    for name in ("della", "della_linear"):
+        lines = ["merge_method: " + name, f"base_model: {m['base']}",
+                 *_models(m, [("ft0", {"weight": 0.6, "density": 0.6, "epsilon": 0.1}),
+                              ("ft1", {"weight": 0.5, "density": 0.4}),
+                              ("ft2", {"weight": 0.3, "density": 0.7, "epsilon": 0.2})]),
+                 "parameters: {epsilon: 0.25, lambda: 1.1}"]
+        add(name, lines, random=True)
+    return c
+
+
+def run_tool(tool: str, recipe: Path, out: Path, patch: bool) -> None:
+    if tool == "mergekit":
+        py = str(MERGEKIT_VENV / "bin" / "python")
+        entry = "from mergekit.scripts.run_yaml import main\nimport sys\nsys.argv[0] = 'mergekit-yaml'\nmain()\n"
+        args = [str(recipe), str(out), "--random-seed", "0", "--no-copy-tokenizer", "--quiet",
+                "--no-write-model-card"]
+        env = dict(os.environ)
+    else:
+        py = sys.executable
+        entry = "from malleable.cli import app\nimport sys\nsys.argv[0] = 'malleable'\napp()\n"
+        args = ["merge", str(recipe), str(out), "-q"]
+        env = {**os.environ, "PYTHONPATH": str(REPO / "src")}
+    code = (PATCH if patch else "") + entry
+    proc = subprocess.run([py, "-c", code, *args], capture_output=True, text=True, env=env, timeout=600)
+    if proc.returncode != 0:
+        raise RuntimeError(f"{tool} failed on {recipe.name} (exit {proc.returncode}):\n{proc.stderr[-3000:]}")
+
+
+def read_all(d: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    out = {}
+    for f in sorted(d.glob("*.safetensors")):
+        out.update(load_file(f))
+    return out
+
+
+def compare(mk: dict, ours: dict, rtol: float = RTOL) -> dict:
+    res = {"only_in_mergekit": sorted(set(mk) - set(ours)), "only_in_malleable": sorted(set(ours) - set(mk))}
+    max_abs, worst, n_bad, n_total, n_diff = 0.0, None, 0, 0, 0
+    for n in sorted(set(mk) & set(ours)):
+        a, b = mk[n].float(), ours[n].float()
+        if a.shape != b.shape:
+            res.setdefault("shape_mismatch", []).append(n)
+            continue
+        d = (a - b).abs()
+        m = float(d.max()) if d.numel() else 0.0
+        if m > max_abs or worst is None:
+            max_abs, worst = max(m, max_abs), n
+        n_bad += int((d > rtol * a.abs() + ATOL).sum())
+        n_diff += int((d > 0).sum())
+        n_total += d.numel()
+    res.update({"max_abs_diff": max_abs, "worst_tensor": worst, "elements_outside_tolerance": n_bad,
+                "elements_total": n_total, "elements_differing": n_diff, "rtol": rtol})
+    res["pass"] = (n_bad == 0 and not res["only_in_mergekit"] and not res["only_in_malleable"]
+                   and "shape_mismatch" not in res)
+    return res
+
+
+def mean_abs_delta(out: dict, base: dict) -> float:
+    num = sum(float((out[n].float() - base[n].float()).abs().sum()) for n in base)
+    return num / sum(base[n].numel() for n in base)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--only", default="", help="comma-separated case names")
+    ap.add_argument("--work", default=None, help="scratch folder (default: a temporary one)")
+    args = ap.parse_args(argv)
+    if not (MERGEKIT_VENV / "bin" / "mergekit-yaml").exists():
+        raise SystemExit(f"no mergekit-yaml in {MERGEKIT_VENV}: run bench/setup_mergekit.sh first")
+    torch.set_num_threads(1)
+    with tempfile.TemporaryDirectory(dir=args.work) as tmp:
+        root = Path(tmp)
+        models = build_models(root / "models")
+        base = read_all(models["base"])
+        all_cases = cases(models)
+        only = [s for s in args.only.split(",") if s]
+        results = {}
+        for name, case in all_cases.items():
+            if only and name not in only:
+                continue
+            recipe = root / f"{name}.yml"
+            recipe.write_text(case["yaml"])
+            row = {"yaml": case["yaml"], "note": case["note"], "informational": case["info"]}
+            for patched in ([True, False] if case["random"] else [False]):
+                outs = {}
+                for tool in ("mergekit", "malleable"):
+                    out = root / f"out-{name}-{tool}-{int(patched)}"
+                    run_tool(tool, recipe, out, patched)
+                    outs[tool] = read_all(out)
+                if case["random"] and not patched:
+                    mk, ours = mean_abs_delta(outs["mergekit"], base), mean_abs_delta(outs["malleable"], base)
+                    row["statistical"] = {"mean_abs_delta_mergekit": mk, "mean_abs_delta_malleable": ours,
+                                          "relative_difference": abs(mk - ours) / mk, "pass": abs(mk - ours) / mk < 0.05}
+                else:
+                    row["deterministic" if not case["random"] else "fixed_draws"] = compare(
+                        outs["mergekit"], outs["malleable"], case["rtol"])
+            parts = [v for k, v in row.items() if k in ("deterministic", "fixed_draws", "statistical")]
+            row["pass"] = all(p["pass"] for p in parts)
+            results[name] = row
+            verdict = "info" if case["info"] else "PASS" if row["pass"] else "FAIL"
+            print(f"{name:26s} {verdict} "
+                  + " ".join(f"{k}={v.get('max_abs_diff', v.get('relative_difference')):.3g}"
+                             for k, v in row.items() if k in ("deterministic", "fixed_draws", "statistical")),
+                  flush=True)
+    data = {"benchmark": "mergekit_parity", "tolerance": {"rtol": RTOL, "atol": ATOL},
+            "machine": machine({"mergekit": _version("mergekit", str(MERGEKIT_VENV / "bin" / "python")),
+                                "torch (mergekit venv)": _version("torch", str(MERGEKIT_VENV / "bin" / "python"))}),
+            "models": {"config": TINY, "dtype": "float32 (and bfloat16 copies for *_bf16 cases)",
+                       "fine-tunes": "base + N(0, 0.02^2) noise, seeds 100-102"},
+            "results": results}
+    name = "mergekit_parity" if not only else "mergekit_parity_partial"
+    write_results(name, data, markdown(data))
+    return 0 if all(r["pass"] for r in results.values() if not r["informational"]) else 1
+
+
+def markdown(data: dict) -> str:
+    mach = data["machine"]
+    v = mach["versions"]
+    lines = ["# malleable vs mergekit: parity of the merge methods", "",
+             f"Machine: {mach['cpu']}, {mach['cores']} cores; torch {v.get('torch')} (malleable), "
+             f"{v.get('torch (mergekit venv)')} (mergekit); mergekit {v.get('mergekit')}; malleable git "
+             f"{mach.get('malleable_git')}; {mach['date']}.", "",
+             "Tiny random Llama (4 layers, hidden 64, float32, and the same rounded to bfloat16), a base and three "
+             "fine-tunes (base + N(0, 0.02^2)). "
+             "Both tools run the same mergekit YAML as subprocesses; every output tensor is compared in float32. "
+             f"Pass: every element within {data['tolerance']['rtol']:g} relative "
+             f"(|a - b| <= {data['tolerance']['rtol']:g} |a| + {data['tolerance']['atol']:g}); bfloat16 cases (bfloat16 "
+             "checkpoints, `dtype: bfloat16`): within one bfloat16 ulp (2^-7 relative).", "",
+             "Random methods (della, della_linear): `fixed draws` replaces torch.bernoulli in both tools by the same "
+             "deterministic stand-in (a fixed low-discrepancy threshold per position), so everything but the random "
+             "draws is compared element by element; `own RNGs` runs both tools unpatched and compares the mean "
+             "|merged - base| over all tensors (pass: within 5%).", "",
+             "| case | compared | max abs diff | elements differing at all | elements outside tolerance | result |",
+             "|---|---|---|---|---|---|"]
+    for name, r in data["results"].items():
+        for kind, label in (("deterministic", "every tensor"), ("fixed_draws", "every tensor, fixed draws")):
+            if kind in r:
+                c = r[kind]
+                verdict = "informational" if r["informational"] else "pass" if c["pass"] else "FAIL"
+                lines.append(f"| {name} | {label} | {c['max_abs_diff']:.3g} | {c['elements_differing']} | "
+                             f"{c['elements_outside_tolerance']} of {c['elements_total']} | {verdict} |")
+        if "statistical" in r:
+            s = r["statistical"]
+            lines.append(f"| {name} | own RNGs: mean abs delta {s['mean_abs_delta_mergekit']:.4g} (mergekit) vs "
+                         f"{s['mean_abs_delta_malleable']:.4g} | relative {s['relative_difference']:.3g} | - | - | "
+                         f"{'pass' if s['pass'] else 'FAIL'} |")
+    lines += ["", "Informational rows (`*_bf16` other than slerp_bf16) are not pass/fail: with `dtype: bfloat16` "
+              "mergekit computes these methods (its group kernels; its slerp kernel alone upcasts to float32) in "
+              "bfloat16 - the "
+              "task vectors, their sort, the sums - while malleable computes in float32 and rounds once at the "
+              "end, so the two differ by bfloat16 arithmetic; for breadcrumbs the rounded task vectors also change "
+              "which entries the magnitude sort keeps.", "",
+              "Recipes: see `results.<case>.yaml` in mergekit_parity.json."]
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
