@@ -1,0 +1,240 @@
+"""malleable's unlearning metrics and objectives against transcriptions of the reference code, on fixed tensors.
+
+Each `ref_*` function below is transcribed from the file and function its docstring names (open-unlearning:
+github.com/locuslab/open-unlearning at d3d7cf9; MUSE: github.com/swj0419/muse_bench). The model is a fixed
+bigram table (the logits at a position depend only on the token there), so left padding cannot change a number
+and the reference, which scores one unpadded sequence, sees the same logits as malleable's batched path.
+"""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+from sklearn.metrics import auc as sk_auc
+from sklearn.metrics import roc_auc_score, roc_curve
+
+from malleable.evaluate import llm_forget as M
+from malleable.learn.data import encode_pair
+
+IGNORE_INDEX = -100
+
+
+# ---- transcriptions of the references ---------------------------------------------------------------------------
+
+def ref_tokenwise_logprobs(logits: torch.Tensor, batch: dict) -> list[torch.Tensor]:
+    """open-unlearning src/evals/metrics/utils.py, `tokenwise_logprobs` (the model call replaced by `logits`)."""
+    bsz = logits.shape[0]
+    log_probs = torch.nn.functional.log_softmax(logits, dim=-1)[:, :-1, :]
+    next_tokens = batch["input_ids"][:, 1:].unsqueeze(-1)
+    target_log_probs = torch.gather(log_probs, dim=2, index=next_tokens).squeeze(-1)
+    out = []
+    for i in range(bsz):
+        labels = batch["labels"][i]
+        actual_indices = (labels != IGNORE_INDEX).nonzero(as_tuple=True)[0][:-1]  # -1 to ignore eos prediction
+        if actual_indices.numel() == 0:
+            out.append(torch.tensor([]))
+            continue
+        start_idx, end_idx = actual_indices[0].item(), actual_indices[-1].item()
+        out.append(target_log_probs[i, start_idx - 1:end_idx])
+    return out
+
+
+def ref_tokenwise_vocab_logprobs(logits: torch.Tensor, batch: dict) -> tuple[list, list]:
+    """open-unlearning src/evals/metrics/utils.py, `tokenwise_vocab_logprobs` (return_labels=True)."""
+    log_probs = torch.nn.functional.log_softmax(logits, dim=-1)[:, :-1, :]
+    lp_batch, labels_batch = [], []
+    for i in range(logits.shape[0]):
+        labels = batch["labels"][i]
+        actual_indices = (labels != IGNORE_INDEX).nonzero(as_tuple=True)[0][:-1]
+        if len(actual_indices) == 0:
+            labels_batch.append(torch.tensor([]))
+            lp_batch.append(torch.zeros(0, logits.shape[-1]))
+            continue
+        start_idx, end_idx = actual_indices[0].item(), actual_indices[-1].item()
+        lp_batch.append(log_probs[i, start_idx - 1:end_idx])
+        labels_batch.append(labels[actual_indices])
+    return lp_batch, labels_batch
+
+
+def ref_min_k_score(lp: np.ndarray, k: float) -> float:
+    """open-unlearning src/evals/metrics/mia/min_k.py, `MinKProbAttack.compute_score` (lower = member)."""
+    if lp.size == 0:
+        return 0
+    num_k = max(1, int(len(lp) * k))
+    return -np.mean(np.sort(lp)[:num_k])
+
+
+def ref_extraction_strength(log_probs: torch.Tensor, labels: torch.Tensor) -> float:
+    """open-unlearning src/evals/metrics/memorization.py, `extraction_strength._extraction_strength` body."""
+    valid_len = len(labels)
+    preds = torch.argmax(log_probs, dim=-1)
+    for k in range(valid_len):
+        if torch.equal(preds[k:], labels[k:]):
+            break
+    return 0 if valid_len == 0 else 1 - (k / valid_len)
+
+
+def ref_mia_auc(forget_scores: list[float], holdout_scores: list[float]) -> float:
+    """open-unlearning src/evals/metrics/mia/utils.py, `mia_auc`: forget labelled 0, holdout 1, attack scores
+    signed so that higher = less likely a member ("auc is 1 when the forget data is much more likely")."""
+    scores = np.array(forget_scores + holdout_scores)
+    labels = np.array([0] * len(forget_scores) + [1] * len(holdout_scores))
+    return roc_auc_score(labels, scores)
+
+
+def ref_ou_privleak(score: float, ref: float) -> float:
+    """open-unlearning src/evals/metrics/privacy.py, `privleak` (score: the unlearned model's mia_min_k AUC,
+    ref: the retain model's)."""
+    score = 1 - score
+    ref = 1 - ref
+    return (score - ref) / (ref + 1e-10) * 100
+
+
+def ref_muse_auc(ppl_nonmember: list[float], ppl_member: list[float]) -> float:
+    """MUSE metrics/privleak.py, `eval` and `sweep` for one key, e.g. forget_holdout_Min-40%: split0 = forget
+    is labelled 0 ("nonmember"), split1 = holdout 1; the curve is of -ppl (Min-k% there is -mean(lowest))."""
+    ppl = np.array(ppl_nonmember + ppl_member)
+    y = np.array([0] * len(ppl_nonmember) + [1] * len(ppl_member))
+    fpr, tpr, _ = roc_curve(y, -ppl)
+    return sk_auc(fpr, tpr)
+
+
+def ref_muse_privleak(auc: float, auc_retrain: float) -> float:
+    """MUSE eval.py, `eval_model`: out['privleak'] = (auc[key] - AUC_RETRAIN[key]) / AUC_RETRAIN[key] * 100."""
+    return (auc - auc_retrain) / auc_retrain * 100
+
+
+# ---- a bigram model and a word tokenizer ----------------------------------------------------------------------
+
+class WordTokenizer:
+    pad_token_id, eos_token_id, bos_token_id = 0, 1, 2
+
+    def __init__(self, words: list[str]):
+        self.ids = {w: i + 3 for i, w in enumerate(words)}
+
+    def __call__(self, text: str, add_special_tokens: bool = True):
+        ids = [self.ids[w] for w in text.split()]
+        return SimpleNamespace(input_ids=[self.bos_token_id] * add_special_tokens + ids)
+
+
+class Bigram(torch.nn.Module):
+    def __init__(self, table: torch.Tensor):
+        super().__init__()
+        self.table = torch.nn.Parameter(table)
+        self.device = torch.device("cpu")
+
+    def forward(self, input_ids, attention_mask=None, position_ids=None, logits_to_keep=0, use_cache=None):
+        logits = self.table[input_ids]
+        return SimpleNamespace(logits=logits[:, -logits_to_keep:] if logits_to_keep else logits)
+
+
+WORDS = "q1 q2 q3 alice bob carol dave erin frank".split()
+PAIRS = [("q1", "alice bob carol"), ("q2 q3", "dave erin frank alice bob"), ("q3", "carol"),
+         ("q1 q2", "frank erin dave carol bob alice")]
+
+
+def ref_batch(tok, prompt: str, answer: str) -> dict:
+    """One unpadded sequence, as open-unlearning's collator gives it (prompt labels -100, answer + EOS)."""
+    ids, labels = encode_pair(tok, prompt, answer, chat=False)
+    return {"input_ids": torch.tensor([ids]), "labels": torch.tensor([labels])}
+
+
+# ---- tests ---------------------------------------------------------------------------------------------------
+
+def test_min_k_matches_open_unlearning_k04_without_eos():
+    """open-unlearning mia/min_k.py MinKProbAttack.compute_score over utils.py tokenwise_logprobs, k = 0.4."""
+    tok = WordTokenizer(WORDS)
+    model = Bigram(torch.randn(len(WORDS) + 3, len(WORDS) + 3, generator=torch.Generator().manual_seed(0)) * 3)
+    ours = [M.min_k_score(M.without_eos(s)["logprobs"]) for s in M.score_pairs(model, tok, PAIRS, chat=False)]
+    theirs = []
+    for q, a in PAIRS:
+        batch = ref_batch(tok, q, a)
+        lp = ref_tokenwise_logprobs(model.table[batch["input_ids"]].detach(), batch)[0]
+        assert len(lp) == len(a.split())  # the answer's tokens, not its EOS
+        theirs.append(-ref_min_k_score(lp.numpy(), 0.4))
+    assert M.MIN_K == 0.4
+    np.testing.assert_allclose(ours, theirs, rtol=1e-6)
+    # counting the EOS (the old definition) gives other numbers on this case
+    old = [M.min_k_score(s["logprobs"], 0.2) for s in M.score_pairs(model, tok, PAIRS, chat=False)]
+    assert not np.allclose(old, theirs)
+
+
+def test_evaluate_set_min_k_leaves_out_the_eos(monkeypatch):
+    """`evaluate_set`'s min-k scores are `without_eos` ones unless score_eos=True."""
+    tok = WordTokenizer(WORDS)
+    model = Bigram(torch.randn(len(WORDS) + 3, len(WORDS) + 3, generator=torch.Generator().manual_seed(1)))
+    monkeypatch.setattr(M, "encode_pair", lambda t, q, a, chat: encode_pair(t, q, a, False))
+    records = [{"prompt": q, "completion": a} for q, a in PAIRS]
+    scored = M.score_pairs(model, tok, PAIRS, chat=False)
+    got = M.evaluate_set(model, tok, records, role="holdout")["min_k"]
+    assert got == pytest.approx([M.min_k_score(s["logprobs"][:-1], 0.4) for s in scored])
+    got = M.evaluate_set(model, tok, records, role="holdout", min_k=0.2, score_eos=True)["min_k"]
+    assert got == pytest.approx([M.min_k_score(s["logprobs"], 0.2) for s in scored])
+
+
+def test_extraction_strength_matches_open_unlearning_without_the_eos_prediction():
+    """open-unlearning memorization.py extraction_strength over utils.py tokenwise_vocab_logprobs."""
+    tok = WordTokenizer(WORDS)
+    n = len(WORDS) + 3
+    table = torch.zeros(n, n)
+    # every answer token predicted right, but after the last one the model predicts "alice", not the EOS
+    q, a = PAIRS[0]
+    ids, _ = encode_pair(tok, q, a, chat=False)
+    for prev, nxt in zip(ids[:-2], ids[1:-1]):
+        table[prev, nxt] = 5.0
+    table[ids[-2], tok.ids["alice"]] = 5.0
+    model = Bigram(table)
+    scored = M.score_pairs(model, tok, [(q, a)], chat=False)[0]
+    assert M.extraction_strength(scored["correct"]) == 0.0  # the old definition: zeroed by the EOS alone
+    lp, labels = ref_tokenwise_vocab_logprobs(table[ref_batch(tok, q, a)["input_ids"]], ref_batch(tok, q, a))
+    assert M.extraction_strength(M.without_eos(scored)["correct"]) == ref_extraction_strength(lp[0], labels[0]) == 1
+
+    # random tables: the same score wherever open-unlearning's loop finds a matching suffix
+    for seed in range(20):
+        model = Bigram(torch.randn(n, n, generator=torch.Generator().manual_seed(seed)) * 4)
+        for (q, a), s in zip(PAIRS, M.score_pairs(model, tok, PAIRS, chat=False)):
+            batch = ref_batch(tok, q, a)
+            lp, labels = ref_tokenwise_vocab_logprobs(model.table[batch["input_ids"]].detach(), batch)
+            ours, theirs = M.extraction_strength(M.without_eos(s)["correct"]), ref_extraction_strength(lp[0], labels[0])
+            if bool(lp[0].argmax(-1)[-1] == labels[0][-1]):
+                assert ours == pytest.approx(theirs)
+            else:  # no correct suffix: ours 0 (the paper's k = |a|), open-unlearning's loop stops at 1/|a|
+                assert ours == 0.0 and theirs == pytest.approx(1 / len(labels[0]))
+
+
+# Min-k scores (malleable's sign: higher = member) of forget and holdout rows under two models
+RETAIN = {"forget": [-3.0, -2.5, -2.0, -1.4], "holdout": [-2.9, -2.4, -1.9, -1.5]}  # cannot tell: AUC near 0.5
+UNDER = {"forget": [-1.0, -0.8, -0.5, -2.2], "holdout": RETAIN["holdout"]}  # forget still looks trained on
+OVER = {"forget": [-6.0, -5.0, -4.0, -1.6], "holdout": RETAIN["holdout"]}  # forget looks LESS likely than unseen
+
+
+def test_privleak_matches_muse_and_open_unlearning():
+    """MUSE metrics/privleak.py eval+sweep and eval.py eval_model; open-unlearning mia/utils.py mia_auc and
+    privacy.py privleak; on the same min-k scores."""
+    for model in (UNDER, OVER, RETAIN):
+        ours = M.privacy_leakage(M.membership_auc(model["forget"], model["holdout"]),
+                                 M.membership_auc(RETAIN["forget"], RETAIN["holdout"]))
+        neg = {k: [-v for v in vals] for k, vals in model.items()}  # their attack scores: lower = member
+        neg_r = {k: [-v for v in vals] for k, vals in RETAIN.items()}
+        ou = ref_ou_privleak(ref_mia_auc(neg["forget"], neg["holdout"]), ref_mia_auc(neg_r["forget"], neg_r["holdout"]))
+        muse = ref_muse_privleak(ref_muse_auc(neg["forget"], neg["holdout"]),
+                                 ref_muse_auc(neg_r["forget"], neg_r["holdout"]))
+        assert ours == pytest.approx(muse) and ours == pytest.approx(ou, rel=1e-8)
+        # our AUC is open-unlearning's, and 1 - MUSE's
+        assert M.membership_auc(model["forget"], model["holdout"]) == pytest.approx(
+            ref_mia_auc(neg["forget"], neg["holdout"]))
+        assert M.membership_auc(model["forget"], model["holdout"]) == pytest.approx(
+            1 - ref_muse_auc(neg["forget"], neg["holdout"]))
+
+
+def test_privleak_sign_on_hand_made_aucs():
+    """Our AUC convention (1 = the forget set looks trained on): retain model at 0.5."""
+    assert M.privacy_leakage(0.5, 0.5) == 0.0
+    assert M.privacy_leakage(0.9, 0.5) == pytest.approx(-80.0)  # under-unlearned: members still stand out
+    assert M.privacy_leakage(0.2, 0.5) == pytest.approx(60.0)  # over-unlearned: forget less likely than unseen
+    assert M.privacy_leakage(0.9, 0.5) == pytest.approx(ref_muse_privleak(0.1, 0.5))
+    assert M.privacy_leakage(0.2, 0.5) == pytest.approx(ref_ou_privleak(0.2, 0.5))
+    assert np.isnan(M.privacy_leakage(0.5, 1.0))
