@@ -238,3 +238,101 @@ def test_privleak_sign_on_hand_made_aucs():
     assert M.privacy_leakage(0.9, 0.5) == pytest.approx(ref_muse_privleak(0.1, 0.5))
     assert M.privacy_leakage(0.2, 0.5) == pytest.approx(ref_ou_privleak(0.2, 0.5))
     assert np.isnan(M.privacy_leakage(0.5, 1.0))
+
+
+# ---- RMU -------------------------------------------------------------------------------------------------------
+
+def ref_forward_with_cache(model, inputs: dict, module) -> torch.Tensor:
+    """open-unlearning src/trainer/unlearn/rmu.py, `RMU.forward_with_cache` (WMDP rmu/utils.py's is the same)."""
+    cache = []
+
+    def hook(module, input, output):
+        cache.append(output[0] if isinstance(output, tuple) else output)
+
+    handle = module.register_forward_hook(hook)
+    model(**inputs)
+    handle.remove()
+    return cache[0]
+
+
+def ref_compute_activation_loss(activation1, activation2, mask) -> torch.Tensor:
+    """open-unlearning src/trainer/unlearn/rmu.py, `RMU.compute_activation_loss`."""
+    squared_diff = torch.nn.functional.mse_loss(activation1, activation2, reduction="none")
+    expanded_mask = mask.unsqueeze(-1).expand_as(squared_diff)
+    squared_diff_sum = (squared_diff * expanded_mask).mean(dim=2).sum(dim=(1))
+    num_tokens = mask.sum(dim=-1, keepdim=True)
+    return (squared_diff_sum / num_tokens).mean()
+
+
+def ref_rmu_loss(model, ref_model, forget: dict, retain: dict, layer: int, control_vec, gamma, alpha):
+    """open-unlearning src/trainer/unlearn/rmu.py, `RMU.compute_loss` with retain_loss_type EMBED_DIFF."""
+    module, ref_module = model.model.layers[layer], ref_model.model.layers[layer]
+    inputs = {k: forget[k] for k in ("input_ids", "attention_mask")}
+    acts = ref_forward_with_cache(model, inputs, module)
+    forget_loss = ref_compute_activation_loss(acts, control_vec.expand_as(acts), forget["labels"] != -100)
+    inputs = {k: retain[k] for k in ("input_ids", "attention_mask")}
+    with torch.no_grad():
+        ref_acts = ref_forward_with_cache(ref_model, inputs, ref_module)
+    retain_loss = ref_compute_activation_loss(ref_forward_with_cache(model, inputs, module), ref_acts,
+                                              retain["labels"] != -100)
+    return gamma * forget_loss + alpha * retain_loss
+
+
+def _rmu_batches():
+    """Two forget and two retain sequences, no padding, the same number of answer tokens in each row (where
+    open-unlearning's per-sequence mean and malleable's per-token mean agree)."""
+    g = torch.Generator().manual_seed(0)
+
+    def part(width: int, answer: int) -> dict:
+        ids = torch.randint(3, 100, (2, width), generator=g)
+        labels = ids.clone()
+        labels[:, :width - answer] = -100
+        return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels}
+
+    return part(9, 4), part(7, 3)
+
+
+def test_rmu_loss_matches_open_unlearning_at_the_answer_tokens_own_positions():
+    """open-unlearning src/trainer/unlearn/rmu.py RMU.compute_loss (EMBED_DIFF), forward_with_cache and
+    compute_activation_loss; WMDP rmu/unlearn.py's control vector (U[0,1) normalised, times the coefficient)."""
+    import copy
+
+    from conftest import tiny_llama
+
+    from malleable.forget.registry import get_objective
+
+    model, forget, retain = tiny_llama(0), *_rmu_batches()
+    with torch.no_grad():  # move the trainee off the original so the retain term is not 0
+        model.model.layers[1].mlp.down_proj.weight.add_(0.05)
+    original = tiny_llama(0).requires_grad_(False)
+    obj = get_objective("rmu", {"layer": 1, "steering_coeff": 20.0, "alpha": 3.0, "gamma": 0.5})
+    obj.setup(model, None, None, None)
+    obj.reference = lambda fn, *args: fn(original, *args)
+    control_vec = obj.target.view(1, 1, -1)
+    ours = obj.loss(model, {"forget": forget, "retain": retain})
+    theirs = ref_rmu_loss(model, original, forget, retain, 1, control_vec, gamma=0.5, alpha=3.0)
+    torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-6)
+    # one position earlier (malleable before 2026-11-29) reads other hidden states
+    shifted = {k: v.clone() for k, v in forget.items()}
+    shifted["labels"] = torch.roll(forget["labels"], -1, dims=1)
+    assert not torch.allclose(obj.loss(model, {"forget": shifted, "retain": retain}), theirs)
+    # the forget weight scales the forget term only
+    obj0 = copy.copy(obj)
+    obj0.p = {**obj.p, "gamma": 0.0}
+    torch.testing.assert_close(obj0.loss(model, {"forget": forget, "retain": retain}),
+                               ref_rmu_loss(model, original, forget, retain, 1, control_vec, 0.0, 3.0))
+
+
+def test_rmu_trainable_set():
+    """WMDP rmu/unlearn.py get_params(layer_ids 5,6,7; param_ids 6 = mlp.down_proj) against open-unlearning's
+    TOFU default trainable_params_regex '.*'."""
+    from conftest import tiny_llama
+
+    from malleable.forget.registry import get_objective
+
+    obj = get_objective("rmu", {"layer": 1})
+    assert obj.p["trainable"] == "down_proj" and obj.p["gamma"] == 1.0 and obj.p["alpha"] == 1.0
+    trained = {n for n, p in obj.prepare(tiny_llama(0), "causal_lm").named_parameters() if p.requires_grad}
+    assert trained == {"model.layers.0.mlp.down_proj.weight", "model.layers.1.mlp.down_proj.weight"}
+    model = get_objective("rmu", {"layer": 1, "trainable": "all"}).prepare(tiny_llama(0), "causal_lm")
+    assert all(p.requires_grad for p in model.parameters())
