@@ -336,3 +336,51 @@ def test_rmu_trainable_set():
     assert trained == {"model.layers.0.mlp.down_proj.weight", "model.layers.1.mlp.down_proj.weight"}
     model = get_objective("rmu", {"layer": 1, "trainable": "all"}).prepare(tiny_llama(0), "causal_lm")
     assert all(p.requires_grad for p in model.parameters())
+
+
+# ---- the KL retain term ------------------------------------------------------------------------------------------
+
+def ref_compute_kl_divergence(model, target_model, inputs: dict) -> torch.Tensor:
+    """open-unlearning src/trainer/utils.py, `compute_kl_divergence` (the outputs it also returns left out)."""
+    with torch.no_grad():
+        ref_outputs = target_model(**inputs)
+    ref_probs = torch.nn.functional.log_softmax(ref_outputs.logits, dim=-1)
+    ref_probs = ref_probs.view(-1, ref_outputs.logits.shape[-1])
+    outputs = model(**inputs)
+    current_probs = torch.nn.functional.log_softmax(outputs.logits, dim=-1)
+    current_probs = current_probs.view(-1, outputs.logits.shape[-1])
+    return torch.nn.functional.kl_div(current_probs, ref_probs, reduction="batchmean", log_target=True)
+
+
+def test_kl_full_retain_term_matches_open_unlearning():
+    """open-unlearning src/trainer/unlearn/grad_diff.py GradDiff.compute_retain_loss with retain_loss_type KL,
+    i.e. utils.py compute_kl_divergence; padding is left out of our mean (theirs counts it)."""
+    from conftest import tiny_llama
+
+    from malleable.forget.registry import get_objective
+    from malleable.learn.data import collate
+
+    model, original = tiny_llama(0), tiny_llama(0).requires_grad_(False)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.02 * torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())))
+    _, retain = _rmu_batches()  # unpadded: the two agree exactly
+    inputs = {k: retain[k] for k in ("input_ids", "attention_mask")}
+    obj = get_objective("graddiff", {"retain_loss": "kl_full"})
+    obj.setup(model, None, None, None)
+    assert obj.needs_reference
+    obj.reference = lambda fn, *args: fn(original, *args)
+    torch.testing.assert_close(obj.retain_term(model, retain), ref_compute_kl_divergence(model, original, inputs),
+                               rtol=1e-5, atol=1e-7)
+    # left-padded rows of two lengths: the mean over real positions of their per-sequence sums
+    rows = [([5, 6, 7, 8, 9], [-100, -100, 7, 8, 9]), ([11, 12, 13], [-100, 12, 13])]
+    batch = collate(rows, 0)
+    sums = [ref_compute_kl_divergence(model, original, {"input_ids": torch.tensor([ids]),
+                                                        "attention_mask": torch.ones(1, len(ids), dtype=torch.long)})
+            * len(ids) for ids, _ in rows]
+    torch.testing.assert_close(obj.retain_term(model, batch), sum(sums) / 8, rtol=1e-5, atol=1e-7)
+    # the answer-only KL ("kl", unchanged) is another number
+    answer_only = get_objective("graddiff", {"retain_loss": "kl"})
+    answer_only.reference = obj.reference
+    assert not torch.allclose(answer_only.retain_term(model, retain), obj.retain_term(model, retain))
+    assert get_objective("graddiff", {}).p["retain_loss"] == "nll"  # open-unlearning's GradDiff.yaml default
