@@ -49,6 +49,9 @@ from malleable.learn.data import collate, encode_pair
 from malleable.learn.loss import lm_logits
 
 MIN_K = 0.4  # open-unlearning's k in every mia_min_k config (TOFU and MUSE)
+# names the definitions above; a cached or stored evaluation without it was made under earlier ones (min-k
+# k = 0.2 counting the EOS, extraction strength counting the EOS prediction, PrivLeak (AUC_u - AUC_r) / AUC_r)
+METRIC_DEFINITIONS = "2026-11-29: min-k 0.4 and ES without EOS, MUSE PrivLeak"
 RELEARN_METRICS = ("probability", "rouge_l", "truth_ratio")
 UNLEARNED_METRICS = ("probability", "rouge_l")  # the ones unlearning lowers, whose return the attack measures
 # A share of what unlearning removed is only reported when it removed at least this much (of a 0..1 metric): the
