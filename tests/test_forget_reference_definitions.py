@@ -384,3 +384,21 @@ def test_kl_full_retain_term_matches_open_unlearning():
     answer_only.reference = obj.reference
     assert not torch.allclose(answer_only.retain_term(model, retain), obj.retain_term(model, retain))
     assert get_objective("graddiff", {}).p["retain_loss"] == "nll"  # open-unlearning's GradDiff.yaml default
+
+
+def test_audit_evidence_min_k_matches_open_unlearning():
+    """`evaluate.unlearning.example_scores` (forget/audit's membership_auc_min_k) against open-unlearning's
+    utils.py tokenwise_logprobs and mia/min_k.py MinKProbAttack.compute_score, k = 0.4, left-padded batch."""
+    from malleable.evaluate.unlearning import example_scores
+    from malleable.learn.data import collate
+
+    tok = WordTokenizer(WORDS)
+    model = Bigram(torch.randn(len(WORDS) + 3, len(WORDS) + 3, generator=torch.Generator().manual_seed(2)) * 3)
+    items = [encode_pair(tok, q, a, chat=False) for q, a in PAIRS]
+    ours = example_scores(model, items, lambda rows: collate(rows, tok.pad_token_id))["min_k"]
+    theirs = []
+    for q, a in PAIRS:
+        batch = ref_batch(tok, q, a)
+        theirs.append(-ref_min_k_score(ref_tokenwise_logprobs(model.table[batch["input_ids"]].detach(), batch)[0]
+                                       .numpy(), 0.4))
+    np.testing.assert_allclose(ours.numpy(), theirs, rtol=1e-5)
