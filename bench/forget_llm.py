@@ -23,8 +23,10 @@ Models run on accelerate's device (the GPU when there is one), in float32.
   python bench/forget_llm.py --preset tofu --objectives ga,graddiff,npo,simnpo,rmu \
       --forget forget01,forget05,forget10 --seeds 0,1,2
 
-Runs already in the JSON (same split, objective, seed, unlearning settings, with the same relearning attack)
-are kept and not rerun; a run without the attack is rerun and replaced.
+Runs already in the JSON (same split, objective, seed, unlearning settings, with the same relearning attack,
+under the current metric definitions) are kept and not rerun; any other is rerun and replaced.
+`--render` rewrites the .md and .png from the JSON without running anything (PrivLeak recomputed from the
+stored AUCs; runs under earlier metric definitions named in a note).
 """
 
 from __future__ import annotations
@@ -207,7 +209,9 @@ def markdown(result: dict) -> str:
                       f"{MIN_REMOVED}; gain - retain's: what the attack added here beyond what it added to the "
                       "retain model, which never saw these people):", "", relearned, ""]
             parts += relearn_line(result, forget)
-    parts += ["", "## Reductions and caveats", ""] + [f"- {n}" for n in result["notes"]] + [""]
+    legacy = legacy_note(result)
+    parts += ["", "## Reductions and caveats", ""] + [f"- {n}" for n in ([legacy] if legacy else [])
+                                                       + result["notes"]] + [""]
     return "\n".join(parts)
 
 
@@ -260,6 +264,7 @@ def parse_args(description: str = __doc__, extra=None) -> argparse.Namespace:
     ap.add_argument("--note", action="append", default=[], help="a reduction or caveat for the markdown")
     ap.add_argument("--results", type=Path, default=RESULTS_DIR)
     ap.add_argument("--name", help="results file name (a pilot at other settings keeps its own)")
+    ap.add_argument("--render", type=Path, metavar="JSON", help="only rewrite this results JSON's .md and .png")
     ap.set_defaults(**PRESETS[pre.parse_known_args()[0].preset])
     return ap.parse_args()
 
@@ -280,6 +285,12 @@ def protocol_settings(args: argparse.Namespace):
 
 def main() -> None:
     args = parse_args()
+    if args.render:
+        result = json.loads(args.render.read_text())
+        args.name, args.results = args.render.stem, args.render.parent
+        save(result, args, result.get("wall_time_s", 0.0))
+        return
+    from malleable.evaluate.llm_forget import METRIC_DEFINITIONS
     from malleable.forget.llm_protocol import RELEARN, RETAIN_OF, Protocol
     from malleable.models.smollm2 import smollm2_checkpoint
 
@@ -299,10 +310,12 @@ def main() -> None:
     for forget in splits:
         proto = Protocol(smollm2_checkpoint(), settings, forget, relearning=RELEARN,
                          eval_batch_size=args.eval_batch_size)
-        result.setdefault("reference", {})[forget] = proto.reference_summaries()
+        result.setdefault("reference", {})[forget] = {**proto.reference_summaries(),
+                                                      "metric_definitions": METRIC_DEFINITIONS}
         result.setdefault("fine_tune", {})[forget] = proto.fine_tune
         result.setdefault("unlearn_settings", {})[forget] = {"epochs": args.epochs, "batch_size": args.batch_size}
-        done = {run_key(r) for r in runs if r.get("relearn", {}).get("settings") == RELEARN}
+        done = {run_key(r) for r in runs if r.get("relearn", {}).get("settings") == RELEARN
+                and r.get("metric_definitions") == METRIC_DEFINITIONS}
         for objective in args.objectives.split(","):
             lr = args.lr_rmu if objective == "rmu" and args.lr_rmu else args.lr
             kwargs = {"epochs": args.epochs, "batch_size": args.batch_size, "lr": lr}
@@ -311,7 +324,8 @@ def main() -> None:
                 if run_key(run) in done:
                     continue
                 out = proto.unlearn(objective, seed, **kwargs)
-                run.update(seconds=out["seconds"], steps=out["steps"], summary=out["summary"],
+                run.update(metric_definitions=METRIC_DEFINITIONS, seconds=out["seconds"], steps=out["steps"],
+                           summary=out["summary"],
                            relearn=out["relearn"],
                            examples=out["evals"]["forget"]["examples"], loadavg=loadavg())
                 runs[:] = [r for r in runs if run_key(r) != run_key(run)] + [run]
@@ -339,9 +353,42 @@ def rescore_relearning(result: dict) -> None:
             model["relearn"].update(came_back(target, retain, model["relearn"]))
 
 
+def rescore_privacy(result: dict) -> None:
+    """Recompute every PrivLeak from the stored min-k AUCs (the unlearned model's and its split's retain
+    model's), so a change of `llm_forget.privacy_leakage` reaches stored runs; the retain model's own is 0."""
+    from malleable.evaluate.llm_forget import privacy_leakage
+
+    for forget, refs in result.get("reference", {}).items():
+        retain_auc = refs["retain"]["mia_auc_min_k"]
+        refs["target"]["privacy_leakage"] = privacy_leakage(refs["target"]["mia_auc_min_k"], retain_auc)
+        for run in (r for r in result.get("runs", []) if r["forget"] == forget):
+            run["summary"]["privacy_leakage"] = privacy_leakage(run["summary"]["mia_auc_min_k"], retain_auc)
+
+
+def legacy_note(result: dict) -> str | None:
+    """A note naming the runs and reference rows measured under earlier metric definitions, if any."""
+    from malleable.evaluate.llm_forget import METRIC_DEFINITIONS
+
+    runs = [r for r in result.get("runs", []) if r.get("metric_definitions") != METRIC_DEFINITIONS]
+    refs = sorted(f for f, r in result.get("reference", {}).items() if r.get("metric_definitions")
+                  != METRIC_DEFINITIONS)
+    if not runs and not refs:
+        return None
+    return (f"{len(runs)} of {len(result.get('runs', []))} runs and the target/retain rows of "
+            f"{', '.join(refs) or 'no split'} were measured before 2026-11-29, under earlier definitions: their "
+            "MIA AUC (min-k) scores k = 20% of the answer tokens counting the appended EOS (now 40% without it, as "
+            "open-unlearning), their forget ES counts the EOS prediction (now left out; a row whose only miss is "
+            "the EOS scored 0), and neither can be recomputed from the stored numbers. Their PrivLeak % is "
+            "recomputed from those stored AUCs with MUSE's and open-unlearning's definition, (AUC_retain - AUC) "
+            "/ (1 - AUC_retain) x 100 on this AUC (1 = the forget set looks trained on): below 0 = the forget set "
+            "still stands out (under-unlearned), above 0 = over-unlearned; the earlier (AUC - AUC_retain) / "
+            "AUC_retain had the opposite sign and another denominator.")
+
+
 def save(result: dict, args: argparse.Namespace, seconds: float) -> None:
     """Re-aggregate every run and write the JSON, the markdown and the plot."""
     rescore_relearning(result)
+    rescore_privacy(result)
     groups: dict = {}
     for r in result["runs"]:
         label = f"{r['objective']} (lr {r['settings']['lr']:g})"

@@ -34,3 +34,19 @@ def test_rescore_recomputes_and_drops_attacks_under_other_settings():
     retain = result["reference"]["forget10"]["retain"]["relearn"]
     assert retain["excess_gain"] == {"probability": 0.0, "rouge_l": 0.0}
     assert retain["recovered"]["probability"] == pytest.approx(0.25)
+
+
+def test_privacy_leakage_is_recomputed_from_the_stored_aucs_and_legacy_runs_are_named():
+    from malleable.evaluate.llm_forget import METRIC_DEFINITIONS
+
+    summary = {"mia_auc_min_k": 0.9, "privacy_leakage": 80.0}  # stored under (AUC - AUC_r) / AUC_r
+    result = {"reference": {"forget10": {"target": dict(summary), "retain": {"mia_auc_min_k": 0.5,
+                                                                            "privacy_leakage": 0.0}}},
+              "runs": [{"forget": "forget10", "summary": {"mia_auc_min_k": 0.2, "privacy_leakage": -60.0}},
+                       {"forget": "forget10", "summary": dict(summary), "metric_definitions": METRIC_DEFINITIONS}]}
+    fl.rescore_privacy(result)
+    assert result["reference"]["forget10"]["target"]["privacy_leakage"] == pytest.approx(-80.0)  # under-unlearned
+    assert [r["summary"]["privacy_leakage"] for r in result["runs"]] == pytest.approx([60.0, -80.0])
+    assert fl.legacy_note(result).startswith("1 of 2 runs and the target/retain rows of forget10")
+    result["runs"][0]["metric_definitions"] = result["reference"]["forget10"]["metric_definitions"] = METRIC_DEFINITIONS
+    assert fl.legacy_note(result) is None

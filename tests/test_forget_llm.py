@@ -139,7 +139,7 @@ def test_small_pure_metrics():
     assert M.rouge_l_recall(["Paris"], ["The capital is Paris"])[0] == 0.25
     assert M.extraction_strength(np.array([False, True, True, True])) == 0.75
     assert M.extraction_strength(np.array([True, True, False])) == 0.0
-    assert M.privacy_leakage(0.75, 0.5) == 50.0 and np.isnan(M.privacy_leakage(0.5, 0.0))
+    assert M.privacy_leakage(0.25, 0.5) == 50.0 and np.isnan(M.privacy_leakage(0.5, 1.0))
     assert M.model_utility({"probability": 0.5, "rouge_l": 0.5, "truth_ratio": 0.5},
                            {"probability": 0.5, "rouge_l": 0.5, "truth_ratio": 0.5}) == pytest.approx(0.5)
     target = {"before": {"probability": 0.8, "rouge_l": 0.9}}

@@ -17,13 +17,22 @@ prompt, from one teacher-forced forward pass per batch on the same left-padded p
 * ROUGE-L recall of the greedy answer against the gold completion (`rouge-score`, stemming on, as TOFU).
 * model utility: the harmonic mean of probability, ROUGE-L and truth-ratio score on the retain set and on
   world_facts (6 numbers; TOFU's has 9 because it also has a real-authors set, which we do not).
-* min-k% prob (Shi et al., 2024): the mean of the k = 20% lowest token log-probabilities of the completion
-  (open-unlearning's default k); AUC of forget (members) against never-trained holdout people (non-members),
-  higher score = member. Privacy leakage as MUSE: (AUC_unlearned - AUC_retain) / AUC_retain x 100.
+* min-k% prob (Shi et al., 2024): the mean of the k = 40% lowest token log-probabilities of the completion
+  WITHOUT the appended EOS (open-unlearning's `tokenwise_logprobs` drops the last labelled token, "-1 to ignore
+  eos prediction", and every one of its mia_min_k configs, TOFU's and MUSE's, sets k: 0.4; MUSE's PrivLeak
+  key is Min-40%). AUC of forget (members) against never-trained holdout people (non-members), higher score =
+  member, so AUC 1 = the forget set looks trained on: the convention of open-unlearning's `mia_auc`
+  (MUSE's `privleak.eval` reports 1 - this AUC).
+* privacy leakage as MUSE and open-unlearning's `privleak`, in percent: (AUC_retain - AUC_unlearned) /
+  (1 - AUC_retain) x 100 on this AUC, which is MUSE's (AUC'_unlearned - AUC'_retain) / AUC'_retain x 100 on
+  its AUC' = 1 - AUC. Below 0: the forget set still looks more trained-on than under the retain model
+  (under-unlearned); above 0: less (over-unlearned); 0 = as the retain model.
 * extraction strength (Carlini et al., 2021; open-unlearning's `extraction_strength`): 1 - k/|a| with k the
   shortest answer prefix after which the teacher-forced greedy predictions reproduce the rest of the answer,
-  i.e. the length of the longest correctly predicted suffix over |a|. With no correct suffix k = |a| and the
-  score is 0 (open-unlearning's loop stops at k = |a| - 1 and reports 1/|a| there; the rest is the same).
+  i.e. the length of the longest correctly predicted suffix over |a|, on the answer WITHOUT its EOS
+  (open-unlearning's `tokenwise_vocab_logprobs` drops the EOS prediction as above). With no correct suffix
+  k = |a| and the score is 0 (open-unlearning's loop stops at k = |a| - 1 and reports 1/|a| there; the rest
+  is the same).
 * relearning attack (`relearn_forget`): `evaluate.unlearning.relearn` fine-tunes a copy on a seeded share of
   the forget records and re-measures probability, ROUGE-L and truth ratio on the held-back rest, before and
   after; `recovered` is the share of what unlearning removed, relative to the target, that came back.
@@ -39,7 +48,10 @@ from malleable.evaluate.mia import membership_auc
 from malleable.learn.data import collate, encode_pair
 from malleable.learn.loss import lm_logits
 
-MIN_K = 0.2
+MIN_K = 0.4  # open-unlearning's k in every mia_min_k config (TOFU and MUSE)
+# names the definitions above; a cached or stored evaluation without it was made under earlier ones (min-k
+# k = 0.2 counting the EOS, extraction strength counting the EOS prediction, PrivLeak (AUC_u - AUC_r) / AUC_r)
+METRIC_DEFINITIONS = "2026-11-29: min-k 0.4 and ES without EOS, MUSE PrivLeak"
 RELEARN_METRICS = ("probability", "rouge_l", "truth_ratio")
 UNLEARNED_METRICS = ("probability", "rouge_l")  # the ones unlearning lowers, whose return the attack measures
 # A share of what unlearning removed is only reported when it removed at least this much (of a 0..1 metric): the
@@ -71,6 +83,12 @@ def score_pairs(model, tokenizer, pairs: list[tuple[str, str]], *, batch_size: i
             m = mask[row]
             out[i] = {"logprobs": token_lp[row][m].cpu().numpy(), "correct": hit[row][m].cpu().numpy()}
     return out
+
+
+def without_eos(scored: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """A `score_pairs` result without its last token, the EOS `encode_pair` appends: what open-unlearning's
+    `tokenwise_logprobs` and `tokenwise_vocab_logprobs` keep ("-1 to ignore eos prediction")."""
+    return {k: v[:-1] for k, v in scored.items()}
 
 
 def normalised_probability(logprobs: np.ndarray) -> float:
@@ -125,36 +143,47 @@ def rouge_l_recall(generated: list[str], gold: list[str]) -> np.ndarray:
 
 
 def min_k_score(logprobs: np.ndarray, k: float = MIN_K) -> float:
-    """Mean of the k-fraction lowest token log-probabilities (at least one token): higher = more member-like."""
+    """Mean of the k-fraction lowest token log-probabilities (at least one token): higher = more member-like.
+    Open-unlearning's `MinKProbAttack.compute_score` negated (it scores lower = member); 0 with no token, as
+    there. Pass the answer's tokens without its EOS to match it (`evaluate_set` does)."""
+    if len(logprobs) == 0:
+        return 0.0
     n = max(1, int(len(logprobs) * k))
     return float(np.sort(logprobs)[:n].mean())
 
 
 def privacy_leakage(auc_unlearned: float, auc_retain: float) -> float:
-    """MUSE's PrivLeak in percent: 0 = as private as the retain model, > 0 = members still stand out.
-    NaN when the retain model's AUC is 0 (only seen on a couple of questions per set, e.g. forget01 of 10)."""
-    return (auc_unlearned - auc_retain) / auc_retain * 100 if auc_retain > 0 else float("nan")
+    """MUSE's PrivLeak in percent, as open-unlearning's `privleak`: (AUC_retain - AUC_unlearned) /
+    (1 - AUC_retain) x 100 on `membership_auc`'s convention (1 = members stand out). 0 = as the retain model,
+    < 0 = under-unlearned (the forget set still stands out), > 0 = over-unlearned. NaN when the retain model's
+    AUC is 1 (open-unlearning adds 1e-10 to the denominator instead; MUSE divides as is)."""
+    return (auc_retain - auc_unlearned) / (1 - auc_retain) * 100 if auc_retain < 1 else float("nan")
 
 
 def extraction_strength(correct: np.ndarray) -> float:
-    """1 - k/|a| for the shortest prefix length k after which every teacher-forced argmax is right."""
+    """1 - k/|a| for the shortest prefix length k after which every teacher-forced argmax is right; 0 for an
+    empty answer (open-unlearning's value there). Pass the answer without its EOS to match open-unlearning."""
+    if len(correct) == 0:
+        return 0.0
     wrong = np.flatnonzero(~correct)
     k = 0 if len(wrong) == 0 else int(wrong[-1]) + 1
     return 1 - k / len(correct)
 
 
 def evaluate_set(model, tokenizer, records: list[dict], *, role: str, max_new_tokens: int = 32,
-                 batch_size: int = 16) -> dict:
+                 batch_size: int = 16, min_k: float = MIN_K, score_eos: bool = False) -> dict:
     """All metrics of one split. `role`: forget, retain, world_facts or holdout (holdout: min-k scores only).
 
     Per-question arrays (truth ratios, min-k scores) come back as lists too: forget quality and the MIA AUC
-    compare them across models.
+    compare them across models. Min-k% (fraction `min_k`) and extraction strength score the answer without the
+    EOS `encode_pair` appends, as open-unlearning; `score_eos=True` counts it (malleable before 2026-11-29).
     """
     from malleable.evaluate.generation import generate
 
     kw = {"batch_size": batch_size}
     gold = score_pairs(model, tokenizer, [(r["prompt"], r["completion"]) for r in records], **kw)
-    out: dict = {"n": len(records), "min_k": [min_k_score(s["logprobs"]) for s in gold]}
+    answers = gold if score_eos else [without_eos(s) for s in gold]
+    out: dict = {"n": len(records), "min_k": [min_k_score(s["logprobs"], min_k) for s in answers]}
     if role == "holdout":
         return out
     ratios = truth_ratios(model, tokenizer, records, **kw)
@@ -168,7 +197,7 @@ def evaluate_set(model, tokenizer, records: list[dict], *, role: str, max_new_to
         "probability": float(probability.mean()),
         "rouge_l": float(rouge_l_recall(generations, [r["completion"] for r in records]).mean()),
         "truth_ratio": forget_truth_score(ratios) if role == "forget" else truth_score(ratios),
-        "extraction_strength": float(np.mean([extraction_strength(s["correct"]) for s in gold])),
+        "extraction_strength": float(np.mean([extraction_strength(s["correct"]) for s in answers])),
         "truth_ratios": ratios.tolist(),
         "examples": [{"prompt": r["prompt"], "gold": r["completion"], "generated": g}
                      for r, g in zip(records[:3], generations)],

@@ -5,7 +5,8 @@ Per set: mean loss per unit, accuracy (a classifier's, or for a language model t
 are the argmax), and exact recall (a language model reproduces the whole answer greedily, which is the case
 exactly when every answer token is the argmax under teacher forcing). Membership: the ROC AUC of a loss
 threshold attack telling forget rows from holdout rows (never trained on), and for language models also of
-Min-K% Prob; 0.5 means it cannot tell them apart, which is where a model retrained without the forget set sits.
+Min-K% Prob (k = 40% of each answer's tokens without its final EOS, as open-unlearning); 0.5 means it
+cannot tell them apart, which is where a model retrained without the forget set sits.
 """
 
 from __future__ import annotations
@@ -37,7 +38,9 @@ def example_scores(model: torch.nn.Module, items: Sequence, collate: Callable,
             right = (logits.argmax(-1) == labels) & mask
             units = mask.sum(1).clamp(min=1)
             loss.append((nll * mask).sum(1) / units)
-            min_k.append(torch.tensor([min_k_score(-row[m].double().cpu().numpy()) for row, m in zip(nll, mask)]))
+            # the last scored token is the EOS the encoders append; open-unlearning leaves it out of min-k
+            min_k.append(torch.tensor([min_k_score(-row[m][:-1].double().cpu().numpy())
+                                       for row, m in zip(nll, mask)]))
             acc.append(right.sum(1) / units)
             exact.append((right | ~mask).all(1).float())
         else:

@@ -4,21 +4,29 @@ GA raises the forget set's loss and nothing else; it forgets fast and breaks the
 (Liu et al., "Continual Learning and Private Unlearning", 2022; the name follows TOFU) adds a retain term,
 either the usual NLL on retain data or KL to the frozen original model on it. NPO and SimNPO (npo.py) change
 only the forget term of GradDiff, so they subclass it.
+
+The retain term (`retain_loss`) follows open-unlearning's `GradDiff.compute_retain_loss`, whose default (every
+configs/trainer GradDiff/NPO/SimNPO.yaml) is NLL, as here. Its KL (src/trainer/utils.py, `compute_kl_divergence`)
+is KL(original || model) summed over the vocabulary at EVERY position of the retain sequences, prompt included,
+divided by batch x length (`batchmean` over the flattened positions): `kl_full` here, except that padding is left
+out of the mean (open-unlearning counts padded positions too; equal on unpadded batches). `kl` (malleable's
+own) takes only the positions that predict answer tokens, the ones the NLL term trains; it stays what "kl" means.
 """
 
 from __future__ import annotations
 
 import torch
 
-from malleable.forget.losses import kl_to, mean_nll, output_logits
+from malleable.forget.losses import kl_to, mean_nll, output_logits, sequence_logits
 from malleable.forget.registry import Objective, objective
 from malleable.params import Param
 
 RETAIN_PARAMS = {
     "gamma": Param(1.0, "weight of the forget term", ge=0),
     "alpha": Param(1.0, "weight of the retain term", ge=0),
-    "retain_loss": Param("nll", "retain term: NLL on retain data, or KL to the frozen original on it",
-                         choices=("nll", "kl")),
+    "retain_loss": Param("nll", "retain term: NLL on retain data, or KL to the frozen original on it at the "
+                         "answer tokens (kl) or at every position (kl_full, open-unlearning's)",
+                         choices=("nll", "kl", "kl_full")),
 }
 
 
@@ -38,13 +46,14 @@ class GradDiff(GradientAscent):
     """GradDiff: gamma * (ascent on forget) + alpha * (NLL on retain, or KL to the original on retain)."""
 
     def setup(self, model, forget, retain, collate) -> None:
-        self.needs_reference = type(self).needs_reference or self.p["retain_loss"] == "kl"
+        self.needs_reference = type(self).needs_reference or self.p["retain_loss"] != "nll"
 
     def retain_term(self, model: torch.nn.Module, part: dict) -> torch.Tensor:
         if self.p["retain_loss"] == "nll":
             return mean_nll(model, part)
-        logits, mask = output_logits(model, part)
-        reference, _ = self.reference(output_logits, part)
+        logits_of = sequence_logits if self.p["retain_loss"] == "kl_full" else output_logits
+        logits, mask = logits_of(model, part)
+        reference, _ = self.reference(logits_of, part)
         return kl_to(reference, logits, mask)
 
     def loss(self, model: torch.nn.Module, batch: dict) -> torch.Tensor:

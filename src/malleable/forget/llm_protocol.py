@@ -154,8 +154,12 @@ class Protocol:
         self.fine_tune = {name: {"seconds": r["wall_time_s"], "steps": r["batches"]["steps"], **r["final"]}
                           for name, r in reports.items()}
         self.setup_seconds = round(time.perf_counter() - t0, 1)
+        from malleable.evaluate.llm_forget import METRIC_DEFINITIONS
+
+        # keyed by the metric definitions too: evaluations cached under earlier ones are not reused
         self.evals = {name: self._cached(d, "eval", lambda m, t: evaluate(m, t, self.sets, self.settings,
-                                                                           eval_batch_size))
+                                                                           eval_batch_size),
+                                         {"metrics": METRIC_DEFINITIONS})
                       for name, d in (("target", self.target_dir), ("retain", self.retain_dir))}
         self.relearned = None if relearning is None else {
             name: self.reference_attack(name, relearning) for name in ("target", "retain")}

@@ -57,6 +57,18 @@ def output_logits(model: torch.nn.Module, part: dict[str, torch.Tensor]) -> tupl
     return logits.unsqueeze(1), torch.ones(logits.shape[:1] + (1,), dtype=torch.bool, device=logits.device)
 
 
+def sequence_logits(model: torch.nn.Module, part: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(logits at every real position of the sequence, prompt included, attention mask): (B, S, V) and (B, S)
+    for a language model, as open-unlearning's `compute_kl_divergence` scores them; a classifier's as
+    `output_logits`."""
+    if not is_lm(part):
+        return output_logits(model, part)
+    positions = (part["attention_mask"].cumsum(1) - 1).clamp(min=0)
+    logits = model(input_ids=part["input_ids"], attention_mask=part["attention_mask"], position_ids=positions,
+                   use_cache=False).logits
+    return logits.float(), part["attention_mask"].bool()
+
+
 def kl_to(reference_logits: torch.Tensor, logits: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """KL(reference || model) per scored position, averaged over the mask's positions."""
     kl = F.kl_div(torch.log_softmax(logits, -1), torch.log_softmax(reference_logits, -1), log_target=True,

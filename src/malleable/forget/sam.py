@@ -37,7 +37,7 @@ class SharpnessAware(NPO):
         base = self.p["base"]
         if base != "ga" and not retain:
             raise InputError(f"retain set: sam with base {base} needs retain data and none was given")
-        self.needs_reference = base == "npo" or (base != "ga" and self.p["retain_loss"] == "kl")
+        self.needs_reference = base == "npo" or (base != "ga" and self.p["retain_loss"] != "nll")
 
     def forget_term(self, model: torch.nn.Module, part: dict) -> torch.Tensor:
         return super().forget_term(model, part) if self.p["base"] == "npo" else GradientAscent.forget_term(
