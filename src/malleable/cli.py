@@ -148,6 +148,12 @@ def forget(
         typer.echo(f"  {name:<10} " + ", ".join(f"{s} acc {row[s]['accuracy']:.3f}" for s in ("forget", "retain",
                                                                                             "holdout") if s in row)
                    + _membership(row))
+    if report["calibration"]:
+        c = report["calibration"]
+        typer.echo(f"calibrated stopping ({c['rule']}): stopped at step {c['stopped_at']}"
+                   + (f", back to step {c['restored_to']}" if c["restored_to"] else ""))
+    if report["verdict"]:
+        typer.echo(f"verdict: {report['verdict']}")
     typer.echo(f"output: {report['output']['path']}")
     typer.echo(f"report: {Path(report['output']['path']) / 'report.json'}")
 

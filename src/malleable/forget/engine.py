@@ -89,9 +89,11 @@ def _keep_masked(model: torch.nn.Module, optimizer: torch.optim.Optimizer, masks
 def _run(model: torch.nn.Module, objective: Objective, draw: Callable[[int], dict], steps: int, accelerator, *,
          lr: float, optimizer: str | None, schedule: str, warmup_steps: int, weight_decay: float, momentum: float,
          max_grad_norm: float | None, masks: dict[str, torch.Tensor] | None, progress: bool, desc: str,
-         log_every: int) -> tuple[list[dict], float]:
+         log_every: int, stop: Callable | None = None) -> tuple[list[dict], float, int]:
     """The shared loop: `draw(step)` gives this process's share of the step's batch; learn's optimizer_step
-    does the rest (under several processes DDP averages the shares' gradients)."""
+    does the rest (under several processes DDP averages the shares' gradients). `stop(model, step, last)`,
+    when given, may end the run early (every process computes the same answer on its identical replica).
+    Returns (history, seconds, steps run)."""
     from tqdm.auto import tqdm
 
     params = [p for p in model.parameters() if p.requires_grad]
@@ -101,7 +103,7 @@ def _run(model: torch.nn.Module, objective: Objective, draw: Callable[[int], dic
     handles = _keep_masked(model, opt, masks) if masks is not None else []
     scheduler = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, steps, warmup_steps, schedule))
     prepared, opt = accelerator.prepare(model, opt)
-    history, start = [], time.perf_counter()
+    history, start, done = [], time.perf_counter(), 0
     prepared.train()
     for step in tqdm(range(steps), disable=not (progress and accelerator.is_main_process), desc=desc, unit="step",
                      dynamic_ncols=True):
@@ -112,15 +114,21 @@ def _run(model: torch.nn.Module, objective: Objective, draw: Callable[[int], dic
                                          accelerator.num_processes, accelerator, max_grad_norm)
         scheduler.step()
         opt.zero_grad(set_to_none=True)
-        if (step + 1) % log_every == 0 or step + 1 == steps:
-            history.append({"step": step + 1, "loss": round(loss, 6), "lr": scheduler.get_last_lr()[0],
+        done = step + 1
+        if done % log_every == 0 or done == steps:
+            history.append({"step": done, "loss": round(loss, 6), "lr": scheduler.get_last_lr()[0],
                             "elapsed_s": round(time.perf_counter() - start, 3)}
                            | ({"grad_norm": round(grad_norm, 4)} if grad_norm is not None else {}))
+        if stop is not None:
+            finished = stop(accelerator.unwrap_model(prepared), done, done == steps)
+            prepared.train()
+            if finished:
+                break
     prepared.eval()
     for handle in handles:
         handle.remove()
     check_finite_weights(params, accelerator)
-    return history, time.perf_counter() - start
+    return history, time.perf_counter() - start, done
 
 
 def _steps(steps: int | None, epochs: float | None, n: int, batch_size: int) -> int:
@@ -147,14 +155,15 @@ def unlearn(model: torch.nn.Module, *, forget: Sequence, retain: Sequence | None
             steps: int | None = None, epochs: float | None = None, batch_size: int = 8, lr: float = 1e-5,
             optimizer: str | None = None, schedule: str = "constant", warmup_steps: int = 0, weight_decay: float = 0.0,
             momentum: float = 0.9, max_grad_norm: float | None = 1.0, seed: int = 0, progress: bool = False,
-            log_every: int = 10) -> UnlearnResult:
+            log_every: int = 10, stop: Callable | None = None) -> UnlearnResult:
     """Unlearn `forget` from `model` (in place; a LoRA-wrapped model is returned when `lora` is given).
 
     Examples are whatever `collate` turns into a part: (input_ids, labels) pairs with learn.data.collate for
     language models, (image, label) pairs with forget.data.collate_classification for classifiers. One epoch
     walks the forget set (the retain set for retain-only objectives); each step draws `batch_size` examples
     from each set, in a seeded order that depends only on the seed and the step, and several processes
-    (`accelerate launch`) split them evenly, so they follow the one-process run.
+    (`accelerate launch`) split them evenly, so they follow the one-process run. `stop` (a
+    forget.stopping.StopRule) ends the run once it reaches the retrain target; `steps` is then the most it may run.
     """
     obj = get_objective(objective, parameters or {})
     if not forget:
@@ -201,12 +210,12 @@ def unlearn(model: torch.nn.Module, *, forget: Sequence, retain: Sequence | None
     def draw(step: int) -> dict:
         return {"forget": draw_forget(step), "retain": draw_retain(step) if draw_retain else None}
 
-    history, seconds = _run(model, obj, draw, total, accelerator, lr=lr, optimizer=optimizer, schedule=schedule,
-                            warmup_steps=warmup_steps, weight_decay=weight_decay, momentum=momentum,
-                            max_grad_norm=max_grad_norm, masks=masks, progress=progress,
-                            desc=f"forget {objective}", log_every=log_every)
+    history, seconds, done = _run(model, obj, draw, total, accelerator, lr=lr, optimizer=optimizer,
+                                  schedule=schedule, warmup_steps=warmup_steps, weight_decay=weight_decay,
+                                  momentum=momentum, max_grad_norm=max_grad_norm, masks=masks, progress=progress,
+                                  desc=f"forget {objective}", log_every=log_every, stop=stop)
     obj.finish(model, original)
-    return UnlearnResult(model, seconds, total, history, fraction)
+    return UnlearnResult(model, seconds, done, history, fraction)
 
 
 def fit(model: torch.nn.Module, examples: Sequence, *, collate: Callable, steps: int | None = None,
@@ -224,7 +233,7 @@ def fit(model: torch.nn.Module, examples: Sequence, *, collate: Callable, steps:
     model = obj.prepare(model, _kind(collate, examples[0]))
     draw_examples = _sampler(examples, collate, batch_size, seed, accelerator, "training")
     total = _steps(steps, epochs, len(examples), batch_size)
-    history, seconds = _run(model, obj, lambda s: {"forget": None, "retain": draw_examples(s)}, total, accelerator,
+    history, seconds, _ = _run(model, obj, lambda s: {"forget": None, "retain": draw_examples(s)}, total, accelerator,
                             lr=lr, optimizer=optimizer, schedule=schedule, warmup_steps=warmup_steps,
                             weight_decay=weight_decay, momentum=momentum, max_grad_norm=max_grad_norm, masks=None,
                             progress=progress, desc="fit", log_every=log_every)

@@ -16,6 +16,7 @@ from malleable.errors import InputError, RecipeError
 from malleable.evaluate.unlearning import evidence, gaps, relearn, share_recovered
 from malleable.forget.engine import unlearn
 from malleable.forget.registry import get_mask, get_objective
+from malleable.forget.stopping import MIN_ROWS, StopRule, side
 from malleable.io.atomic import atomic_dir, check_output
 from malleable.io.hashing import sha256_file
 from malleable.learn.data import collate, load_examples
@@ -79,6 +80,9 @@ def check_recipe(recipe: ForgetRecipe):
         raise RecipeError(f"objective: {recipe.objective} does not apply to task {recipe.task}")
     if objective.needs_retain and recipe.data.retain is None:
         raise RecipeError(f"data.retain: {recipe.objective} needs retain data and none was given")
+    if recipe.training.stop_at == "indistinguishable" and recipe.data.holdout is None:
+        raise RecipeError("data.holdout: training.stop_at: indistinguishable measures the forget rows against "
+                          "holdout rows; none were given")
     return objective
 
 
@@ -116,17 +120,25 @@ def forget(recipe: ForgetRecipe, out: str | Path, *, force: bool = False, refere
                  if reference else None)
 
     size = recipe.training.batch_size
-    before = evidence(model, items, batch, size)
     t = recipe.training
+    if t.stop_at == "reference" and ref_model is None:
+        raise RecipeError("training.stop_at: reference needs a reference model (--reference or `reference:`)")
+    calibration = split_calibration(items, t.calibration, recipe.seed) if t.stop_at == "indistinguishable" else []
+    before = evidence(model, items, batch, size)
+    rows = {"original": before}
+    if ref_model is not None:
+        rows["reference"] = evidence(ref_model, items, batch, size)
+    stop = StopRule(t.stop_at, items["forget"], batch, tolerance=t.tolerance, check_every=t.check_every,
+                    calibration=calibration, batch_size=size,
+                    reference_loss=rows["reference"]["forget"]["loss"] if ref_model is not None else None
+                    ) if t.stop_at else None
     result = unlearn(model, forget=items["forget"], retain=items["retain"] or None, collate=batch,
                      objective=recipe.objective, parameters=recipe.parameters, mask=recipe.mask, lora=recipe.lora,
                      steps=t.steps, epochs=t.epochs, batch_size=t.batch_size, lr=t.lr, optimizer=t.optimizer,
                      schedule=t.schedule, warmup_steps=t.warmup_steps, weight_decay=t.weight_decay,
-                     max_grad_norm=t.max_grad_norm, seed=recipe.seed, progress=progress)
+                     max_grad_norm=t.max_grad_norm, seed=recipe.seed, progress=progress, stop=stop)
     after = evidence(result.model, items, batch, size)
-    rows = {"original": before, "unlearned": after}
-    if ref_model is not None:
-        rows["reference"] = evidence(ref_model, items, batch, size)
+    rows = {"original": before, "unlearned": after, **({"reference": rows["reference"]} if ref_model else {})}
     report = {
         "schema": SCHEMA,
         "objective": recipe.objective,
@@ -142,6 +154,8 @@ def forget(recipe: ForgetRecipe, out: str | Path, *, force: bool = False, refere
         "gap_to_reference": gaps(after, rows["reference"]) if "reference" in rows else None,
         "reference": str(reference) if reference is not None else None,
         "history": result.history,
+        "calibration": stop.report() if stop else None,
+        "verdict": verdict(after, rows.get("reference"), t.tolerance),
         "wall_time_s": round(time.perf_counter() - start, 1),
         "peak_rss_mb": peak_rss_mb(),
         "environment": environment(),
@@ -155,7 +169,7 @@ def forget(recipe: ForgetRecipe, out: str | Path, *, force: bool = False, refere
             result.model.save_pretrained(tmp, safe_serialization=True)
             tokenizer.save_pretrained(tmp)
             write_report(tmp, report, _markdown(f"forget: {recipe.objective}", report))
-            evidence_plot(tmp / "evidence.png", rows)
+            evidence_plot(tmp / "evidence.png", rows, title=f"{recipe.objective}: {report['verdict']}")
     state.wait_for_everyone()
     return report
 
@@ -213,7 +227,31 @@ def recovered(rows: dict, attack: dict) -> dict:
     return out
 
 
-def evidence_plot(path: Path, rows: dict) -> None:
+def split_calibration(items: dict, share: float, seed: int) -> list:
+    """Take a seeded `share` of the holdout rows out of `items` for the stopping rule (they never enter the
+    evidence, so the reported attack is not the one the rule tuned on); returns them."""
+    import random
+
+    rows = list(items["holdout"])
+    random.Random(seed).shuffle(rows)
+    n = max(MIN_ROWS, round(share * len(rows)))
+    if len(rows) - n < 1:
+        raise InputError(f"data.holdout: {len(rows)} rows; training.stop_at needs at least {MIN_ROWS} for calibration "
+                         f"and 1 for the evidence (training.calibration takes {n})")
+    items["holdout"] = rows[n:]
+    return rows[:n]
+
+
+def verdict(after: dict, reference: dict | None, tolerance: float) -> str | None:
+    """Which side of the retrain target the unlearned model is on, in words: against the retrained model's
+    membership AUC when there is one (MUSE's PrivLeak sign), else against 0.5."""
+    if "membership_auc" not in after:
+        return None
+    target = reference["membership_auc"] if reference and "membership_auc" in reference else 0.5
+    return side(after["membership_auc"] - target + 0.5, tolerance)
+
+
+def evidence_plot(path: Path, rows: dict, title: str | None = None) -> None:
     """Bars per model: accuracy on each set and the membership AUC."""
     import matplotlib
 
@@ -231,6 +269,8 @@ def evidence_plot(path: Path, rows: dict) -> None:
     ax.set_xticks([i + width * (len(rows) - 1) / 2 for i in range(len(names))], names)
     ax.set_ylim(0, 1)
     ax.legend(fontsize=8)
+    if title:
+        ax.set_title(title, fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -259,4 +299,17 @@ def _markdown(title: str, r: dict) -> str:
                       f"peak RSS {r['peak_rss_mb']} MB"]
     if r.get("gap_to_reference"):
         lines.append(f"- gap to reference `{r['reference']}`: {json.dumps(r['gap_to_reference'])}")
+    if r.get("verdict"):
+        against = "the retrained model's membership AUC" if "reference" in rows else "0.5 (a retrained model's level)"
+        lines.append(f"- verdict: **{r['verdict']}** (the membership attack against {against}: under-unlearned "
+                     f"means the forget rows still stand out as members, over-unlearned that they stand out by "
+                     f"being worse than unseen rows)")
+    c = r.get("calibration")
+    if c:
+        where = f", then back to step {c['restored_to']} (closer to the target)" if c["restored_to"] else ""
+        lines.append(f"- calibrated stopping ({c['rule']}, tolerance {c['tolerance']}, checked every "
+                     f"{c['check_every']} steps on {c['calibration_rows']} calibration rows): stopped at step "
+                     f"{c['stopped_at']}{where}; {c['verdict']} on the rule's own measure")
+        lines.append("- curve: " + "; ".join(f"step {p['step']}: " + ", ".join(f"{k} {v}" for k, v in p.items()
+                                                                            if k != "step") for p in c["curve"]))
     return "\n".join(lines) + "\n"

@@ -49,6 +49,11 @@ class ForgetTraining(Strict):
     warmup_steps: int = Field(default=0, ge=0)
     weight_decay: float = Field(default=0.0, ge=0)
     max_grad_norm: float | None = Field(default=1.0, gt=0)
+    # calibrated unlearning (forget/stopping.py): stop at the retrained model's level, not past it
+    stop_at: Literal["indistinguishable", "reference"] | None = None
+    tolerance: float = Field(default=0.05, gt=0, lt=0.5)  # around AUC 0.5, or relative to the reference's loss
+    check_every: int = Field(default=5, gt=0)  # steps between checks
+    calibration: float = Field(default=0.5, gt=0, lt=1)  # share of the holdout rows the rule checks against
 
     @model_validator(mode="after")
     def _length(self):

@@ -1,0 +1,115 @@
+"""Calibrated unlearning (forget/stopping.py): the rule stops at the documented point, goes back when a check
+overshoots, never trains on its calibration rows, and says which side of the retrain target a model is on."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+import yaml
+from hostile import refused
+from test_forget_cli import invoke, recipe_file, target  # noqa: F401  (the fine-tuned tiny target fixture)
+
+from malleable.forget.run import split_calibration, verdict
+from malleable.forget.stopping import StopRule, side
+
+
+def scripted(aucs: list[float], **kw) -> tuple[StopRule, torch.nn.Linear]:
+    """A rule whose measurements are `aucs` in turn, over a model whose weight is the check's index."""
+    rule = StopRule("indistinguishable", [0, 1], None, calibration=[2, 3], tolerance=0.05, check_every=5, **kw)
+    seq = iter(aucs)
+    rule.measure = lambda model: {"forget_loss": 0.0, "membership_auc": next(seq)}
+    return rule, torch.nn.Linear(1, 1, bias=False)
+
+
+def drive(rule: StopRule, model: torch.nn.Linear, steps: int) -> None:
+    for step in range(1, steps + 1):
+        with torch.no_grad():
+            model.weight.fill_(step)
+        if rule(model, step, step == steps):
+            return
+
+
+def test_the_rule_stops_at_the_first_check_within_the_tolerance():
+    rule, model = scripted([0.9, 0.7, 0.54, 0.5])
+    drive(rule, model, 40)
+    assert rule.stopped_at == 15 and rule.restored_to is None  # checks at 5, 10, 15: 0.54 is within 0.05
+    assert [p["step"] for p in rule.curve] == [5, 10, 15] and rule.report()["verdict"] == "calibrated"
+    assert float(model.weight) == 15
+
+
+def test_an_overshoot_goes_back_to_the_closer_earlier_check():
+    rule, model = scripted([0.9, 0.58, 0.1])
+    drive(rule, model, 40)
+    assert rule.stopped_at == 15 and rule.restored_to == 10
+    assert float(model.weight) == 10  # the weights of step 10 (AUC 0.58, 0.08 off) beat step 15's (0.40 off)
+    assert rule.report()["verdict"] == "under-unlearned"  # 0.58 is still above 0.5 + 0.05: said plainly
+
+
+def test_an_overshoot_closer_than_the_earlier_check_is_kept():
+    rule, model = scripted([0.9, 0.42])
+    drive(rule, model, 40)
+    assert (rule.stopped_at, rule.restored_to, float(model.weight)) == (10, None, 10)
+    assert rule.report()["verdict"] == "over-unlearned"
+
+
+def test_the_last_step_is_always_checked():
+    rule, model = scripted([0.9, 0.8])
+    drive(rule, model, 7)
+    assert [p["step"] for p in rule.curve] == [5, 7] and rule.stopped_at is None
+    assert rule.report()["verdict"] == "under-unlearned"
+
+
+@pytest.mark.parametrize("auc, words", [(0.9, "under-unlearned"), (0.53, "calibrated"), (0.47, "calibrated"),
+                                        (0.1, "over-unlearned")])
+def test_side_follows_the_privleak_sign(auc, words):
+    assert side(auc, 0.05) == words
+
+
+def test_a_model_compared_with_itself_is_calibrated():
+    row = {"membership_auc": 0.93}
+    assert verdict(row, row, 0.05) == "calibrated"
+    assert verdict({"membership_auc": 0.2}, row, 0.05) == "over-unlearned"
+
+
+def test_calibration_rows_leave_the_evidence_and_never_reach_training():
+    items = {"forget": ["f"] * 4, "retain": ["r"] * 4, "holdout": [f"h{i}" for i in range(10)]}
+    calibration = split_calibration(items, 0.3, seed=0)
+    assert len(calibration) == 3 and len(items["holdout"]) == 7
+    assert not set(calibration) & set(items["holdout"])
+    assert split_calibration({"holdout": [f"h{i}" for i in range(10)]}, 0.3, seed=0) == calibration  # seeded
+
+
+def test_forget_stops_at_the_target_and_reports_the_curve(target, tmp_path):  # noqa: F811
+    r = recipe_file(tmp_path / "r.yaml", target, training={"steps": 40, "batch_size": 8, "lr": 2e-3,
+                                                           "stop_at": "indistinguishable", "check_every": 2,
+                                                           "tolerance": 0.1, "calibration": 0.5})
+    result = invoke("forget", r, tmp_path / "out", "-q")
+    assert result.exit_code == 0, result.output
+    report = json.loads((tmp_path / "out" / "report.json").read_text())
+    c = report["calibration"]
+    assert c["calibration_rows"] == 4 and report["data"]["holdout"]["examples"] == 8
+    assert c["curve"] and c["curve"][-1]["step"] == c["stopped_at"] == report["steps"] <= 40
+    assert report["verdict"] in ("under-unlearned", "calibrated", "over-unlearned")
+    assert "calibrated stopping" in (tmp_path / "out" / "report.md").read_text()
+    assert "verdict" in result.stdout
+
+
+@pytest.mark.parametrize("training, data, mentions", [
+    ({"stop_at": "indistinguishable", "tolerance": 0.5}, {}, "training.tolerance"),
+    ({"stop_at": "indistinguishable", "tolerance": 0}, {}, "training.tolerance"),
+    ({"stop_at": "indistinguishable"}, {"holdout": None}, "data.holdout"),
+    ({"stop_at": "reference"}, {}, "needs a reference model"),
+    ({"stop_at": "indistinguishable", "calibration": 0.99}, {}, "at least 2"),
+    ({"stop_at": "sometime"}, {}, "training.stop_at"),
+])
+def test_bad_stopping_settings_are_one_line(target, tmp_path, training, data, mentions):  # noqa: F811
+    r = recipe_file(tmp_path / "r.yaml", target, training={"steps": 4, "batch_size": 8, "lr": 2e-3, **training})
+    if data:
+        cfg = yaml.safe_load(r.read_text())
+        cfg["data"] = {k: v for k, v in cfg["data"].items() if k not in data}
+        r.write_text(yaml.safe_dump(cfg))
+    refused(["forget", r, tmp_path / "out", "-q"], mentions=mentions,
+            inputs=[r, target["model"], target["forget"], target["retain"], target["holdout"]],
+            out=tmp_path / "out")
