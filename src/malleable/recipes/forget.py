@@ -16,6 +16,7 @@ training:
   batch_size: 8                  # forget rows per step (and as many retain rows)
   lr: 1.0e-5
   optimizer: adamw               # adamw | sgd; unset: AdamW, or the objective's own (SOUL's Sophia)
+  stop_at: indistinguishable     # optional: stop at the retrained model's level (forget/stopping.py), or `reference`
 reference: path/to/retrained     # optional: the gold standard (a model trained without the forget set)
 retrain: learn.yaml              # optional: a learn recipe; `--reference retrain` runs it on data.retain
 seed: 0
