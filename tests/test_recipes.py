@@ -76,7 +76,7 @@ def test_mergekit_dare_ties_defaults(models):
 
 
 @pytest.mark.parametrize("data, key", [
-    ({"merge_method": "passthrough", "base_model": "b", "models": []}, "passthrough"),
+    ({"merge_method": "frankenstein", "base_model": "b", "models": []}, "frankenstein"),
     ({"merge_method": "ties", "slices": []}, "slices"),
     ({"merge_method": "ties", "slices": [{"sources": [], "base": "b"}]}, "slices.0.base"),
     ({"merge_method": "ties", "modles": []}, "modles"),
@@ -106,7 +106,7 @@ def test_mergekit_slices_taking_every_layer_read_as_models(models, tmp_path):
 
 
 @pytest.mark.parametrize("change, key", [
-    (lambda s: s.append(dict(s[0])), "only one slice"),
+    (lambda s: s.append(dict(s[0])), "several models over a layer range is not supported yet"),
     (lambda s: s[0]["sources"][1].update(layer_range=[0, 1]), "slices.0.sources.1.layer_range"),
     (lambda s: s[0]["sources"][0].update(model="/nonexistent"), "slices.0.sources.0.layer_range"),
 ])

@@ -9,7 +9,9 @@ place in the output shard, free. Peak memory is a few tensors, whatever the mode
 from __future__ import annotations
 
 import ctypes
+import json
 import math
+import re
 import shutil
 import time
 import zlib
@@ -29,7 +31,8 @@ from malleable.io.checkpoint import Checkpoint, dtype_from_name
 from malleable.io.hashing import BackgroundHasher
 from malleable.io.paths import check_folder
 from malleable.io.writer import ShardedWriter, parse_size, split_shards
-from malleable.merge.params import ParamResolver, layer_index
+from malleable.merge import chat_template
+from malleable.merge.params import ParamResolver, layer_index, rename_layer
 from malleable.merge.registry import Rule, get_rule, rule_params
 from malleable.recipes.merge import MergeRecipe
 from malleable.report import environment, peak_rss_mb, write_report
@@ -38,6 +41,23 @@ from malleable.report import environment, peak_rss_mb, write_report
 MODEL_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
                "special_tokens_map.json", "tokenizer.model", "vocab.json", "merges.txt", "chat_template.jinja",
                "added_tokens.json")
+
+
+# config.json lists with one entry per layer: re-laid out with the layers when slices stack them
+PER_LAYER_CONFIG = ("layer_types", "no_rope_layers")
+# tensors outside the layers that sit before them (taken from the first slice's model; the rest from the last's)
+_PRE_LAYER = re.compile(r"embed|wte|wpe|word_embeddings")
+
+
+@dataclass(frozen=True)
+class TensorSource:
+    """Where one output tensor comes from: tensor `name` of the inputs `inputs` (indices into `plan.models`), its
+    parameters resolved by `resolver` with per-layer gradients read at position `layer`."""
+
+    name: str
+    inputs: tuple[int, ...]
+    resolver: ParamResolver
+    layer: int | None
 
 
 @dataclass
@@ -53,6 +73,22 @@ class MergePlan:
     tensors: list[tuple[str, torch.dtype, tuple[int, ...]]] = field(default_factory=list)
     modules: list[str] = field(default_factory=list)  # LoRA modules, in output order
     rank: int | None = None
+    # output tensor -> its source, where it is not "the same name in every input" (slices rename layers)
+    sources: dict[str, TensorSource] = field(default_factory=dict)
+    # slices: output layer i is layer layer_map[i][1] of plan.models[layer_map[i][0]]
+    layer_map: list[tuple[int, int]] | None = None
+    donor: Checkpoint | None = None  # config.json and tokenizer files come from it (default: base or first input)
+
+    @property
+    def donor_root(self) -> Path:
+        """The folder config.json and the tokenizer files are copied from."""
+        return (self.donor or self.base or self.models[0]).root
+
+    def source(self, name: str) -> TensorSource:
+        src = self.sources.get(name)
+        if src is None:
+            src = TensorSource(name, tuple(range(len(self.models))), self.resolver, layer_index(name))
+        return src
 
     @property
     def base_used(self) -> bool:
@@ -123,14 +159,25 @@ def plan_merge(recipe: MergeRecipe) -> MergePlan:
         plan = _plan_models(recipe, rule, params, base)
     if recipe.output.rank is not None and plan.output_kind == "model" and rule.space == "full":
         raise RecipeError("output.rank: this merge writes a model with a full-space rule; there is no rank to set")
+    if plan.input_kind == "adapter" and recipe.read_dtype:
+        raise RecipeError("read_dtype: applies to merging full checkpoints, not LoRA adapters")
+    if recipe.chat_template is not None:
+        if plan.output_kind != "model":
+            raise RecipeError("chat_template: the output is a LoRA adapter, which carries no tokenizer")
+        chat_template.check(recipe.chat_template, plan.donor_root)
     low, high = rule.inputs
-    if not low <= len(recipe.inputs) <= (high if high is not None else len(recipe.inputs)):
+    if recipe.slices is not None:
+        if not low <= 1 <= (high if high is not None else 1):
+            raise RecipeError(f"slices: method '{rule.name}' merges at least {low} inputs, but a slice takes one "
+                              "input's layers (stack layers with passthrough)")
+    elif not low <= len(recipe.inputs) <= (high if high is not None else len(recipe.inputs)):
         want = f"exactly {low}" if low == high else f"at least {low}" if high is None else f"{low} to {high}"
         raise RecipeError(f"inputs: method '{rule.name}' merges {want} input(s) besides the base, got "
                           f"{len(recipe.inputs)}")
     for name, _, _ in plan.tensors:  # every parameter value for every tensor, checked before any work
-        plan.resolver.values(name)
-        plan.resolver.weights(name)
+        src = plan.source(name)
+        src.resolver.values(src.name, src.layer)
+        src.resolver.weights(src.name, src.layer)
     return plan
 
 
@@ -143,6 +190,8 @@ def _plan_models(recipe: MergeRecipe, rule: Rule, params, base: Checkpoint | Non
     if recipe.output.kind == "adapter":
         raise RecipeError("output.kind: full checkpoints merge into a model, not an adapter")
     models = [Checkpoint(i.path, recipe.allow_pickle) for i in recipe.inputs]
+    if recipe.slices is not None:
+        return _plan_slices(recipe, rule, params, base, models)
     ref = base or models[0]
     ref_cfg = ref.config or {}
     for m in models + ([base] if base else []):
@@ -164,6 +213,85 @@ def _plan_models(recipe: MergeRecipe, rule: Rule, params, base: Checkpoint | Non
     tensors = _output_plan(recipe, ref)
     resolver = ParamResolver(recipe, params, _num_layers(ref.config, ref.names))
     return MergePlan(recipe, rule, resolver, "model", "model", base, models=models, tensors=tensors)
+
+
+def _plan_slices(recipe: MergeRecipe, rule: Rule, params, base: Checkpoint | None,
+                 models: list[Checkpoint]) -> MergePlan:
+    """Stack the slices' layer ranges into a deeper model (a frankenmerge). Output layer i is one input's layer j,
+    renamed; tensors outside the layers before them (embeddings) come from the first slice's input, the others
+    (final norm, lm_head) from the last slice's, as in mergekit. The base, if given, only lends config.json and
+    the tokenizer files."""
+    if rule.uses_base is not False:
+        raise RecipeError(f"slices: method '{rule.name}' needs a base or several inputs per tensor; slices stack "
+                          "one input's layers (use passthrough)")
+    for n, sl in enumerate(recipe.slices):
+        if sl.input >= len(models):
+            raise RecipeError(f"slices.{n}.input: {sl.input} is not an input (there are {len(models)})")
+    unused = sorted(set(range(len(models))) - {sl.input for sl in recipe.slices})
+    if unused:
+        raise RecipeError(f"inputs.{unused[0]}: no slice takes layers from it")
+    ref = base or models[recipe.slices[0].input]
+    ref_cfg = ref.config or {}
+    layers: list[dict[int, list[str]]] = []  # per input: layer -> its tensor names, in file order
+    for m in models:
+        cfg = m.config or {}
+        for key in ("model_type", "hidden_size", "vocab_size"):
+            if key in cfg and key in ref_cfg and cfg[key] != ref_cfg[key]:
+                raise InputError(f"{m.root / 'config.json'}: {key} is {cfg[key]}, but {ref.path} has "
+                                 f"{ref_cfg[key]}: layers of different architectures cannot be stacked")
+        by_layer: dict[int, list[str]] = {}
+        for name in m.meta:
+            i = layer_index(name)
+            if i is not None:
+                by_layer.setdefault(i, []).append(name)
+        layers.append(by_layer)
+    out_dtype = dtype_from_name(recipe.output.dtype) if recipe.output.dtype else None
+    tensors, sources, layer_map = [], {}, []
+
+    def add(out_name: str, k: int, name: str, resolver: ParamResolver, layer: int | None) -> None:
+        meta = models[k].meta[name]
+        if out_name in sources:
+            raise InputError(f"{models[k].path}: tensor '{name}' would be written twice as '{out_name}'")
+        tensors.append((out_name, out_dtype if (out_dtype and meta.dtype.is_floating_point) else meta.dtype,
+                        meta.shape))
+        sources[out_name] = TensorSource(name, (k,), resolver, layer)
+
+    resolvers = []
+    for n, sl in enumerate(recipe.slices):
+        where = f"slices.{n}"
+        k, (start, end) = sl.input, sl.layers
+        have = _num_layers(models[k].config, models[k].names)
+        if end > have:
+            raise RecipeError(f"{where}.layers: [{start}, {end}] goes past the {have} layers of {models[k].path}")
+        sub = recipe.model_copy(update={"inputs": [recipe.inputs[k]], "slices": None,
+                                        "parameters": {**recipe.parameters, **sl.parameters}})
+        resolvers.append(ParamResolver(sub, params, end - start))
+    head, tail = recipe.slices[0].input, recipe.slices[-1].input
+    outside = [name for name in models[head].meta if layer_index(name) is None]
+    for name in outside:
+        if _PRE_LAYER.search(name):
+            add(name, head, name, resolvers[0], None)
+    for n, sl in enumerate(recipe.slices):
+        k, (start, end) = sl.input, sl.layers
+        for j in range(start, end):
+            if j not in layers[k]:
+                raise InputError(f"{models[k].path}: has no tensors of layer {j} (slices.{n}.layers)")
+            shapes = {rename_layer(t, 0): models[k].meta[t].shape for t in layers[k][j]}
+            if layer_map:
+                want = {rename_layer(t, 0): models[layer_map[0][0]].meta[t].shape
+                        for t in layers[layer_map[0][0]][layer_map[0][1]]}
+                if shapes != want:
+                    odd = sorted(set(shapes.items()) ^ set(want.items()))[0][0]
+                    raise InputError(f"{models[k].path}: layer {j} does not match the layers stacked before it "
+                                     f"(tensor '{odd}')")
+            for t in layers[k][j]:
+                add(rename_layer(t, len(layer_map)), k, t, resolvers[n], j - start)
+            layer_map.append((k, j))
+    for name in [t for t in models[tail].meta if layer_index(t) is None and not _PRE_LAYER.search(t)]:
+        add(name, tail, name, resolvers[-1], None)
+    plan = MergePlan(recipe, rule, resolvers[0], "model", "model", None, models=models, tensors=tensors,
+                     sources=sources, layer_map=layer_map, donor=base or models[head])
+    return plan
 
 
 def _plan_adapters(recipe: MergeRecipe, rule: Rule, params, base: Checkpoint | None) -> MergePlan:
@@ -249,9 +377,11 @@ class _Stats:
 
 
 def _merge_dense(plan: MergePlan, name: str, tensors: list[torch.Tensor]) -> torch.Tensor:
-    """Apply a full-space rule to one tensor's float32 task vectors (uses_base) or weights."""
-    params = plan.resolver.values(name)
-    return plan.rule.fn(tensors, plan.resolver.weights(name), _generator(plan.recipe.seed, name), **params)
+    """Apply a full-space rule to output tensor `name`'s float32 task vectors (uses_base) or weights."""
+    src = plan.source(name)
+    params = src.resolver.values(src.name, src.layer)
+    return plan.rule.fn(tensors, src.resolver.weights(src.name, src.layer), _generator(plan.recipe.seed, name),
+                        **params)
 
 
 def _merge_module(plan: MergePlan, module: str) -> tuple[LowRankDelta | None, torch.Tensor | None]:
@@ -344,10 +474,15 @@ def _stream_model(plan: MergePlan, tmp: Path, stats: _Stats, progress: bool) -> 
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="write") as write_thread:
         _merge_tensors(plan, writer, write_thread, stats, progress)
     writer.close()
-    source = plan.base or plan.models[0]
+    source = plan.donor or plan.base or plan.models[0]
     for f in MODEL_FILES:
         if (source.root / f).is_file():
             shutil.copy2(source.root / f, tmp / f)
+    if (source.root / "config.json").is_file() and (plan.layer_map is not None or recipe.output.dtype):
+        _write_config(plan, source.root / "config.json", tmp / "config.json")
+    if recipe.chat_template is not None:
+        folders = [p for p in ([recipe.base] if recipe.base else []) + [i.path for i in recipe.inputs]]
+        chat_template.write(recipe.chat_template, source.root, folders, tmp)
 
 
 def _merge_tensors(plan: MergePlan, writer: ShardedWriter, write_thread: ThreadPoolExecutor, stats: _Stats,
@@ -372,8 +507,9 @@ def _merge_tensors(plan: MergePlan, writer: ShardedWriter, write_thread: ThreadP
                 stats.add(name, delta, low.rank if low is not None else None)
             else:
                 result = base
-        elif not plan.models[0].meta[name].dtype.is_floating_point:
-            result = base if base is not None else plan.models[0].read(name)
+        elif not plan.models[plan.source(name).inputs[0]].meta[plan.source(name).name].dtype.is_floating_point:
+            src = plan.source(name)
+            result = base if base is not None else plan.models[src.inputs[0]].read(src.name)
         else:
             result = _merge_floats(plan, name, buffers, stats)
         if not recipe.allow_nonfinite and result.is_floating_point() and not _all_finite(result):
@@ -389,15 +525,17 @@ def _merge_tensors(plan: MergePlan, writer: ShardedWriter, write_thread: ThreadP
 def _merge_floats(plan: MergePlan, name: str, buffers: _Buffers, stats: _Stats) -> torch.Tensor:
     """Merge one floating tensor of full checkpoints; the result may live in one of `buffers`."""
     allow = plan.recipe.allow_nonfinite
-    base = buffers.read_float(plan.base, name, "base") if plan.base else None
+    src = plan.source(name)
+    base = _read_float(plan, buffers, plan.base, name, "base") if plan.base else None
     if base is not None:
         _check_finite(base, name, plan.base.path, allow)
     raw_base = plan.rule.uses_base == "raw"  # the rule gets the base's raw weight first, then the inputs'
     task_vectors = plan.rule.uses_base is True or (plan.rule.uses_base == "optional" and base is not None)
     tensors = [base] if raw_base else []
-    for i, m in enumerate(plan.models):
-        t = buffers.read_float(m, name, f"input{i}")
-        _check_finite(t, name, m.path, allow)
+    for i in src.inputs:
+        m = plan.models[i]
+        t = _read_float(plan, buffers, m, src.name, f"input{i}")
+        _check_finite(t, src.name, m.path, allow)
         tensors.append(t.sub_(base) if task_vectors else t)  # task vectors in place
     merged = _merge_dense(plan, name, tensors)
     del tensors
@@ -406,6 +544,37 @@ def _merge_floats(plan: MergePlan, name: str, buffers: _Buffers, stats: _Stats) 
         return merged
     stats.add(name, merged)
     return merged.add_(base)
+
+
+def _read_float(plan: MergePlan, buffers: _Buffers, ckpt: Checkpoint, name: str, role: str) -> torch.Tensor:
+    """`name` from `ckpt` as float32, first rounded to the recipe's read_dtype (mergekit's `dtype`) if it sets one."""
+    t = buffers.read_float(ckpt, name, role)
+    if plan.recipe.read_dtype:
+        t.copy_(t.to(dtype_from_name(plan.recipe.read_dtype)))
+    return t
+
+
+def _write_config(plan: MergePlan, source: Path, dest: Path) -> None:
+    """config.json from the donor, with the layer count (and per-layer lists) of stacked slices and the dtype of
+    the written tensors, when those differ from the donor's."""
+    cfg = json.loads(source.read_text())
+    if plan.layer_map is not None:
+        for key in ("num_hidden_layers", "n_layer", "num_layers"):
+            if isinstance(cfg.get(key), int):
+                cfg[key] = len(plan.layer_map)
+                break
+        for key in PER_LAYER_CONFIG:
+            lists = [(plan.models[k].config or {}).get(key) for k in range(len(plan.models))]
+            if isinstance(cfg.get(key), list):
+                if not all(isinstance(v, list) for v in lists):
+                    raise InputError(f"{source}: {key} is per layer, but an input's config.json has none")
+                cfg[key] = [lists[k][j] for k, j in plan.layer_map]
+    if plan.recipe.output.dtype:
+        name = str(dtype_from_name(plan.recipe.output.dtype)).removeprefix("torch.")
+        keys = [k for k in ("dtype", "torch_dtype") if k in cfg] or ["dtype"]
+        for key in keys:
+            cfg[key] = name
+    dest.write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
 
 
 def _report(plan: MergePlan, out: Path, tmp: Path, stats: _Stats, hashes: dict[str, str], wall: float) -> dict:

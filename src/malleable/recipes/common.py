@@ -48,6 +48,12 @@ def read_yaml(path: str | Path) -> Any:
         data = yaml.safe_load(raw.decode("utf-8"))
     except UnicodeDecodeError as e:
         raise RecipeError(f"{path}: not UTF-8 text (byte {e.start})") from None
+    except yaml.composer.ComposerError as e:
+        if "single document" in str(e):
+            raise RecipeError(f"{path}: holds several YAML documents (`---`, mergekit-multi); merging several "
+                              "documents in one run is not supported yet: give one merge per recipe") from None
+        where = getattr(e, "problem_mark", None)
+        raise RecipeError(f"{path}: not valid YAML{f' at line {where.line + 1}' if where else ''}") from None
     except yaml.YAMLError as e:
         where = getattr(e, "problem_mark", None)
         line = f" at line {where.line + 1}" if where else ""

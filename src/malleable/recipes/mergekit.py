@@ -1,5 +1,12 @@
-"""Read a mergekit YAML (the `models:` form, or a `slices:` form equivalent to it) as a malleable merge recipe,
-with mergekit 0.1.5's semantics.
+"""Read a mergekit YAML (the `models:` form, a `slices:` form equivalent to it, or `slices:` of one source
+each that stack layer ranges, i.e. passthrough frankenmerges) as a malleable merge recipe, with mergekit
+0.1.5's semantics.
+
+`dtype` is the precision inputs are read in (we round to it, then compute in float32; mergekit computes most
+methods in it), `out_dtype` (else `dtype`) the written one, also recorded in config.json. `chat_template` (a
+built-in name, `auto` or a Jinja string) is written as mergekit writes it. Refused with one line rather than
+ignored: `tokenizer_source` and `tokenizer` (vocabulary merging), slices that merge several models over a layer
+range, and several YAML documents in one file (mergekit-multi).
 
 mergekit's defaults differ per method (ties normalises by the agreeing weights, dare_ties does not; both
 elect signs from the weighted task vectors), so each method maps to our rule with those defaults made
@@ -42,14 +49,15 @@ METHODS: dict[str, tuple[str, dict[str, Any], set[str]]] = {
     "multislerp": ("multislerp", {"normalize_weights": True}, set()),
     "karcher": ("karcher", {"max_iter": 10, "tol": 1e-5}, set()),
     "arcee_fusion": ("arcee_fusion", {}, set()),
+    "passthrough": ("passthrough", {}, set()),
 }
 # rules with no base: mergekit's base_model is one more input
-BASE_AS_INPUT = {"linear", "karcher"}
+BASE_AS_INPUT = {"linear", "karcher", "passthrough"}
 # rules whose mergekit `normalize: true/false` is our "weights"/"none" (TIES' disjoint merge)
 DISJOINT = {"ties", "dare_ties", "breadcrumbs_ties", "della"}
 # rules that take mergekit's `rescale` (the others refuse rescale: true)
 RESCALABLE = {"dare_ties", "dare_linear", "breadcrumbs", "breadcrumbs_ties", "della", "della_linear"}
-PER_INPUT = {"weight", "density", "gamma", "epsilon"}
+PER_INPUT = {"weight", "density", "gamma", "epsilon", "scale"}
 Params = dict[str, ParamSpec]
 
 
@@ -73,14 +81,14 @@ class Mergekit(Strict):
 
     merge_method: str
     models: list[Model] | None = None
-    slices: list[Slice] | None = None
+    slices: list[Slice] | None = Field(default=None, min_length=1)
     base_model: str | None = None
     parameters: Params = Field(default_factory=dict)
     dtype: str | None = None
     out_dtype: str | None = None
-    tokenizer_source: Any = None  # read by mergekit only; ignored here
-    tokenizer: Any = None
-    chat_template: Any = None
+    tokenizer_source: Any = None  # refused: building a vocabulary and permuting embeddings to it is not built
+    tokenizer: Any = None  # refused, as tokenizer_source
+    chat_template: str | None = None
     name: str | None = None
 
 
@@ -151,11 +159,54 @@ def _slices_as_models(data: dict, source: str) -> dict:
     return {**rest, "models": models, "parameters": {**top, **own}}
 
 
+def _is_models(data: dict, source: str) -> bool:
+    """Whether `slices:` is the `models:` form in disguise: one slice whose sources all take every layer."""
+    slices = data["slices"]
+    return len(slices) == 1 and (len(slices[0]["sources"]) > 1 or all(
+        src.get("layer_range") == [0, _num_layers(src["model"], source)] for src in slices[0]["sources"]))
+
+
+def _stacked_slices(data: dict, source: str) -> dict:
+    """Slices that stack layer ranges, one source each (a frankenmerge): the inputs are the distinct models in
+    order of first use, each slice names one of them. A source's parameters rank above its slice's, and those
+    above the top-level ones, as in mergekit."""
+    if "models" in data:
+        raise RecipeError(f"{source}: slices: give either `models:` or `slices:`, not both")
+    paths: list[str] = []
+    slices = []
+    top = dict(data.get("parameters") or {})
+    for n, sl in enumerate(data["slices"]):
+        where = f"{source}: slices.{n}"
+        if len(sl["sources"]) != 1:
+            raise RecipeError(f"{where}.sources: a slice that merges several models over a layer range is not "
+                              "supported yet; stacking slices of one source each is")
+        src = sl["sources"][0]
+        if src.get("layer_range") is None:
+            raise RecipeError(f"{where}.sources.0.layer_range: required when slices stack layers")
+        if len(src["layer_range"]) != 2:
+            raise RecipeError(f"{where}.sources.0.layer_range: expected [start, end], got {src['layer_range']}")
+        own = {**dict(sl.get("parameters") or {}), **dict(src.get("parameters") or {})}
+        for key in set(top) & set(own):
+            if isinstance(own[key], list) and any(isinstance(v, dict) for v in own[key]):
+                raise RecipeError(f"{where}.parameters.{key}: filtered values that fall back to the top-level "
+                                  "parameters are not supported; set the key in one place")
+        if src["model"] not in paths:
+            paths.append(src["model"])
+        slices.append({"input": paths.index(src["model"]), "layers": src["layer_range"], "parameters": own})
+    rest = {k: v for k, v in data.items() if k != "slices"}
+    return {**rest, "models": [{"model": p} for p in paths], "slice_specs": slices}
+
+
 def from_mergekit(data: dict, source: str) -> dict:
     """Translate a mergekit config dict into a malleable recipe dict (validated afterwards as usual)."""
     data = validate(Mergekit, data, source).model_dump(exclude_unset=True)
+    for key in ("tokenizer_source", "tokenizer"):
+        if data.get(key) is not None:
+            raise RecipeError(f"{source}: {key}: mergekit's tokenizer merging (an output vocabulary, embedding and "
+                              "lm_head rows permuted or padded to it) is not supported yet; without it the output "
+                              "keeps the base (or first) model's tokenizer and rows, as mergekit does")
     if "slices" in data:
-        data = _slices_as_models(data, source)
+        data = _slices_as_models(data, source) if _is_models(data, source) else _stacked_slices(data, source)
     method = data["merge_method"]
     if method not in METHODS:
         raise RecipeError(f"{source}: merge_method: mergekit method '{method}' is not available in malleable "
@@ -166,10 +217,11 @@ def from_mergekit(data: dict, source: str) -> dict:
     shared_weight = top.pop("weight", None)
     inputs = []
     entries = list(data.get("models") or [])
-    if base is not None and rule in BASE_AS_INPUT and all(e.get("model") != base for e in entries):
+    stacked = "slice_specs" in data
+    if base is not None and rule in BASE_AS_INPUT and not stacked and all(e.get("model") != base for e in entries):
         entries.append({"model": base})  # mergekit: linear and karcher treat base_model as one more input
     for i, entry in enumerate(entries):
-        if rule not in BASE_AS_INPUT and entry["model"] == base:
+        if rule not in BASE_AS_INPUT and entry["model"] == base and not stacked:
             continue  # mergekit: the base contributes no task vector
         per = _translate(rule, dict(entry.get("parameters") or {}), drop, f"models.{i}.parameters")
         extra = sorted(set(per) - PER_INPUT)
@@ -180,10 +232,18 @@ def from_mergekit(data: dict, source: str) -> dict:
         if weight is not None:
             spec["weight"] = weight
         inputs.append(spec)
-    out_dtype = data.get("out_dtype") or data.get("dtype")
     recipe: dict[str, Any] = {"method": rule, "inputs": inputs, "parameters": {**defaults, **top}}
-    if rule not in BASE_AS_INPUT and base is not None:
-        recipe["base"] = base
+    if base is not None and (rule not in BASE_AS_INPUT or stacked):
+        recipe["base"] = base  # with stacked slices: only config.json and the tokenizer come from it
+    if stacked:
+        recipe["slices"] = [{**sl, "parameters": _translate(rule, sl["parameters"], drop, f"slices.{n}.parameters")}
+                            for n, sl in enumerate(data["slice_specs"])]
+    # mergekit: tensors are read (and merged) in `dtype` and written in `out_dtype`, else in `dtype`
+    out_dtype = data.get("out_dtype") or data.get("dtype")
     if out_dtype:
         recipe["output"] = {"dtype": out_dtype}
+    if data.get("dtype"):
+        recipe["read_dtype"] = data["dtype"]
+    if data.get("chat_template") is not None:
+        recipe["chat_template"] = data["chat_template"]
     return recipe

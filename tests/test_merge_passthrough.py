@@ -1,0 +1,167 @@
+"""mergekit's passthrough and layer slices (frankenmerges), dtype / out_dtype, chat_template, and the mergekit keys
+refused rather than ignored. Expectations are mergekit 0.1.5's behaviour (plan.py: embeddings from the first
+slice's model, final norm and lm_head from the last slice's; merge.py: num_hidden_layers and torch_dtype in
+config.json); bench/mergekit_parity.py runs mergekit itself on the same kind of YAML."""
+
+from __future__ import annotations
+
+import json
+import re
+
+import pytest
+import torch
+import yaml
+from conftest import CHAT_TEMPLATE
+from hostile import refused
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from malleable.api import merge as run_merge
+from malleable.merge.chat_template import BUILTIN
+
+
+def write(tmp_path, data, name="mk.yml"):
+    path = tmp_path / name
+    path.write_text(yaml.safe_dump(data) if isinstance(data, dict) else data)
+    return path
+
+
+def src(model, layers, **params):
+    s = {"model": str(model), "layer_range": layers}
+    return {"sources": [{**s, "parameters": params} if params else s]}
+
+
+def layer_of(name):
+    m = re.search(r"\.layers\.(\d+)\.", name)
+    return int(m.group(1)) if m else None
+
+
+def renamed(name, i):
+    return re.sub(r"\.layers\.\d+\.", f".layers.{i}.", name)
+
+
+def test_frankenmerge_stacks_layers_renamed_and_loads(models, tmp_path):
+    """ft0 layers 0-1, ft0 layer 1 again, ft1 layer 0: a 4-layer model from two 2-layer ones."""
+    data = {"merge_method": "passthrough",
+            "slices": [src(models["ft0"], [0, 2]), src(models["ft0"], [1, 2]), src(models["ft1"], [0, 1])]}
+    out = tmp_path / "out"
+    run_merge(write(tmp_path, data), out, progress=False)
+    got = load_file(out / "model.safetensors")
+    a, b = load_file(models["ft0"] / "model.safetensors"), load_file(models["ft1"] / "model.safetensors")
+    layer_map = [(a, 0), (a, 1), (a, 1), (b, 0)]
+    want = {}
+    for i, (sd, j) in enumerate(layer_map):
+        want.update({renamed(n, i): t for n, t in sd.items() if layer_of(n) == j})
+    want["model.embed_tokens.weight"] = a["model.embed_tokens.weight"]  # the first slice's model
+    want["model.norm.weight"], want["lm_head.weight"] = b["model.norm.weight"], b["lm_head.weight"]  # the last's
+    assert sorted(got) == sorted(want)
+    for n in want:
+        assert torch.equal(got[n], want[n]), n
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["num_hidden_layers"] == 4
+    model = AutoModelForCausalLM.from_pretrained(out).eval()
+    assert len(model.model.layers) == 4
+    with torch.no_grad():
+        assert torch.isfinite(model(torch.arange(6)[None]).logits).all()
+
+
+def test_slice_parameters_scale_filtered_and_per_layer(models, tmp_path):
+    """scale set on one slice: a filter list with a per-layer gradient read over the slice's own layers."""
+    data = {"merge_method": "passthrough", "slices": [
+        src(models["ft0"], [0, 2]),
+        src(models["ft2"], [0, 2], scale=[{"filter": "o_proj", "value": 0.5},
+                                          {"filter": "down_proj", "value": [0.2, 1.0]}, {"value": 1.0}])]}
+    out = tmp_path / "out"
+    run_merge(write(tmp_path, data), out, progress=False)
+    got = load_file(out / "model.safetensors")
+    c = load_file(models["ft2"] / "model.safetensors")
+    assert torch.equal(got["model.layers.2.self_attn.o_proj.weight"], c["model.layers.0.self_attn.o_proj.weight"] * 0.5)
+    assert torch.equal(got["model.layers.2.mlp.down_proj.weight"], c["model.layers.0.mlp.down_proj.weight"] * 0.2)
+    assert torch.equal(got["model.layers.3.mlp.down_proj.weight"], c["model.layers.1.mlp.down_proj.weight"])
+    assert torch.equal(got["model.layers.3.mlp.up_proj.weight"], c["model.layers.1.mlp.up_proj.weight"])
+    assert torch.equal(got["lm_head.weight"], c["lm_head.weight"])  # outside the layers: the gradient's first value
+
+
+def test_passthrough_without_slices_copies(models, tmp_path):
+    out = tmp_path / "out"
+    run_merge(write(tmp_path, {"merge_method": "passthrough", "models": [{"model": str(models["ft1"])}]}), out,
+              progress=False)
+    got, want = load_file(out / "model.safetensors"), load_file(models["ft1"] / "model.safetensors")
+    assert sorted(got) == sorted(want) and all(torch.equal(got[n], want[n]) for n in want)
+
+
+@pytest.mark.parametrize("keys, written, rounded", [
+    ({"dtype": "float16"}, torch.float16, torch.float16),
+    ({"dtype": "bfloat16", "out_dtype": "float32"}, torch.float32, torch.bfloat16),
+    ({"out_dtype": "bfloat16"}, torch.bfloat16, torch.bfloat16),
+])
+def test_dtype_reads_out_dtype_writes_and_config_says_so(models, tmp_path, keys, written, rounded):
+    data = {"merge_method": "passthrough", "slices": [src(models["ft0"], [0, 2]), src(models["ft0"], [1, 2])], **keys}
+    out = tmp_path / "out"
+    run_merge(write(tmp_path, data), out, progress=False)
+    got, a = load_file(out / "model.safetensors"), load_file(models["ft0"] / "model.safetensors")
+    assert {t.dtype for t in got.values()} == {written}
+    n = "model.layers.2.mlp.up_proj.weight"
+    assert torch.equal(got[n], a["model.layers.1.mlp.up_proj.weight"].to(rounded).to(written))
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["dtype"] == str(written).removeprefix("torch.") and cfg["num_hidden_layers"] == 3
+
+
+def test_dtype_alone_is_the_written_dtype_of_a_plain_merge(models, tmp_path):
+    """The float16 merge used to keep the donor's "float32" in config.json."""
+    data = {"merge_method": "linear", "dtype": "float16",
+            "models": [{"model": str(models["ft0"]), "parameters": {"weight": 1.0}},
+                       {"model": str(models["ft1"]), "parameters": {"weight": 1.0}}]}
+    out = tmp_path / "out"
+    run_merge(write(tmp_path, data), out, progress=False)
+    assert json.loads((out / "config.json").read_text())["dtype"] == "float16"
+    assert {t.dtype for t in load_file(out / "model.safetensors").values()} == {torch.float16}
+
+
+@pytest.mark.parametrize("template", ["chatml", "{% for m in messages %}[{{ m['role'] }}] {{ m['content'] }}"
+                                                "{% endfor %}", "auto"])
+def test_chat_template_is_written(tiny_lm, tmp_path, template):
+    data = {"merge_method": "passthrough", "models": [{"model": str(tiny_lm)}], "chat_template": template}
+    out = tmp_path / "out"
+    run_merge(write(tmp_path, data), out, progress=False)
+    want = {"chatml": BUILTIN["chatml"], "auto": CHAT_TEMPLATE.strip()}.get(template, template)
+    assert AutoTokenizer.from_pretrained(out).chat_template == want
+    assert (out / "chat_template.jinja").read_text() == want
+
+
+REFUSED = [
+    ({"tokenizer_source": "union"}, "tokenizer_source"),
+    ({"tokenizer_source": "base"}, "tokenizer_source"),
+    ({"tokenizer": {"source": "base", "pad_to_multiple_of": 16}}, "tokenizer"),
+    ({"chat_template": "chatml"}, "no tokenizer"),
+    ({"slices": "two sources"}, "slices.0.sources"),
+    ({"slices": "past the end"}, "slices.1.layers"),
+    ({"merge_method": "ties", "base_model": "ft0"}, "slices"),
+]
+
+
+@pytest.mark.parametrize("change, mentions", REFUSED, ids=[m + str(i) for i, (_, m) in enumerate(REFUSED)])
+def test_refused_settings_are_one_line(models, tmp_path, change, mentions):
+    data = {"merge_method": "passthrough", "slices": [src(models["ft0"], [0, 2]), src(models["ft1"], [1, 2])]}
+    if change.get("slices") == "two sources":
+        data["slices"][0]["sources"].append({"model": str(models["ft1"]), "layer_range": [0, 2]})
+    elif change.get("slices") == "past the end":
+        data["slices"][1]["sources"][0]["layer_range"] = [1, 3]
+    else:
+        data.update({k: (str(models[v]) if k == "base_model" else v) for k, v in change.items()})
+    out = tmp_path / "out"
+    refused(["merge", write(tmp_path, data), out], mentions=mentions, inputs=[models["ft0"], models["ft1"]], out=out)
+
+
+@pytest.mark.parametrize("template", ["chatmlx", "{{ too short }}", "a long string that is not a template"])
+def test_chat_template_that_mergekit_refuses_is_refused(tiny_lm, tmp_path, template):
+    data = {"merge_method": "passthrough", "models": [{"model": str(tiny_lm)}], "chat_template": template}
+    refused(["merge", write(tmp_path, data), tmp_path / "out"], mentions=["chat_template", "built-in name"],
+            inputs=[tiny_lm], out=tmp_path / "out")
+
+
+def test_several_yaml_documents_are_refused(models, tmp_path):
+    doc = yaml.safe_dump({"merge_method": "passthrough", "models": [{"model": str(models["ft0"])}], "name": "a"})
+    line = refused(["merge", write(tmp_path, doc + "---\n" + doc), tmp_path / "out"], mentions="several YAML documents",
+                   inputs=[models["ft0"]], out=tmp_path / "out")
+    assert "not supported yet" in line
