@@ -436,12 +436,30 @@ def markdown(data: dict) -> str:
              "| case | compared | max abs diff | elements differing at all | elements outside tolerance | result |",
              "|---|---|---|---|---|---|"]
     for name, r in data["results"].items():
+        if "against_source" in r:
+            c = r["against_source"]
+            lines.append(f"| {name} | every tensor vs its source layer (mergekit {r['mergekit']}) | "
+                         f"{c['max_abs_diff']:.3g} | {c['elements_differing']} | {c['elements_outside_tolerance']} of "
+                         f"{c['elements_total']} | {'pass' if c['pass'] else 'FAIL'} |")
+            ld = r["loads"]
+            lines.append(f"| {name} | loads in transformers and runs; layer_types re-laid out: {ld['layer_types']} | "
+                         f"- | - | - | {'pass' if ld['pass'] else 'FAIL'} |")
         for kind, label in (("deterministic", "every tensor"), ("fixed_draws", "every tensor, fixed draws")):
             if kind in r:
                 c = r[kind]
                 verdict = "informational" if r["informational"] else "pass" if c["pass"] else "FAIL"
                 lines.append(f"| {name} | {label} | {c['max_abs_diff']:.3g} | {c['elements_differing']} | "
                              f"{c['elements_outside_tolerance']} of {c['elements_total']} | {verdict} |")
+        if "config" in r:
+            c = r["config"]
+            what = (f"config.json ({', '.join(CONFIG_KEYS)}): num_hidden_layers {c['num_hidden_layers']}, dtype "
+                    f"{c['dtype']}; tensors written as {c['tensor_dtypes'][1]}")
+            diff = "; ".join(f"{k}: {v[0]} (mergekit) vs {v[1]}" for k, v in c["differing_keys"].items())
+            lines.append(f"| {name} | {what} | {diff or 'same'} | - | - | {'pass' if c['pass'] else 'FAIL'} |")
+        if "chat_template" in r:
+            c = r["chat_template"]
+            lines.append(f"| {name} | chat template as loaded by AutoTokenizer; files {c['files'][1]} | "
+                         f"{'identical' if c['pass'] else 'DIFFERENT'} | - | - | {'pass' if c['pass'] else 'FAIL'} |")
         if "statistical" in r:
             s = r["statistical"]
             lines.append(f"| {name} | own RNGs: mean abs delta {s['mean_abs_delta_mergekit']:.4g} (mergekit) vs "
@@ -453,6 +471,10 @@ def markdown(data: dict) -> str:
               "task vectors, their sort, the sums - while malleable computes in float32 and rounds once at the "
               "end, so the two differ by bfloat16 arithmetic; for breadcrumbs the rounded task vectors also change "
               "which entries the magnitude sort keeps.", "",
+              "passthrough_qwen3: mergekit 0.1.5 stops on a frankenmerge of a model whose config lists "
+              "`layer_types` (it sets num_hidden_layers but keeps the source's list, which transformers refuses to "
+              "save), so that case checks malleable's output against the source layers (output layer i equals "
+              "source layer j, renamed), the re-laid-out layer_types, and a forward pass in transformers.", "",
               "Recipes: see `results.<case>.yaml` in mergekit_parity.json."]
     return "\n".join(lines)
 
