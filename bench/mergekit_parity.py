@@ -433,6 +433,8 @@ def markdown(data: dict) -> str:
              "deterministic stand-in (a fixed low-discrepancy threshold per position), so everything but the random "
              "draws is compared element by element; `own RNGs` runs both tools unpatched and compares the mean "
              "|merged - base| over all tensors (pass: within 5%).", "",
+             f"config.json rows: the keys {', '.join(CONFIG_KEYS)} and the written tensors' dtypes must be the same "
+             "in both outputs.", "",
              "| case | compared | max abs diff | elements differing at all | elements outside tolerance | result |",
              "|---|---|---|---|---|---|"]
     for name, r in data["results"].items():
@@ -452,8 +454,8 @@ def markdown(data: dict) -> str:
                              f"{c['elements_outside_tolerance']} of {c['elements_total']} | {verdict} |")
         if "config" in r:
             c = r["config"]
-            what = (f"config.json ({', '.join(CONFIG_KEYS)}): num_hidden_layers {c['num_hidden_layers']}, dtype "
-                    f"{c['dtype']}; tensors written as {c['tensor_dtypes'][1]}")
+            what = (f"config.json: num_hidden_layers {c['num_hidden_layers']}, dtype {c['dtype']}; tensors written "
+                    f"as {c['tensor_dtypes'][1]}")
             diff = "; ".join(f"{k}: {v[0]} (mergekit) vs {v[1]}" for k, v in c["differing_keys"].items())
             lines.append(f"| {name} | {what} | {diff or 'same'} | - | - | {'pass' if c['pass'] else 'FAIL'} |")
         if "chat_template" in r:
