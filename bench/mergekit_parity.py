@@ -213,6 +213,31 @@ def cases(m: dict[str, Path]) -> dict[str, dict]:
         note="Qwen3, whose config lists layer_types: mergekit 0.1.5 stops (its config keeps 4 layer_types for 6 "
              "layers, which transformers refuses to save), so malleable's output is checked against the source "
              "layers themselves, and loaded and run")
+    # merges over layer ranges: each slice merges several models' equally long ranges, slices stacked
+    def msrc(pairs, params=None):
+        out = ["  - sources:"]
+        for model, layers, p in pairs:
+            out += [f"      - model: {m[model]}", f"        layer_range: {json.dumps(layers)}"]
+            out += [f"        parameters: {json.dumps(p)}"] if p else []
+        return out + ([f"    parameters: {json.dumps(params)}"] if params else [])
+
+    add("slerp_slices", ["merge_method: slerp", f"base_model: {m['base']}", "slices:",
+                         *msrc([("base", [0, 2], None), ("ft0", [0, 2], None)], {"t": [0, 1]}),
+                         *msrc([("base", [1, 4], None), ("ft1", [0, 3], None)],
+                               {"t": [{"filter": "mlp", "value": 0.3}, {"value": [0.2, 0.8]}]})],
+        note="slerp per slice (5 layers): t gradients run over each slice; the base's range differs from the "
+             "other model's in the second slice")
+    add("ties_slices", ["merge_method: ties", f"base_model: {m['base']}", "slices:",
+                        *msrc([("ft0", [0, 2], {"weight": 0.7}), ("ft1", [0, 2], {"weight": 0.4}),
+                               ("base", [0, 2], None)], {"density": 0.6}),
+                        *msrc([("ft0", [2, 4], {"weight": 0.5, "density": 0.3}), ("ft2", [1, 3], {"weight": 0.5}),
+                               ("base", [2, 4], None)]),
+                        "parameters: {density: 0.8}"],
+        note="ties over layer ranges; slice and per-source parameters over the top-level ones")
+    add("linear_slices", ["merge_method: linear", "slices:",
+                          *msrc([("ft0", [0, 3], {"weight": 2.0}), ("ft1", [1, 4], None)], {"weight": 0.5}),
+                          *msrc([("ft2", [3, 4], {"weight": 1.0}), ("ft0", [0, 1], {"weight": 3.0})])],
+        note="linear over layer ranges, no base; a slice-level weight for the sources without their own")
     add("linear_chatml", ["merge_method: linear", f"base_model: {m['base']}", *_models(m, [("base", {"weight": 1.0}), ("ft0", {"weight": 1.0})]),
                           "chat_template: chatml"], tokenizer=True, note="built-in chat template by name")
     add("linear_chat_literal", ["merge_method: linear", f"base_model: {m['base']}", *_models(m, [("base", {"weight": 1.0}), ("ft0", {"weight": 1.0})]),

@@ -82,6 +82,40 @@ def test_slice_parameters_scale_filtered_and_per_layer(models, tmp_path):
     assert torch.equal(got["lm_head.weight"], c["lm_head.weight"])  # outside the layers: the gradient's first value
 
 
+def test_linear_over_layer_ranges(models, tmp_path):
+    """Each slice merges two models' equally long ranges; weights: the source's own, else the slice's."""
+    data = {"merge_method": "linear", "slices": [
+        {"sources": [{"model": str(models["ft0"]), "layer_range": [0, 2], "parameters": {"weight": 3.0}},
+                     {"model": str(models["ft1"]), "layer_range": [0, 2]}], "parameters": {"weight": 1.0}},
+        {"sources": [{"model": str(models["ft1"]), "layer_range": [1, 2], "parameters": {"weight": 1.0}},
+                     {"model": str(models["ft1"]), "layer_range": [0, 1], "parameters": {"weight": 1.0}}]}]}
+    out = tmp_path / "out"
+    run_merge(write(tmp_path, data), out, progress=False)
+    got = load_file(out / "model.safetensors")
+    a, b = load_file(models["ft0"] / "model.safetensors"), load_file(models["ft1"] / "model.safetensors")
+    n = "model.layers.{}.mlp.up_proj.weight"
+    torch.testing.assert_close(got[n.format(1)], (3 * a[n.format(1)] + b[n.format(1)]) / 4)
+    torch.testing.assert_close(got[n.format(2)], (b[n.format(1)] + b[n.format(0)]) / 2)  # one input, twice
+    e = "model.embed_tokens.weight"
+    torch.testing.assert_close(got[e], (3 * a[e] + b[e]) / 4)  # the first slice's merge
+    torch.testing.assert_close(got["lm_head.weight"], b["lm_head.weight"])  # the last slice's: ft1 with itself
+    assert json.loads((out / "config.json").read_text())["num_hidden_layers"] == 3
+
+
+@pytest.mark.parametrize("t, want", [(0.0, "base"), (1.0, "ft0")])
+def test_slerp_over_layer_ranges_reads_the_base_range(models, tmp_path, t, want):
+    """base layers [1, 2) with ft0 layers [0, 1): t = 0 gives the base's layer 1, t = 1 ft0's layer 0."""
+    data = {"merge_method": "slerp", "base_model": str(models["base"]), "parameters": {"t": t}, "slices": [
+        {"sources": [{"model": str(models["base"]), "layer_range": [1, 2]},
+                     {"model": str(models["ft0"]), "layer_range": [0, 1]}]}]}
+    out = tmp_path / "out"
+    run_merge(write(tmp_path, data), out, progress=False)
+    got, sd = load_file(out / "model.safetensors"), load_file(models[want] / "model.safetensors")
+    j = 1 if want == "base" else 0
+    torch.testing.assert_close(got["model.layers.0.mlp.up_proj.weight"], sd[f"model.layers.{j}.mlp.up_proj.weight"])
+    assert "model.layers.1.mlp.up_proj.weight" not in got
+
+
 def test_passthrough_without_slices_copies(models, tmp_path):
     out = tmp_path / "out"
     run_merge(write(tmp_path, {"merge_method": "passthrough", "models": [{"model": str(models["ft1"])}]}), out,
@@ -134,9 +168,10 @@ REFUSED = [
     ({"tokenizer_source": "base"}, "tokenizer_source"),
     ({"tokenizer": {"source": "base", "pad_to_multiple_of": 16}}, "tokenizer"),
     ({"chat_template": "chatml"}, "no tokenizer"),
-    ({"slices": "two sources"}, "slices.0.sources"),
+    ({"slices": "two sources"}, "slices.0: method 'passthrough' merges exactly 1 input"),
     ({"slices": "past the end"}, "slices.1.layers"),
-    ({"merge_method": "ties", "base_model": "ft0"}, "slices"),
+    ({"merge_method": "ties", "base_model": "base"}, "slices.0.base_layers: method 'ties' needs the base's layers"),
+    ({"slices": "lengths differ"}, "slices.0: its sources' layer ranges differ in length"),
 ]
 
 
@@ -145,6 +180,9 @@ def test_refused_settings_are_one_line(models, tmp_path, change, mentions):
     data = {"merge_method": "passthrough", "slices": [src(models["ft0"], [0, 2]), src(models["ft1"], [1, 2])]}
     if change.get("slices") == "two sources":
         data["slices"][0]["sources"].append({"model": str(models["ft1"]), "layer_range": [0, 2]})
+    elif change.get("slices") == "lengths differ":
+        two = [{"model": str(models[k]), "layer_range": r} for k, r in (("ft0", [0, 2]), ("ft1", [0, 1]))]
+        data = {"merge_method": "linear", "slices": [{"sources": two}]}
     elif change.get("slices") == "past the end":
         data["slices"][1]["sources"][0]["layer_range"] = [1, 3]
     else:

@@ -51,11 +51,13 @@ _PRE_LAYER = re.compile(r"embed|wte|wpe|word_embeddings")
 
 @dataclass(frozen=True)
 class TensorSource:
-    """Where one output tensor comes from: tensor `name` of the inputs `inputs` (indices into `plan.models`), its
-    parameters resolved by `resolver` with per-layer gradients read at position `layer`."""
+    """Where one output tensor comes from: tensor `names[i]` of input `inputs[i]` (an index into `plan.models`) and
+    tensor `base` of the base (None: the base is not read), its parameters resolved by `resolver` with per-layer
+    gradients read at position `layer`."""
 
-    name: str
+    names: tuple[str, ...]
     inputs: tuple[int, ...]
+    base: str | None
     resolver: ParamResolver
     layer: int | None
 
@@ -87,7 +89,9 @@ class MergePlan:
     def source(self, name: str) -> TensorSource:
         src = self.sources.get(name)
         if src is None:
-            src = TensorSource(name, tuple(range(len(self.models))), self.resolver, layer_index(name))
+            n = len(self.models)
+            src = TensorSource((name,) * n, tuple(range(n)), name if self.base else None, self.resolver,
+                               layer_index(name))
         return src
 
     @property
@@ -165,19 +169,16 @@ def plan_merge(recipe: MergeRecipe) -> MergePlan:
         if plan.output_kind != "model":
             raise RecipeError("chat_template: the output is a LoRA adapter, which carries no tokenizer")
         chat_template.check(recipe.chat_template, plan.donor_root)
-    low, high = rule.inputs
-    if recipe.slices is not None:
-        if not low <= 1 <= (high if high is not None else 1):
-            raise RecipeError(f"slices: method '{rule.name}' merges at least {low} inputs, but a slice takes one "
-                              "input's layers (stack layers with passthrough)")
-    elif not low <= len(recipe.inputs) <= (high if high is not None else len(recipe.inputs)):
-        want = f"exactly {low}" if low == high else f"at least {low}" if high is None else f"{low} to {high}"
-        raise RecipeError(f"inputs: method '{rule.name}' merges {want} input(s) besides the base, got "
-                          f"{len(recipe.inputs)}")
+    for where, n in ([(f"slices.{i}", len(sl.all_sources())) for i, sl in enumerate(recipe.slices)]
+                     if recipe.slices is not None else [("inputs", len(recipe.inputs))]):
+        low, high = rule.inputs
+        if not low <= n <= (high if high is not None else n):
+            want = f"exactly {low}" if low == high else f"at least {low}" if high is None else f"{low} to {high}"
+            raise RecipeError(f"{where}: method '{rule.name}' merges {want} input(s) besides the base, got {n}")
     for name, _, _ in plan.tensors:  # every parameter value for every tensor, checked before any work
         src = plan.source(name)
-        src.resolver.values(src.name, src.layer)
-        src.resolver.weights(src.name, src.layer)
+        src.resolver.values(name, src.layer)
+        src.resolver.weights(name, src.layer)
     return plan
 
 
@@ -217,81 +218,119 @@ def _plan_models(recipe: MergeRecipe, rule: Rule, params, base: Checkpoint | Non
 
 def _plan_slices(recipe: MergeRecipe, rule: Rule, params, base: Checkpoint | None,
                  models: list[Checkpoint]) -> MergePlan:
-    """Stack the slices' layer ranges into a deeper model (a frankenmerge). Output layer i is one input's layer j,
-    renamed; tensors outside the layers before them (embeddings) come from the first slice's input, the others
-    (final norm, lm_head) from the last slice's, as in mergekit. The base, if given, only lends config.json and
-    the tokenizer files."""
-    if rule.uses_base is not False:
-        raise RecipeError(f"slices: method '{rule.name}' needs a base or several inputs per tensor; slices stack "
-                          "one input's layers (use passthrough)")
-    for n, sl in enumerate(recipe.slices):
-        if sl.input >= len(models):
-            raise RecipeError(f"slices.{n}.input: {sl.input} is not an input (there are {len(models)})")
-    unused = sorted(set(range(len(models))) - {sl.input for sl in recipe.slices})
+    """Stack the slices into a deeper (or shallower) model. Output layer i of a slice is its sources' layer
+    start + i (renamed to the output index), merged by the rule (passthrough: copied); tensors outside the layers
+    before them (embeddings) are merged from the first slice's sources, the others (final norm, lm_head) from the
+    last slice's, as in mergekit. The base is read only where a slice names its `base_layers`; it always lends
+    config.json and the tokenizer files."""
+    slices = [sl.all_sources() for sl in recipe.slices]
+    for n, (sl, srcs) in enumerate(zip(recipe.slices, slices)):
+        for i, s in enumerate(srcs):
+            if s.input >= len(models):
+                where = f"slices.{n}.input" if sl.sources is None else f"slices.{n}.sources.{i}.input"
+                raise RecipeError(f"{where}: {s.input} is not an input (there are {len(models)})")
+        if sl.base_layers is not None and base is None:
+            raise RecipeError(f"slices.{n}.base_layers: the recipe has no base")
+        if rule.uses_base in (True, "raw") and sl.base_layers is None:
+            raise RecipeError(f"slices.{n}.base_layers: method '{rule.name}' needs the base's layers in every slice")
+    unused = sorted(set(range(len(models))) - {s.input for srcs in slices for s in srcs})
     if unused:
         raise RecipeError(f"inputs.{unused[0]}: no slice takes layers from it")
-    ref = base or models[recipe.slices[0].input]
+    ref = base or models[slices[0][0].input]
     ref_cfg = ref.config or {}
-    layers: list[dict[int, list[str]]] = []  # per input: layer -> its tensor names, in file order
-    for m in models:
+    for m in models + ([base] if base else []):
         cfg = m.config or {}
         for key in ("model_type", "hidden_size", "vocab_size"):
             if key in cfg and key in ref_cfg and cfg[key] != ref_cfg[key]:
                 raise InputError(f"{m.root / 'config.json'}: {key} is {cfg[key]}, but {ref.path} has "
                                  f"{ref_cfg[key]}: layers of different architectures cannot be stacked")
+    layers: dict[int, dict[int, list[str]]] = {}  # per checkpoint (by id): layer -> its tensor names, file order
+    for m in models + ([base] if base else []):
         by_layer: dict[int, list[str]] = {}
         for name in m.meta:
-            i = layer_index(name)
-            if i is not None:
+            if (i := layer_index(name)) is not None:
                 by_layer.setdefault(i, []).append(name)
-        layers.append(by_layer)
+        layers[id(m)] = by_layer
     out_dtype = dtype_from_name(recipe.output.dtype) if recipe.output.dtype else None
     tensors, sources, layer_map = [], {}, []
 
-    def add(out_name: str, k: int, name: str, resolver: ParamResolver, layer: int | None) -> None:
-        meta = models[k].meta[name]
+    def check(ckpt: Checkpoint, name: str, like: tuple[int, ...], where: str) -> None:
+        if name not in ckpt.meta:
+            raise InputError(f"{ckpt.path}: has no tensor '{name}' ({where})")
+        if ckpt.meta[name].shape != like:
+            raise InputError(f"{ckpt.path}: tensor '{name}' has shape {list(ckpt.meta[name].shape)}, but the "
+                             f"tensor it is merged or stacked with has {list(like)} ({where})")
+
+    def add(out_name: str, names: list[str], n: int, base_name: str | None, layer: int | None, where: str) -> None:
+        srcs = slices[n]
+        meta = models[srcs[0].input].meta[names[0]]
+        for s, name in zip(srcs, names):
+            check(models[s.input], name, meta.shape, where)
+        if base_name is not None:
+            check(base, base_name, meta.shape, where)
         if out_name in sources:
-            raise InputError(f"{models[k].path}: tensor '{name}' would be written twice as '{out_name}'")
+            raise InputError(f"{models[srcs[0].input].path}: tensor '{names[0]}' would be written twice as "
+                             f"'{out_name}'")
         tensors.append((out_name, out_dtype if (out_dtype and meta.dtype.is_floating_point) else meta.dtype,
                         meta.shape))
-        sources[out_name] = TensorSource(name, (k,), resolver, layer)
+        sources[out_name] = TensorSource(tuple(names), tuple(s.input for s in srcs), base_name, resolvers[n], layer)
 
     resolvers = []
-    for n, sl in enumerate(recipe.slices):
-        where = f"slices.{n}"
-        k, (start, end) = sl.input, sl.layers
-        have = _num_layers(models[k].config, models[k].names)
-        if end > have:
-            raise RecipeError(f"{where}.layers: [{start}, {end}] goes past the {have} layers of {models[k].path}")
-        sub = recipe.model_copy(update={"inputs": [recipe.inputs[k]], "slices": None,
+    for n, (sl, srcs) in enumerate(zip(recipe.slices, slices)):
+        lengths = {s.layers[1] - s.layers[0] for s in srcs}
+        if sl.base_layers is not None:
+            lengths.add(sl.base_layers[1] - sl.base_layers[0])
+        if len(lengths) != 1:
+            raise RecipeError(f"slices.{n}: its sources' layer ranges differ in length ({sorted(lengths)})")
+        for i, s in enumerate(srcs):
+            have = _num_layers(models[s.input].config, models[s.input].names)
+            if s.layers[1] > have:
+                where = f"slices.{n}.layers" if sl.sources is None else f"slices.{n}.sources.{i}.layers"
+                raise RecipeError(f"{where}: [{s.layers[0]}, {s.layers[1]}] goes past the {have} layers of "
+                                  f"{models[s.input].path}")
+        if sl.base_layers is not None and sl.base_layers[1] > (have := _num_layers(base.config, base.names)):
+            raise RecipeError(f"slices.{n}.base_layers: {list(sl.base_layers)} goes past the {have} layers of "
+                              f"{base.path}")
+        inputs = []
+        for s in srcs:
+            own = recipe.inputs[s.input]
+            inputs.append(own.model_copy(update={"parameters": {**own.parameters, **s.parameters},
+                                                 **({"weight": s.weight} if s.weight is not None else {})}))
+        sub = recipe.model_copy(update={"inputs": inputs, "slices": None,
                                         "parameters": {**recipe.parameters, **sl.parameters}})
-        resolvers.append(ParamResolver(sub, params, end - start))
-    head, tail = recipe.slices[0].input, recipe.slices[-1].input
-    outside = [name for name in models[head].meta if layer_index(name) is None]
-    for name in outside:
-        if _PRE_LAYER.search(name):
-            add(name, head, name, resolvers[0], None)
-    for n, sl in enumerate(recipe.slices):
-        k, (start, end) = sl.input, sl.layers
-        for j in range(start, end):
-            if j not in layers[k]:
-                raise InputError(f"{models[k].path}: has no tensors of layer {j} (slices.{n}.layers)")
-            shapes = {rename_layer(t, 0): models[k].meta[t].shape for t in layers[k][j]}
+        resolvers.append(ParamResolver(sub, params, lengths.pop()))
+
+    def outside(n: int, pre: bool) -> None:
+        first = models[slices[n][0].input]
+        for name in first.meta:
+            if layer_index(name) is None and bool(_PRE_LAYER.search(name)) == pre:
+                add(name, [name] * len(slices[n]), n, name if recipe.slices[n].base_layers else None, None,
+                    f"slices.{n}")
+
+    outside(0, True)
+    for n, (sl, srcs) in enumerate(zip(recipe.slices, slices)):
+        head = models[srcs[0].input]
+        for off in range(srcs[0].layers[1] - srcs[0].layers[0]):
+            j = srcs[0].layers[0] + off
+            if j not in layers[id(head)]:
+                raise InputError(f"{head.path}: has no tensors of layer {j} (slices.{n})")
+            template = layers[id(head)][j]
             if layer_map:
-                want = {rename_layer(t, 0): models[layer_map[0][0]].meta[t].shape
-                        for t in layers[layer_map[0][0]][layer_map[0][1]]}
-                if shapes != want:
-                    odd = sorted(set(shapes.items()) ^ set(want.items()))[0][0]
-                    raise InputError(f"{models[k].path}: layer {j} does not match the layers stacked before it "
+                k0, j0 = layer_map[0]
+                want = {rename_layer(t, 0): models[k0].meta[t].shape for t in layers[id(models[k0])][j0]}
+                have_ = {rename_layer(t, 0): head.meta[t].shape for t in template}
+                if have_ != want:
+                    odd = sorted(set(have_.items()) ^ set(want.items()))[0][0]
+                    raise InputError(f"{head.path}: layer {j} does not match the layers stacked before it "
                                      f"(tensor '{odd}')")
-            for t in layers[k][j]:
-                add(rename_layer(t, len(layer_map)), k, t, resolvers[n], j - start)
-            layer_map.append((k, j))
-    for name in [t for t in models[tail].meta if layer_index(t) is None and not _PRE_LAYER.search(t)]:
-        add(name, tail, name, resolvers[-1], None)
-    plan = MergePlan(recipe, rule, resolvers[0], "model", "model", None, models=models, tensors=tensors,
-                     sources=sources, layer_map=layer_map, donor=base or models[head])
-    return plan
+            for t in template:
+                names = [rename_layer(t, s.layers[0] + off) for s in srcs]
+                base_name = rename_layer(t, sl.base_layers[0] + off) if sl.base_layers else None
+                add(rename_layer(t, len(layer_map)), names, n, base_name, off, f"slices.{n}")
+            layer_map.append((srcs[0].input, j))
+    outside(len(slices) - 1, False)
+    return MergePlan(recipe, rule, resolvers[0], "model", "model", base, models=models, tensors=tensors,
+                     sources=sources, layer_map=layer_map, donor=base or models[slices[0][0].input])
 
 
 def _plan_adapters(recipe: MergeRecipe, rule: Rule, params, base: Checkpoint | None) -> MergePlan:
@@ -379,8 +418,8 @@ class _Stats:
 def _merge_dense(plan: MergePlan, name: str, tensors: list[torch.Tensor]) -> torch.Tensor:
     """Apply a full-space rule to output tensor `name`'s float32 task vectors (uses_base) or weights."""
     src = plan.source(name)
-    params = src.resolver.values(src.name, src.layer)
-    return plan.rule.fn(tensors, src.resolver.weights(src.name, src.layer), _generator(plan.recipe.seed, name),
+    params = src.resolver.values(name, src.layer)
+    return plan.rule.fn(tensors, src.resolver.weights(name, src.layer), _generator(plan.recipe.seed, name),
                         **params)
 
 
@@ -495,9 +534,12 @@ def _merge_tensors(plan: MergePlan, writer: ShardedWriter, write_thread: ThreadP
     for i, (name, dtype, _) in enumerate(tqdm(plan.tensors, desc=f"merge {recipe.method}", unit="tensor",
                                               disable=not progress)):
         base = None
-        if plan.base and (plan.input_kind == "adapter" or not plan.base.meta[name].dtype.is_floating_point):
-            base = plan.base.read(name)
-            _check_finite(base, name, plan.base.path, recipe.allow_nonfinite)
+        src = plan.source(name) if plan.input_kind == "model" else None
+        base_name = src.base if src is not None else name if plan.base else None
+        if base_name is not None and (plan.input_kind == "adapter"
+                                      or not plan.base.meta[base_name].dtype.is_floating_point):
+            base = plan.base.read(base_name)
+            _check_finite(base, base_name, plan.base.path, recipe.allow_nonfinite)
         if plan.input_kind == "adapter":
             if name in lora_targets:
                 low, dense = _merge_module(plan, lora_targets[name])
@@ -507,9 +549,8 @@ def _merge_tensors(plan: MergePlan, writer: ShardedWriter, write_thread: ThreadP
                 stats.add(name, delta, low.rank if low is not None else None)
             else:
                 result = base
-        elif not plan.models[plan.source(name).inputs[0]].meta[plan.source(name).name].dtype.is_floating_point:
-            src = plan.source(name)
-            result = base if base is not None else plan.models[src.inputs[0]].read(src.name)
+        elif not plan.models[src.inputs[0]].meta[src.names[0]].dtype.is_floating_point:
+            result = base if base is not None else plan.models[src.inputs[0]].read(src.names[0])
         else:
             result = _merge_floats(plan, name, buffers, stats)
         if not recipe.allow_nonfinite and result.is_floating_point() and not _all_finite(result):
@@ -526,16 +567,16 @@ def _merge_floats(plan: MergePlan, name: str, buffers: _Buffers, stats: _Stats) 
     """Merge one floating tensor of full checkpoints; the result may live in one of `buffers`."""
     allow = plan.recipe.allow_nonfinite
     src = plan.source(name)
-    base = _read_float(plan, buffers, plan.base, name, "base") if plan.base else None
+    base = _read_float(plan, buffers, plan.base, src.base, "base") if src.base is not None else None
     if base is not None:
-        _check_finite(base, name, plan.base.path, allow)
+        _check_finite(base, src.base, plan.base.path, allow)
     raw_base = plan.rule.uses_base == "raw"  # the rule gets the base's raw weight first, then the inputs'
     task_vectors = plan.rule.uses_base is True or (plan.rule.uses_base == "optional" and base is not None)
     tensors = [base] if raw_base else []
-    for i in src.inputs:
+    for pos, (i, tensor_name) in enumerate(zip(src.inputs, src.names)):
         m = plan.models[i]
-        t = _read_float(plan, buffers, m, src.name, f"input{i}")
-        _check_finite(t, src.name, m.path, allow)
+        t = _read_float(plan, buffers, m, tensor_name, f"input{pos}")  # one buffer per position: an input may
+        _check_finite(t, tensor_name, m.path, allow)  # appear twice in a slice
         tensors.append(t.sub_(base) if task_vectors else t)  # task vectors in place
     merged = _merge_dense(plan, name, tensors)
     del tensors
@@ -639,6 +680,12 @@ def describe(plan: MergePlan) -> str:
         own = f", {spec.model_dump(mode='json')['parameters']}" if spec.parameters else ""
         lines.append(f"input:  {spec.path} (weight {spec.weight}{own}; {desc})")
     lines.append(f"parameters: {r.model_dump(mode='json')['parameters'] or 'defaults'}")
+    if plan.layer_map is not None:
+        for n, sl in enumerate(r.slices):
+            srcs = ", ".join(f"inputs.{s.input} layers {list(s.layers)}" for s in sl.all_sources())
+            base = f", base layers {list(sl.base_layers)}" if sl.base_layers else ""
+            lines.append(f"slice {n}: {srcs}{base}")
+        lines.append(f"layers: {len(plan.layer_map)} in the output")
     lines.append(f"output: {plan.output_kind}, {len(plan.tensors)} tensors"
                  + (f", rank {plan.rank}" if plan.rank else "")
                  + (f", dtype {r.output.dtype}" if r.output.dtype else ""))

@@ -33,7 +33,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Annotated, Literal, Union
 
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 
 from malleable.recipes.common import Seed, Strict, load_recipe_file, validate
 
@@ -86,17 +86,42 @@ class OutputSpec(Strict):
         return size
 
 
-class SliceSpec(Strict):
+def _layer_range(layers: tuple[int, int] | None) -> tuple[int, int] | None:
+    if layers is not None and not 0 <= layers[0] < layers[1]:
+        raise ValueError(f"{list(layers)} is not a layer range [start, end) with 0 <= start < end")
+    return layers
+
+
+class SliceSource(Strict):
     input: int = Field(ge=0)
     layers: tuple[int, int]
+    weight: ParamSpec | None = None  # default: the input's own weight
+    parameters: dict[str, ParamSpec] = Field(default_factory=dict)  # per-input values, over the input's own
+
+    _range = field_validator("layers")(_layer_range)
+
+
+class SliceSpec(Strict):
+    """Output layers taken from one input's layer range (`input` and `layers`), or merged by the recipe's method
+    from several inputs' equally long ranges (`sources`; a rule that needs the base reads its range `base_layers`).
+    `parameters` rank above the recipe's, and a source's own above both; per-layer gradients run over the slice."""
+
+    input: int | None = Field(default=None, ge=0)
+    layers: tuple[int, int] | None = None
+    sources: list[SliceSource] | None = Field(default=None, min_length=1)
+    base_layers: tuple[int, int] | None = None
     parameters: dict[str, ParamSpec] = Field(default_factory=dict)
 
-    @field_validator("layers")
-    @classmethod
-    def _range(cls, layers: tuple[int, int]) -> tuple[int, int]:
-        if not 0 <= layers[0] < layers[1]:
-            raise ValueError(f"{list(layers)} is not a layer range [start, end) with 0 <= start < end")
-        return layers
+    _range = field_validator("layers", "base_layers")(_layer_range)
+
+    @model_validator(mode="after")
+    def _one_form(self) -> SliceSpec:
+        if (self.sources is None) == (self.input is None) or (self.input is None) != (self.layers is None):
+            raise ValueError("give either `input` and `layers`, or `sources`")
+        return self
+
+    def all_sources(self) -> list[SliceSource]:
+        return self.sources or [SliceSource(input=self.input, layers=self.layers)]
 
 
 class MergeRecipe(Strict):

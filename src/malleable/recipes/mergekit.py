@@ -162,37 +162,65 @@ def _slices_as_models(data: dict, source: str) -> dict:
 def _is_models(data: dict, source: str) -> bool:
     """Whether `slices:` is the `models:` form in disguise: one slice whose sources all take every layer."""
     slices = data["slices"]
-    return len(slices) == 1 and (len(slices[0]["sources"]) > 1 or all(
-        src.get("layer_range") == [0, _num_layers(src["model"], source)] for src in slices[0]["sources"]))
+    return len(slices) == 1 and all(
+        src.get("layer_range") == [0, _num_layers(src["model"], source)] for src in slices[0]["sources"])
 
 
-def _stacked_slices(data: dict, source: str) -> dict:
-    """Slices that stack layer ranges, one source each (a frankenmerge): the inputs are the distinct models in
-    order of first use, each slice names one of them. A source's parameters rank above its slice's, and those
-    above the top-level ones, as in mergekit."""
+def _per_input(rule: str, params: dict, drop: set[str], where: str) -> dict:
+    per = _translate(rule, params, drop, where)
+    extra = sorted(set(per) - PER_INPUT)
+    if extra:
+        raise RecipeError(f"{where}.{extra[0]}: not a per-model parameter")
+    return per
+
+
+def _stacked_slices(data: dict, source: str, rule: str, drop: set[str]) -> dict:
+    """Slices that stack layer ranges (frankenmerges, or merges over layer ranges): the inputs are the distinct
+    models in order of first use (the base apart, for rules that take it separately: its range is the slice's
+    base_layers). A source's parameters rank above its slice's, and those above the top-level ones, as in
+    mergekit."""
     if "models" in data:
         raise RecipeError(f"{source}: slices: give either `models:` or `slices:`, not both")
+    base = data.get("base_model")
     paths: list[str] = []
     slices = []
     top = dict(data.get("parameters") or {})
     for n, sl in enumerate(data["slices"]):
         where = f"{source}: slices.{n}"
-        if len(sl["sources"]) != 1:
-            raise RecipeError(f"{where}.sources: a slice that merges several models over a layer range is not "
-                              "supported yet; stacking slices of one source each is")
-        src = sl["sources"][0]
-        if src.get("layer_range") is None:
-            raise RecipeError(f"{where}.sources.0.layer_range: required when slices stack layers")
-        if len(src["layer_range"]) != 2:
-            raise RecipeError(f"{where}.sources.0.layer_range: expected [start, end], got {src['layer_range']}")
-        own = {**dict(sl.get("parameters") or {}), **dict(src.get("parameters") or {})}
+        own = dict(sl.get("parameters") or {})
+        for i, src in enumerate(sl["sources"]):
+            if src.get("layer_range") is None:
+                raise RecipeError(f"{where}.sources.{i}.layer_range: required when slices stack layers")
+            if len(src["layer_range"]) != 2:
+                raise RecipeError(f"{where}.sources.{i}.layer_range: expected [start, end], got "
+                                  f"{src['layer_range']}")
+        if len(sl["sources"]) == 1:  # one source: its parameters and the slice's are the slice's
+            src = sl["sources"][0]
+            own = {**own, **dict(src.get("parameters") or {})}
         for key in set(top) & set(own):
             if isinstance(own[key], list) and any(isinstance(v, dict) for v in own[key]):
                 raise RecipeError(f"{where}.parameters.{key}: filtered values that fall back to the top-level "
                                   "parameters are not supported; set the key in one place")
-        if src["model"] not in paths:
-            paths.append(src["model"])
-        slices.append({"input": paths.index(src["model"]), "layers": src["layer_range"], "parameters": own})
+        spec: dict[str, Any] = {}
+        params = _translate(rule, own, drop, f"slices.{n}.parameters")
+        if len(sl["sources"]) == 1:
+            if src["model"] not in paths:
+                paths.append(src["model"])
+            spec = {"input": paths.index(src["model"]), "layers": src["layer_range"]}
+        else:
+            weight = params.pop("weight", None)
+            spec["sources"] = []
+            for i, src in enumerate(sl["sources"]):
+                if base is not None and src["model"] == base and rule not in BASE_AS_INPUT:
+                    spec["base_layers"] = src["layer_range"]  # the base contributes no task vector
+                    continue
+                if src["model"] not in paths:
+                    paths.append(src["model"])
+                per = _per_input(rule, dict(src.get("parameters") or {}), drop, f"{where}.sources.{i}.parameters")
+                w = per.pop("weight", weight)
+                spec["sources"].append({"input": paths.index(src["model"]), "layers": src["layer_range"],
+                                        "parameters": per, **({"weight": w} if w is not None else {})})
+        slices.append({**spec, "parameters": params})
     rest = {k: v for k, v in data.items() if k != "slices"}
     return {**rest, "models": [{"model": p} for p in paths], "slice_specs": slices}
 
@@ -205,13 +233,14 @@ def from_mergekit(data: dict, source: str) -> dict:
             raise RecipeError(f"{source}: {key}: mergekit's tokenizer merging (an output vocabulary, embedding and "
                               "lm_head rows permuted or padded to it) is not supported yet; without it the output "
                               "keeps the base (or first) model's tokenizer and rows, as mergekit does")
-    if "slices" in data:
-        data = _slices_as_models(data, source) if _is_models(data, source) else _stacked_slices(data, source)
     method = data["merge_method"]
     if method not in METHODS:
         raise RecipeError(f"{source}: merge_method: mergekit method '{method}' is not available in malleable "
                           f"(mergekit methods it reads: {', '.join(METHODS)}; `malleable methods` lists its own)")
     rule, defaults, drop = METHODS[method]
+    if "slices" in data:
+        data = (_slices_as_models(data, source) if _is_models(data, source)
+                else _stacked_slices(data, source, rule, drop))
     base = data.get("base_model")
     top = _translate(rule, dict(data.get("parameters") or {}), drop, "parameters")
     shared_weight = top.pop("weight", None)
@@ -223,10 +252,7 @@ def from_mergekit(data: dict, source: str) -> dict:
     for i, entry in enumerate(entries):
         if rule not in BASE_AS_INPUT and entry["model"] == base and not stacked:
             continue  # mergekit: the base contributes no task vector
-        per = _translate(rule, dict(entry.get("parameters") or {}), drop, f"models.{i}.parameters")
-        extra = sorted(set(per) - PER_INPUT)
-        if extra:
-            raise RecipeError(f"{source}: models.{i}.parameters.{extra[0]}: not a per-model parameter")
+        per = _per_input(rule, dict(entry.get("parameters") or {}), drop, f"{source}: models.{i}.parameters")
         weight = per.pop("weight", shared_weight)
         spec: dict[str, Any] = {"path": entry["model"], "parameters": per}
         if weight is not None:
@@ -236,8 +262,7 @@ def from_mergekit(data: dict, source: str) -> dict:
     if base is not None and (rule not in BASE_AS_INPUT or stacked):
         recipe["base"] = base  # with stacked slices: only config.json and the tokenizer come from it
     if stacked:
-        recipe["slices"] = [{**sl, "parameters": _translate(rule, sl["parameters"], drop, f"slices.{n}.parameters")}
-                            for n, sl in enumerate(data["slice_specs"])]
+        recipe["slices"] = data["slice_specs"]
     # mergekit: tensors are read (and merged) in `dtype` and written in `out_dtype`, else in `dtype`
     out_dtype = data.get("out_dtype") or data.get("dtype")
     if out_dtype:
