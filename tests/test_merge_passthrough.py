@@ -203,3 +203,23 @@ def test_several_yaml_documents_are_refused(models, tmp_path):
     line = refused(["merge", write(tmp_path, doc + "---\n" + doc), tmp_path / "out"], mentions="several YAML documents",
                    inputs=[models["ft0"]], out=tmp_path / "out")
     assert "not supported yet" in line
+
+
+def test_native_recipe_slices_and_dry_run(models, tmp_path):
+    """The same frankenmerge written as a malleable recipe; --dry-run lists the slices."""
+    from malleable.api import merge_plan
+
+    recipe = {"method": "passthrough", "inputs": [{"path": str(models["ft0"])}, {"path": str(models["ft1"])}],
+              "slices": [{"input": 0, "layers": [0, 2]}, {"input": 1, "layers": [1, 2], "parameters": {"scale": 2.0}}]}
+    text = merge_plan(recipe)
+    assert "slice 1: inputs.1 layers [1, 2]" in text and "layers: 3 in the output" in text
+    out = tmp_path / "out"
+    run_merge(recipe, out, progress=False)
+    got, b = load_file(out / "model.safetensors"), load_file(models["ft1"] / "model.safetensors")
+    assert torch.equal(got["model.layers.2.mlp.up_proj.weight"], b["model.layers.1.mlp.up_proj.weight"] * 2.0)
+
+
+def test_slices_of_lora_adapters_are_refused(adapters, tmp_path):
+    recipe = write(tmp_path, {"method": "linear", "inputs": [{"path": str(adapters["lora0"])}],
+                              "slices": [{"input": 0, "layers": [0, 1]}]}, "r.yml")
+    refused(["merge", recipe, tmp_path / "out"], mentions="slices", inputs=[adapters["lora0"]], out=tmp_path / "out")

@@ -158,6 +158,8 @@ def plan_merge(recipe: MergeRecipe) -> MergePlan:
                          "adapters; merge either checkpoints or adapters")
     base = Checkpoint(recipe.base, recipe.allow_pickle) if recipe.base else None
     if all(adapters_in):
+        if recipe.slices is not None:
+            raise RecipeError("slices: stack or merge layer ranges of full checkpoints, not of LoRA adapters")
         plan = _plan_adapters(recipe, rule, params, base)
     else:
         plan = _plan_models(recipe, rule, params, base)
