@@ -223,3 +223,13 @@ def test_slices_of_lora_adapters_are_refused(adapters, tmp_path):
     recipe = write(tmp_path, {"method": "linear", "inputs": [{"path": str(adapters["lora0"])}],
                               "slices": [{"input": 0, "layers": [0, 1]}]}, "r.yml")
     refused(["merge", recipe, tmp_path / "out"], mentions="slices", inputs=[adapters["lora0"]], out=tmp_path / "out")
+
+
+def test_a_single_source_weight_is_the_input_weight(models):
+    from malleable.recipes.merge import parse_recipe
+
+    recipe = parse_recipe({"merge_method": "linear", "slices": [
+        {"sources": [{"model": str(models["ft0"]), "layer_range": [0, 2], "parameters": {"weight": 2.0}}]},
+        {"sources": [{"model": str(models["ft1"]), "layer_range": [1, 2]}]}]}, "mk.yml")
+    assert recipe.slices[0].sources[0].weight == 2.0 and recipe.slices[0].parameters == {}
+    assert recipe.slices[1].input == 1 and recipe.slices[1].layers == (1, 2)

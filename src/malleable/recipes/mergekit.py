@@ -207,6 +207,8 @@ def _stacked_slices(data: dict, source: str, rule: str, drop: set[str]) -> dict:
             if src["model"] not in paths:
                 paths.append(src["model"])
             spec = {"input": paths.index(src["model"]), "layers": src["layer_range"]}
+            if "weight" in params:  # an input's weight, not a parameter of the rule
+                spec = {"sources": [{**spec, "weight": params.pop("weight")}]}
         else:
             weight = params.pop("weight", None)
             spec["sources"] = []
