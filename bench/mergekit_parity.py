@@ -111,9 +111,9 @@ def cases(m: dict[str, Path]) -> dict[str, dict]:
     c: dict[str, dict] = {}
 
     def add(name, lines, random=False, note="", dtype="float32", rtol=RTOL, info=False, tokenizer=False,
-            layers=None):
+            layers=None, multi=False):
         c[name] = {"yaml": "\n".join(lines + ([f"dtype: {dtype}"] if dtype else [])) + "\n", "random": random,
-                   "note": note, "rtol": rtol, "info": info, "tokenizer": tokenizer, "layers": layers}
+                   "note": note, "rtol": rtol, "info": info, "tokenizer": tokenizer, "layers": layers, "multi": multi}
 
     def src(model, layers, params=None):
         out = ["  - sources:", f"      - model: {m[model]}", f"        layer_range: {json.dumps(layers)}"]
@@ -238,6 +238,15 @@ def cases(m: dict[str, Path]) -> dict[str, dict]:
                           *msrc([("ft0", [0, 3], {"weight": 2.0}), ("ft1", [1, 4], None)], {"weight": 0.5}),
                           *msrc([("ft2", [3, 4], {"weight": 1.0}), ("ft0", [0, 1], {"weight": 3.0})])],
         note="linear over layer ranges, no base; a slice-level weight for the sources without their own")
+    add("multi", ["name: first", "merge_method: slerp", f"base_model: {m['base']}",
+                  *_models(m, [("base", None), ("ft0", None)]), "parameters: {t: 0.3}", "dtype: float32", "---",
+                  "name: second", "merge_method: ties", f"base_model: {m['base']}",
+                  *_models(m, [("ft1", {"weight": 0.6, "density": 0.5}), ("ft2", {"weight": 0.4, "density": 0.7})]),
+                  "dtype: float32", "---",
+                  "merge_method: passthrough", "slices:", "  - sources:", "      - model: first",
+                  "        layer_range: [0, 3]", "  - sources:", "      - model: second", "        layer_range: [1, 4]"],
+        multi=True, note="mergekit-multi: two named merges, then a frankenmerge of them (mergekit-multi vs "
+                         "`malleable merge` of the same three-document file)")
     add("linear_chatml", ["merge_method: linear", f"base_model: {m['base']}", *_models(m, [("base", {"weight": 1.0}), ("ft0", {"weight": 1.0})]),
                           "chat_template: chatml"], tokenizer=True, note="built-in chat template by name")
     add("linear_chat_literal", ["merge_method: linear", f"base_model: {m['base']}", *_models(m, [("base", {"weight": 1.0}), ("ft0", {"weight": 1.0})]),
@@ -253,8 +262,15 @@ def cases(m: dict[str, Path]) -> dict[str, dict]:
     return c
 
 
-def run_tool(tool: str, recipe: Path, out: Path, patch: bool, tokenizer: bool = False) -> None:
-    if tool == "mergekit":
+def run_tool(tool: str, recipe: Path, out: Path, patch: bool, tokenizer: bool = False, multi: bool = False) -> None:
+    if tool == "mergekit" and multi:
+        py = str(MERGEKIT_VENV / "bin" / "python")
+        entry = ("from mergekit.scripts.multimerge import main\nimport sys\nsys.argv[0] = 'mergekit-multi'\n"
+                 "main()\n")
+        args = [str(recipe), "--intermediate-dir", str(out) + "-intermediate", "--out-path", str(out),
+                "--random-seed", "0", "--quiet", "--no-write-model-card", "--no-copy-tokenizer"]
+        env = dict(os.environ)
+    elif tool == "mergekit":
         py = str(MERGEKIT_VENV / "bin" / "python")
         entry = "from mergekit.scripts.run_yaml import main\nimport sys\nsys.argv[0] = 'mergekit-yaml'\nmain()\n"
         args = [str(recipe), str(out), "--random-seed", "0", "--quiet", "--no-write-model-card"]
@@ -405,7 +421,7 @@ def main(argv=None) -> int:
                     break
                 for tool in ("mergekit", "malleable"):
                     out = dirs[tool] = root / f"out-{name}-{tool}-{int(patched)}"
-                    run_tool(tool, recipe, out, patched, case["tokenizer"])
+                    run_tool(tool, recipe, out, patched, case["tokenizer"], case["multi"])
                     outs[tool] = read_all(out)
                 if case["random"] and not patched:
                     mk, ours = mean_abs_delta(outs["mergekit"], base), mean_abs_delta(outs["malleable"], base)

@@ -198,11 +198,50 @@ def test_chat_template_that_mergekit_refuses_is_refused(tiny_lm, tmp_path, templ
             inputs=[tiny_lm], out=tmp_path / "out")
 
 
-def test_several_yaml_documents_are_refused(models, tmp_path):
-    doc = yaml.safe_dump({"merge_method": "passthrough", "models": [{"model": str(models["ft0"])}], "name": "a"})
-    line = refused(["merge", write(tmp_path, doc + "---\n" + doc), tmp_path / "out"], mentions="several YAML documents",
-                   inputs=[models["ft0"]], out=tmp_path / "out")
-    assert "not supported yet" in line
+def multi(*docs):
+    return "---\n".join(yaml.safe_dump(d) for d in docs)
+
+
+def test_mergekit_multi_runs_named_merges_first(models, tmp_path):
+    """A named linear merge of ft0 and ft1, then the output: a frankenmerge of it and ft2 (documents out of order)."""
+    final = {"merge_method": "passthrough", "slices": [src("avg", [0, 2]), src(models["ft2"], [1, 2])]}
+    avg = {"name": "avg", "merge_method": "linear", "models": [
+        {"model": str(models["ft0"]), "parameters": {"weight": 1.0}},
+        {"model": str(models["ft1"]), "parameters": {"weight": 3.0}}]}
+    final["slices"][0]["sources"][0]["model"] = "avg"
+    out = tmp_path / "out"
+    report = run_merge(write(tmp_path, multi(final, avg)), out, progress=False)
+    assert list(report["intermediate_merges"]) == ["avg"]
+    got = load_file(out / "model.safetensors")
+    a, b, c = (load_file(models[k] / "model.safetensors") for k in ("ft0", "ft1", "ft2"))
+    n = "model.layers.{}.self_attn.q_proj.weight"
+    torch.testing.assert_close(got[n.format(1)], (a[n.format(1)] + 3 * b[n.format(1)]) / 4)
+    assert torch.equal(got[n.format(2)], c[n.format(1)])
+    assert json.loads((out / "config.json").read_text())["num_hidden_layers"] == 3
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["mk.yml", "out"]  # the named merge's folder is gone
+
+
+MULTI_REFUSED = [
+    (lambda m: [m, m], "exactly one document must have no `name:`"),
+    (lambda m: [{**m, "name": "a"}, m], "merge 'a' is used by no other document"),
+    (lambda m: [{**m, "name": "a", "base_model": "b"}, {**m, "name": "b", "base_model": "a"}, m], "cycle"),
+    (lambda m: [{**m, "name": "a/b"}, m], "not a usable merge name"),
+    (lambda m: [{"method": "linear"}, m], "document 1: a file of several documents is read as mergekit-multi"),
+    (lambda m: [{**m, "name": "a", "tokenizer_source": "base"}, {**m, "base_model": "a"}], "tokenizer_source"),
+]
+
+
+@pytest.mark.parametrize("docs, mentions", MULTI_REFUSED)
+def test_mergekit_multi_mistakes_are_one_line_before_any_work(models, tmp_path, docs, mentions):
+    m = {"merge_method": "passthrough", "models": [{"model": str(models["ft0"])}]}
+    out = tmp_path / "out"
+    refused(["merge", write(tmp_path, multi(*docs(m))), out], mentions=mentions, inputs=[models["ft0"]], out=out)
+
+
+def test_several_documents_in_another_verbs_recipe_are_refused(tmp_path):
+    recipe = write(tmp_path, "method: lora\n---\nmethod: lora\n", "learn.yml")
+    refused(["learn", recipe, tmp_path / "out"], mentions="several YAML documents", inputs=[recipe],
+            out=tmp_path / "out")
 
 
 def test_native_recipe_slices_and_dry_run(models, tmp_path):

@@ -6,7 +6,7 @@ each that stack layer ranges, i.e. passthrough frankenmerges) as a malleable mer
 methods in it), `out_dtype` (else `dtype`) the written one, also recorded in config.json. `chat_template` (a
 built-in name, `auto` or a Jinja string) is written as mergekit writes it. Refused with one line rather than
 ignored: `tokenizer_source` and `tokenizer` (vocabulary merging), slices that merge several models over a layer
-range, and several YAML documents in one file (mergekit-multi).
+range.
 
 mergekit's defaults differ per method (ties normalises by the agreeing weights, dare_ties does not; both
 elect signs from the weighted task vectors), so each method maps to our rule with those defaults made
@@ -21,13 +21,14 @@ streams); everything else matches (bench/mergekit_parity.py). Where mergekit acc
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 from typing import Any
 
 from pydantic import Field
 
 from malleable.errors import RecipeError
-from malleable.recipes.common import Strict, validate
+from malleable.recipes.common import Strict, read_yaml, validate
 from malleable.recipes.merge import ParamSpec
 
 # mergekit method -> (our rule, our defaults that reproduce mergekit's, mergekit parameters to drop)
@@ -274,3 +275,81 @@ def from_mergekit(data: dict, source: str) -> dict:
     if data.get("chat_template") is not None:
         recipe["chat_template"] = data["chat_template"]
     return recipe
+
+
+_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")
+
+
+def _references(doc: dict) -> list[str]:
+    """Every model a mergekit document names: base_model, models[].model, slices[].sources[].model."""
+    refs = [doc.get("base_model")]
+    refs += [m.get("model") for m in doc.get("models") or [] if isinstance(m, dict)]
+    for sl in doc.get("slices") or []:
+        if isinstance(sl, dict):
+            refs += [s.get("model") for s in sl.get("sources") or [] if isinstance(s, dict)]
+    return [r for r in refs if isinstance(r, str)]
+
+
+def _substitute(doc: dict, paths: dict[str, str]) -> dict:
+    """`doc` with the names of other documents' merges replaced by their output folders."""
+    def sub(v):
+        return paths.get(v, v) if isinstance(v, str) else v
+
+    doc = dict(doc)
+    if "base_model" in doc:
+        doc["base_model"] = sub(doc["base_model"])
+    if isinstance(doc.get("models"), list):
+        doc["models"] = [{**m, "model": sub(m.get("model"))} if isinstance(m, dict) else m for m in doc["models"]]
+    if isinstance(doc.get("slices"), list):
+        doc["slices"] = [{**sl, "sources": [{**s, "model": sub(s.get("model"))} if isinstance(s, dict) else s
+                                            for s in sl.get("sources") or []]}
+                         if isinstance(sl, dict) else sl for sl in doc["slices"]]
+    return doc
+
+
+def read_documents(path: str | Path) -> list[tuple[str | None, dict, set[str]]] | None:
+    """A mergekit-multi file as (name, document, names it uses) in an order where each merge comes after the
+    merges it uses, the unnamed output last; None for a file of one document. Checked before any work: every
+    document a mergekit merge, one without a name, names unique and usable as folder names, no cycles, every
+    named merge used."""
+    path = Path(path)
+    docs = [d for d in read_yaml(path, documents=True) if d is not None]
+    if len(docs) <= 1:
+        return None
+    names: dict[str, int] = {}
+    for i, d in enumerate(docs):
+        where = f"{path}: document {i + 1}"
+        if not isinstance(d, dict) or "merge_method" not in d:
+            raise RecipeError(f"{where}: a file of several documents is read as mergekit-multi, and each must be a "
+                              "mergekit merge (merge_method: ...)")
+        name = d.get("name")
+        if name is None:
+            continue
+        if not isinstance(name, str) or not _NAME.fullmatch(name) or name in (".", ".."):
+            raise RecipeError(f"{where}: name: {name!r:.60} is not a usable merge name (letters, digits, . _ -)")
+        if name in names:
+            raise RecipeError(f"{where}: name: '{name}' is also the name of document {names[name] + 1}")
+        names[name] = i
+    unnamed = [i for i, d in enumerate(docs) if d.get("name") is None]
+    if len(unnamed) != 1:
+        raise RecipeError(f"{path}: exactly one document must have no `name:` (the merge written to the output); "
+                          f"{len(unnamed)} have none")
+    uses = [set(_references(d)) & set(names) for d in docs]
+    for i, d in enumerate(docs):
+        if d.get("name") in uses[i]:
+            raise RecipeError(f"{path}: document {i + 1}: merge '{d['name']}' uses itself")
+    used = set().union(*uses)
+    for name, i in names.items():
+        if name not in used:
+            raise RecipeError(f"{path}: document {i + 1}: merge '{name}' is used by no other document")
+    order, done = [], set()
+    while len(order) < len(docs):
+        ready = [i for i in range(len(docs)) if i not in order and uses[i] <= done and i != unnamed[0]]
+        if not ready:
+            if uses[unnamed[0]] <= done and len(order) == len(docs) - 1:
+                ready = unnamed
+            else:
+                raise RecipeError(f"{path}: the documents use each other in a cycle")
+        order.append(ready[0])
+        done.add(docs[ready[0]].get("name"))
+    return [(docs[i].get("name"), docs[i], uses[i]) for i in order]
