@@ -1,12 +1,13 @@
-"""Read a mergekit YAML (the `models:` form, a `slices:` form equivalent to it, or `slices:` of one source
-each that stack layer ranges, i.e. passthrough frankenmerges) as a malleable merge recipe, with mergekit
-0.1.5's semantics.
+"""Read a mergekit YAML (the `models:` form, or `slices:`: layer ranges stacked into a deeper or shallower model,
+one source per slice as in passthrough frankenmerges, or several models merged over equally long ranges per
+slice) as a malleable merge recipe, with mergekit 0.1.5's semantics.
 
 `dtype` is the precision inputs are read in (we round to it, then compute in float32; mergekit computes most
 methods in it), `out_dtype` (else `dtype`) the written one, also recorded in config.json. `chat_template` (a
 built-in name, `auto` or a Jinja string) is written as mergekit writes it. Refused with one line rather than
-ignored: `tokenizer_source` and `tokenizer` (vocabulary merging), slices that merge several models over a layer
-range.
+ignored: `tokenizer_source` and `tokenizer` (vocabulary merging, `pad_to_multiple_of`). Several `---`-separated
+documents are mergekit-multi (`read_documents`, run by `malleable.merge.multi`): named merges go to a temporary
+folder and serve as models for the others; the unnamed one is the output.
 
 mergekit's defaults differ per method (ties normalises by the agreeing weights, dare_ties does not; both
 elect signs from the weighted task vectors), so each method maps to our rule with those defaults made
