@@ -72,7 +72,29 @@ def build_models(root: Path) -> dict[str, Path]:
         model.save_pretrained(root / name)
         model.to(torch.bfloat16).save_pretrained(root / f"{name}_bf16")
         out[name], out[f"{name}_bf16"] = root / name, root / f"{name}_bf16"
+    _tokenizer().save_pretrained(root / "base")  # for the chat_template cases (mergekit reserialises it)
+    # a Qwen3 (its config lists layer_types, one per layer) for a frankenmerge that must re-lay them out
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    torch.manual_seed(1)
+    qcfg = Qwen3Config(**{k: v for k, v in TINY.items()}, head_dim=16,
+                       layer_types=["full_attention", "sliding_attention"] * 2, sliding_window=16,
+                       use_sliding_window=True, max_window_layers=2)
+    Qwen3ForCausalLM(qcfg).eval().save_pretrained(root / "qwen3")
+    out["qwen3"] = root / "qwen3"
     return out
+
+
+def _tokenizer():
+    """A word-level tokenizer (as tests/conftest.py builds one), with no chat template of its own."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {w: i for i, w in enumerate(["<pad>", "<unk>", "<s>", "</s>"] + [f"w{i}" for i in range(100)])}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", unk_token="<unk>", bos_token="<s>",
+                                   eos_token="</s>")
 
 
 def _models(m, names_params):
@@ -88,9 +110,14 @@ def cases(m: dict[str, Path]) -> dict[str, dict]:
     """name -> {yaml, random, note}. YAML is written by hand (JSON flow style for the parameters)."""
     c: dict[str, dict] = {}
 
-    def add(name, lines, random=False, note="", dtype="float32", rtol=RTOL, info=False):
-        c[name] = {"yaml": "\n".join(lines + [f"dtype: {dtype}"]) + "\n", "random": random, "note": note,
-                   "rtol": rtol, "info": info}
+    def add(name, lines, random=False, note="", dtype="float32", rtol=RTOL, info=False, tokenizer=False,
+            layers=None, multi=False):
+        c[name] = {"yaml": "\n".join(lines + ([f"dtype: {dtype}"] if dtype else [])) + "\n", "random": random,
+                   "note": note, "rtol": rtol, "info": info, "tokenizer": tokenizer, "layers": layers, "multi": multi}
+
+    def src(model, layers, params=None):
+        out = ["  - sources:", f"      - model: {m[model]}", f"        layer_range: {json.dumps(layers)}"]
+        return out + ([f"        parameters: {json.dumps(params)}"] if params else [])
 
     add("slerp", [
         "merge_method: slerp", f"base_model: {m['base']}",
@@ -162,6 +189,69 @@ def cases(m: dict[str, Path]) -> dict[str, dict]:
     add("nearswap_bf16", ["merge_method: nearswap", f"base_model: {m['base_bf16']}",
                           *_models(m, [("ft0_bf16", None)]), "parameters: {t: 0.015}"],
         dtype="bfloat16", rtol=BF16_RTOL, info=True, note=bf16_note)
+    # passthrough and frankenmerges (layer slices stacked into a deeper model)
+    add("passthrough_copy", ["merge_method: passthrough", *_models(m, [("ft1", {"scale": 0.5})])],
+        note="one model, scaled by 0.5")
+    add("passthrough_repeat", ["merge_method: passthrough", "slices:", *src("ft0", [0, 3]), *src("ft0", [1, 4])],
+        note="a 4-layer model stacked as layers 0-2 then 1-3 (6 layers; layers 1 and 2 repeated)")
+    add("passthrough_two_models", ["merge_method: passthrough", f"base_model: {m['base']}", "slices:",
+                                   *src("ft0", [0, 2]), *src("ft1", [1, 3], {"scale": [
+                                       {"filter": "o_proj", "value": 0.5}, {"filter": "down_proj", "value": [0.2, 1.0]},
+                                       {"value": 1.0}]}),
+                                   *src("ft2", [3, 4])],
+        note="three models (embeddings from the first slice's, norm and lm_head from the last's), a filtered "
+             "and per-layer scale in one slice, config from base_model")
+    add("passthrough_truncate", ["merge_method: passthrough", "slices:", *src("ft2", [1, 3])],
+        note="one slice of 2 of the 4 layers (layer pruning)")
+    add("passthrough_dtypes", ["merge_method: passthrough", "slices:", *src("ft0", [0, 3]), *src("ft1", [2, 4]),
+                               "out_dtype: float32"], dtype="bfloat16",
+        note="dtype bfloat16 (inputs rounded to it), out_dtype float32 (written)")
+    add("passthrough_fp16", ["merge_method: passthrough", "slices:", *src("ft0", [0, 2]), *src("ft0", [2, 4])],
+        dtype="float16", note="dtype float16 (written float16; config.json says so)")
+    add("passthrough_qwen3", ["merge_method: passthrough", "slices:", *src("qwen3", [0, 3]), *src("qwen3", [1, 4])],
+        layers=("qwen3", [0, 1, 2, 1, 2, 3]),
+        note="Qwen3, whose config lists layer_types: mergekit 0.1.5 stops (its config keeps 4 layer_types for 6 "
+             "layers, which transformers refuses to save), so malleable's output is checked against the source "
+             "layers themselves, and loaded and run")
+    # merges over layer ranges: each slice merges several models' equally long ranges, slices stacked
+    def msrc(pairs, params=None):
+        out = ["  - sources:"]
+        for model, layers, p in pairs:
+            out += [f"      - model: {m[model]}", f"        layer_range: {json.dumps(layers)}"]
+            out += [f"        parameters: {json.dumps(p)}"] if p else []
+        return out + ([f"    parameters: {json.dumps(params)}"] if params else [])
+
+    add("slerp_slices", ["merge_method: slerp", f"base_model: {m['base']}", "slices:",
+                         *msrc([("base", [0, 2], None), ("ft0", [0, 2], None)], {"t": [0, 1]}),
+                         *msrc([("base", [1, 4], None), ("ft1", [0, 3], None)],
+                               {"t": [{"filter": "mlp", "value": 0.3}, {"value": [0.2, 0.8]}]})],
+        note="slerp per slice (5 layers): t gradients run over each slice; the base's range differs from the "
+             "other model's in the second slice")
+    add("ties_slices", ["merge_method: ties", f"base_model: {m['base']}", "slices:",
+                        *msrc([("ft0", [0, 2], {"weight": 0.7}), ("ft1", [0, 2], {"weight": 0.4}),
+                               ("base", [0, 2], None)], {"density": 0.6}),
+                        *msrc([("ft0", [2, 4], {"weight": 0.5, "density": 0.3}), ("ft2", [1, 3], {"weight": 0.5}),
+                               ("base", [2, 4], None)]),
+                        "parameters: {density: 0.8}"],
+        note="ties over layer ranges; slice and per-source parameters over the top-level ones")
+    add("linear_slices", ["merge_method: linear", "slices:",
+                          *msrc([("ft0", [0, 3], {"weight": 2.0}), ("ft1", [1, 4], None)], {"weight": 0.5}),
+                          *msrc([("ft2", [3, 4], {"weight": 1.0}), ("ft0", [0, 1], {"weight": 3.0})])],
+        note="linear over layer ranges, no base; a slice-level weight for the sources without their own")
+    add("multi", ["name: first", "merge_method: slerp", f"base_model: {m['base']}",
+                  *_models(m, [("base", None), ("ft0", None)]), "parameters: {t: 0.3}", "dtype: float32", "---",
+                  "name: second", "merge_method: ties", f"base_model: {m['base']}",
+                  *_models(m, [("ft1", {"weight": 0.6, "density": 0.5}), ("ft2", {"weight": 0.4, "density": 0.7})]),
+                  "dtype: float32", "---",
+                  "merge_method: passthrough", "slices:", "  - sources:", "      - model: first",
+                  "        layer_range: [0, 3]", "  - sources:", "      - model: second", "        layer_range: [1, 4]"],
+        multi=True, note="mergekit-multi: two named merges, then a frankenmerge of them (mergekit-multi vs "
+                         "`malleable merge` of the same three-document file)")
+    add("linear_chatml", ["merge_method: linear", f"base_model: {m['base']}", *_models(m, [("base", {"weight": 1.0}), ("ft0", {"weight": 1.0})]),
+                          "chat_template: chatml"], tokenizer=True, note="built-in chat template by name")
+    add("linear_chat_literal", ["merge_method: linear", f"base_model: {m['base']}", *_models(m, [("base", {"weight": 1.0}), ("ft0", {"weight": 1.0})]),
+                                "chat_template: \"{% for m in messages %}[{{ m['role'] }}] {{ m['content'] }}\\n"
+                                "{% endfor %}\""], tokenizer=True, note="a literal Jinja chat template")
     for name in ("della", "della_linear"):
         lines = ["merge_method: " + name, f"base_model: {m['base']}",
                  *_models(m, [("ft0", {"weight": 0.6, "density": 0.6, "epsilon": 0.1}),
@@ -172,12 +262,19 @@ def cases(m: dict[str, Path]) -> dict[str, dict]:
     return c
 
 
-def run_tool(tool: str, recipe: Path, out: Path, patch: bool) -> None:
-    if tool == "mergekit":
+def run_tool(tool: str, recipe: Path, out: Path, patch: bool, tokenizer: bool = False, multi: bool = False) -> None:
+    if tool == "mergekit" and multi:
+        py = str(MERGEKIT_VENV / "bin" / "python")
+        entry = ("from mergekit.scripts.multimerge import main\nimport sys\nsys.argv[0] = 'mergekit-multi'\n"
+                 "main()\n")
+        args = [str(recipe), "--intermediate-dir", str(out) + "-intermediate", "--out-path", str(out),
+                "--random-seed", "0", "--quiet", "--no-write-model-card", "--no-copy-tokenizer"]
+        env = dict(os.environ)
+    elif tool == "mergekit":
         py = str(MERGEKIT_VENV / "bin" / "python")
         entry = "from mergekit.scripts.run_yaml import main\nimport sys\nsys.argv[0] = 'mergekit-yaml'\nmain()\n"
-        args = [str(recipe), str(out), "--random-seed", "0", "--no-copy-tokenizer", "--quiet",
-                "--no-write-model-card"]
+        args = [str(recipe), str(out), "--random-seed", "0", "--quiet", "--no-write-model-card"]
+        args += [] if tokenizer else ["--no-copy-tokenizer"]
         env = dict(os.environ)
     else:
         py = sys.executable
@@ -197,6 +294,67 @@ def read_all(d: Path) -> dict[str, torch.Tensor]:
     for f in sorted(d.glob("*.safetensors")):
         out.update(load_file(f))
     return out
+
+
+CONFIG_KEYS = ("num_hidden_layers", "dtype", "torch_dtype", "vocab_size", "layer_types", "max_window_layers")
+
+
+def compare_config(mk_dir: Path, ours_dir: Path) -> dict:
+    """The config.json keys that must agree (layer count, dtype, per-layer lists), and the dtypes written."""
+    from safetensors import safe_open
+
+    def dtypes(d):
+        out = set()
+        for f in d.glob("*.safetensors"):
+            with safe_open(f, "pt") as fh:
+                out |= {str(fh.get_slice(k).get_dtype()) for k in fh.keys()}
+        return sorted(out)
+
+    a, b = (json.loads((d / "config.json").read_text()) for d in (mk_dir, ours_dir))
+    diff = {k: [a.get(k), b.get(k)] for k in CONFIG_KEYS if a.get(k) != b.get(k)}
+    res = {"differing_keys": diff, "tensor_dtypes": [dtypes(mk_dir), dtypes(ours_dir)],
+           "num_hidden_layers": b.get("num_hidden_layers"), "dtype": b.get("dtype", b.get("torch_dtype"))}
+    res["pass"] = not diff and res["tensor_dtypes"][0] == res["tensor_dtypes"][1]
+    return res
+
+
+def compare_chat_template(mk_dir: Path, ours_dir: Path) -> dict:
+    from transformers import AutoTokenizer
+
+    a, b = (AutoTokenizer.from_pretrained(d).chat_template for d in (mk_dir, ours_dir))
+    files = [sorted(p.name for p in d.iterdir() if "token" in p.name or "chat" in p.name) for d in (mk_dir, ours_dir)]
+    return {"mergekit": a, "malleable": b, "files": files, "pass": a == b and a is not None}
+
+
+def expected_stack(src_dir: Path, layers: list[int]) -> dict[str, torch.Tensor]:
+    """The frankenmerge of one model by hand: output layer i is source layer layers[i], the rest copied."""
+    import re
+
+    src, out = read_all(src_dir), {}
+    for name, t in src.items():
+        m = re.search(r"\.layers\.(\d+)\.", name)
+        if m is None:
+            out[name] = t
+            continue
+        for i, j in enumerate(layers):
+            if j == int(m.group(1)):
+                out[name[:m.start(1)] + str(i) + name[m.end(1):]] = t
+    return out
+
+
+def loads_and_runs(d: Path, layers: list[int], src_dir: Path) -> dict:
+    """Load the output with transformers, run a forward pass, and check the config's per-layer lists."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    cfg, src = AutoConfig.from_pretrained(d), AutoConfig.from_pretrained(src_dir)
+    model = AutoModelForCausalLM.from_pretrained(d).eval()
+    with torch.no_grad():
+        logits = model(torch.arange(8)[None]).logits
+    want = [src.layer_types[j] for j in layers]
+    return {"num_hidden_layers": cfg.num_hidden_layers, "layer_types": cfg.layer_types,
+            "logits_finite": bool(torch.isfinite(logits).all()),
+            "pass": cfg.num_hidden_layers == len(layers) and cfg.layer_types == want and
+            bool(torch.isfinite(logits).all())}
 
 
 def compare(mk: dict, ours: dict, rtol: float = RTOL) -> dict:
@@ -248,10 +406,22 @@ def main(argv=None) -> int:
             recipe.write_text(case["yaml"])
             row = {"yaml": case["yaml"], "note": case["note"], "informational": case["info"]}
             for patched in ([True, False] if case["random"] else [False]):
-                outs = {}
+                outs, dirs = {}, {}
+                if case["layers"]:  # mergekit cannot run it: check against the source layers directly
+                    try:
+                        run_tool("mergekit", recipe, root / f"out-{name}-mergekit", False)
+                        row["mergekit"] = "ran"
+                    except RuntimeError as e:
+                        row["mergekit"] = "fails: " + str(e).strip().splitlines()[-1][-300:]
+                    out = root / f"out-{name}-malleable"
+                    run_tool("malleable", recipe, out, False)
+                    src_key, layers = case["layers"]
+                    row["against_source"] = compare(expected_stack(models[src_key], layers), read_all(out))
+                    row["loads"] = loads_and_runs(out, layers, models[src_key])
+                    break
                 for tool in ("mergekit", "malleable"):
-                    out = root / f"out-{name}-{tool}-{int(patched)}"
-                    run_tool(tool, recipe, out, patched)
+                    out = dirs[tool] = root / f"out-{name}-{tool}-{int(patched)}"
+                    run_tool(tool, recipe, out, patched, case["tokenizer"], case["multi"])
                     outs[tool] = read_all(out)
                 if case["random"] and not patched:
                     mk, ours = mean_abs_delta(outs["mergekit"], base), mean_abs_delta(outs["malleable"], base)
@@ -260,13 +430,21 @@ def main(argv=None) -> int:
                 else:
                     row["deterministic" if not case["random"] else "fixed_draws"] = compare(
                         outs["mergekit"], outs["malleable"], case["rtol"])
-            parts = [v for k, v in row.items() if k in ("deterministic", "fixed_draws", "statistical")]
+                if not case["random"]:
+                    row["config"] = compare_config(dirs["mergekit"], dirs["malleable"])
+                if case["tokenizer"]:
+                    row["chat_template"] = compare_chat_template(dirs["mergekit"], dirs["malleable"])
+            parts = [v for k, v in row.items() if k in ("deterministic", "fixed_draws", "statistical", "config",
+                                                         "chat_template", "against_source", "loads")]
             row["pass"] = all(p["pass"] for p in parts)
             results[name] = row
             verdict = "info" if case["info"] else "PASS" if row["pass"] else "FAIL"
             print(f"{name:26s} {verdict} "
                   + " ".join(f"{k}={v.get('max_abs_diff', v.get('relative_difference')):.3g}"
-                             for k, v in row.items() if k in ("deterministic", "fixed_draws", "statistical")),
+                             for k, v in row.items() if k in ("deterministic", "fixed_draws", "statistical",
+                                                             "against_source"))
+                  + " ".join(f" {k}={'ok' if row[k]['pass'] else row[k]}" for k in ("config", "chat_template", "loads")
+                             if k in row),
                   flush=True)
     data = {"benchmark": "mergekit_parity", "tolerance": {"rtol": RTOL, "atol": ATOL},
             "machine": machine({"mergekit": _version("mergekit", str(MERGEKIT_VENV / "bin" / "python")),
@@ -296,15 +474,35 @@ def markdown(data: dict) -> str:
              "deterministic stand-in (a fixed low-discrepancy threshold per position), so everything but the random "
              "draws is compared element by element; `own RNGs` runs both tools unpatched and compares the mean "
              "|merged - base| over all tensors (pass: within 5%).", "",
+             f"config.json rows: the keys {', '.join(CONFIG_KEYS)} and the written tensors' dtypes must be the same "
+             "in both outputs.", "",
              "| case | compared | max abs diff | elements differing at all | elements outside tolerance | result |",
              "|---|---|---|---|---|---|"]
     for name, r in data["results"].items():
+        if "against_source" in r:
+            c = r["against_source"]
+            lines.append(f"| {name} | every tensor vs its source layer (mergekit {r['mergekit']}) | "
+                         f"{c['max_abs_diff']:.3g} | {c['elements_differing']} | {c['elements_outside_tolerance']} of "
+                         f"{c['elements_total']} | {'pass' if c['pass'] else 'FAIL'} |")
+            ld = r["loads"]
+            lines.append(f"| {name} | loads in transformers and runs; layer_types re-laid out: {ld['layer_types']} | "
+                         f"- | - | - | {'pass' if ld['pass'] else 'FAIL'} |")
         for kind, label in (("deterministic", "every tensor"), ("fixed_draws", "every tensor, fixed draws")):
             if kind in r:
                 c = r[kind]
                 verdict = "informational" if r["informational"] else "pass" if c["pass"] else "FAIL"
                 lines.append(f"| {name} | {label} | {c['max_abs_diff']:.3g} | {c['elements_differing']} | "
                              f"{c['elements_outside_tolerance']} of {c['elements_total']} | {verdict} |")
+        if "config" in r:
+            c = r["config"]
+            what = (f"config.json: num_hidden_layers {c['num_hidden_layers']}, dtype {c['dtype']}; tensors written "
+                    f"as {c['tensor_dtypes'][1]}")
+            diff = "; ".join(f"{k}: {v[0]} (mergekit) vs {v[1]}" for k, v in c["differing_keys"].items())
+            lines.append(f"| {name} | {what} | {diff or 'same'} | - | - | {'pass' if c['pass'] else 'FAIL'} |")
+        if "chat_template" in r:
+            c = r["chat_template"]
+            lines.append(f"| {name} | chat template as loaded by AutoTokenizer; files {c['files'][1]} | "
+                         f"{'identical' if c['pass'] else 'DIFFERENT'} | - | - | {'pass' if c['pass'] else 'FAIL'} |")
         if "statistical" in r:
             s = r["statistical"]
             lines.append(f"| {name} | own RNGs: mean abs delta {s['mean_abs_delta_mergekit']:.4g} (mergekit) vs "
@@ -316,6 +514,10 @@ def markdown(data: dict) -> str:
               "task vectors, their sort, the sums - while malleable computes in float32 and rounds once at the "
               "end, so the two differ by bfloat16 arithmetic; for breadcrumbs the rounded task vectors also change "
               "which entries the magnitude sort keeps.", "",
+              "passthrough_qwen3: mergekit 0.1.5 stops on a frankenmerge of a model whose config lists "
+              "`layer_types` (it sets num_hidden_layers but keeps the source's list, which transformers refuses to "
+              "save), so that case checks malleable's output against the source layers (output layer i equals "
+              "source layer j, renamed), the re-laid-out layer_types, and a forward pass in transformers.", "",
               "Recipes: see `results.<case>.yaml` in mergekit_parity.json."]
     return "\n".join(lines)
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 import yaml
@@ -76,7 +78,7 @@ def test_mergekit_dare_ties_defaults(models):
 
 
 @pytest.mark.parametrize("data, key", [
-    ({"merge_method": "passthrough", "base_model": "b", "models": []}, "passthrough"),
+    ({"merge_method": "frankenstein", "base_model": "b", "models": []}, "frankenstein"),
     ({"merge_method": "ties", "slices": []}, "slices"),
     ({"merge_method": "ties", "slices": [{"sources": [], "base": "b"}]}, "slices.0.base"),
     ({"merge_method": "ties", "modles": []}, "modles"),
@@ -105,17 +107,31 @@ def test_mergekit_slices_taking_every_layer_read_as_models(models, tmp_path):
     assert parse_recipe(sliced) == as_models  # the slice's parameters win over the top-level ones
 
 
-@pytest.mark.parametrize("change, key", [
-    (lambda s: s.append(dict(s[0])), "only one slice"),
-    (lambda s: s[0]["sources"][1].update(layer_range=[0, 1]), "slices.0.sources.1.layer_range"),
-    (lambda s: s[0]["sources"][0].update(model="/nonexistent"), "slices.0.sources.0.layer_range"),
-])
-def test_mergekit_slices_beyond_the_models_form_are_refused(models, change, key):
+def test_mergekit_slices_that_stack_read_as_slices(models):
+    """Two slices of (base, ft0) layers 0-1: ties over layer ranges, stacked; the base's range is base_layers."""
     sources = [{"model": str(models[n]), "layer_range": [0, 2]} for n in ("base", "ft0")]
-    slices = [{"sources": sources}]
+    recipe = parse_recipe({"merge_method": "ties", "base_model": str(models["base"]),
+                           "slices": [{"sources": sources}, {"sources": sources}]}, "mk.yml")
+    assert [str(i.path) for i in recipe.inputs] == [str(models["ft0"])] and recipe.base == models["base"]
+    assert [(s.base_layers, [(x.input, x.layers) for x in s.sources]) for s in recipe.slices] == \
+        [((0, 2), [(0, (0, 2))])] * 2
+
+
+@pytest.mark.parametrize("change, key", [
+    (lambda s: s[0]["sources"][1].update(layer_range=[0, 1]), "slices.0: its sources' layer ranges differ"),
+    (lambda s: s[0]["sources"][1].update(layer_range=[1, 3]), "slices.0.sources.0.layers: [1, 3] goes past"),
+    (lambda s: s[0]["sources"][0].update(model="/nonexistent"), "/nonexistent"),
+])
+def test_mergekit_slices_are_checked_before_any_work(models, change, key):
+    from malleable.errors import MalleableError
+    from malleable.merge.engine import plan_merge
+
+    sources = [{"model": str(models[n]), "layer_range": [0, 2]} for n in ("base", "ft0")]
+    slices = [{"sources": sources}, {"sources": [dict(s) for s in sources]}]
     change(slices)
-    with pytest.raises(RecipeError, match=key):
-        parse_recipe({"merge_method": "ties", "base_model": str(models["base"]), "slices": slices}, "mk.yml")
+    with pytest.raises(MalleableError, match=re.escape(key)):
+        plan_merge(parse_recipe({"merge_method": "ties", "base_model": str(models["base"]), "slices": slices},
+                                "mk.yml"))
 
 
 def test_learn_and_forget_recipes_resolve_every_path_field(tmp_path):

@@ -39,6 +39,14 @@ def merge(recipe: MergeRecipe | dict | str | Path, out: str | Path, force: bool 
     from malleable.merge.engine import plan_merge, run_merge
 
     _not_over_recipe(out, recipe)
+    if isinstance(recipe, (str, Path)):
+        from malleable.recipes.mergekit import read_documents
+
+        docs = read_documents(recipe)
+        if docs is not None:  # mergekit-multi: the unnamed merge is the output
+            from malleable.merge.multi import run_documents
+
+            return run_documents(Path(recipe), docs, out, force=force, progress=progress)
     return run_merge(plan_merge(_recipe(recipe)), out, force=force, progress=progress)
 
 

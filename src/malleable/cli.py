@@ -67,8 +67,21 @@ def merge(
     """Merge full models or LoRA adapters into one model or one adapter."""
     from malleable.merge.engine import describe, plan_merge, run_merge
     from malleable.recipes.merge import load_recipe
+    from malleable.recipes.mergekit import read_documents
 
     check_not_input(out, [recipe])
+    docs = read_documents(recipe)
+    if docs is not None:  # mergekit-multi: several merges, the unnamed one written to `out`
+        from malleable.merge.multi import describe_documents, run_documents
+
+        if dry_run:
+            typer.echo(describe_documents(recipe, docs, allow_pickle))
+            return
+        report = run_documents(recipe, docs, out, force=force, progress=not quiet, allow_pickle=allow_pickle)
+        typer.echo(f"merged {len(report['intermediate_merges'])} intermediate merge(s), then "
+                   f"{len(report['tensors'])} tensors with {report['method']} in {report['wall_time_s']} s")
+        typer.echo(f"output: {report['output']['path']}")
+        return
     r = load_recipe(recipe)
     if allow_pickle:
         r.allow_pickle = True

@@ -9,7 +9,9 @@ place in the output shard, free. Peak memory is a few tensors, whatever the mode
 from __future__ import annotations
 
 import ctypes
+import json
 import math
+import re
 import shutil
 import time
 import zlib
@@ -29,7 +31,8 @@ from malleable.io.checkpoint import Checkpoint, dtype_from_name
 from malleable.io.hashing import BackgroundHasher
 from malleable.io.paths import check_folder
 from malleable.io.writer import ShardedWriter, parse_size, split_shards
-from malleable.merge.params import ParamResolver, layer_index
+from malleable.merge import chat_template
+from malleable.merge.params import ParamResolver, layer_index, rename_layer
 from malleable.merge.registry import Rule, get_rule, rule_params
 from malleable.recipes.merge import MergeRecipe
 from malleable.report import environment, peak_rss_mb, write_report
@@ -38,6 +41,25 @@ from malleable.report import environment, peak_rss_mb, write_report
 MODEL_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
                "special_tokens_map.json", "tokenizer.model", "vocab.json", "merges.txt", "chat_template.jinja",
                "added_tokens.json")
+
+
+# config.json lists with one entry per layer: re-laid out with the layers when slices stack them
+PER_LAYER_CONFIG = ("layer_types", "no_rope_layers")
+# tensors outside the layers that sit before them (taken from the first slice's model; the rest from the last's)
+_PRE_LAYER = re.compile(r"embed|wte|wpe|word_embeddings")
+
+
+@dataclass(frozen=True)
+class TensorSource:
+    """Where one output tensor comes from: tensor `names[i]` of input `inputs[i]` (an index into `plan.models`) and
+    tensor `base` of the base (None: the base is not read), its parameters resolved by `resolver` with per-layer
+    gradients read at position `layer`."""
+
+    names: tuple[str, ...]
+    inputs: tuple[int, ...]
+    base: str | None
+    resolver: ParamResolver
+    layer: int | None
 
 
 @dataclass
@@ -53,6 +75,24 @@ class MergePlan:
     tensors: list[tuple[str, torch.dtype, tuple[int, ...]]] = field(default_factory=list)
     modules: list[str] = field(default_factory=list)  # LoRA modules, in output order
     rank: int | None = None
+    # output tensor -> its source, where it is not "the same name in every input" (slices rename layers)
+    sources: dict[str, TensorSource] = field(default_factory=dict)
+    # slices: output layer i is layer layer_map[i][1] of plan.models[layer_map[i][0]]
+    layer_map: list[tuple[int, int]] | None = None
+    donor: Checkpoint | None = None  # config.json and tokenizer files come from it (default: base or first input)
+
+    @property
+    def donor_root(self) -> Path:
+        """The folder config.json and the tokenizer files are copied from."""
+        return (self.donor or self.base or self.models[0]).root
+
+    def source(self, name: str) -> TensorSource:
+        src = self.sources.get(name)
+        if src is None:
+            n = len(self.models)
+            src = TensorSource((name,) * n, tuple(range(n)), name if self.base else None, self.resolver,
+                               layer_index(name))
+        return src
 
     @property
     def base_used(self) -> bool:
@@ -118,19 +158,29 @@ def plan_merge(recipe: MergeRecipe) -> MergePlan:
                          "adapters; merge either checkpoints or adapters")
     base = Checkpoint(recipe.base, recipe.allow_pickle) if recipe.base else None
     if all(adapters_in):
+        if recipe.slices is not None:
+            raise RecipeError("slices: stack or merge layer ranges of full checkpoints, not of LoRA adapters")
         plan = _plan_adapters(recipe, rule, params, base)
     else:
         plan = _plan_models(recipe, rule, params, base)
     if recipe.output.rank is not None and plan.output_kind == "model" and rule.space == "full":
         raise RecipeError("output.rank: this merge writes a model with a full-space rule; there is no rank to set")
-    low, high = rule.inputs
-    if not low <= len(recipe.inputs) <= (high if high is not None else len(recipe.inputs)):
-        want = f"exactly {low}" if low == high else f"at least {low}" if high is None else f"{low} to {high}"
-        raise RecipeError(f"inputs: method '{rule.name}' merges {want} input(s) besides the base, got "
-                          f"{len(recipe.inputs)}")
+    if plan.input_kind == "adapter" and recipe.read_dtype:
+        raise RecipeError("read_dtype: applies to merging full checkpoints, not LoRA adapters")
+    if recipe.chat_template is not None:
+        if plan.output_kind != "model":
+            raise RecipeError("chat_template: the output is a LoRA adapter, which carries no tokenizer")
+        chat_template.check(recipe.chat_template, plan.donor_root)
+    for where, n in ([(f"slices.{i}", len(sl.all_sources())) for i, sl in enumerate(recipe.slices)]
+                     if recipe.slices is not None else [("inputs", len(recipe.inputs))]):
+        low, high = rule.inputs
+        if not low <= n <= (high if high is not None else n):
+            want = f"exactly {low}" if low == high else f"at least {low}" if high is None else f"{low} to {high}"
+            raise RecipeError(f"{where}: method '{rule.name}' merges {want} input(s) besides the base, got {n}")
     for name, _, _ in plan.tensors:  # every parameter value for every tensor, checked before any work
-        plan.resolver.values(name)
-        plan.resolver.weights(name)
+        src = plan.source(name)
+        src.resolver.values(name, src.layer)
+        src.resolver.weights(name, src.layer)
     return plan
 
 
@@ -143,6 +193,8 @@ def _plan_models(recipe: MergeRecipe, rule: Rule, params, base: Checkpoint | Non
     if recipe.output.kind == "adapter":
         raise RecipeError("output.kind: full checkpoints merge into a model, not an adapter")
     models = [Checkpoint(i.path, recipe.allow_pickle) for i in recipe.inputs]
+    if recipe.slices is not None:
+        return _plan_slices(recipe, rule, params, base, models)
     ref = base or models[0]
     ref_cfg = ref.config or {}
     for m in models + ([base] if base else []):
@@ -164,6 +216,123 @@ def _plan_models(recipe: MergeRecipe, rule: Rule, params, base: Checkpoint | Non
     tensors = _output_plan(recipe, ref)
     resolver = ParamResolver(recipe, params, _num_layers(ref.config, ref.names))
     return MergePlan(recipe, rule, resolver, "model", "model", base, models=models, tensors=tensors)
+
+
+def _plan_slices(recipe: MergeRecipe, rule: Rule, params, base: Checkpoint | None,
+                 models: list[Checkpoint]) -> MergePlan:
+    """Stack the slices into a deeper (or shallower) model. Output layer i of a slice is its sources' layer
+    start + i (renamed to the output index), merged by the rule (passthrough: copied); tensors outside the layers
+    before them (embeddings) are merged from the first slice's sources, the others (final norm, lm_head) from the
+    last slice's, as in mergekit. The base is read only where a slice names its `base_layers`; it always lends
+    config.json and the tokenizer files."""
+    slices = [sl.all_sources() for sl in recipe.slices]
+    for n, (sl, srcs) in enumerate(zip(recipe.slices, slices)):
+        for i, s in enumerate(srcs):
+            if s.input >= len(models):
+                where = f"slices.{n}.input" if sl.sources is None else f"slices.{n}.sources.{i}.input"
+                raise RecipeError(f"{where}: {s.input} is not an input (there are {len(models)})")
+        if sl.base_layers is not None and base is None:
+            raise RecipeError(f"slices.{n}.base_layers: the recipe has no base")
+        if rule.uses_base in (True, "raw") and sl.base_layers is None:
+            raise RecipeError(f"slices.{n}.base_layers: method '{rule.name}' needs the base's layers in every slice")
+    unused = sorted(set(range(len(models))) - {s.input for srcs in slices for s in srcs})
+    if unused:
+        raise RecipeError(f"inputs.{unused[0]}: no slice takes layers from it")
+    ref = base or models[slices[0][0].input]
+    ref_cfg = ref.config or {}
+    for m in models + ([base] if base else []):
+        cfg = m.config or {}
+        for key in ("model_type", "hidden_size", "vocab_size"):
+            if key in cfg and key in ref_cfg and cfg[key] != ref_cfg[key]:
+                raise InputError(f"{m.root / 'config.json'}: {key} is {cfg[key]}, but {ref.path} has "
+                                 f"{ref_cfg[key]}: layers of different architectures cannot be stacked")
+    layers: dict[int, dict[int, list[str]]] = {}  # per checkpoint (by id): layer -> its tensor names, file order
+    for m in models + ([base] if base else []):
+        by_layer: dict[int, list[str]] = {}
+        for name in m.meta:
+            if (i := layer_index(name)) is not None:
+                by_layer.setdefault(i, []).append(name)
+        layers[id(m)] = by_layer
+    out_dtype = dtype_from_name(recipe.output.dtype) if recipe.output.dtype else None
+    tensors, sources, layer_map = [], {}, []
+
+    def check(ckpt: Checkpoint, name: str, like: tuple[int, ...], where: str) -> None:
+        if name not in ckpt.meta:
+            raise InputError(f"{ckpt.path}: has no tensor '{name}' ({where})")
+        if ckpt.meta[name].shape != like:
+            raise InputError(f"{ckpt.path}: tensor '{name}' has shape {list(ckpt.meta[name].shape)}, but the "
+                             f"tensor it is merged or stacked with has {list(like)} ({where})")
+
+    def add(out_name: str, names: list[str], n: int, base_name: str | None, layer: int | None, where: str) -> None:
+        srcs = slices[n]
+        meta = models[srcs[0].input].meta[names[0]]
+        for s, name in zip(srcs, names):
+            check(models[s.input], name, meta.shape, where)
+        if base_name is not None:
+            check(base, base_name, meta.shape, where)
+        if out_name in sources:
+            raise InputError(f"{models[srcs[0].input].path}: tensor '{names[0]}' would be written twice as "
+                             f"'{out_name}'")
+        tensors.append((out_name, out_dtype if (out_dtype and meta.dtype.is_floating_point) else meta.dtype,
+                        meta.shape))
+        sources[out_name] = TensorSource(tuple(names), tuple(s.input for s in srcs), base_name, resolvers[n], layer)
+
+    resolvers = []
+    for n, (sl, srcs) in enumerate(zip(recipe.slices, slices)):
+        lengths = {s.layers[1] - s.layers[0] for s in srcs}
+        if sl.base_layers is not None:
+            lengths.add(sl.base_layers[1] - sl.base_layers[0])
+        if len(lengths) != 1:
+            raise RecipeError(f"slices.{n}: its sources' layer ranges differ in length ({sorted(lengths)})")
+        for i, s in enumerate(srcs):
+            have = _num_layers(models[s.input].config, models[s.input].names)
+            if s.layers[1] > have:
+                where = f"slices.{n}.layers" if sl.sources is None else f"slices.{n}.sources.{i}.layers"
+                raise RecipeError(f"{where}: [{s.layers[0]}, {s.layers[1]}] goes past the {have} layers of "
+                                  f"{models[s.input].path}")
+        if sl.base_layers is not None and sl.base_layers[1] > (have := _num_layers(base.config, base.names)):
+            raise RecipeError(f"slices.{n}.base_layers: {list(sl.base_layers)} goes past the {have} layers of "
+                              f"{base.path}")
+        inputs = []
+        for s in srcs:
+            own = recipe.inputs[s.input]
+            inputs.append(own.model_copy(update={"parameters": {**own.parameters, **s.parameters},
+                                                 **({"weight": s.weight} if s.weight is not None else {})}))
+        sub = recipe.model_copy(update={"inputs": inputs, "slices": None,
+                                        "parameters": {**recipe.parameters, **sl.parameters}})
+        resolvers.append(ParamResolver(sub, params, lengths.pop()))
+
+    def outside(n: int, pre: bool) -> None:
+        first = models[slices[n][0].input]
+        for name in first.meta:
+            if layer_index(name) is None and bool(_PRE_LAYER.search(name)) == pre:
+                add(name, [name] * len(slices[n]), n, name if recipe.slices[n].base_layers else None, None,
+                    f"slices.{n}")
+
+    outside(0, True)
+    for n, (sl, srcs) in enumerate(zip(recipe.slices, slices)):
+        head = models[srcs[0].input]
+        for off in range(srcs[0].layers[1] - srcs[0].layers[0]):
+            j = srcs[0].layers[0] + off
+            if j not in layers[id(head)]:
+                raise InputError(f"{head.path}: has no tensors of layer {j} (slices.{n})")
+            template = layers[id(head)][j]
+            if layer_map:
+                k0, j0 = layer_map[0]
+                want = {rename_layer(t, 0): models[k0].meta[t].shape for t in layers[id(models[k0])][j0]}
+                have_ = {rename_layer(t, 0): head.meta[t].shape for t in template}
+                if have_ != want:
+                    odd = sorted(set(have_.items()) ^ set(want.items()))[0][0]
+                    raise InputError(f"{head.path}: layer {j} does not match the layers stacked before it "
+                                     f"(tensor '{odd}')")
+            for t in template:
+                names = [rename_layer(t, s.layers[0] + off) for s in srcs]
+                base_name = rename_layer(t, sl.base_layers[0] + off) if sl.base_layers else None
+                add(rename_layer(t, len(layer_map)), names, n, base_name, off, f"slices.{n}")
+            layer_map.append((srcs[0].input, j))
+    outside(len(slices) - 1, False)
+    return MergePlan(recipe, rule, resolvers[0], "model", "model", base, models=models, tensors=tensors,
+                     sources=sources, layer_map=layer_map, donor=base or models[slices[0][0].input])
 
 
 def _plan_adapters(recipe: MergeRecipe, rule: Rule, params, base: Checkpoint | None) -> MergePlan:
@@ -249,9 +418,11 @@ class _Stats:
 
 
 def _merge_dense(plan: MergePlan, name: str, tensors: list[torch.Tensor]) -> torch.Tensor:
-    """Apply a full-space rule to one tensor's float32 task vectors (uses_base) or weights."""
-    params = plan.resolver.values(name)
-    return plan.rule.fn(tensors, plan.resolver.weights(name), _generator(plan.recipe.seed, name), **params)
+    """Apply a full-space rule to output tensor `name`'s float32 task vectors (uses_base) or weights."""
+    src = plan.source(name)
+    params = src.resolver.values(name, src.layer)
+    return plan.rule.fn(tensors, src.resolver.weights(name, src.layer), _generator(plan.recipe.seed, name),
+                        **params)
 
 
 def _merge_module(plan: MergePlan, module: str) -> tuple[LowRankDelta | None, torch.Tensor | None]:
@@ -344,10 +515,15 @@ def _stream_model(plan: MergePlan, tmp: Path, stats: _Stats, progress: bool) -> 
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="write") as write_thread:
         _merge_tensors(plan, writer, write_thread, stats, progress)
     writer.close()
-    source = plan.base or plan.models[0]
+    source = plan.donor or plan.base or plan.models[0]
     for f in MODEL_FILES:
         if (source.root / f).is_file():
             shutil.copy2(source.root / f, tmp / f)
+    if (source.root / "config.json").is_file() and (plan.layer_map is not None or recipe.output.dtype):
+        _write_config(plan, source.root / "config.json", tmp / "config.json")
+    if recipe.chat_template is not None:
+        folders = [p for p in ([recipe.base] if recipe.base else []) + [i.path for i in recipe.inputs]]
+        chat_template.write(recipe.chat_template, source.root, folders, tmp)
 
 
 def _merge_tensors(plan: MergePlan, writer: ShardedWriter, write_thread: ThreadPoolExecutor, stats: _Stats,
@@ -360,9 +536,12 @@ def _merge_tensors(plan: MergePlan, writer: ShardedWriter, write_thread: ThreadP
     for i, (name, dtype, _) in enumerate(tqdm(plan.tensors, desc=f"merge {recipe.method}", unit="tensor",
                                               disable=not progress)):
         base = None
-        if plan.base and (plan.input_kind == "adapter" or not plan.base.meta[name].dtype.is_floating_point):
-            base = plan.base.read(name)
-            _check_finite(base, name, plan.base.path, recipe.allow_nonfinite)
+        src = plan.source(name) if plan.input_kind == "model" else None
+        base_name = src.base if src is not None else name if plan.base else None
+        if base_name is not None and (plan.input_kind == "adapter"
+                                      or not plan.base.meta[base_name].dtype.is_floating_point):
+            base = plan.base.read(base_name)
+            _check_finite(base, base_name, plan.base.path, recipe.allow_nonfinite)
         if plan.input_kind == "adapter":
             if name in lora_targets:
                 low, dense = _merge_module(plan, lora_targets[name])
@@ -372,8 +551,8 @@ def _merge_tensors(plan: MergePlan, writer: ShardedWriter, write_thread: ThreadP
                 stats.add(name, delta, low.rank if low is not None else None)
             else:
                 result = base
-        elif not plan.models[0].meta[name].dtype.is_floating_point:
-            result = base if base is not None else plan.models[0].read(name)
+        elif not plan.models[src.inputs[0]].meta[src.names[0]].dtype.is_floating_point:
+            result = base if base is not None else plan.models[src.inputs[0]].read(src.names[0])
         else:
             result = _merge_floats(plan, name, buffers, stats)
         if not recipe.allow_nonfinite and result.is_floating_point() and not _all_finite(result):
@@ -389,15 +568,17 @@ def _merge_tensors(plan: MergePlan, writer: ShardedWriter, write_thread: ThreadP
 def _merge_floats(plan: MergePlan, name: str, buffers: _Buffers, stats: _Stats) -> torch.Tensor:
     """Merge one floating tensor of full checkpoints; the result may live in one of `buffers`."""
     allow = plan.recipe.allow_nonfinite
-    base = buffers.read_float(plan.base, name, "base") if plan.base else None
+    src = plan.source(name)
+    base = _read_float(plan, buffers, plan.base, src.base, "base") if src.base is not None else None
     if base is not None:
-        _check_finite(base, name, plan.base.path, allow)
+        _check_finite(base, src.base, plan.base.path, allow)
     raw_base = plan.rule.uses_base == "raw"  # the rule gets the base's raw weight first, then the inputs'
     task_vectors = plan.rule.uses_base is True or (plan.rule.uses_base == "optional" and base is not None)
     tensors = [base] if raw_base else []
-    for i, m in enumerate(plan.models):
-        t = buffers.read_float(m, name, f"input{i}")
-        _check_finite(t, name, m.path, allow)
+    for pos, (i, tensor_name) in enumerate(zip(src.inputs, src.names)):
+        m = plan.models[i]
+        t = _read_float(plan, buffers, m, tensor_name, f"input{pos}")  # one buffer per position: an input may
+        _check_finite(t, tensor_name, m.path, allow)  # appear twice in a slice
         tensors.append(t.sub_(base) if task_vectors else t)  # task vectors in place
     merged = _merge_dense(plan, name, tensors)
     del tensors
@@ -406,6 +587,37 @@ def _merge_floats(plan: MergePlan, name: str, buffers: _Buffers, stats: _Stats) 
         return merged
     stats.add(name, merged)
     return merged.add_(base)
+
+
+def _read_float(plan: MergePlan, buffers: _Buffers, ckpt: Checkpoint, name: str, role: str) -> torch.Tensor:
+    """`name` from `ckpt` as float32, first rounded to the recipe's read_dtype (mergekit's `dtype`) if it sets one."""
+    t = buffers.read_float(ckpt, name, role)
+    if plan.recipe.read_dtype:
+        t.copy_(t.to(dtype_from_name(plan.recipe.read_dtype)))
+    return t
+
+
+def _write_config(plan: MergePlan, source: Path, dest: Path) -> None:
+    """config.json from the donor, with the layer count (and per-layer lists) of stacked slices and the dtype of
+    the written tensors, when those differ from the donor's."""
+    cfg = json.loads(source.read_text())
+    if plan.layer_map is not None:
+        for key in ("num_hidden_layers", "n_layer", "num_layers"):
+            if isinstance(cfg.get(key), int):
+                cfg[key] = len(plan.layer_map)
+                break
+        for key in PER_LAYER_CONFIG:
+            lists = [(plan.models[k].config or {}).get(key) for k in range(len(plan.models))]
+            if isinstance(cfg.get(key), list):
+                if not all(isinstance(v, list) for v in lists):
+                    raise InputError(f"{source}: {key} is per layer, but an input's config.json has none")
+                cfg[key] = [lists[k][j] for k, j in plan.layer_map]
+    if plan.recipe.output.dtype:
+        name = str(dtype_from_name(plan.recipe.output.dtype)).removeprefix("torch.")
+        keys = [k for k in ("dtype", "torch_dtype") if k in cfg] or ["dtype"]
+        for key in keys:
+            cfg[key] = name
+    dest.write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
 
 
 def _report(plan: MergePlan, out: Path, tmp: Path, stats: _Stats, hashes: dict[str, str], wall: float) -> dict:
@@ -470,6 +682,12 @@ def describe(plan: MergePlan) -> str:
         own = f", {spec.model_dump(mode='json')['parameters']}" if spec.parameters else ""
         lines.append(f"input:  {spec.path} (weight {spec.weight}{own}; {desc})")
     lines.append(f"parameters: {r.model_dump(mode='json')['parameters'] or 'defaults'}")
+    if plan.layer_map is not None:
+        for n, sl in enumerate(r.slices):
+            srcs = ", ".join(f"inputs.{s.input} layers {list(s.layers)}" for s in sl.all_sources())
+            base = f", base layers {list(sl.base_layers)}" if sl.base_layers else ""
+            lines.append(f"slice {n}: {srcs}{base}")
+        lines.append(f"layers: {len(plan.layer_map)} in the output")
     lines.append(f"output: {plan.output_kind}, {len(plan.tensors)} tensors"
                  + (f", rank {plan.rank}" if plan.rank else "")
                  + (f", dtype {r.output.dtype}" if r.output.dtype else ""))

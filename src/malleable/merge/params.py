@@ -13,11 +13,18 @@ from malleable.merge.registry import Param
 from malleable.recipes.merge import Filtered, MergeRecipe
 
 _LAYER = re.compile(r"(?:^|\.)(?:layers|h|blocks|layer)\.(\d+)\.")
+_FROM_NAME = object()  # a tensor's layer, for parameter gradients: read from its name unless given
 
 
 def layer_index(name: str) -> int | None:
     m = _LAYER.search(name)
     return int(m.group(1)) if m else None
+
+
+def rename_layer(name: str, index: int) -> str:
+    """`name` with its layer index replaced by `index` (model.layers.3.mlp -> model.layers.{index}.mlp)."""
+    m = _LAYER.search(name)
+    return name[:m.start(1)] + str(index) + name[m.end(1):]
 
 
 def _gradient(values: list[float], layer: int | None, num_layers: int) -> float:
@@ -61,8 +68,8 @@ class ParamResolver:
                     raise RecipeError(f"inputs.{i}.parameters.{key}: not a per-input parameter of "
                                       f"'{self.recipe.method}'")
 
-    def weights(self, name: str) -> list[float]:
-        layer = layer_index(name)
+    def weights(self, name: str, layer: int | None | object = _FROM_NAME) -> list[float]:
+        layer = layer_index(name) if layer is _FROM_NAME else layer
         out = []
         for i, inp in enumerate(self.recipe.inputs):
             w = _value(inp.weight, name, layer, self.num_layers)
@@ -72,8 +79,10 @@ class ParamResolver:
             out.append(float(w))
         return out
 
-    def values(self, name: str) -> dict[str, Any]:
-        layer = layer_index(name)
+    def values(self, name: str, layer: int | None | object = _FROM_NAME) -> dict[str, Any]:
+        """Every parameter's value for tensor `name`; `layer` (the position a per-layer gradient is read at)
+        defaults to the layer index in the name."""
+        layer = layer_index(name) if layer is _FROM_NAME else layer
         out: dict[str, Any] = {}
         for key, p in self.params.items():
             glob = self._one(f"parameters.{key}", p, self.recipe.parameters.get(key), name, layer)

@@ -33,9 +33,10 @@ class Strict(BaseModel):
         return value
 
 
-def read_yaml(path: str | Path) -> Any:
+def read_yaml(path: str | Path, documents: bool = False) -> Any:
     """The recipe's YAML, read from a regular file of at most MAX_BYTES of UTF-8 that expands to at most
-    MAX_VALUES values: a FIFO would block, and a few lines of nested aliases can expand to billions."""
+    MAX_VALUES values: a FIFO would block, and a few lines of nested aliases can expand to billions. With
+    `documents`, the list of its `---`-separated documents (one or more)."""
     path = Path(path)
     try:
         with regular_file(path).open("rb") as f:
@@ -45,9 +46,15 @@ def read_yaml(path: str | Path) -> Any:
     if len(raw) > MAX_BYTES:
         raise RecipeError(f"{path}: larger than {MAX_BYTES // 1_000_000} MB; a recipe is a small YAML file")
     try:
-        data = yaml.safe_load(raw.decode("utf-8"))
+        data = list(yaml.safe_load_all(raw.decode("utf-8"))) if documents else yaml.safe_load(raw.decode("utf-8"))
     except UnicodeDecodeError as e:
         raise RecipeError(f"{path}: not UTF-8 text (byte {e.start})") from None
+    except yaml.composer.ComposerError as e:
+        if "single document" in str(e):
+            raise RecipeError(f"{path}: holds several YAML documents (`---`); only a merge recipe may (mergekit-"
+                              "multi: several mergekit merges)") from None
+        where = getattr(e, "problem_mark", None)
+        raise RecipeError(f"{path}: not valid YAML{f' at line {where.line + 1}' if where else ''}") from None
     except yaml.YAMLError as e:
         where = getattr(e, "problem_mark", None)
         line = f" at line {where.line + 1}" if where else ""

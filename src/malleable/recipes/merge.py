@@ -14,7 +14,16 @@ parameters:                  # the method's parameters; each value may be
     - {filter: mlp, value: count}
     - {value: weights}
 output: {kind: auto, rank: 16, dtype: bfloat16, max_shard_size: 5GB}
+read_dtype: bfloat16         # inputs are rounded to this precision when read (mergekit's `dtype`); rules compute
+                             # in float32 on the rounded values
+chat_template: chatml        # written beside the output: a name (chatml, alpaca, ...), auto, or a Jinja string
 seed: 0
+```
+Frankenmerges stack layer ranges of the inputs into a deeper model (method passthrough, one input per slice):
+```yaml
+slices:
+  - {input: 0, layers: [0, 3]}                 # output layers 0..2 are layers 0..2 of inputs[0]
+  - {input: 1, layers: [1, 4], parameters: {scale: 0.5}}   # output layers 3..5 are layers 1..3 of inputs[1]
 ```
 A mergekit YAML (`merge_method:` ...) is read by `recipes.mergekit` and becomes this same recipe.
 """
@@ -24,7 +33,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Annotated, Literal, Union
 
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 
 from malleable.recipes.common import Seed, Strict, load_recipe_file, validate
 
@@ -77,15 +86,61 @@ class OutputSpec(Strict):
         return size
 
 
+def _layer_range(layers: tuple[int, int] | None) -> tuple[int, int] | None:
+    if layers is not None and not 0 <= layers[0] < layers[1]:
+        raise ValueError(f"{list(layers)} is not a layer range [start, end) with 0 <= start < end")
+    return layers
+
+
+class SliceSource(Strict):
+    input: int = Field(ge=0)
+    layers: tuple[int, int]
+    weight: ParamSpec | None = None  # default: the input's own weight
+    parameters: dict[str, ParamSpec] = Field(default_factory=dict)  # per-input values, over the input's own
+
+    _range = field_validator("layers")(_layer_range)
+
+
+class SliceSpec(Strict):
+    """Output layers taken from one input's layer range (`input` and `layers`), or merged by the recipe's method
+    from several inputs' equally long ranges (`sources`; a rule that needs the base reads its range `base_layers`).
+    `parameters` rank above the recipe's, and a source's own above both; per-layer gradients run over the slice."""
+
+    input: int | None = Field(default=None, ge=0)
+    layers: tuple[int, int] | None = None
+    sources: list[SliceSource] | None = Field(default=None, min_length=1)
+    base_layers: tuple[int, int] | None = None
+    parameters: dict[str, ParamSpec] = Field(default_factory=dict)
+
+    _range = field_validator("layers", "base_layers")(_layer_range)
+
+    @model_validator(mode="after")
+    def _one_form(self) -> SliceSpec:
+        if (self.sources is None) == (self.input is None) or (self.input is None) != (self.layers is None):
+            raise ValueError("give either `input` and `layers`, or `sources`")
+        return self
+
+    def all_sources(self) -> list[SliceSource]:
+        return self.sources or [SliceSource(input=self.input, layers=self.layers)]
+
+
 class MergeRecipe(Strict):
     method: str
     base: Path | None = None
     inputs: list[InputSpec] = Field(min_length=1)
     parameters: dict[str, ParamSpec] = Field(default_factory=dict)
     output: OutputSpec = Field(default_factory=OutputSpec)
+    slices: list[SliceSpec] | None = Field(default=None, min_length=1)
+    read_dtype: str | None = None
+    chat_template: str | None = None
     seed: Seed = 0
     allow_nonfinite: bool = False
     allow_pickle: bool = False
+
+    @field_validator("read_dtype")
+    @classmethod
+    def _read_floating(cls, dtype: str | None) -> str | None:
+        return OutputSpec._floating(dtype)
 
 
 def parse_recipe(data: dict, source: str = "recipe") -> MergeRecipe:

@@ -1,5 +1,13 @@
-"""Read a mergekit YAML (the `models:` form, or a `slices:` form equivalent to it) as a malleable merge recipe,
-with mergekit 0.1.5's semantics.
+"""Read a mergekit YAML (the `models:` form, or `slices:`: layer ranges stacked into a deeper or shallower model,
+one source per slice as in passthrough frankenmerges, or several models merged over equally long ranges per
+slice) as a malleable merge recipe, with mergekit 0.1.5's semantics.
+
+`dtype` is the precision inputs are read in (we round to it, then compute in float32; mergekit computes most
+methods in it), `out_dtype` (else `dtype`) the written one, also recorded in config.json. `chat_template` (a
+built-in name, `auto` or a Jinja string) is written as mergekit writes it. Refused with one line rather than
+ignored: `tokenizer_source` and `tokenizer` (vocabulary merging, `pad_to_multiple_of`). Several `---`-separated
+documents are mergekit-multi (`read_documents`, run by `malleable.merge.multi`): named merges go to a temporary
+folder and serve as models for the others; the unnamed one is the output.
 
 mergekit's defaults differ per method (ties normalises by the agreeing weights, dare_ties does not; both
 elect signs from the weighted task vectors), so each method maps to our rule with those defaults made
@@ -14,13 +22,14 @@ streams); everything else matches (bench/mergekit_parity.py). Where mergekit acc
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 from typing import Any
 
 from pydantic import Field
 
 from malleable.errors import RecipeError
-from malleable.recipes.common import Strict, validate
+from malleable.recipes.common import Strict, read_yaml, validate
 from malleable.recipes.merge import ParamSpec
 
 # mergekit method -> (our rule, our defaults that reproduce mergekit's, mergekit parameters to drop)
@@ -42,14 +51,15 @@ METHODS: dict[str, tuple[str, dict[str, Any], set[str]]] = {
     "multislerp": ("multislerp", {"normalize_weights": True}, set()),
     "karcher": ("karcher", {"max_iter": 10, "tol": 1e-5}, set()),
     "arcee_fusion": ("arcee_fusion", {}, set()),
+    "passthrough": ("passthrough", {}, set()),
 }
 # rules with no base: mergekit's base_model is one more input
-BASE_AS_INPUT = {"linear", "karcher"}
+BASE_AS_INPUT = {"linear", "karcher", "passthrough"}
 # rules whose mergekit `normalize: true/false` is our "weights"/"none" (TIES' disjoint merge)
 DISJOINT = {"ties", "dare_ties", "breadcrumbs_ties", "della"}
 # rules that take mergekit's `rescale` (the others refuse rescale: true)
 RESCALABLE = {"dare_ties", "dare_linear", "breadcrumbs", "breadcrumbs_ties", "della", "della_linear"}
-PER_INPUT = {"weight", "density", "gamma", "epsilon"}
+PER_INPUT = {"weight", "density", "gamma", "epsilon", "scale"}
 Params = dict[str, ParamSpec]
 
 
@@ -73,14 +83,14 @@ class Mergekit(Strict):
 
     merge_method: str
     models: list[Model] | None = None
-    slices: list[Slice] | None = None
+    slices: list[Slice] | None = Field(default=None, min_length=1)
     base_model: str | None = None
     parameters: Params = Field(default_factory=dict)
     dtype: str | None = None
     out_dtype: str | None = None
-    tokenizer_source: Any = None  # read by mergekit only; ignored here
-    tokenizer: Any = None
-    chat_template: Any = None
+    tokenizer_source: Any = None  # refused: building a vocabulary and permuting embeddings to it is not built
+    tokenizer: Any = None  # refused, as tokenizer_source
+    chat_template: str | None = None
     name: str | None = None
 
 
@@ -151,39 +161,196 @@ def _slices_as_models(data: dict, source: str) -> dict:
     return {**rest, "models": models, "parameters": {**top, **own}}
 
 
+def _is_models(data: dict, source: str) -> bool:
+    """Whether `slices:` is the `models:` form in disguise: one slice whose sources all take every layer."""
+    slices = data["slices"]
+    return len(slices) == 1 and all(
+        src.get("layer_range") == [0, _num_layers(src["model"], source)] for src in slices[0]["sources"])
+
+
+def _per_input(rule: str, params: dict, drop: set[str], where: str) -> dict:
+    per = _translate(rule, params, drop, where)
+    extra = sorted(set(per) - PER_INPUT)
+    if extra:
+        raise RecipeError(f"{where}.{extra[0]}: not a per-model parameter")
+    return per
+
+
+def _stacked_slices(data: dict, source: str, rule: str, drop: set[str]) -> dict:
+    """Slices that stack layer ranges (frankenmerges, or merges over layer ranges): the inputs are the distinct
+    models in order of first use (the base apart, for rules that take it separately: its range is the slice's
+    base_layers). A source's parameters rank above its slice's, and those above the top-level ones, as in
+    mergekit."""
+    if "models" in data:
+        raise RecipeError(f"{source}: slices: give either `models:` or `slices:`, not both")
+    base = data.get("base_model")
+    paths: list[str] = []
+    slices = []
+    top = dict(data.get("parameters") or {})
+    for n, sl in enumerate(data["slices"]):
+        where = f"{source}: slices.{n}"
+        own = dict(sl.get("parameters") or {})
+        for i, src in enumerate(sl["sources"]):
+            if src.get("layer_range") is None:
+                raise RecipeError(f"{where}.sources.{i}.layer_range: required when slices stack layers")
+            if len(src["layer_range"]) != 2:
+                raise RecipeError(f"{where}.sources.{i}.layer_range: expected [start, end], got "
+                                  f"{src['layer_range']}")
+        if len(sl["sources"]) == 1:  # one source: its parameters and the slice's are the slice's
+            src = sl["sources"][0]
+            own = {**own, **dict(src.get("parameters") or {})}
+        for key in set(top) & set(own):
+            if isinstance(own[key], list) and any(isinstance(v, dict) for v in own[key]):
+                raise RecipeError(f"{where}.parameters.{key}: filtered values that fall back to the top-level "
+                                  "parameters are not supported; set the key in one place")
+        spec: dict[str, Any] = {}
+        params = _translate(rule, own, drop, f"slices.{n}.parameters")
+        if len(sl["sources"]) == 1:
+            if src["model"] not in paths:
+                paths.append(src["model"])
+            spec = {"input": paths.index(src["model"]), "layers": src["layer_range"]}
+            if "weight" in params:  # an input's weight, not a parameter of the rule
+                spec = {"sources": [{**spec, "weight": params.pop("weight")}]}
+        else:
+            weight = params.pop("weight", None)
+            spec["sources"] = []
+            for i, src in enumerate(sl["sources"]):
+                if base is not None and src["model"] == base and rule not in BASE_AS_INPUT:
+                    spec["base_layers"] = src["layer_range"]  # the base contributes no task vector
+                    continue
+                if src["model"] not in paths:
+                    paths.append(src["model"])
+                per = _per_input(rule, dict(src.get("parameters") or {}), drop, f"{where}.sources.{i}.parameters")
+                w = per.pop("weight", weight)
+                spec["sources"].append({"input": paths.index(src["model"]), "layers": src["layer_range"],
+                                        "parameters": per, **({"weight": w} if w is not None else {})})
+        slices.append({**spec, "parameters": params})
+    rest = {k: v for k, v in data.items() if k != "slices"}
+    return {**rest, "models": [{"model": p} for p in paths], "slice_specs": slices}
+
+
 def from_mergekit(data: dict, source: str) -> dict:
     """Translate a mergekit config dict into a malleable recipe dict (validated afterwards as usual)."""
     data = validate(Mergekit, data, source).model_dump(exclude_unset=True)
-    if "slices" in data:
-        data = _slices_as_models(data, source)
+    for key in ("tokenizer_source", "tokenizer"):
+        if data.get(key) is not None:
+            raise RecipeError(f"{source}: {key}: mergekit's tokenizer merging (an output vocabulary, embedding and "
+                              "lm_head rows permuted or padded to it) is not supported yet; without it the output "
+                              "keeps the base (or first) model's tokenizer and rows, as mergekit does")
     method = data["merge_method"]
     if method not in METHODS:
         raise RecipeError(f"{source}: merge_method: mergekit method '{method}' is not available in malleable "
                           f"(mergekit methods it reads: {', '.join(METHODS)}; `malleable methods` lists its own)")
     rule, defaults, drop = METHODS[method]
+    if "slices" in data:
+        data = (_slices_as_models(data, source) if _is_models(data, source)
+                else _stacked_slices(data, source, rule, drop))
     base = data.get("base_model")
     top = _translate(rule, dict(data.get("parameters") or {}), drop, "parameters")
     shared_weight = top.pop("weight", None)
     inputs = []
     entries = list(data.get("models") or [])
-    if base is not None and rule in BASE_AS_INPUT and all(e.get("model") != base for e in entries):
+    stacked = "slice_specs" in data
+    if base is not None and rule in BASE_AS_INPUT and not stacked and all(e.get("model") != base for e in entries):
         entries.append({"model": base})  # mergekit: linear and karcher treat base_model as one more input
     for i, entry in enumerate(entries):
-        if rule not in BASE_AS_INPUT and entry["model"] == base:
+        if rule not in BASE_AS_INPUT and entry["model"] == base and not stacked:
             continue  # mergekit: the base contributes no task vector
-        per = _translate(rule, dict(entry.get("parameters") or {}), drop, f"models.{i}.parameters")
-        extra = sorted(set(per) - PER_INPUT)
-        if extra:
-            raise RecipeError(f"{source}: models.{i}.parameters.{extra[0]}: not a per-model parameter")
+        per = _per_input(rule, dict(entry.get("parameters") or {}), drop, f"{source}: models.{i}.parameters")
         weight = per.pop("weight", shared_weight)
         spec: dict[str, Any] = {"path": entry["model"], "parameters": per}
         if weight is not None:
             spec["weight"] = weight
         inputs.append(spec)
-    out_dtype = data.get("out_dtype") or data.get("dtype")
     recipe: dict[str, Any] = {"method": rule, "inputs": inputs, "parameters": {**defaults, **top}}
-    if rule not in BASE_AS_INPUT and base is not None:
-        recipe["base"] = base
+    if base is not None and (rule not in BASE_AS_INPUT or stacked):
+        recipe["base"] = base  # with stacked slices: only config.json and the tokenizer come from it
+    if stacked:
+        recipe["slices"] = data["slice_specs"]
+    # mergekit: tensors are read (and merged) in `dtype` and written in `out_dtype`, else in `dtype`
+    out_dtype = data.get("out_dtype") or data.get("dtype")
     if out_dtype:
         recipe["output"] = {"dtype": out_dtype}
+    if data.get("dtype"):
+        recipe["read_dtype"] = data["dtype"]
+    if data.get("chat_template") is not None:
+        recipe["chat_template"] = data["chat_template"]
     return recipe
+
+
+_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")
+
+
+def _references(doc: dict) -> list[str]:
+    """Every model a mergekit document names: base_model, models[].model, slices[].sources[].model."""
+    refs = [doc.get("base_model")]
+    refs += [m.get("model") for m in doc.get("models") or [] if isinstance(m, dict)]
+    for sl in doc.get("slices") or []:
+        if isinstance(sl, dict):
+            refs += [s.get("model") for s in sl.get("sources") or [] if isinstance(s, dict)]
+    return [r for r in refs if isinstance(r, str)]
+
+
+def _substitute(doc: dict, paths: dict[str, str]) -> dict:
+    """`doc` with the names of other documents' merges replaced by their output folders."""
+    def sub(v):
+        return paths.get(v, v) if isinstance(v, str) else v
+
+    doc = dict(doc)
+    if "base_model" in doc:
+        doc["base_model"] = sub(doc["base_model"])
+    if isinstance(doc.get("models"), list):
+        doc["models"] = [{**m, "model": sub(m.get("model"))} if isinstance(m, dict) else m for m in doc["models"]]
+    if isinstance(doc.get("slices"), list):
+        doc["slices"] = [{**sl, "sources": [{**s, "model": sub(s.get("model"))} if isinstance(s, dict) else s
+                                            for s in sl.get("sources") or []]}
+                         if isinstance(sl, dict) else sl for sl in doc["slices"]]
+    return doc
+
+
+def read_documents(path: str | Path) -> list[tuple[str | None, dict, set[str]]] | None:
+    """A mergekit-multi file as (name, document, names it uses) in an order where each merge comes after the
+    merges it uses, the unnamed output last; None for a file of one document. Checked before any work: every
+    document a mergekit merge, one without a name, names unique and usable as folder names, no cycles, every
+    named merge used."""
+    path = Path(path)
+    docs = [d for d in read_yaml(path, documents=True) if d is not None]
+    if len(docs) <= 1:
+        return None
+    names: dict[str, int] = {}
+    for i, d in enumerate(docs):
+        where = f"{path}: document {i + 1}"
+        if not isinstance(d, dict) or "merge_method" not in d:
+            raise RecipeError(f"{where}: a file of several documents is read as mergekit-multi, and each must be a "
+                              "mergekit merge (merge_method: ...)")
+        name = d.get("name")
+        if name is None:
+            continue
+        if not isinstance(name, str) or not _NAME.fullmatch(name) or name in (".", ".."):
+            raise RecipeError(f"{where}: name: {name!r:.60} is not a usable merge name (letters, digits, . _ -)")
+        if name in names:
+            raise RecipeError(f"{where}: name: '{name}' is also the name of document {names[name] + 1}")
+        names[name] = i
+    unnamed = [i for i, d in enumerate(docs) if d.get("name") is None]
+    if len(unnamed) != 1:
+        raise RecipeError(f"{path}: exactly one document must have no `name:` (the merge written to the output); "
+                          f"{len(unnamed)} have none")
+    uses = [set(_references(d)) & set(names) for d in docs]
+    for i, d in enumerate(docs):
+        if d.get("name") in uses[i]:
+            raise RecipeError(f"{path}: document {i + 1}: merge '{d['name']}' uses itself")
+    used = set().union(*uses)
+    for name, i in names.items():
+        if name not in used:
+            raise RecipeError(f"{path}: document {i + 1}: merge '{name}' is used by no other document")
+    order, done = [], set()
+    while len(order) < len(docs):
+        ready = [i for i in range(len(docs)) if i not in order and uses[i] <= done and i != unnamed[0]]
+        if not ready:
+            if uses[unnamed[0]] <= done and len(order) == len(docs) - 1:
+                ready = unnamed
+            else:
+                raise RecipeError(f"{path}: the documents use each other in a cycle")
+        order.append(ready[0])
+        done.add(docs[ready[0]].get("name"))
+    return [(docs[i].get("name"), docs[i], uses[i]) for i in order]
