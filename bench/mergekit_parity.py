@@ -247,8 +247,6 @@ def cases(m: dict[str, Path]) -> dict[str, dict]:
                   "        layer_range: [0, 3]", "  - sources:", "      - model: second", "        layer_range: [1, 4]"],
         multi=True, note="mergekit-multi: two named merges, then a frankenmerge of them (mergekit-multi vs "
                          "`malleable merge` of the same three-document file)")
-    add("linear_chatml", ["merge_method: linear", f"base_model: {m['base']}", *_models(m, [("base", {"weight": 1.0}), ("ft0", {"weight": 1.0})]),
-                          "chat_template: chatml"], tokenizer=True, note="built-in chat template by name")
     add("linear_chat_literal", ["merge_method: linear", f"base_model: {m['base']}", *_models(m, [("base", {"weight": 1.0}), ("ft0", {"weight": 1.0})]),
                                 "chat_template: \"{% for m in messages %}[{{ m['role'] }}] {{ m['content'] }}\\n"
                                 "{% endfor %}\""], tokenizer=True, note="a literal Jinja chat template")

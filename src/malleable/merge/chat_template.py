@@ -2,9 +2,9 @@
 
 As mergekit does, the tokenizer is loaded from the folder the output's tokenizer files come from, given the
 template, and saved again with transformers (which writes the template to chat_template.jinja). `auto` takes the
-template most of the inputs share (ties: the first in recipe order, base first). The built-in templates are the
-ones mergekit 0.1.5 ships (mergekit/_data/chat_templates, LGPL-3.0), byte for byte, so the same name gives the
-same template.
+template most of the inputs share (ties: the first in recipe order, base first). mergekit's built-in names
+(chatml, llama3, ...) are refused with a line saying so: those templates are mergekit's files (LGPL-3.0), which this
+Apache-2.0 project does not copy; a recipe gives the template's text instead.
 """
 
 from __future__ import annotations
@@ -14,60 +14,26 @@ from pathlib import Path
 
 from malleable.errors import InputError, RecipeError
 
-BUILTIN = {
-    "alpaca": (
-        "{{ (messages|selectattr('role', 'equalto', 'system')|list|last).content|trim if (messages|selectattr("
-        "'role', 'equalto', 'system')|list) else '' }}\n\n{% for message in messages %}\n{% if message['role'] == "
-        "'user' %}\n### Instruction:\n{{ message['content']|trim -}}\n{% if not loop.last %}\n\n\n{% endif %}\n"
-        "{% elif message['role'] == 'assistant' %}\n### Response:\n{{ message['content']|trim -}}\n{% if not "
-        "loop.last %}\n\n\n{% endif %}\n{% elif message['role'] == 'user_context' %}\n### Input:\n{{ message["
-        "'content']|trim -}}\n{% if not loop.last %}\n\n\n{% endif %}\n{% endif %}\n{% endfor %}\n{% if "
-        "add_generation_prompt and messages[-1]['role'] != 'assistant' %}\n### Response:\n{% endif %}\n"),
-    "chatml": (
-        "{% for message in messages %}{{'<|im_start|>' + message['role'] + '\\n' + message['content'] + "
-        "'<|im_end|>' + '\\n'}}{% endfor %}\n{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}"
-        "{% endif %}\n"),
-    "exaone": (
-        "{% for message in messages %}\n    {% if loop.first and message['role'] != 'system' %}\n        "
-        "{{ '[|system|][|endofturn|]\\n' }}\n    {% endif %}\n    {{ '[|' + message['role'] + '|]' + "
-        "message['content'] }}\n    {% if message['role'] == 'user' %}\n        {{ '\\n' }}\n    {% else %}\n"
-        "        {{ '[|endofturn|]\\n' }}\n    {% endif %}\n{% endfor %}\n{% if add_generation_prompt %}\n    "
-        "{{ '[|assistant|]' }}\n{% endif %}\n"),
-    "llama3": (
-        "{% set loop_messages = messages %}\n{% for message in loop_messages %}\n{% set content = "
-        "'<|start_header_id|>' + message['role'] + '<|end_header_id|>\\n\\n'+ message['content'] | trim + "
-        "'<|eot_id|>' %}\n{% if loop.index0 == 0 %}{% set content = bos_token + content %}{% endif %}\n"
-        "{{ content }}\n{% endfor %}\n{% if add_generation_prompt %}{{ '<|start_header_id|>assistant"
-        "<|end_header_id|>\\n\\n' }}{% endif %}\n"),
-    "mistral": (
-        "{%- if messages[0]['role'] == 'system' %}\n    {%- set system_message = messages[0]['content'] %}\n    "
-        "{%- set loop_messages = messages[1:] %}\n{%- else %}\n    {%- set loop_messages = messages %}\n"
-        "{%- endif %}\n\n{{- bos_token }}\n{%- for message in loop_messages %}\n    {%- if (message['role'] == "
-        "'user') != (loop.index0 % 2 == 0) %}\n        {{- raise_exception('After the optional system message, "
-        "conversation roles must alternate user/assistant/user/assistant/...') }}\n    {%- endif %}\n    {%- if "
-        "message['role'] == 'user' %}\n        {%- if loop.first and system_message is defined %}\n            "
-        "{{- ' [INST] ' + system_message + '\\n\\n' + message['content'] + ' [/INST]' }}\n        {%- else %}\n"
-        "            {{- ' [INST] ' + message['content'] + ' [/INST]' }}\n        {%- endif %}\n    {%- elif "
-        "message['role'] == 'assistant' %}\n        {{- ' ' + message['content'] + eos_token}}\n    {%- else %}\n"
-        "        {{- raise_exception('Only user and assistant roles are supported, with the exception of an "
-        "initial optional system message!') }}\n    {%- endif %}\n{%- endfor %}\n"),
-}
+# mergekit's names for the templates it ships (LGPL-3.0 files, not copied here)
+MERGEKIT_NAMES = ("alpaca", "chatml", "exaone", "llama3", "mistral")
 
 
 def check(spec: str, donor: Path) -> None:
     """Refuse, before any work, a template mergekit would refuse or that has no tokenizer to go with."""
     if not (donor / "tokenizer_config.json").is_file():
         raise RecipeError(f"chat_template: {donor} has no tokenizer (tokenizer_config.json) to attach it to")
-    if spec != "auto" and spec not in BUILTIN and (len(spec) < 20 or "{" not in spec):
-        raise RecipeError(f"chat_template: '{spec:.40}' is neither a built-in name ({', '.join(BUILTIN)}, auto) "
-                          "nor a Jinja template")
+    if spec in MERGEKIT_NAMES:
+        raise RecipeError(f"chat_template: '{spec}' names a template mergekit ships; malleable does not copy "
+                          "mergekit's template files: give the Jinja template itself, or auto")
+    if spec != "auto" and (len(spec) < 20 or "{" not in spec):
+        raise RecipeError(f"chat_template: '{spec:.40}' is neither auto nor a Jinja template")
 
 
 def _own_template(folder: Path) -> str | None:
     from transformers import AutoTokenizer
 
     try:
-        tok = AutoTokenizer.from_pretrained(folder)
+        tok = AutoTokenizer.from_pretrained(folder, local_files_only=True)
     except Exception:  # noqa: BLE001 (an input without a loadable tokenizer has no vote, as in mergekit)
         return None
     template = tok.chat_template
@@ -81,7 +47,7 @@ def resolve(spec: str, folders: list[Path]) -> str | None:
     if spec == "auto":
         votes = [t for t in (_own_template(f) for f in folders) if t]
         return Counter(votes).most_common(1)[0][0] if votes else None
-    return BUILTIN.get(spec, spec)
+    return spec
 
 
 def write(spec: str, donor: Path, folders: list[Path], out: Path) -> None:
@@ -89,7 +55,7 @@ def write(spec: str, donor: Path, folders: list[Path], out: Path) -> None:
     from transformers import AutoTokenizer
 
     try:
-        tok = AutoTokenizer.from_pretrained(donor)
+        tok = AutoTokenizer.from_pretrained(donor, local_files_only=True)
     except Exception as e:  # noqa: BLE001
         raise InputError(f"{donor}: cannot load its tokenizer to set the chat template ({e})") from None
     template = resolve(spec, folders)

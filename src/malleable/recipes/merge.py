@@ -16,7 +16,7 @@ parameters:                  # the method's parameters; each value may be
 output: {kind: auto, rank: 16, dtype: bfloat16, max_shard_size: 5GB}
 read_dtype: bfloat16         # inputs are rounded to this precision when read (mergekit's `dtype`); rules compute
                              # in float32 on the rounded values
-chat_template: chatml        # written beside the output: a name (chatml, alpaca, ...), auto, or a Jinja string
+chat_template: auto          # written beside the output: auto (the inputs' most common) or a Jinja string
 seed: 0
 ```
 Frankenmerges stack layer ranges of the inputs into a deeper model (method passthrough, one input per slice):
