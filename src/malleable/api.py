@@ -5,7 +5,6 @@ from __future__ import annotations
 from pathlib import Path
 
 from malleable.io.atomic import check_not_input
-
 from malleable.recipes.forget import ForgetRecipe, parse_forget_recipe
 from malleable.recipes.learn import LearnRecipe, parse_learn_recipe
 from malleable.recipes.merge import MergeRecipe, load_recipe, parse_recipe

@@ -15,3 +15,13 @@ class RecipeError(MalleableError):
 
 class OutputError(MalleableError):
     """The output path exists (without --force) or cannot be written."""
+
+
+def reason(e: BaseException, typed: bool = False) -> str:
+    """What a user can act on in a library's exception: the first line of its message (libraries' messages run on
+    for pages), at most 200 characters, after its type's name when `typed`; the type's name alone when empty."""
+    text = str(e).strip()
+    line = text.splitlines()[0][:200] if text else ""
+    if not line:
+        return type(e).__name__
+    return f"{type(e).__name__}: {line}" if typed else line

@@ -6,7 +6,7 @@ import json
 import tempfile
 from pathlib import Path
 
-from malleable.errors import InputError
+from malleable.errors import InputError, reason
 from malleable.io.paths import regular_file
 
 BUILDERS = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet", ".pq": "parquet"}
@@ -33,8 +33,7 @@ def load_table(path: str | Path) -> tuple[list[dict], list[str]]:
             table = datasets.load_dataset(builder, data_files=str(path), split="train", cache_dir=cache)
             rows = table.to_list()
         except Exception as e:  # datasets wraps parser errors in several types; the first line is the useful part
-            reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            raise InputError(f"{path}: cannot read as {builder} ({reason})") from None
+            raise InputError(f"{path}: cannot read as {builder} ({reason(e)})") from None
         del table
     if builder == "json":
         lines = [i for i, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1) if line.strip()]

@@ -125,20 +125,18 @@ def forget(recipe: ForgetRecipe, out: str | Path, *, force: bool = False, refere
         raise RecipeError("training.stop_at: reference needs a reference model (--reference or `reference:`)")
     calibration = split_calibration(items, t.calibration, recipe.seed) if t.stop_at == "indistinguishable" else []
     before = evidence(model, items, batch, size)
-    rows = {"original": before}
-    if ref_model is not None:
-        rows["reference"] = evidence(ref_model, items, batch, size)
+    # the reference is measured before unlearning: `stop_at: reference` stops at its forget loss
+    reference_row = evidence(ref_model, items, batch, size) if ref_model is not None else None
     stop = StopRule(t.stop_at, items["forget"], batch, tolerance=t.tolerance, check_every=t.check_every,
                     calibration=calibration, batch_size=size,
-                    reference_loss=rows["reference"]["forget"]["loss"] if ref_model is not None else None
-                    ) if t.stop_at else None
+                    reference_loss=reference_row["forget"]["loss"] if reference_row else None) if t.stop_at else None
     result = unlearn(model, forget=items["forget"], retain=items["retain"] or None, collate=batch,
                      objective=recipe.objective, parameters=recipe.parameters, mask=recipe.mask, lora=recipe.lora,
                      steps=t.steps, epochs=t.epochs, batch_size=t.batch_size, lr=t.lr, optimizer=t.optimizer,
                      schedule=t.schedule, warmup_steps=t.warmup_steps, weight_decay=t.weight_decay,
                      max_grad_norm=t.max_grad_norm, seed=recipe.seed, progress=progress, stop=stop)
     after = evidence(result.model, items, batch, size)
-    rows = {"original": before, "unlearned": after, **({"reference": rows["reference"]} if ref_model else {})}
+    rows = {"original": before, "unlearned": after, **({"reference": reference_row} if reference_row else {})}
     report = {
         "schema": SCHEMA,
         "objective": recipe.objective,

@@ -7,14 +7,13 @@ checkpoint, and writes the result atomically.
 
 from __future__ import annotations
 
-import contextlib
-import io
 import json
 from pathlib import Path
 
-from malleable.errors import InputError
+from malleable.errors import InputError, reason
 from malleable.io.atomic import atomic_dir, check_output
 from malleable.io.paths import regular_file
+from malleable.io.quiet import quiet_transformers
 
 MAGIC = b"GGUF"
 PROVENANCE = "malleable_import.json"
@@ -41,21 +40,6 @@ def read_gguf(gguf_file: str | Path):
         raise InputError(f"{gguf_file}: not a readable GGUF file ({type(e).__name__})") from None
 
 
-@contextlib.contextmanager
-def _quiet_transformers():
-    """Neither transformers' load report (its logger) nor its progress bars (plain stderr) while loading:
-    a refusal is one line, and says itself what is wrong."""
-    from transformers.utils import logging as hf_logging
-
-    verbosity = hf_logging.get_verbosity()
-    hf_logging.set_verbosity_error()
-    try:
-        with contextlib.redirect_stderr(io.StringIO()):
-            yield
-    finally:
-        hf_logging.set_verbosity(verbosity)
-
-
 def import_gguf(gguf_file: str | Path, out: str | Path, force: bool = False) -> Path:
     """Convert `gguf_file` to a transformers checkpoint directory `out`; return `out`.
 
@@ -70,15 +54,14 @@ def import_gguf(gguf_file: str | Path, out: str | Path, force: bool = False) -> 
 
     src, name = str(gguf_file.parent), gguf_file.name
     try:
-        with _quiet_transformers():
+        with quiet_transformers(stderr=True):
             tokenizer = AutoTokenizer.from_pretrained(src, gguf_file=name)
             model, info = AutoModelForCausalLM.from_pretrained(src, gguf_file=name, output_loading_info=True,
                                                                ignore_mismatched_sizes=True)
     except (KeyboardInterrupt, SystemExit):
         raise
     except BaseException as e:  # a damaged file makes transformers or tokenizers raise anything, even a Rust panic
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise InputError(f"{gguf_file}: transformers cannot load this GGUF ({first})") from None
+        raise InputError(f"{gguf_file}: transformers cannot load this GGUF ({reason(e)})") from None
     # transformers fills a missing or misshapen tensor with random values and carries on
     bad = sorted(info["missing_keys"]) + sorted(k for k, *_ in info["mismatched_keys"])
     if bad:

@@ -29,7 +29,7 @@ from pathlib import Path
 
 import torch
 
-from malleable.errors import InputError, MalleableError, OutputError, RecipeError
+from malleable.errors import InputError, MalleableError, OutputError, RecipeError, reason
 from malleable.io.atomic import atomic_dir, check_not_input, check_output, replaceable
 from malleable.io.hashing import sha256_file
 from malleable.learn.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint, trainable_state, whole
@@ -300,8 +300,7 @@ def learn(recipe: LearnRecipe, out: str | Path, *, force: bool = False, resume: 
             if rng is not None:
                 torch.set_rng_state(rng)
         except Exception as e:  # safetensors, json, torch and the optimizer each raise their own types
-            reason = str(e).strip().splitlines()[0][:200] if str(e).strip() else ""
-            raise InputError(f"{found}: damaged checkpoint, cannot resume ({type(e).__name__}: {reason}); "
+            raise InputError(f"{found}: damaged checkpoint, cannot resume ({reason(e, typed=True)}); "
                              "--force starts over") from None
         first = False
     if main:

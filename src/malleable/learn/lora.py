@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from malleable.errors import RecipeError
+from malleable.errors import RecipeError, reason
 from malleable.learn.registry import Method, learn_method
 from malleable.params import Param
 
@@ -37,7 +37,7 @@ def with_lora(model: torch.nn.Module, p: dict, task: str, prefix: str = "paramet
     try:
         return get_peft_model(model, lora_config(p, task))
     except ValueError as e:  # PEFT: "Target modules {...} not found in the base model"
-        raise RecipeError(f"{prefix}.targets: {str(e).splitlines()[0]}") from None
+        raise RecipeError(f"{prefix}.targets: {reason(e)}") from None
 
 
 @learn_method("lora", params=LORA_PARAMS)

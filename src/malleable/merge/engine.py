@@ -196,14 +196,10 @@ def _plan_models(recipe: MergeRecipe, rule: Rule, params, base: Checkpoint | Non
     if recipe.slices is not None:
         return _plan_slices(recipe, rule, params, base, models)
     ref = base or models[0]
-    ref_cfg = ref.config or {}
-    for m in models + ([base] if base else []):
-        cfg = m.config or {}
-        for key in ("model_type", "hidden_size", "num_hidden_layers", "vocab_size"):
-            if key in cfg and key in ref_cfg and cfg[key] != ref_cfg[key]:
-                raise InputError(f"{m.root / 'config.json'}: {key} is {cfg[key]}, but {ref.path} has "
-                                 f"{ref_cfg[key]}: different architectures cannot be merged")
-    for m in models + ([base] if base else []):
+    everyone = models + ([base] if base else [])
+    _same_architecture(everyone, ref, ("model_type", "hidden_size", "num_hidden_layers", "vocab_size"),
+                       "different architectures cannot be merged")
+    for m in everyone:
         for name, meta in ref.meta.items():
             if name not in m.meta:
                 raise InputError(f"{m.path}: tensor '{name}' is missing (present in {ref.path})")
@@ -216,6 +212,17 @@ def _plan_models(recipe: MergeRecipe, rule: Rule, params, base: Checkpoint | Non
     tensors = _output_plan(recipe, ref)
     resolver = ParamResolver(recipe, params, _num_layers(ref.config, ref.names))
     return MergePlan(recipe, rule, resolver, "model", "model", base, models=models, tensors=tensors)
+
+
+def _same_architecture(checkpoints: list[Checkpoint], ref: Checkpoint, keys: tuple[str, ...], why: str) -> None:
+    """Refuse a checkpoint whose config.json differs from `ref`'s in one of `keys` (where both set it), saying `why`."""
+    ref_cfg = ref.config or {}
+    for m in checkpoints:
+        cfg = m.config or {}
+        for key in keys:
+            if key in cfg and key in ref_cfg and cfg[key] != ref_cfg[key]:
+                raise InputError(f"{m.root / 'config.json'}: {key} is {cfg[key]}, but {ref.path} has "
+                                 f"{ref_cfg[key]}: {why}")
 
 
 def _plan_slices(recipe: MergeRecipe, rule: Rule, params, base: Checkpoint | None,
@@ -239,13 +246,9 @@ def _plan_slices(recipe: MergeRecipe, rule: Rule, params, base: Checkpoint | Non
     if unused:
         raise RecipeError(f"inputs.{unused[0]}: no slice takes layers from it")
     ref = base or models[slices[0][0].input]
-    ref_cfg = ref.config or {}
-    for m in models + ([base] if base else []):
-        cfg = m.config or {}
-        for key in ("model_type", "hidden_size", "vocab_size"):
-            if key in cfg and key in ref_cfg and cfg[key] != ref_cfg[key]:
-                raise InputError(f"{m.root / 'config.json'}: {key} is {cfg[key]}, but {ref.path} has "
-                                 f"{ref_cfg[key]}: layers of different architectures cannot be stacked")
+    # stacked layers may come from models of other depths: the layer count is not compared
+    _same_architecture(models + ([base] if base else []), ref, ("model_type", "hidden_size", "vocab_size"),
+                       "layers of different architectures cannot be stacked")
     layers: dict[int, dict[int, list[str]]] = {}  # per checkpoint (by id): layer -> its tensor names, file order
     for m in models + ([base] if base else []):
         by_layer: dict[int, list[str]] = {}
@@ -515,15 +518,15 @@ def _stream_model(plan: MergePlan, tmp: Path, stats: _Stats, progress: bool) -> 
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="write") as write_thread:
         _merge_tensors(plan, writer, write_thread, stats, progress)
     writer.close()
-    source = plan.donor or plan.base or plan.models[0]
+    donor = plan.donor_root
     for f in MODEL_FILES:
-        if (source.root / f).is_file():
-            shutil.copy2(source.root / f, tmp / f)
-    if (source.root / "config.json").is_file() and (plan.layer_map is not None or recipe.output.dtype):
-        _write_config(plan, source.root / "config.json", tmp / "config.json")
+        if (donor / f).is_file():
+            shutil.copy2(donor / f, tmp / f)
+    if (donor / "config.json").is_file() and (plan.layer_map is not None or recipe.output.dtype):
+        _write_config(plan, donor / "config.json", tmp / "config.json")
     if recipe.chat_template is not None:
-        folders = [p for p in ([recipe.base] if recipe.base else []) + [i.path for i in recipe.inputs]]
-        chat_template.write(recipe.chat_template, source.root, folders, tmp)
+        folders = ([recipe.base] if recipe.base else []) + [i.path for i in recipe.inputs]
+        chat_template.write(recipe.chat_template, donor, folders, tmp)
 
 
 def _merge_tensors(plan: MergePlan, writer: ShardedWriter, write_thread: ThreadPoolExecutor, stats: _Stats,

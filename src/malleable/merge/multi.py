@@ -16,12 +16,16 @@ from malleable.recipes.merge import MergeRecipe, parse_recipe
 from malleable.recipes.mergekit import _substitute
 
 
+def _where(path: Path, name: str | None) -> str:
+    """How errors name one merge of the file."""
+    return f"{path} (merge '{name}')" if name else f"{path} (the output merge)"
+
+
 def _recipes(path: Path, docs, folder: Path) -> list[tuple[str | None, MergeRecipe, set[str]]]:
     paths = {name: str(folder / name) for name, _, _ in docs if name is not None}
     out = []
-    for n, (name, doc, uses) in enumerate(docs):
-        where = f"{path} (merge '{name}')" if name else f"{path} (the output merge)"
-        recipe = parse_recipe({k: v for k, v in _substitute(doc, paths).items() if k != "name"}, where)
+    for name, doc, uses in docs:
+        recipe = parse_recipe({k: v for k, v in _substitute(doc, paths).items() if k != "name"}, _where(path, name))
         resolve_paths(recipe, path.parent)
         out.append((name, recipe, uses))
     return out
@@ -50,7 +54,7 @@ def describe_documents(path: Path, docs, allow_pickle: bool = False) -> str:
                 lines.append(f"uses the merges {', '.join(sorted(uses))}; planned once they exist")
                 lines.append(f"method: {recipe.method}, {len(recipe.inputs)} input(s)")
             else:
-                lines.append(describe(_plan(recipe, f"{path} (merge '{name}')", allow_pickle)))
+                lines.append(describe(_plan(recipe, _where(path, name), allow_pickle)))
     return "\n".join(lines)
 
 
@@ -66,8 +70,7 @@ def run_documents(path: Path, docs, out: Path, force: bool = False, progress: bo
         recipes = _recipes(path, docs, folder)
         reports = {}
         for name, recipe, _ in recipes:
-            where = f"{path} (merge '{name}')" if name else f"{path} (the output merge)"
-            plan = _plan(recipe, where, allow_pickle)
+            plan = _plan(recipe, _where(path, name), allow_pickle)
             report = run_merge(plan, folder / name if name else out, force=force and not name, progress=progress)
             if name:
                 reports[name] = {k: report[k] for k in ("method", "parameters", "inputs", "wall_time_s")}

@@ -16,7 +16,7 @@ import threading
 from collections.abc import Iterator
 from pathlib import Path
 
-from malleable.errors import InputError
+from malleable.errors import InputError, reason
 
 MAX_CHARS = 1_000_000  # a rendered user turn; the longest real prompt is a few thousand tokens
 SECONDS = 10.0  # for one render: real templates take well under a millisecond
@@ -82,9 +82,7 @@ def render_user_turn(tokenizer, prompt: str) -> str:
         raise InputError(f"{template_file(tokenizer)}: the chat template asked for more than "
                          f"{EXTRA_BYTES >> 30} GiB of memory on one prompt; refusing it") from None
     except Exception as e:  # jinja's syntax and runtime errors, raise_exception(), type errors in the template
-        reason = str(e).strip().splitlines()[0][:200] if str(e).strip() else ""
-        raise InputError(f"{template_file(tokenizer)}: the chat template fails ({type(e).__name__}: "
-                         f"{reason})") from None
+        raise InputError(f"{template_file(tokenizer)}: the chat template fails ({reason(e, typed=True)})") from None
     if not isinstance(text, str):
         raise InputError(f"{template_file(tokenizer)}: the chat template did not render to text")
     if len(text) > MAX_CHARS + len(prompt):

@@ -14,9 +14,10 @@ from pathlib import Path
 
 import torch
 
-from malleable.errors import InputError
+from malleable.errors import InputError, reason
 from malleable.io.checkpoint import Checkpoint, read_json
 from malleable.io.paths import check_folder, contained
+from malleable.io.quiet import quiet_transformers
 from malleable.models.chat import check_chat_template
 
 ADAPTER_CONFIG = "adapter_config.json"
@@ -29,11 +30,6 @@ class Trust:
 
     remote_code: bool = False
     pickle: bool = False
-
-
-def _first_line(e: Exception) -> str:
-    text = str(e).strip()
-    return f"{type(e).__name__}: {text.splitlines()[0][:200]}" if text else type(e).__name__
 
 
 def checkpoint_base(path: Path) -> tuple[Path, bool]:
@@ -85,7 +81,7 @@ def load_tokenizer(path: Path, trust: Trust = Trust()):
     try:
         tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=trust.remote_code, local_files_only=True)
     except Exception as e:  # tokenizers, sentencepiece and transformers each raise their own types on bad files
-        raise InputError(f"{source}: cannot load its tokenizer ({_first_line(e)})") from None
+        raise InputError(f"{source}: cannot load its tokenizer ({reason(e, typed=True)})") from None
     if tokenizer.pad_token_id is None:
         if tokenizer.eos_token is None:
             raise InputError(f"{source}: its tokenizer has neither a pad nor an end-of-sequence token")
@@ -113,9 +109,6 @@ def load_model(path: Path, task: str, pad_id: int, *, labels: list[str] | None =
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
     base, adapter = check_model_folder(path, trust)
-    from transformers.utils import logging as hf_logging
-
-    hf_logging.disable_progress_bar()  # a bar per load on stderr; the verbs have their own progress
     # mismatched shapes are loaded as fresh weights and reported, so the check below names the tensor
     kw = {"dtype": torch.float32, "trust_remote_code": trust.remote_code, "local_files_only": True,
           "use_safetensors": None if trust.pickle else True, "output_loading_info": True,
@@ -124,14 +117,11 @@ def load_model(path: Path, task: str, pad_id: int, *, labels: list[str] | None =
         kw |= {"num_labels": len(labels), "id2label": dict(enumerate(labels)),
                "label2id": {x: i for i, x in enumerate(labels)}}
     cls = AutoModelForSequenceClassification if task == "classification" else AutoModelForCausalLM
-    verbosity = hf_logging.get_verbosity()
-    hf_logging.set_verbosity_error()  # its load report on stderr; what matters in it becomes our one line below
-    try:
-        model, info = cls.from_pretrained(base, **kw)
+    try:  # its load report and bar go quiet: what matters in them becomes our one line below
+        with quiet_transformers():
+            model, info = cls.from_pretrained(base, **kw)
     except Exception as e:  # an unknown architecture, a config transformers rejects, a damaged file
-        raise InputError(f"{base}: cannot load the model ({_first_line(e)})") from None
-    finally:
-        hf_logging.set_verbosity(verbosity)
+        raise InputError(f"{base}: cannot load the model ({reason(e, typed=True)})") from None
     fresh = [k for k in info.get("missing_keys", ()) if not (labels is not None and _head(model, k))]
     mismatched = sorted(m for m in info.get("mismatched_keys", ()) if not (labels is not None and _head(model, m[0])))
     if mismatched:
@@ -145,9 +135,10 @@ def load_model(path: Path, task: str, pad_id: int, *, labels: list[str] | None =
         from peft import PeftModel
 
         try:
-            model = PeftModel.from_pretrained(model, path, is_trainable=True)
+            with quiet_transformers():
+                model = PeftModel.from_pretrained(model, path, is_trainable=True)
         except Exception as e:  # PEFT raises ValueError, KeyError, RuntimeError (shapes) on a bad adapter
-            raise InputError(f"{path}: cannot load the adapter ({_first_line(e)})") from None
+            raise InputError(f"{path}: cannot load the adapter ({reason(e, typed=True)})") from None
     if task == "classification":
         model.config.pad_token_id = pad_id
     return model.eval()
