@@ -44,7 +44,7 @@ stay bit for bit; in the bench on seed 0, 95.0% trainable and 5,981 weights diff
 models); on this model it just selects what GradDiff moves anyway.
 
 Relearning audit (issue 4): every model (original, retrain, each unlearned one) is attacked with
-`evaluate.unlearning.relearn` under the same fixed settings (`classifier_protocol.RELEARN`: AdamW, 15 steps of
+`protocols.relearn.relearn` under the same fixed settings (`protocols.forget_classifier.RELEARN`: AdamW, 15 steps of
 batch 32 at lr 5e-4 on a seeded 10% of the forget set); UA after relearning is measured on the held-back 90%.
 """
 
@@ -64,7 +64,7 @@ import torch
 from _common import RESULTS_DIR, fmt, loadavg, machine, write_results
 from malleable.data.vision import load_image_dataset
 from malleable.forget import OBJECTIVES
-from malleable.forget.classifier_protocol import (METRICS, RELEARN, RELEARN_METRICS, SCENARIOS, make_split,
+from malleable.protocols.forget_classifier import (METRICS, RELEARN, RELEARN_METRICS, SCENARIOS, make_split,
                                                   run_protocol, score, train_model, unlearn_and_score)
 from malleable.learn.registry import Method
 from malleable.models.vision import small_cnn

@@ -2,10 +2,10 @@
 """Benchmark: Protocol 2, TOFU-style unlearning of fictitious people from SmolLM2-135M-Instruct.
 
 The target is fine-tuned on every fictitious person, the retain model (the gold standard) on everyone but the
-forget split, both once and cached per split (`malleable.forget.llm_protocol`). Each unlearning objective then
+forget split, both once and cached per split (`malleable.protocols.forget_llm`). Each unlearning objective then
 starts from a fresh copy of the target, per seed, and is scored with TOFU's metrics against the retain model.
 The seed changes the unlearning run (data order, RMU's direction), not the target or the data. Every model
-(target, retain, each unlearned one) then faces the same relearning attack (`llm_protocol.RELEARN`): a few
+(target, retain, each unlearned one) then faces the same relearning attack (`protocols.forget_llm.RELEARN`): a few
 fine-tuning steps on a quarter of the forget split, re-measured on the rest; the second table per split shows
 it, and how much of what unlearning removed came back (relative to the target).
 
@@ -276,7 +276,7 @@ def gpu_name() -> str | None:
 
 
 def protocol_settings(args: argparse.Namespace):
-    from malleable.forget.llm_protocol import ProtocolSettings
+    from malleable.protocols.forget_llm import ProtocolSettings
 
     return ProtocolSettings(people=args.people, qa_per_person=args.qa_per_person, epochs=args.ft_epochs,
                             batch_size=args.ft_batch_size, retain_eval=args.retain_eval, world_eval=args.world_eval,
@@ -291,7 +291,7 @@ def main() -> None:
         save(result, args, result.get("wall_time_s", 0.0))
         return
     from malleable.evaluate.llm_forget import METRIC_DEFINITIONS
-    from malleable.forget.llm_protocol import RELEARN, RETAIN_OF, Protocol
+    from malleable.protocols.forget_llm import RELEARN, RETAIN_OF, Protocol
     from malleable.models.smollm2 import smollm2_checkpoint
 
     splits = args.forget.split(",")

@@ -5,7 +5,7 @@ An attack is evidence only if it revives what unlearning hid without wrecking or
 should keep its held-back forget answers, and the retain model, which never saw those people, should gain little.
 This attacks the target, the retain model and one unlearned model per --objectives entry (seed 0, --lr, the
 forget_llm preset's settings) with every --attacks setting (steps:lr; the fraction, batch and seed of
-`llm_protocol.RELEARN`), and tabulates the held-back forget probability before and after, and each unlearned
+`protocols.forget_llm.RELEARN`), and tabulates the held-back forget probability before and after, and each unlearned
 model's gain beyond the retain model's under the same attack. Writes results/forget_llm_attack.{json,md}.
 
   python bench/forget_llm_attack.py --forget forget10 --objectives npo --attacks 10:1e-5,10:3e-5,30:1e-5,10:1e-4
@@ -26,7 +26,7 @@ NAME = "forget_llm_attack"
 
 
 def parse_attacks(text: str) -> list[dict]:
-    from malleable.forget.llm_protocol import RELEARN
+    from malleable.protocols.forget_llm import RELEARN
 
     out = []
     for item in text.split(","):
@@ -62,7 +62,7 @@ def main() -> None:
     args = forget_llm.parse_args(__doc__, lambda ap: ap.add_argument(
         "--attacks", default="10:1e-5,10:3e-5,30:1e-5,10:1e-4", help="comma-separated steps:lr"))
     from malleable.evaluate.llm_forget import came_back
-    from malleable.forget.llm_protocol import Protocol
+    from malleable.protocols.forget_llm import Protocol
     from malleable.models.smollm2 import smollm2_checkpoint
 
     t0, load = time.perf_counter(), loadavg()

@@ -14,7 +14,7 @@ from malleable.errors import InputError, RecipeError
 from malleable.evaluate.classification import accuracy, predict_proba
 from malleable.evaluate.mia import mia_efficacy, mia_features, membership_auc
 from malleable.forget import fit
-from malleable.forget.classifier_protocol import (METRICS, RELEARN, RELEARN_METRICS, make_split, relearn_score,
+from malleable.protocols.forget_classifier import (METRICS, RELEARN, RELEARN_METRICS, make_split, relearn_score,
                                                   run_protocol, score, train_model, unlearn_and_score)
 from malleable.forget.data import collate_classification
 from malleable.models.vision import small_cnn

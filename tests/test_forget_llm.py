@@ -16,6 +16,7 @@ from malleable.data.fictitious import fictitious_splits, write_fictitious
 from malleable.evaluate import llm_forget as M
 from malleable.learn.data import collate, encode_pair
 from malleable.learn.loss import task_loss
+from malleable.protocols.relearn import relearn_forget
 
 
 def _bytes(folder) -> dict[str, bytes]:
@@ -159,11 +160,11 @@ def test_relearning_attack_brings_back_what_ga_removed(memorised, tok):
 
     model, records = memorised
     attack = {"fraction": 0.5, "steps": 5, "lr": 3e-3, "batch_size": 4, "seed": 0}
-    target = M.relearn_forget(model, tok, records, max_new_tokens=4, **attack)
+    target = relearn_forget(model, tok, records, max_new_tokens=4, **attack)
     items = [encode_pair(tok, r["prompt"], r["completion"], True) for r in records]
     ga = unlearn(copy.deepcopy(model), forget=items, retain=None, collate=lambda b: collate(b, tok.pad_token_id),
                  objective="ga", steps=5, lr=3e-3, batch_size=8).model
-    attacked = M.relearn_forget(ga, tok, records, max_new_tokens=4, **attack)
+    attacked = relearn_forget(ga, tok, records, max_new_tokens=4, **attack)
     assert target["trained_on"] == attacked["trained_on"] == 4 and attacked["measured_on"] == 4
     assert set(attacked["before"]) == set(M.RELEARN_METRICS)
     before, after, original = (attacked["before"]["probability"], attacked["after"]["probability"],
@@ -176,7 +177,7 @@ def test_relearning_attack_brings_back_what_ga_removed(memorised, tok):
 
 def test_protocol_end_to_end_on_the_tiny_model(tiny_lm, tmp_path):
     """Data, target and retain fine-tunes through `learn`, cached evaluations, one unlearning run."""
-    from malleable.forget.llm_protocol import Protocol, ProtocolSettings
+    from malleable.protocols.forget_llm import Protocol, ProtocolSettings
 
     settings = ProtocolSettings(people=10, qa_per_person=2, epochs=1, batch_size=4, retain_eval=4, world_eval=4,
                                 max_new_tokens=4)

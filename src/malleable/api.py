@@ -93,7 +93,7 @@ def forget(recipe: ForgetRecipe | dict | str | Path, out: str | Path, force: boo
 def audit(model: str | Path, *, forget: str | Path, retain: str | Path | None = None,
           holdout: str | Path | None = None, original: str | Path | None = None, **options) -> dict:
     """Membership-inference and relearning evidence for `model` on `forget` (see `malleable audit --help`)."""
-    from malleable.forget.run import audit as run
+    from malleable.protocols.audit import audit as run
 
     paths = [Path(p) if p is not None else None for p in (forget, retain, holdout, original)]
     return run(model, forget=paths[0], retain=paths[1], holdout=paths[2], original=paths[3], **options)

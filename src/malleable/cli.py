@@ -190,7 +190,7 @@ def audit(
     allow_pickle: bool = typer.Option(False, "--allow-pickle", help=PICKLE_HELP),
 ) -> None:
     """Membership-inference and relearning evidence that a model has forgotten a set."""
-    from malleable.forget.run import audit as run
+    from malleable.protocols.audit import audit as run
 
     if task not in ("causal_lm", "classification"):
         raise RecipeError(f"--task: '{task}' is not one of ['causal_lm', 'classification']")

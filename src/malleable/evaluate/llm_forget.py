@@ -33,9 +33,9 @@ prompt, from one teacher-forced forward pass per batch on the same left-padded p
   (open-unlearning's `tokenwise_vocab_logprobs` drops the EOS prediction as above). With no correct suffix
   k = |a| and the score is 0 (open-unlearning's loop stops at k = |a| - 1 and reports 1/|a| there; the rest
   is the same).
-* relearning attack (`relearn_forget`): `evaluate.unlearning.relearn` fine-tunes a copy on a seeded share of
-  the forget records and re-measures probability, ROUGE-L and truth ratio on the held-back rest, before and
-  after; `recovered` is the share of what unlearning removed, relative to the target, that came back.
+* relearning attack: `protocols.relearn.relearn_forget` (it trains, so it is not here) fine-tunes a copy on a
+  seeded share of the forget records and re-measures `RELEARN_METRICS` on the held-back rest, before and after;
+  `recovered` here is the share of what unlearning removed, relative to the target, that came back.
 """
 
 from __future__ import annotations
@@ -44,11 +44,11 @@ import numpy as np
 import torch
 from scipy.stats import hmean, ks_2samp
 
-from malleable.evaluate.mia import membership_auc
+from malleable.evaluate.mia import MIN_K, membership_auc, min_k_score
+from malleable.evaluate.unlearning import share_recovered
 from malleable.learn.data import collate, encode_pair
 from malleable.learn.loss import lm_logits
 
-MIN_K = 0.4  # open-unlearning's k in every mia_min_k config (TOFU and MUSE)
 # names the definitions above; a cached or stored evaluation without it was made under earlier ones (min-k
 # k = 0.2 counting the EOS, extraction strength counting the EOS prediction, PrivLeak (AUC_u - AUC_r) / AUC_r)
 METRIC_DEFINITIONS = "2026-11-29: min-k 0.4 and ES without EOS, MUSE PrivLeak"
@@ -142,16 +142,6 @@ def rouge_l_recall(generated: list[str], gold: list[str]) -> np.ndarray:
     return np.array([scorer.score(g, p)["rougeL"].recall for g, p in zip(gold, generated, strict=True)])
 
 
-def min_k_score(logprobs: np.ndarray, k: float = MIN_K) -> float:
-    """Mean of the k-fraction lowest token log-probabilities (at least one token): higher = more member-like.
-    Open-unlearning's `MinKProbAttack.compute_score` negated (it scores lower = member); 0 with no token, as
-    there. Pass the answer's tokens without its EOS to match it (`evaluate_set` does)."""
-    if len(logprobs) == 0:
-        return 0.0
-    n = max(1, int(len(logprobs) * k))
-    return float(np.sort(logprobs)[:n].mean())
-
-
 def privacy_leakage(auc_unlearned: float, auc_retain: float) -> float:
     """MUSE's PrivLeak in percent, as open-unlearning's `privleak`: (AUC_retain - AUC_unlearned) /
     (1 - AUC_retain) x 100 on `membership_auc`'s convention (1 = members stand out). 0 = as the retain model,
@@ -237,33 +227,10 @@ def summarise(evals: dict[str, dict], reference: dict[str, dict] | None) -> dict
     return out
 
 
-def relearn_forget(model, tokenizer, records: list[dict], *, max_new_tokens: int = 32, eval_batch_size: int = 16,
-                   **attack) -> dict:
-    """`evaluate.unlearning.relearn` on forget `records` (keywords `attack`: fraction, steps, lr, batch_size,
-    seed), measured with `RELEARN_METRICS` of `evaluate_set` on the held-back records; `model` is not changed."""
-    from malleable.evaluate.unlearning import relearn
-    from malleable.learn.data import uses_chat_template
-
-    chat = uses_chat_template(tokenizer, "auto")
-
-    def encode(rows: list[dict]) -> dict:
-        return collate([encode_pair(tokenizer, r["prompt"], r["completion"], chat) for r in rows],
-                       tokenizer.pad_token_id)
-
-    def measure(m, rows: list[dict]) -> dict:
-        out = evaluate_set(m, tokenizer, rows, role="forget", max_new_tokens=max_new_tokens,
-                           batch_size=eval_batch_size)
-        return {k: out[k] for k in RELEARN_METRICS}
-
-    return relearn(model, records, encode, measure=measure, **attack)
-
-
 def recovered(target: dict, attack: dict) -> dict:
     """Per metric that unlearning lowers (probability, ROUGE-L): the share of what it removed on the held-back
     rows (the target's value before its own attack minus this model's) that the attack brought back; None
     where less than `MIN_REMOVED` was removed. `target` and `attack` are `relearn_forget` results."""
-    from malleable.evaluate.unlearning import share_recovered
-
     return {k: share_recovered(target["before"][k], attack["before"][k], attack["after"][k], MIN_REMOVED)
             for k in UNLEARNED_METRICS}
 

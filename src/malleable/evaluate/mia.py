@@ -84,3 +84,16 @@ def membership_auc(member_scores: Sequence[float] | np.ndarray,
     if len(m) == 0 or len(n) == 0:
         raise RecipeError("membership_auc: needs at least one member and one non-member score")
     return float(roc_auc_score(np.concatenate([np.ones(len(m)), np.zeros(len(n))]), np.concatenate([m, n])))
+
+
+MIN_K = 0.4  # open-unlearning's k in every mia_min_k config (TOFU and MUSE)
+
+
+def min_k_score(logprobs: np.ndarray, k: float = MIN_K) -> float:
+    """Mean of the k-fraction lowest token log-probabilities (at least one token): higher = more member-like.
+    Open-unlearning's `MinKProbAttack.compute_score` negated (it scores lower = member); 0 with no token, as
+    there. Pass the answer's tokens without its EOS to match it (`evaluate_set` does)."""
+    if len(logprobs) == 0:
+        return 0.0
+    n = max(1, int(len(logprobs) * k))
+    return float(np.sort(logprobs)[:n].mean())

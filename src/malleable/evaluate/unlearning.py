@@ -11,15 +11,12 @@ cannot tell them apart, which is where a model retrained without the forget set 
 
 from __future__ import annotations
 
-import copy
 from collections.abc import Callable, Sequence
 
 import torch
 
-from malleable.evaluate.llm_forget import min_k_score
-from malleable.evaluate.mia import membership_auc
-from malleable.forget.losses import class_logits, is_lm
-from malleable.learn.loss import lm_logits
+from malleable.evaluate.mia import membership_auc, min_k_score
+from malleable.learn.loss import class_logits, is_lm, lm_logits
 
 
 @torch.no_grad()
@@ -78,34 +75,6 @@ def gaps(result: dict, reference: dict) -> dict:
         elif isinstance(v, (int, float)) and isinstance(reference.get(k), (int, float)):
             out[k] = round(abs(v - reference[k]), 6)
     return out
-
-
-def relearn(model: torch.nn.Module, forget: Sequence, collate: Callable, *, fraction: float = 0.1, steps: int = 10,
-            lr: float = 1e-4, batch_size: int = 8, seed: int = 0,
-            measure: Callable[[torch.nn.Module, list], dict] | None = None) -> dict:
-    """The relearning attack: fine-tune a copy on a small part of the forget set, then measure the REST of it.
-
-    An adapter is merged first so the attacker trains every weight. Returns the held-back forget rows' evidence
-    before and after the attack; `measure(model, rows)` replaces `evidence` there (a language model's generation
-    metrics need the records, not only token ids, so `forget` may be records that `collate` encodes).
-    """
-    from malleable.forget.engine import fit
-
-    if measure is None:
-        def measure(m, rows):
-            return evidence(m, {"forget_held_out": rows}, collate, batch_size)["forget_held_out"]
-
-    attacker = copy.deepcopy(model)
-    if hasattr(attacker, "merge_and_unload"):
-        attacker = attacker.merge_and_unload()
-    order = torch.randperm(len(forget), generator=torch.Generator().manual_seed(seed)).tolist()
-    n = max(1, round(fraction * len(forget)))
-    seen, held = [forget[i] for i in order[:n]], [forget[i] for i in order[n:]] or list(forget)
-    before = measure(attacker, held)
-    fit(attacker, seen, collate=collate, steps=steps, batch_size=batch_size, lr=lr, optimizer="adamw",
-        schedule="constant", weight_decay=0.0, max_grad_norm=1.0, seed=seed)
-    after = measure(attacker, held)
-    return {"trained_on": n, "measured_on": len(held), "steps": steps, "lr": lr, "before": before, "after": after}
 
 
 def share_recovered(original: float, before: float, after: float, min_removed: float = 1e-9) -> float | None:

@@ -8,20 +8,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from malleable.learn.loss import lm_logits
-
-
-def is_lm(part: dict[str, torch.Tensor]) -> bool:
-    return part["labels"].ndim == 2
-
-
-def class_logits(model: torch.nn.Module, part: dict[str, torch.Tensor]) -> torch.Tensor:
-    """(B, classes) logits of a classifier part: a plain module on `x`, or a transformers sequence classifier."""
-    if "x" in part:
-        out = model(part["x"])
-    else:
-        out = model(input_ids=part["input_ids"], attention_mask=part["attention_mask"])
-    return (out.logits if hasattr(out, "logits") else out).float()
+from malleable.learn.loss import class_logits, is_lm, lm_logits
 
 
 def token_logprobs(model: torch.nn.Module, part: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:

@@ -10,7 +10,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from malleable.forget.losses import class_logits, mean_nll
+from malleable.forget.losses import mean_nll
+from malleable.learn.loss import class_logits
 from malleable.forget.registry import Objective, objective
 from malleable.params import Param
 

@@ -1,4 +1,4 @@
-"""`malleable forget RECIPE OUT` and `malleable audit MODEL`: files in, an unlearned model and its evidence out.
+"""`malleable forget RECIPE OUT`: files in, an unlearned model and its evidence out.
 
 Everything is loaded and checked before any training: the model and its tokenizer, every data file (bad rows
 named by file and line; a classifier's labels must be the model's own classes), that forget and retain share
@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 
 from malleable.errors import InputError, RecipeError
-from malleable.evaluate.unlearning import evidence, gaps, relearn, share_recovered
+from malleable.evaluate.unlearning import evidence, gaps
 from malleable.forget.engine import unlearn
 from malleable.forget.registry import get_mask, get_objective
 from malleable.forget.stopping import MIN_ROWS, StopRule, side
@@ -28,7 +28,6 @@ from malleable.recipes.learn import DataFormat
 from malleable.report import environment, peak_rss_mb, trusted, trusted_lines, write_report
 
 SCHEMA = "malleable.forget/1"
-AUDIT_SCHEMA = "malleable.audit/1"
 
 
 def load_sets(paths: dict[str, Path | None], spec: DataFormat, tokenizer, labels: list[str] | None) -> dict:
@@ -166,63 +165,10 @@ def forget(recipe: ForgetRecipe, out: str | Path, *, force: bool = False, refere
         with atomic_dir(out, force=force) as tmp:
             result.model.save_pretrained(tmp, safe_serialization=True)
             tokenizer.save_pretrained(tmp)
-            write_report(tmp, report, _markdown(f"forget: {recipe.objective}", report))
+            write_report(tmp, report, report_markdown(f"forget: {recipe.objective}", report))
             evidence_plot(tmp / "evidence.png", rows, title=f"{recipe.objective}: {report['verdict']}")
     state.wait_for_everyone()
     return report
-
-
-def audit(model_path: str | Path, *, forget: Path, retain: Path | None = None, holdout: Path | None = None,
-          original: Path | None = None, task: str = "causal_lm", relearn_steps: int = 10,
-          relearn_fraction: float = 0.1, relearn_lr: float = 1e-4, batch_size: int = 8, seed: int = 0,
-          out: Path | None = None, force: bool = False, allow_pickle: bool = False) -> dict:
-    """Membership and relearning evidence for a model that claims to have forgotten `forget`."""
-    start = time.perf_counter()
-    inputs = [Path(model_path), forget] + [p for p in (retain, holdout, original) if p]
-    out = check_output(out, force=force, inputs=inputs) if out is not None else None
-    trust = Trust(pickle=allow_pickle)
-    tokenizer = load_tokenizer(Path(model_path), trust)
-    labels = model_labels(Path(model_path), task)
-    sets = load_sets({"forget": forget, "retain": retain, "holdout": holdout}, DataFormat(), tokenizer, labels)
-    items = {name: ex.items if ex else [] for name, ex in sets.items()}
-    if original is not None:
-        check_same_tokenizer(tokenizer, load_tokenizer(original, trust), original)
-    model = load_model(Path(model_path), task, tokenizer.pad_token_id, trust=trust)
-
-    def batch(b):
-        return collate(b, tokenizer.pad_token_id)
-
-    rows = {"audited": evidence(model, items, batch, batch_size)}
-    attack = {"audited": relearn(model, items["forget"], batch, fraction=relearn_fraction, steps=relearn_steps,
-                                 lr=relearn_lr, batch_size=batch_size, seed=seed)}
-    if original is not None:
-        orig = load_model(original, task, tokenizer.pad_token_id, trust=trust)
-        rows["original"] = evidence(orig, items, batch, batch_size)
-        attack["original"] = relearn(orig, items["forget"], batch, fraction=relearn_fraction, steps=relearn_steps,
-                                     lr=relearn_lr, batch_size=batch_size, seed=seed)
-    report = {"schema": AUDIT_SCHEMA, "model": str(model_path), "task": task,
-              "trusted": {"trust_remote_code": False, "allow_pickle": allow_pickle},
-              "data": {n: {"path": str(ex.path), "sha256": sha256_file(ex.path), "examples": len(ex)}
-                       for n, ex in sets.items() if ex is not None},
-              "evidence": rows, "relearning": attack, "recovered": recovered(rows, attack),
-              "wall_time_s": round(time.perf_counter() - start, 1), "environment": environment()}
-    if out is not None:
-        with atomic_dir(out, force=force) as tmp:
-            write_report(tmp, report, _markdown(f"audit: {model_path}", report))
-            evidence_plot(tmp / "evidence.png", rows)
-    return report
-
-
-def recovered(rows: dict, attack: dict) -> dict:
-    """How much forget-set accuracy the relearning attack brought back, absolutely and as a share of what
-    unlearning had removed (when the original model is known)."""
-    a = attack["audited"]
-    out = {"accuracy_gain": round(a["after"]["accuracy"] - a["before"]["accuracy"], 6)}
-    if "original" in attack:
-        share = share_recovered(attack["original"]["before"]["accuracy"], a["before"]["accuracy"],
-                                a["after"]["accuracy"])
-        out["share_of_removed_recovered"] = None if share is None else round(share, 4)
-    return out
 
 
 def split_calibration(items: dict, share: float, seed: int) -> list:
@@ -274,7 +220,7 @@ def evidence_plot(path: Path, rows: dict, title: str | None = None) -> None:
     plt.close(fig)
 
 
-def _markdown(title: str, r: dict) -> str:
+def report_markdown(title: str, r: dict) -> str:
     lines = [f"# {title}", "", f"- model: `{r['model']}`"] + trusted_lines(r.get("trusted", {}))
     lines += [f"- {name}: `{v['path']}` ({v['examples']} rows)" for name, v in r["data"].items()]
     rows = r["evidence"]

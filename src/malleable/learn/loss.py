@@ -20,6 +20,19 @@ def lm_logits(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> tuple[t
     return logits[:, :-1], labels[:, labels.shape[1] - keep:]
 
 
+def is_lm(part: dict[str, torch.Tensor]) -> bool:
+    return part["labels"].ndim == 2
+
+
+def class_logits(model: torch.nn.Module, part: dict[str, torch.Tensor]) -> torch.Tensor:
+    """(B, classes) logits of a classifier part: a plain module on `x`, or a transformers sequence classifier."""
+    if "x" in part:
+        out = model(part["x"])
+    else:
+        out = model(input_ids=part["input_ids"], attention_mask=part["attention_mask"])
+    return (out.logits if hasattr(out, "logits") else out).float()
+
+
 def task_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     """Cross-entropy per unit: per target token (causal LM, 2-D labels) or per example (classification)."""
     if batch["labels"].ndim == 1:  # classification: one label per example

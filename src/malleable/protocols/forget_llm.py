@@ -6,7 +6,7 @@
 3. Unlearn the forget split from a fresh copy of the target with `forget.unlearn` (one objective, one seed).
 4. Evaluate target, retain model and unlearned model with `evaluate.llm_forget`; forget quality and privacy
    leakage are relative to the retain model.
-5. Optionally (`relearning=`, e.g. `RELEARN`), attack every model with `evaluate.llm_forget.relearn_forget`:
+5. Optionally (`relearning=`, e.g. `RELEARN`), attack every model with `protocols.relearn.relearn_forget`:
    the same fixed fine-tuning on the same seeded share of the forget split, measured on the held-back rest;
    the share recovered is relative to the target's numbers on those rows.
 
@@ -178,7 +178,7 @@ class Protocol:
 
     def attack(self, model, tokenizer, relearning: dict | None = None) -> dict:
         """`relearn_forget` on the forget split with `relearning` (default: the protocol's own attack)."""
-        from malleable.evaluate.llm_forget import relearn_forget
+        from malleable.protocols.relearn import relearn_forget
 
         return relearn_forget(model, tokenizer, self.sets["forget"], max_new_tokens=self.settings.max_new_tokens,
                               eval_batch_size=self.eval_batch_size, **(relearning or self.relearning))

@@ -8,7 +8,7 @@ A run (Fan et al., "SalUn", ICLR 2024, Sec. 5; the same table layout as SFR-on):
    MIA-efficacy (`evaluate.mia`), and each method by Avg. Gap = mean |metric - retrain's metric| over the
    four, its run time and its time relative to retraining;
 5. optionally (`relearning=`), the relearning audit of every model (original, retrain, each unlearned one):
-   `evaluate.unlearning.relearn` fine-tunes a copy on a seeded share of the forget set and measures the REST of
+   `protocols.relearn.relearn` fine-tunes a copy on a seeded share of the forget set and measures the REST of
    it. "UA_held" is 100 - accuracy on those held-back rows before the attack, "UA_relearn" after it, and
    "relearn_drop" = UA_held - UA_relearn (how much forgetting the attack undid; retrain's is the reference).
 
@@ -34,7 +34,7 @@ import torch
 from malleable.errors import RecipeError
 from malleable.evaluate.classification import accuracy_from_probs, predict_proba
 from malleable.evaluate.mia import efficacy_from_probs
-from malleable.evaluate.unlearning import relearn
+from malleable.protocols.relearn import relearn
 from malleable.forget import fit, unlearn
 from malleable.forget.data import collate_classification
 
@@ -106,7 +106,7 @@ def score(model: torch.nn.Module, split: dict, max_shadow: int | None = 5000, fe
 
 def relearn_score(model: torch.nn.Module, split: dict, relearning: dict, seed: int = 0) -> dict:
     """UA_held, UA_relearn and relearn_drop (points) of the relearning attack on `model` (keywords of
-    `evaluate.unlearning.relearn`: fraction, steps, lr, batch_size); `model` itself is not changed."""
+    `protocols.relearn.relearn`: fraction, steps, lr, batch_size); `model` itself is not changed."""
     r = relearn(model, split["forget"], collate_classification, seed=seed, **relearning)
     held, after = 100.0 * (1 - r["before"]["accuracy"]), 100.0 * (1 - r["after"]["accuracy"])
     return {"UA_held": held, "UA_relearn": after, "relearn_drop": held - after}
