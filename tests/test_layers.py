@@ -17,7 +17,7 @@ LAYERS = [
     {"data", "models", "recipes"},
     {"learn"},
     {"evaluate"},
-    {"merge", "forget"},
+    {"merge", "forget", "route"},
     {"api", "inspect", "zoo", "protocols"},
     {"cli", "__main__"},
 ]

@@ -8,6 +8,7 @@ from malleable.io.atomic import check_not_input
 from malleable.recipes.forget import ForgetRecipe, parse_forget_recipe
 from malleable.recipes.learn import LearnRecipe, parse_learn_recipe
 from malleable.recipes.merge import MergeRecipe, load_recipe, parse_recipe
+from malleable.recipes.route import RouteRecipe, load_route_recipe, parse_route_recipe
 
 
 def _as_recipe(recipe, cls, parse, load):
@@ -88,6 +89,31 @@ def forget(recipe: ForgetRecipe | dict | str | Path, out: str | Path, force: boo
     _not_over_recipe(out, recipe)
     return run(_as_recipe(recipe, ForgetRecipe, parse_forget_recipe, read_recipe), out, force=force,
                reference=reference, progress=progress)
+
+
+def _route_recipe(recipe: RouteRecipe | dict | str | Path | None) -> RouteRecipe:
+    from malleable.route.engine import check_recipe
+
+    if recipe is None:
+        return RouteRecipe()
+    return _as_recipe(recipe, RouteRecipe, parse_route_recipe, lambda p: load_route_recipe(p, check_recipe))
+
+
+def route_fit(matrices: str | Path, out: str | Path, recipe: RouteRecipe | dict | str | Path | None = None,
+              force: bool = False, progress: bool = True) -> dict:
+    """Fit the recipe's routers (default: every baseline and learned router) on a matrices folder; writes
+    `out/` with the routers (safetensors + JSON) and the side-by-side report on the test split."""
+    from malleable.route.engine import fit_routers
+
+    _not_over_recipe(out, recipe)
+    return fit_routers(matrices, _route_recipe(recipe), out, force=force, progress=progress)
+
+
+def route_eval(fitted: str | Path, matrices: str | Path, out: str | Path | None = None, force: bool = False) -> dict:
+    """Score the routers that `route_fit` wrote in `fitted` side by side on the test split of `matrices`."""
+    from malleable.route.engine import evaluate_routers
+
+    return evaluate_routers(fitted, matrices, out, force=force)
 
 
 def audit(model: str | Path, *, forget: str | Path, retain: str | Path | None = None,

@@ -293,6 +293,67 @@ def _describe(title: str, doc: str, params: dict) -> None:
         typer.echo(f"    {key} {value}{per}{extra}: {p.doc}")
 
 
+route_app = typer.Typer(no_args_is_help=True, help="Choose which model or adapter answers each query under a cost "
+                        "budget: fit routers on quality and cost matrices, and compare them.")
+app.add_typer(route_app, name="route")
+
+
+def _route_summary(report: dict) -> None:
+    for r in sorted(report["routers"].values(), key=lambda r: -(r["test"]["rank_score"] or 0)):
+        t = r["test"]
+        typer.echo(f"  {r['router']:<20} accuracy {t['accuracy']:.3f}  cost {t['cost']:.4g}  rank score "
+                   f"{t['rank_score']:.3f}  AIQ {r['aiq']:.3f}")
+
+
+@route_app.command("fit")
+@_user_errors
+def route_fit(
+    matrices: Path = typer.Argument(..., help="folder with the quality and cost matrices (Y/C arrays, "
+                                              "VL-RouterBench's layout, or a scores.csv/parquet long table)"),
+    out: Path = typer.Argument(..., help="output folder: routers/, report.json, report.md, curves.png"),
+    recipe: Path = typer.Option(None, "--recipe", help="YAML route recipe (default: every router, 60/20/20 split)"),
+    force: bool = typer.Option(False, "--force", help="replace an existing output"),
+    dry_run: bool = typer.Option(False, "--dry-run", help="validate the recipe and print the plan; write nothing"),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="no progress bar"),
+) -> None:
+    """Fit routers (baselines, kNN, linear, MLP, MF, soft-label) and compare them on the test split."""
+    from malleable.recipes.route import RouteRecipe, load_route_recipe
+    from malleable.route.engine import check_recipe, fit_routers
+
+    if recipe is not None:
+        check_not_input(out, [recipe])
+    r = load_route_recipe(recipe, check_recipe) if recipe is not None else RouteRecipe()
+    routers = check_recipe(r)
+    if dry_run:
+        typer.echo(f"fit {', '.join(x.name for x in routers)} on {matrices}; split {r.split.model_dump()} "
+                   f"(when the matrices carry none), seed {r.seed}, beta {r.beta}")
+        return
+    report = fit_routers(matrices, r, out, force=force, progress=not quiet)
+    q = report["queries"]
+    typer.echo(f"fitted {len(report['routers'])} routers on {q['train']} queries in {report['wall_time_s']} s; "
+               f"test ({q['test']} queries):")
+    _route_summary(report)
+    typer.echo(f"output: {report['output']['path']}")
+
+
+@route_app.command("eval")
+@_user_errors
+def route_eval(
+    fitted: Path = typer.Argument(..., help="a folder written by `malleable route fit`"),
+    matrices: Path = typer.Argument(..., help="matrices folder to score the routers on (its test split)"),
+    out: Path = typer.Option(None, "--out", help="write report.json, report.md and curves.png here"),
+    force: bool = typer.Option(False, "--force", help="replace an existing --out"),
+) -> None:
+    """Score fitted routers side by side on the test split of a matrices folder."""
+    from malleable.route.engine import evaluate_routers
+
+    report = evaluate_routers(fitted, matrices, out, force=force)
+    typer.echo(f"test ({report['queries']['test']} queries):")
+    _route_summary(report)
+    if out is not None:
+        typer.echo(f"report: {out / 'report.json'}")
+
+
 bench_app = typer.Typer(no_args_is_help=True, help="Reproducible benchmarks on real models and data.")
 app.add_typer(bench_app, name="bench")
 

@@ -1,0 +1,10 @@
+"""`route`: choose which model or adapter answers each query under a cost budget (routers registered by name,
+fitted and compared on quality and cost matrices)."""
+
+from malleable.route import (  # noqa: F401  (registration)
+    cheapest, knn, linear, mf, mlp, oracle, random_mix, soft_label, strongest, strongest_per_task,
+)
+from malleable.route.matrices import Matrices, read_matrices
+from malleable.route.registry import ROUTERS, Router, get_router, router
+
+__all__ = ["Matrices", "ROUTERS", "Router", "get_router", "read_matrices", "router"]
