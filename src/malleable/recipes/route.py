@@ -42,7 +42,8 @@ class Split(Strict):
 
 
 class RouteRecipe(Strict):
-    routers: list[Union[str, RouterSpec]] = Field(default_factory=lambda: list(DEFAULT_ROUTERS), min_length=1)
+    routers: list[Union[str, RouterSpec]] = Field(default_factory=lambda: [RouterSpec(name=n) for n in DEFAULT_ROUTERS],
+                                                  min_length=1)
     split: Split = Field(default_factory=Split)
     seed: Seed = 0
     beta: float = Field(default=0.1, gt=0)
