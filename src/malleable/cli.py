@@ -254,7 +254,7 @@ def import_gguf(
 
 @app.command()
 def methods() -> None:
-    """List the merge, learn and forget methods and their parameters."""
+    """List the merge, learn and forget methods and the routers, with their parameters."""
     from malleable.forget import MASKS, OBJECTIVES
     from malleable.learn import METHODS
     from malleable.merge import RULES, get_rule
@@ -275,6 +275,12 @@ def methods() -> None:
     for name in sorted(MASKS):
         _, params, doc = MASKS[name]
         _describe(name, doc, params)
+    from malleable.route import ROUTERS
+
+    typer.echo("\nrouters:")
+    for name in sorted(ROUTERS):
+        cls = ROUTERS[name]
+        _describe(f"{name}  [{cls.knob or 'no trade-off'}]", cls.__doc__ or "", cls.params)
 
 
 def _membership(row: dict) -> str:
