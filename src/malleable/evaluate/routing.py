@@ -7,9 +7,11 @@ shape, a router's choices (one candidate index per query), and the (cost, qualit
   ``C_norm = (log2 c_max - log2 c) / (log2 c_max - log2 c_min)`` and ``S = (1 + beta) A C_norm / (beta A +
   C_norm)`` with beta = 0.1 and fixed bounds of its own price list; VL-RouterBench (routers/cer/metrics.py,
   ``accuracy_cost_summary``) passes the bounds as ``cmin = nanmin(C)``, ``cmax = nanmax(C)`` of the cost matrix,
-  which is our default. Its own ``routers/utils/rank_score.py`` was not in the stored sources we could read,
-  so the formula is RouterArena's. Ours clips the cost into [c_min, c_max] (RouterArena's later code does the
-  same) and, since log2(0) is not finite, raises a zero c_min to the smallest positive cost (or 1e-12).
+  which is our default. Its ``routers/utils/rank_score.py`` (read in yutao1024/SCOPE-Router, which carries
+  VL-RouterBench's routers/ tree, commit 35c43e4) is the same formula with the cost clipped into
+  [cmin, cmax], C_norm and the score clipped into [0, 1] and 1e-12 added to both denominators; ours clips
+  alike, has no epsilon (a zero denominator gives 0), and, since log2(0) is not finite, raises a zero c_min
+  to the smallest positive cost (or 1e-12).
 * `aiq`: RouterBench's Average Improvement in Quality, the area under the non-decreasing convex hull of a
   router's (cost, quality) points. RouterBench (withmartian/routerbench, evaluation/AIQ.py, commit cc67d10)
   builds the hull point by point (each point raised to the chord above it, then every point lower than the one
@@ -60,6 +62,7 @@ def rank_score(accuracy: float, cost: float, c_min: float, c_max: float, beta: f
     else:
         c = min(max(cost, c_min), c_max)
         c_norm = (math.log2(c_max) - math.log2(c)) / (math.log2(c_max) - math.log2(c_min))
+    accuracy = min(max(accuracy, 0.0), 1.0)
     denominator = beta * accuracy + c_norm
     return (1 + beta) * accuracy * c_norm / denominator if denominator > 0 else 0.0
 
