@@ -235,3 +235,42 @@ def test_learned_routers_need_embeddings(tmp_path):
 def test_dry_run_writes_nothing(tmp_path, matrices):
     result = invoke("route", "fit", matrices, tmp_path / "out", "--dry-run")
     assert result.exit_code == 0 and "knn" in result.stdout and not (tmp_path / "out").exists()
+
+
+def test_prknn_and_kmeans_follow_vl_routerbench(tmp_path):
+    """At 'quality only' they route as VL-RouterBench's prknn and kmeans routers (routers/{prknn,kmeans}/router.py,
+    as carried by yutao1024/SCOPE-Router at 35c43e4005922a43c4e054a4a2ec56c1d5d1d9c4), written out here with
+    scikit-learn's own StandardScaler and NearestNeighbors."""
+    from sklearn.neighbors import NearestNeighbors
+    from sklearn.preprocessing import StandardScaler
+
+    from malleable.route import get_router
+
+    m = read_matrices(write_own(tmp_path / "m", *synthetic(120)))
+    train, test = m.subset(np.arange(80)), m.subset(np.arange(80, 120))
+    keep = train.Y.sum(axis=1) > 0
+    scaler = StandardScaler().fit(train.X[keep])
+    Xs = scaler.transform(train.X[keep])
+    dist, idx = NearestNeighbors(n_neighbors=7, metric="cosine").fit(Xs).kneighbors(scaler.transform(test.X))
+    w = 1.0 / (1e-6 + dist)
+    Yk, Ck = train.Y[keep][idx], train.C[keep][idx]
+    wins = np.zeros((len(test), 4))
+    for q in range(len(test)):
+        for a in range(4):
+            for b in range(4):
+                if a != b:
+                    better = (Yk[q, :, a] > Yk[q, :, b]) | ((Yk[q, :, a] == Yk[q, :, b]) & (Ck[q, :, a] < Ck[q, :, b]))
+                    wins[q, a] += w[q, better].sum()
+    r = get_router("prknn", {})
+    r.fit(train, 0)
+    assert np.allclose(r.quality(test) * w.sum(axis=1, keepdims=True) * 3, wins)
+    assert np.array_equal(r.choose(test, None), wins.argmax(axis=1))
+
+    Z = Xs / np.linalg.norm(Xs, axis=1, keepdims=True)
+    P = np.stack([Z[train.Y[keep][:, k] > 0].mean(axis=0) for k in range(4)])
+    P /= np.linalg.norm(P, axis=1, keepdims=True)
+    Zt = scaler.transform(test.X)
+    Zt /= np.linalg.norm(Zt, axis=1, keepdims=True)
+    r = get_router("kmeans", {})
+    r.fit(train, 0)
+    assert np.array_equal(r.choose(test, None), (Zt @ P.T).argmax(axis=1))

@@ -39,8 +39,8 @@ from pydantic import Field, field_validator, model_validator
 
 from malleable.recipes.common import Seed, Strict, load_recipe_file, validate
 
-DEFAULT_ROUTERS = ("oracle", "strongest", "cheapest", "strongest_per_task", "random", "knn", "linear", "mlp", "mf",
-                   "soft_label")
+DEFAULT_ROUTERS = ("oracle", "strongest", "cheapest", "strongest_per_task", "random", "knn", "prknn", "kmeans",
+                   "linear", "mlp", "mf", "soft_label")
 
 
 class RouterSpec(Strict):
