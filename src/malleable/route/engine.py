@@ -252,7 +252,8 @@ def markdown(report: dict, verb: str) -> str:
              f"validation {q['validation']}, test {q['test']}.", "",
              "Every number is on the test split; each router's trade-off value was chosen on validation (best rank "
              f"score, beta = {report['beta']}). AIQ is over the test costs [{report['aiq_bounds'][0]:.4g}, "
-             f"{report['aiq_bounds'][1]:.4g}] shared by all routers; APGR and CPT treat "
+             f"{report['aiq_bounds'][1]:.4g}] shared by all routers (RouterBench's definition: no area before a "
+             "router's cheapest point, so a single dear point scores near 0); APGR and CPT treat "
              f"'{report['candidates'][p['strong']]}' as strong and '{report['candidates'][p['weak']]}' as weak "
              "(the share of strong calls is the cost normalised between the two).", ""]
     lines += table(report)
