@@ -223,3 +223,59 @@ def hooi(tensor: torch.Tensor, ranks: tuple[int, ...] | list[int], iters: int = 
         if done:
             break
     return project(None).to(out), [F.to(out) for F in factors]
+
+
+def _top_eigvecs(gram: torch.Tensor, k: int) -> torch.Tensor:
+    """The ``k`` leading eigenvectors of (a batch of) symmetric PSD matrices, largest first: the leading left
+    singular vectors of any ``Y`` with ``Y @ Y.T == gram`` (one LAPACK call per matrix, batched)."""
+    return torch.linalg.eigh(gram)[1][..., -k:].flip(-1)
+
+
+def tucker2(X: torch.Tensor, rank: int, max_sweeps: int = 1000, tol: float = 1e-6
+            ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Tucker-2 (modes 0 and 1 at rank ``rank``, the last mode kept whole) of a batch of 3-way tensors by HOOI.
+
+    ``X``: ``[G, m, n, T]`` (G independent tensors, e.g. the balanced core tensors of G modules). Returns
+    ``P [G, m, r]``, ``Q [G, n, r]`` with orthonormal columns and ``sweeps [G]`` (sweeps run per tensor).
+    The algorithm and stop rule are tensorly's ``partial_tucker(init="svd")`` as Compress-then-Merge calls it
+    (``n_iter_max=1000, tol=1e-6``): start from the leading left singular vectors of the mode-0 and mode-1
+    unfoldings (truncated HOSVD); each sweep replaces ``P`` by the leading left singular vectors of
+    ``X x_1 Q^T`` (mode 0) and then ``Q`` by those of ``X x_0 P^T`` (mode 1); after sweep ``i`` the relative
+    error ``e_i = sqrt(|‖X‖² - ‖X x_0 P^T x_1 Q^T‖²|) / ‖X‖`` is recorded, and from the third sweep on it stops
+    once ``|e_{i-1} - e_i| < tol``, else after ``max_sweeps``. Each tensor of the batch stops at its own
+    sweep (finished ones drop out of the batch), so a tensor gets the same factors alone or in any batch, up
+    to float round-off of the batched products. An all-zero tensor keeps its (arbitrary, deterministic)
+    start. The singular vectors come from ``eigh`` of the small Gram matrices (``Y Y^T``), which give the
+    same subspaces as tensorly's SVD; the signs of the columns may differ, which no CtM result depends on.
+    Float64 throughout (``X`` is converted).
+    """
+    X = X.to(_WORK)
+    G, m, n, T = X.shape
+    r0, r1 = min(rank, m), min(rank, n)
+    Xs = X.permute(0, 3, 1, 2).contiguous()                      # [G, T, m, n]: the task slices M_t
+    P = _top_eigvecs(torch.einsum("gtij,gtkj->gik", Xs, Xs), r0)  # sum_t M_t M_t^T
+    Q = _top_eigvecs(torch.einsum("gtji,gtjk->gik", Xs, Xs), r1)  # sum_t M_t^T M_t
+    norm2 = Xs.square().sum(dim=(1, 2, 3))
+    sweeps = torch.zeros(G, dtype=torch.long)
+    active = torch.nonzero(norm2 > 0).flatten()
+    Xa, Pa, Qa, na = Xs[active], P[active], Q[active], norm2[active]
+    prev = torch.full_like(na, float("nan"))
+    for it in range(max_sweeps):
+        g = Xa.shape[0]
+        if g == 0:
+            break
+        Y = (Xa @ Qa[:, None]).transpose(1, 2).reshape(g, m, T * r1)   # unfolding of X x_1 Q^T
+        Pa = _top_eigvecs(Y @ Y.transpose(1, 2), r0)
+        Z = (Pa.transpose(1, 2)[:, None] @ Xa).reshape(g, T * r0, n)       # unfolding of X x_0 P^T, transposed
+        Qa = _top_eigvecs(Z.transpose(1, 2) @ Z, r1)
+        core2 = (Z @ Qa).square().sum(dim=(1, 2))
+        err = (na - core2).abs().sqrt() / na.sqrt()
+        sweeps[active] += 1
+        done = (err - prev).abs() < tol if it > 1 else torch.zeros_like(err, dtype=torch.bool)
+        prev = err
+        if bool(done.any()):   # finished tensors keep their factors and leave the batch
+            P[active], Q[active] = Pa, Qa
+            keep = ~done
+            active, Xa, Pa, Qa, na, prev = active[keep], Xa[keep], Pa[keep], Qa[keep], na[keep], prev[keep]
+    P[active], Q[active] = Pa, Qa
+    return P, Q, sweeps
