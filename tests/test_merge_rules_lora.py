@@ -386,7 +386,7 @@ def test_ctm_matches_the_authors_code(beta, inner):
 def test_tucker2_stop_rule_and_cap():
     from malleable.deltas.linalg import tucker2
 
-    X = torch.randn(3, 20, 16, 4, generator=torch.Generator().manual_seed(2), dtype=F64)
+    X = torch.randn(3, 4, 20, 16, generator=torch.Generator().manual_seed(2), dtype=F64)   # [G, T, m, n]
     X[2] = 0                                                            # an all-zero tensor runs no sweep
     P, Q, sweeps = tucker2(X, 4)
     assert P.shape == (3, 20, 4) and Q.shape == (3, 16, 4)

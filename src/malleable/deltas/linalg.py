@@ -233,9 +233,10 @@ def _top_eigvecs(gram: torch.Tensor, k: int) -> torch.Tensor:
 
 def tucker2(X: torch.Tensor, rank: int, max_sweeps: int = 1000, tol: float = 1e-6
             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Tucker-2 (modes 0 and 1 at rank ``rank``, the last mode kept whole) of a batch of 3-way tensors by HOOI.
+    """Tucker-2 (modes 0 and 1 at rank ``rank``, the task mode kept whole) of a batch of 3-way tensors by HOOI.
 
-    ``X``: ``[G, m, n, T]`` (G independent tensors, e.g. the balanced core tensors of G modules). Returns
+    ``X``: ``[G, T, m, n]``, G independent ``m x n x T`` tensors given by their T slices (e.g. the balanced
+    core tensors ``M_t`` of G modules; slices first, so no copy is made of a float64 input). Returns
     ``P [G, m, r]``, ``Q [G, n, r]`` with orthonormal columns and ``sweeps [G]`` (sweeps run per tensor).
     The algorithm and stop rule are tensorly's ``partial_tucker(init="svd")`` as Compress-then-Merge calls it
     (``n_iter_max=1000, tol=1e-6``): start from the leading left singular vectors of the mode-0 and mode-1
@@ -249,10 +250,9 @@ def tucker2(X: torch.Tensor, rank: int, max_sweeps: int = 1000, tol: float = 1e-
     same subspaces as tensorly's SVD; the signs of the columns may differ, which no CtM result depends on.
     Float64 throughout (``X`` is converted).
     """
-    X = X.to(_WORK)
-    G, m, n, T = X.shape
+    Xs = X.to(_WORK).contiguous()                                # [G, T, m, n]: the task slices M_t
+    G, T, m, n = Xs.shape
     r0, r1 = min(rank, m), min(rank, n)
-    Xs = X.permute(0, 3, 1, 2).contiguous()                      # [G, T, m, n]: the task slices M_t
     P = _top_eigvecs(torch.einsum("gtij,gtkj->gik", Xs, Xs), r0)  # sum_t M_t M_t^T
     Q = _top_eigvecs(torch.einsum("gtji,gtjk->gik", Xs, Xs), r1)  # sum_t M_t^T M_t
     norm2 = Xs.square().sum(dim=(1, 2, 3))

@@ -16,18 +16,18 @@ from malleable.merge.inner import INNER, apply_inner, default_rank
 from malleable.merge.registry import LoraJob, Param, merge_rule
 
 _F64 = torch.float64
-_CHUNK_BYTES = 32 << 20  # core tensors of one HOOI batch (float64); bounds the batch's working memory
+_CHUNK_BYTES = 16 << 20  # core tensors of one HOOI batch (float64); bounds the batch's working memory
 _CHOL_MIN = 1e-5  # smallest diag(L) / max diag(L) of a stack's Gram Cholesky factor trusted (else QR + SVD)
 
 
 def _balance(cores: torch.Tensor, beta: float) -> torch.Tensor:
-    """The authors' norm balancing of the ``[kB, kA, T]`` core tensor: each task slice M_t becomes
+    """The authors' norm balancing of the task slices ``[T, kB, kA]``: each M_t becomes
     M_t / ||M_t|| * (beta ||M_t|| + (1 - beta) mean_s ||M_s||) (beta = 1: raw, beta = 0: equal norms).
     A zero slice stays zero (theirs divides by its zero norm)."""
-    norms = torch.linalg.matrix_norm(cores.movedim(2, 0))               # [T]
+    norms = torch.linalg.matrix_norm(cores)                             # [T]
     target = beta * norms + (1 - beta) * norms.mean()
     factor = torch.where(norms > 0, target / torch.where(norms > 0, norms, 1), 0)
-    return cores * factor
+    return cores * factor[:, None, None]
 
 
 def _chol_r(gram: torch.Tensor) -> torch.Tensor | None:
@@ -63,11 +63,11 @@ class _Module:
         if RA is None:
             self.RB = self.RA = None
             self.U_B, self.V_A, cores = core_space(deltas, dtype=_F64)
-            self.cores = torch.stack(cores, dim=2)
+            self.cores = torch.stack(cores)                              # [T, kB, kA]
             return
         self.RB, self.RA = RB, RA
         blocks = [d.rank for d in deltas]
-        self.cores = torch.stack([b @ a.T for b, a in zip(RB.split(blocks, dim=1), RA.split(blocks, dim=1))], dim=2)
+        self.cores = torch.stack([b @ a.T for b, a in zip(RB.split(blocks, dim=1), RA.split(blocks, dim=1))])
 
     def rebuild(self, left: torch.Tensor, right: torch.Tensor) -> LowRankDelta:
         """The LoRA (U_B left, right V_A) for ``left [kB, k]``, ``right [k, kA]``."""
@@ -96,7 +96,8 @@ def _split(params: dict) -> tuple[str, float, dict]:
 def ctm_batch(jobs: list[LoraJob]) -> list[LowRankDelta]:
     """CtM for many modules: the modules whose core tensors share a shape (for same-rank adapters: every
     module, whatever its layer's width) are fitted by one batched HOOI, in chunks of at most 32 MiB of
-    float64 core tensors. Working memory: one chunk's cores plus one module's float64 stacks at a time."""
+    float64 core tensors. Working memory: about three times one chunk's cores (raw, balanced, HOOI
+    temporaries; ~50 MiB) plus one module's float64 factor stacks at a time (T R (out + in) doubles)."""
     results: list[LowRankDelta | None] = [None] * len(jobs)
     groups: dict[tuple, list[int]] = defaultdict(list)
     for i, job in enumerate(jobs):
@@ -111,7 +112,7 @@ def ctm_batch(jobs: list[LoraJob]) -> list[LowRankDelta]:
             for j, (m, i) in enumerate(zip(mods, chunk)):
                 job = jobs[i]
                 inner, _, rest = _split(job.params)
-                coords = [P[j].T @ M @ Q[j] for M in m.cores.unbind(2)]   # the raw cores' coordinates
+                coords = list(P[j].T @ m.cores @ Q[j])                     # the raw cores' coordinates
                 merged = apply_inner(inner, coords, job.weights, job.generator, rest).to(_F64)
                 # U_B P has orthonormal columns and Q^T V_A orthonormal rows, so the SVD of the r x r merged
                 # core only splits sqrt of its singular values onto each side; the product is unchanged
