@@ -147,9 +147,10 @@ def ctm(deltas: list[LowRankDelta], weights, generator, rank, inner="ties", beta
     per-module entry point is the same code on a batch of one.
 
     Where ours differs from the authors' code, and why:
-    * ``beta`` is theirs (and so is the default 0). Before malleable 0.2 ours divided each core by
+    * ``beta`` is theirs (and so is the default 0). Earlier malleable versions divided each core by
       ||M_t||^beta with default 1: old ``beta: 1`` (equal norms) is new ``beta: 0``, old ``beta: 0`` (raw)
-      is new ``beta: 1``; old fractional values have no exact new equivalent.
+      is new ``beta: 1``; old fractional values have no exact new equivalent. The old HOOI stopped after at
+      most 20 sweeps (``iters`` default 20) on a different criterion; ``iters: 20`` now caps the authors' rule.
     * TIES ``density`` d keeps int(d * r^2) coordinates per task (PEFT / mergekit's convention); their
       ``topK`` = K (percent) keeps int(r^2 K / 100) + 1 (their kthvalue threshold keeps the k-th entry
       too). To reproduce their topK = K, set density = (int(r^2 K / 100) + 1 + 0.5) / r^2.
