@@ -253,12 +253,18 @@ def tucker2(X: torch.Tensor, rank: int, max_sweeps: int = 1000, tol: float = 1e-
     Xs = X.to(_WORK).contiguous()                                # [G, T, m, n]: the task slices M_t
     G, T, m, n = Xs.shape
     r0, r1 = min(rank, m), min(rank, n)
-    P = _top_eigvecs(torch.einsum("gtij,gtkj->gik", Xs, Xs), r0)  # sum_t M_t M_t^T
-    Q = _top_eigvecs(torch.einsum("gtji,gtjk->gik", Xs, Xs), r1)  # sum_t M_t^T M_t
-    norm2 = Xs.square().sum(dim=(1, 2, 3))
+    G0 = torch.zeros(G, m, m, dtype=_WORK)
+    G1 = torch.zeros(G, n, n, dtype=_WORK)
+    for t in range(T):      # slice by slice: no temporary as large as X
+        G0.baddbmm_(Xs[:, t], Xs[:, t].transpose(1, 2))          # sum_t M_t M_t^T
+        G1.baddbmm_(Xs[:, t].transpose(1, 2), Xs[:, t])          # sum_t M_t^T M_t
+    P, Q = _top_eigvecs(G0, r0), _top_eigvecs(G1, r1)
+    norm2 = G0.diagonal(dim1=1, dim2=2).sum(dim=1)                # ||X||^2 = trace(sum_t M_t M_t^T)
+    del G0, G1
     sweeps = torch.zeros(G, dtype=torch.long)
     active = torch.nonzero(norm2 > 0).flatten()
-    Xa, Pa, Qa, na = Xs[active], P[active], Q[active], norm2[active]
+    Xa = Xs if active.numel() == G else Xs[active]
+    Pa, Qa, na = P[active], Q[active], norm2[active]
     prev = torch.full_like(na, float("nan"))
     for it in range(max_sweeps):
         g = Xa.shape[0]

@@ -96,8 +96,8 @@ def _split(params: dict) -> tuple[str, float, dict]:
 def ctm_batch(jobs: list[LoraJob]) -> list[LowRankDelta]:
     """CtM for many modules: the modules whose core tensors share a shape (for same-rank adapters: every
     module, whatever its layer's width) are fitted by one batched HOOI, in chunks of at most 32 MiB of
-    float64 core tensors. Working memory: about three times one chunk's cores (raw, balanced, HOOI
-    temporaries; ~50 MiB) plus one module's float64 factor stacks at a time (T R (out + in) doubles)."""
+    float64 core tensors. Working memory: twice one chunk's cores (raw and balanced, 32 MiB) plus one module's
+    float64 factor stacks at a time (R (out + in) doubles) and small HOOI temporaries."""
     results: list[LowRankDelta | None] = [None] * len(jobs)
     groups: dict[tuple, list[int]] = defaultdict(list)
     for i, job in enumerate(jobs):
@@ -107,7 +107,9 @@ def ctm_batch(jobs: list[LoraJob]) -> list[LowRankDelta]:
         for start in range(0, len(idx), size):
             chunk = idx[start:start + size]
             mods = [_Module(jobs[i].deltas) for i in chunk]
-            X = torch.stack([_balance(m.cores, _split(jobs[i].params)[1]) for m, i in zip(mods, chunk)])
+            X = torch.empty(len(chunk), T, kB, kA, dtype=_F64)
+            for j, (m, i) in enumerate(zip(mods, chunk)):
+                X[j] = _balance(m.cores, _split(jobs[i].params)[1])
             P, Q, _ = tucker2(X, r, max_sweeps=iters, tol=tol)
             for j, (m, i) in enumerate(zip(mods, chunk)):
                 job = jobs[i]
