@@ -77,6 +77,10 @@ NOTES = [
     "ctm20 (at most 20 sweeps, not the authors' rule) shows what the stop rule costs: about half of ctm's time on "
     "SmolLM2. Real adapters may converge in fewer sweeps than these random ones (issue 14: on real SmolLM2 "
     "adapters only 5 of 120 modules needed more than 20 sweeps under the old criterion).",
+    "The 2026-11-29 run's code changed once while it ran (commit 'tucker2: start Gram matrices slice by slice'): "
+    "a memory-only change of ctm's HOOI start (same math), in effect from 7b_sub's third ctm repeat and the whole 7b "
+    "set on. The box was shared with other helpers' jobs (load average 4 to 15 on 2 cores, see the JSON per worker); "
+    "all tools ran interleaved under the same load.",
     "7b_sub is the subset both tools run (PEFT's dense SVD of one 4096 x 11008 delta alone takes ~130 s here, so "
     "the 224 modules would take ~4 h and a 27 GB dense model). On 7b (224 modules) malleable runs alone; its "
     "peak there includes the 160 MiB merged adapter it returns.",
