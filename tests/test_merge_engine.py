@@ -172,3 +172,41 @@ def test_every_lora_path_produces_a_loadable_adapter(models, adapters, tmp_path,
     merge(recipe, tmp_path / "out", progress=False)
     model = PeftModel.from_pretrained(LlamaForCausalLM.from_pretrained(models["base"]), tmp_path / "out")
     model.generate(input_ids=torch.tensor([[1, 2]]), max_new_tokens=2)
+
+
+@pytest.mark.parametrize("kind", ["adapter", "model"])
+def test_ctm_engine_batches_all_modules_like_the_per_module_rule(models, adapters, tmp_path, monkeypatch, kind):
+    """The engine hands every module to ctm's batch entry point in one call; the result equals the per-module
+    rule with the same weights, parameters and per-module generator, to float tolerance."""
+    import dataclasses
+
+    from malleable.merge import RULES, get_rule
+    from malleable.merge.engine import _generator
+
+    rule = get_rule("ctm")
+    calls = []
+
+    def counting(jobs):
+        calls.append(len(jobs))
+        return rule.batch(jobs)
+
+    monkeypatch.setitem(RULES, "ctm", dataclasses.replace(rule, batch=counting))
+    recipe = {"method": "ctm", "inputs": [{"path": str(p)} for p in adapters.values()],
+              "parameters": {"inner": "ties", "density": 0.5, "beta": 0.25}, "output": {"kind": kind, "rank": 4}}
+    if kind == "model":
+        recipe["base"] = str(models["base"])
+    merge(recipe, tmp_path / "out", progress=False)
+    ins = [read_adapter(p) for p in adapters.values()]
+    assert calls == [len(ins[0].deltas)]
+    base = state(models["base"]) if kind == "model" else None
+    got_model = state(tmp_path / "out") if kind == "model" else None
+    got_adapter = read_adapter(tmp_path / "out") if kind == "adapter" else None
+    for m in ins[0].deltas:
+        want = rule.fn([a.deltas[m] for a in ins], [1.0] * 3, _generator(0, m), 4, inner="ties", density=0.5,
+                       beta=0.25).dense()
+        if kind == "adapter":
+            got = got_adapter.deltas[m].dense()
+        else:
+            w = ins[0].weight_name(m)
+            got = got_model[w].float() - base[w].float()
+        assert torch.allclose(got, want, rtol=0, atol=1e-5 * float(want.abs().max()))

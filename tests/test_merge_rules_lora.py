@@ -306,3 +306,134 @@ def test_ties_svd_matches_peft_add_weighted_adapter(peft_model, sign):
                           weighted_election=False)
     for name, ours, theirs in pairs:
         assert_close(ours, theirs, rtol=1e-4, atol=1e-6, msg=name)
+
+
+# --- CtM against the authors' code ------------------------------------------------------------------------
+# A transcription, in our words, of Compress-then-Merge as its authors run it: github.com/ZhengbaoHe/
+# compress-then-merge at commit 6017d1e5fc293717aacc215d0e42b9f3d75eda86, task_merger.py
+# (util_get_core_matrices, get_low_rank_components_in_core_space, merge_space="low_rank_core") with
+# tensorly's partial_tucker(rank=[r, r], modes=[0, 1], n_iter_max=1000, tol=1e-6, init="svd") written out,
+# and merging_functions.py (ties_merging: topk_values_mask, resolve_sign, disjoint_merge "mean").
+
+def _svd_left(M, r):
+    return torch.linalg.svd(M, full_matrices=False)[0][:, :r]
+
+
+def _authors_ctm(As, Bs, r, beta, merge):
+    Bst, Ast = torch.cat(Bs, dim=1), torch.cat(As, dim=0)
+    U_B, Vh_A = _svd_left(Bst, None), torch.linalg.svd(Ast, full_matrices=False)[2]   # reference bases
+    X = torch.stack([U_B.T @ B @ A @ Vh_A.T for A, B in zip(As, Bs)], dim=-1)          # [R, R, T]
+    norms = torch.linalg.vector_norm(X, dim=(0, 1), keepdim=True)
+    X = X / norms * (norms * beta + norms.mean() * (1 - beta))                         # balancing
+    factors = [_svd_left(X.reshape(X.shape[0], -1), r), _svd_left(X.transpose(0, 1).reshape(X.shape[1], -1), r)]
+    norm_x, errors = torch.linalg.vector_norm(X), []
+    for it in range(1000):
+        Y = torch.einsum("ijt,jb->ibt", X, factors[1])                                 # X x_1 U1^T
+        factors[0] = _svd_left(Y.reshape(Y.shape[0], -1), r)
+        Y = torch.einsum("ijt,ia->ajt", X, factors[0])                                 # X x_0 U0^T
+        factors[1] = _svd_left(Y.transpose(0, 1).reshape(Y.shape[1], -1), r)
+        core = torch.einsum("ijt,ia,jb->abt", X, *factors)
+        errors.append(float((norm_x ** 2 - torch.linalg.vector_norm(core) ** 2).abs().sqrt() / norm_x))
+        if it > 1 and abs(errors[-2] - errors[-1]) < 1e-6:
+            break
+    U0, U1 = U_B @ factors[0], Vh_A.T @ factors[1]
+    merged = merge([U0.T @ B @ A @ U1 for A, B in zip(As, Bs)])
+    return U0 @ merged @ U1.T, it + 1
+
+
+def _authors_ties(cores, topK):
+    flat = torch.stack([c.flatten() for c in cores])                                   # [T, d]
+    d = flat.shape[1]
+    kth = flat.abs().kthvalue(d - int(d * topK / 100), dim=1, keepdim=True).values
+    pruned = flat * (flat.abs() >= kth)                                                # keeps int(d K) + 1
+    sign = torch.sign(pruned.sum(dim=0))
+    sign[sign == 0] = torch.sign(sign.sum())
+    agree = torch.where(sign > 0, pruned > 0, pruned < 0)
+    picked = pruned * agree
+    return (picked.sum(dim=0) / (picked != 0).sum(dim=0).clamp(min=1)).reshape(cores[0].shape)
+
+
+def _rel(a, b):
+    return float(torch.linalg.matrix_norm(a.double() - b.double()) / torch.linalg.matrix_norm(b.double()))
+
+
+@pytest.mark.parametrize("beta", [0.0, 0.25, 0.75, 1.0])
+@pytest.mark.parametrize("inner", ["task_arithmetic", "ties"])
+def test_ctm_matches_the_authors_code(beta, inner):
+    """Fixed random factors of very different norms (so beta matters), T = 4, rank 5 -> r = 5."""
+    g = torch.Generator().manual_seed(11)
+    deltas = [LowRankDelta(torch.randn(48, 5, generator=g, dtype=F64) * s, torch.randn(5, 36, generator=g, dtype=F64))
+              for s in (0.2, 1.0, 3.0, 0.6)]
+    As, Bs = [d.A for d in deltas], [d.B for d in deltas]
+    lam, topK = 0.7, 30
+    if inner == "ties":
+        want, sweeps = _authors_ctm(As, Bs, 5, beta, lambda cs: lam * _authors_ties(cs, topK))
+        k = int(25 * topK / 100) + 1                       # the entries their mask keeps, of r^2 = 25
+        params = {"density": (k + 0.5) / 25, "scale": lam}
+        weights = [1.0] * 4
+    else:
+        want, sweeps = _authors_ctm(As, Bs, 5, beta, lambda cs: lam * sum(cs))
+        params, weights = {}, [lam] * 4
+    assert 3 <= sweeps < 1000
+    got = get_rule("ctm").fn(deltas, weights, torch.Generator(), 5, inner=inner, beta=beta, **params)
+    assert _rel(got.dense(), want) < 1e-6
+    # the tolerance can tell stop rules apart: one sweep fewer than theirs is measurably another answer
+    capped = get_rule("ctm").fn(deltas, weights, torch.Generator(), 5, inner=inner, beta=beta, iters=sweeps - 1,
+                                **params)
+    assert _rel(capped.dense(), want) > 1e-6
+
+
+def test_tucker2_stop_rule_and_cap():
+    from malleable.deltas.linalg import tucker2
+
+    X = torch.randn(3, 4, 20, 16, generator=torch.Generator().manual_seed(2), dtype=F64)   # [G, T, m, n]
+    X[2] = 0                                                            # an all-zero tensor runs no sweep
+    P, Q, sweeps = tucker2(X, 4)
+    assert P.shape == (3, 20, 4) and Q.shape == (3, 16, 4)
+    assert sweeps[0] >= 3 and sweeps[1] >= 3 and sweeps[2] == 0
+    assert_close(P[0].T @ P[0], torch.eye(4, dtype=F64))
+    assert tucker2(X, 4, max_sweeps=2)[2].max() == 2
+    # one tensor alone or in the batch: the same sweeps and subspaces
+    P1, Q1, s1 = tucker2(X[1:2], 4)
+    assert s1[0] == sweeps[1]
+    assert_close(P1[0] @ P1[0].T, P[1] @ P[1].T, rtol=0, atol=1e-10)
+
+
+def _jobs():
+    from malleable.merge.registry import LoraJob
+
+    g = torch.Generator().manual_seed(3)
+    jobs = []
+    for i, (out, inp, ranks) in enumerate([(40, 30, (4, 4, 4)), (24, 30, (4, 4, 4)), (40, 30, (4, 4, 4)),
+                                           (40, 30, (2, 6, 4)), (8, 30, (4, 4, 4)), (40, 30, (3, 3, 3))]):
+        deltas = [LowRankDelta(torch.randn(out, r, generator=g), torch.randn(r, inp, generator=g), 0.5 + t)
+                  for t, r in enumerate(ranks)]
+        if i == 2:                                          # rank-deficient B stack: the QR fallback
+            deltas[1] = LowRankDelta(deltas[0].B * 2, deltas[1].A, 1.0)
+        jobs.append(LoraJob(deltas, [1.0, 0.5, 2.0], torch.Generator().manual_seed(i), 4 if i != 5 else None,
+                            {"inner": "ties", "beta": 0.25 * (i % 4), "density": 0.5}))
+    return jobs
+
+
+def test_ctm_batch_equals_the_per_module_rule_and_is_deterministic():
+    from malleable.merge.ctm import ctm_batch
+
+    jobs = _jobs()
+    batched = ctm_batch(jobs)
+    again = ctm_batch(_jobs())
+    for job, b, b2 in zip(jobs, batched, again):
+        one = get_rule("ctm").fn(job.deltas, job.weights, torch.Generator().manual_seed(0), job.rank, **job.params)
+        assert b.shape == job.deltas[0].shape and b.rank <= 4
+        assert _rel(b.dense(), one.dense()) < 1e-6
+        assert torch.equal(b.B, b2.B) and torch.equal(b.A, b2.A)     # same inputs, same bytes
+    # the Cholesky core space and the QR + SVD one give the same CtM (it does not depend on the basis)
+    from malleable.merge import ctm as ctm_module
+
+    job = jobs[0]
+    ref = ctm_batch([job])[0]
+    old, ctm_module._CHOL_MIN = ctm_module._CHOL_MIN, 2.0           # no factor passes: always the QR path
+    try:
+        qr = ctm_batch([job])[0]
+    finally:
+        ctm_module._CHOL_MIN = old
+    assert _rel(qr.dense(), ref.dense()) < 1e-6

@@ -223,3 +223,65 @@ def hooi(tensor: torch.Tensor, ranks: tuple[int, ...] | list[int], iters: int = 
         if done:
             break
     return project(None).to(out), [F.to(out) for F in factors]
+
+
+def _top_eigvecs(gram: torch.Tensor, k: int) -> torch.Tensor:
+    """The ``k`` leading eigenvectors of (a batch of) symmetric PSD matrices, largest first: the leading left
+    singular vectors of any ``Y`` with ``Y @ Y.T == gram`` (one LAPACK call per matrix, batched)."""
+    return torch.linalg.eigh(gram)[1][..., -k:].flip(-1)
+
+
+def tucker2(X: torch.Tensor, rank: int, max_sweeps: int = 1000, tol: float = 1e-6
+            ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Tucker-2 (modes 0 and 1 at rank ``rank``, the task mode kept whole) of a batch of 3-way tensors by HOOI.
+
+    ``X``: ``[G, T, m, n]``, G independent ``m x n x T`` tensors given by their T slices (e.g. the balanced
+    core tensors ``M_t`` of G modules; slices first, so no copy is made of a float64 input). Returns
+    ``P [G, m, r]``, ``Q [G, n, r]`` with orthonormal columns and ``sweeps [G]`` (sweeps run per tensor).
+    The algorithm and stop rule are tensorly's ``partial_tucker(init="svd")`` as Compress-then-Merge calls it
+    (``n_iter_max=1000, tol=1e-6``): start from the leading left singular vectors of the mode-0 and mode-1
+    unfoldings (truncated HOSVD); each sweep replaces ``P`` by the leading left singular vectors of
+    ``X x_1 Q^T`` (mode 0) and then ``Q`` by those of ``X x_0 P^T`` (mode 1); after sweep ``i`` the relative
+    error ``e_i = sqrt(|‖X‖² - ‖X x_0 P^T x_1 Q^T‖²|) / ‖X‖`` is recorded, and from the third sweep on it stops
+    once ``|e_{i-1} - e_i| < tol``, else after ``max_sweeps``. Each tensor of the batch stops at its own
+    sweep (finished ones drop out of the batch), so a tensor gets the same factors alone or in any batch, up
+    to float round-off of the batched products. An all-zero tensor keeps its (arbitrary, deterministic)
+    start. The singular vectors come from ``eigh`` of the small Gram matrices (``Y Y^T``), which give the
+    same subspaces as tensorly's SVD; the signs of the columns may differ, which no CtM result depends on.
+    Float64 throughout (``X`` is converted).
+    """
+    Xs = X.to(_WORK).contiguous()                                # [G, T, m, n]: the task slices M_t
+    G, T, m, n = Xs.shape
+    r0, r1 = min(rank, m), min(rank, n)
+    G0 = torch.zeros(G, m, m, dtype=_WORK)
+    G1 = torch.zeros(G, n, n, dtype=_WORK)
+    for t in range(T):      # slice by slice: no temporary as large as X
+        G0.baddbmm_(Xs[:, t], Xs[:, t].transpose(1, 2))          # sum_t M_t M_t^T
+        G1.baddbmm_(Xs[:, t].transpose(1, 2), Xs[:, t])          # sum_t M_t^T M_t
+    P, Q = _top_eigvecs(G0, r0), _top_eigvecs(G1, r1)
+    norm2 = G0.diagonal(dim1=1, dim2=2).sum(dim=1)                # ||X||^2 = trace(sum_t M_t M_t^T)
+    del G0, G1
+    sweeps = torch.zeros(G, dtype=torch.long)
+    active = torch.nonzero(norm2 > 0).flatten()
+    Xa = Xs if active.numel() == G else Xs[active]
+    Pa, Qa, na = P[active], Q[active], norm2[active]
+    prev = torch.full_like(na, float("nan"))
+    for it in range(max_sweeps):
+        g = Xa.shape[0]
+        if g == 0:
+            break
+        Y = (Xa @ Qa[:, None]).transpose(1, 2).reshape(g, m, T * r1)   # unfolding of X x_1 Q^T
+        Pa = _top_eigvecs(Y @ Y.transpose(1, 2), r0)
+        Z = (Pa.transpose(1, 2)[:, None] @ Xa).reshape(g, T * r0, n)       # unfolding of X x_0 P^T, transposed
+        Qa = _top_eigvecs(Z.transpose(1, 2) @ Z, r1)
+        core2 = (Z @ Qa).square().sum(dim=(1, 2))
+        err = (na - core2).abs().sqrt() / na.sqrt()
+        sweeps[active] += 1
+        done = (err - prev).abs() < tol if it > 1 else torch.zeros_like(err, dtype=torch.bool)
+        prev = err
+        if bool(done.any()):   # finished tensors keep their factors and leave the batch
+            P[active], Q[active] = Pa, Qa
+            keep = ~done
+            active, Xa, Pa, Qa, na, prev = active[keep], Xa[keep], Pa[keep], Qa[keep], na[keep], prev[keep]
+    P[active], Q[active] = Pa, Qa
+    return P, Q, sweeps

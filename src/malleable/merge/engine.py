@@ -33,7 +33,7 @@ from malleable.io.paths import check_folder
 from malleable.io.writer import ShardedWriter, parse_size, split_shards
 from malleable.merge import chat_template
 from malleable.merge.params import ParamResolver, layer_index, rename_layer
-from malleable.merge.registry import Rule, get_rule, rule_params
+from malleable.merge.registry import LoraJob, Rule, get_rule, rule_params
 from malleable.recipes.merge import MergeRecipe
 from malleable.report import environment, peak_rss_mb, write_report
 
@@ -484,6 +484,17 @@ class _Buffers:
         return ckpt.read(name, self.get(role, ckpt.meta[name].shape, torch.float32))
 
 
+def _merge_batched(plan: MergePlan) -> dict[str, LowRankDelta]:
+    """Every module through the rule's ``batch`` (a LoRA rule that merges many modules at once), with the same
+    per-module arguments `_merge_module` would pass; {} for rules without one. Its results are low-rank, so
+    holding all of them is holding one adapter."""
+    if plan.input_kind != "adapter" or plan.rule.space != "lora" or plan.rule.batch is None:
+        return {}
+    jobs = [LoraJob([a.deltas[m] for a in plan.adapters], plan.resolver.weights(m),
+                    _generator(plan.recipe.seed, m), plan.rank, plan.resolver.values(m)) for m in plan.modules]
+    return dict(zip(plan.modules, plan.rule.batch(jobs)))
+
+
 def run_merge(plan: MergePlan, out: str | Path, force: bool = False, progress: bool = True) -> dict:
     """Execute a validated plan into `out` (atomically); returns the report dict."""
     start = time.perf_counter()
@@ -494,9 +505,10 @@ def run_merge(plan: MergePlan, out: str | Path, force: bool = False, progress: b
     stats = _Stats()
     with atomic_dir(out, force) as tmp:
         if plan.input_kind == "adapter" and plan.output_kind == "adapter":
-            merged = {}
+            merged = _merge_batched(plan)
             for m in tqdm(plan.modules, desc=f"merge {recipe.method}", unit="module", disable=not progress):
-                merged[m], _ = _merge_module(plan, m)
+                if m not in merged:
+                    merged[m], _ = _merge_module(plan, m)
                 stats.add(m, rank=merged[m].rank)
             dtype = next(iter(plan.adapters[0].deltas.values())).A.dtype
             if recipe.output.dtype:
@@ -535,6 +547,7 @@ def _merge_tensors(plan: MergePlan, writer: ShardedWriter, write_thread: ThreadP
     lora_targets = {plan.adapters[0].weight_name(m): m for m in plan.modules} if plan.adapters else {}
     fan_in_fan_out = bool(plan.adapters) and plan.adapters[0].fan_in_fan_out
     buffers = _Buffers()
+    batched = _merge_batched(plan)
     pending: Future | None = None
     for i, (name, dtype, _) in enumerate(tqdm(plan.tensors, desc=f"merge {recipe.method}", unit="tensor",
                                               disable=not progress)):
@@ -547,7 +560,8 @@ def _merge_tensors(plan: MergePlan, writer: ShardedWriter, write_thread: ThreadP
             _check_finite(base, base_name, plan.base.path, recipe.allow_nonfinite)
         if plan.input_kind == "adapter":
             if name in lora_targets:
-                low, dense = _merge_module(plan, lora_targets[name])
+                module = lora_targets[name]
+                low, dense = (batched.pop(module), None) if module in batched else _merge_module(plan, module)
                 delta = low.dense() if low is not None else dense
                 delta = delta.T if fan_in_fan_out else delta
                 result = base.float() + delta

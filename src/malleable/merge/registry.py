@@ -19,6 +19,12 @@ Two kinds of rule:
   module's `LowRankDelta` per input; ``rank`` is the requested output rank (None: the rule decides).
   A LoRA rule with an ``inner`` parameter applies that full-space rule to the coordinates it builds,
   and accepts the inner rule's parameters too.
+  A LoRA rule may also register ``batch``: ``batch(jobs: list[LoraJob]) -> list[LowRankDelta]``, the same
+  merge for many modules at once (one `LoraJob` per module, results in the same order). The engine then
+  hands it every module of the adapters in one call instead of calling ``fn`` per module, so a rule whose
+  per-module work is many small linear-algebra calls (CtM's HOOI) can batch the modules that share shapes.
+  It must equal ``[fn(j.deltas, j.weights, j.generator, j.rank, **j.params) for j in jobs]`` up to float
+  round-off, and bound its own memory (the inputs are in memory already; its outputs are adapter-sized).
 
 Parameters are declared with `Param`; the engine validates recipes against them before any work starts,
 resolves per-tensor values (name filters, per-layer gradients) and passes plain values. A parameter with
@@ -36,6 +42,17 @@ from malleable.params import Param  # noqa: F401  (rules declare their parameter
 
 
 @dataclass(frozen=True)
+class LoraJob:
+    """One module's merge for a LoRA rule's ``batch``: exactly the arguments ``fn`` would get."""
+
+    deltas: list[Any]  # LowRankDelta per input
+    weights: list[float]
+    generator: Any  # torch.Generator
+    rank: int | None
+    params: dict[str, Any]
+
+
+@dataclass(frozen=True)
 class Rule:
     name: str
     fn: Callable[..., Any]
@@ -47,6 +64,7 @@ class Rule:
     doc: str
     inner: bool = field(default=False)  # LoRA rule that applies a full-space rule to its coordinates
     inputs: tuple[int, int | None] = (1, None)  # how many inputs (besides the base) the rule takes: min, max
+    batch: Callable[..., Any] | None = None  # LoRA rule: merges a list of LoraJob at once (see module doc)
 
 
 RULES: dict[str, Rule] = {}
@@ -54,18 +72,21 @@ RULES: dict[str, Rule] = {}
 
 def merge_rule(name: str, *, space: str = "full", params: dict[str, Param] | None = None,
                uses_base: bool | str = True, random: bool = False,
-               inputs: tuple[int, int | None] = (1, None)) -> Callable:
+               inputs: tuple[int, int | None] = (1, None), batch: Callable | None = None) -> Callable:
     """Register `fn` as merge method `name`. Its docstring is the method's documentation. `inputs` bounds the
-    number of inputs besides the base (min, max; None: no maximum); the engine checks it before any work."""
+    number of inputs besides the base (min, max; None: no maximum); the engine checks it before any work.
+    `batch` (LoRA rules only): the same merge over a list of `LoraJob`, see the module doc."""
 
     def register(fn: Callable) -> Callable:
         if uses_base not in (True, False, "raw", "optional"):
             raise ValueError(f"merge rule '{name}': uses_base must be True, False, 'raw' or 'optional'")
         if name in RULES:
             raise ValueError(f"merge rule '{name}' registered twice")
+        if batch is not None and space != "lora":
+            raise ValueError(f"merge rule '{name}': only LoRA rules merge modules in batches")
         ps = dict(params or {})
         RULES[name] = Rule(name, fn, space, ps, uses_base, random, (fn.__doc__ or "").strip(),
-                           inner="inner" in ps, inputs=inputs)
+                           inner="inner" in ps, inputs=inputs, batch=batch)
         return fn
 
     return register
