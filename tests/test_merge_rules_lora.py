@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch.testing import assert_close
 
-from malleable.deltas.linalg import core_space, hooi, knots_space, lowrank_from_dense, mode_dot, truncated_svd
+from malleable.deltas.linalg import core_space, knots_space, lowrank_from_dense, truncated_svd
 from malleable.deltas.lowrank import LowRankDelta
 from malleable.errors import RecipeError
 from malleable.merge import RULES, get_rule
@@ -80,29 +80,6 @@ def test_knots_space_reconstructs_the_concatenation():
         close(U @ torch.diag(S) @ Vt, d.dense())
     dense = torch.cat([d.dense().double() for d in deltas], dim=1)
     assert_close(S, torch.linalg.svdvals(dense)[:len(S)])
-
-
-def test_hooi_recovers_exact_multilinear_rank():
-    g = torch.Generator().manual_seed(3)
-    ranks = (3, 2, 4)
-    core = torch.randn(*ranks, generator=g, dtype=F64)
-    facs = [torch.linalg.qr(torch.randn(n, r, generator=g, dtype=F64))[0] for n, r in zip((9, 7, 5), ranks)]
-    X = core
-    for m, F in enumerate(facs):
-        X = mode_dot(X, F, m)
-    G, got = hooi(X, ranks, iters=10)
-    assert G.shape == ranks and [F.shape for F in got] == [F.shape for F in facs]
-    Y = G
-    for m, F in enumerate(got):
-        Y = mode_dot(Y, F, m)
-        assert_close(F @ F.T, facs[m] @ facs[m].T)     # the same subspaces (bases may rotate)
-    assert_close(Y, X)
-    # below the exact rank, the alternating updates never fit worse than their HOSVD start (||core|| grows)
-    noisy = X + 0.3 * torch.randn(X.shape, generator=g, dtype=F64)
-    start, _ = hooi(noisy, (2, 2, 2), iters=0)
-    fitted, facs2 = hooi(noisy, (2, 2, 2), iters=30)
-    assert fitted.norm() >= start.norm() - 1e-12
-    assert all(torch.allclose(F.T @ F, torch.eye(2, dtype=F64)) for F in facs2)
 
 
 # --- rules ----------------------------------------------------------------------------------------------
