@@ -175,6 +175,15 @@ def cases(m: dict[str, Path]) -> dict[str, dict]:
                     *_models(m, [("ft0", None), ("ft1", None), ("ft2", None)]),
                     "parameters: {max_iter: 20, tol: 1.0e-6}"], note="base_model is one more input, as in mergekit")
     add("arcee_fusion", ["merge_method: arcee_fusion", f"base_model: {m['base']}", *_models(m, [("ft1", None)])])
+    add("ram", ["merge_method: ram", f"base_model: {m['base']}",
+                *_models(m, [("ft0", None), ("ft1", None), ("ft2", None)]), "parameters: {epsilon: 0.02}"],
+        note="epsilon 0.02 (the fine-tunes' noise scale): a mix of unique and shared entries")
+    add("ramplus_tl", ["merge_method: ramplus_tl", f"base_model: {m['base']}",
+                       *_models(m, [("ft0", None), ("ft1", None), ("ft2", None)]),
+                       "parameters: {epsilon: 0.025, r: 0.5, alpha: 0.9}"])
+    add("ramplus_tl_defaults", ["merge_method: ramplus_tl", f"base_model: {m['base']}",
+                                *_models(m, [("ft0", None), ("ft2", None)])],
+        note="mergekit's defaults (r 0.1, alpha 0.2, epsilon 1e-5)")
     # Informational (not pass/fail): with `dtype: bfloat16`, mergekit's group methods compute in bfloat16 (the task
     # vectors, the sort, the sums); malleable computes in float32 and rounds once at the end.
     bf16_note = "informational: mergekit computes this method in bfloat16, malleable in float32 (rounded once)"

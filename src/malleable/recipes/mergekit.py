@@ -52,6 +52,8 @@ METHODS: dict[str, tuple[str, dict[str, Any], set[str]]] = {
     "karcher": ("karcher", {"max_iter": 10, "tol": 1e-5}, set()),
     "arcee_fusion": ("arcee_fusion", {}, set()),
     "passthrough": ("passthrough", {}, set()),
+    "ram": ("ram", {}, set()),
+    "ramplus_tl": ("ramplus_tl", {}, set()),
 }
 # rules with no base: mergekit's base_model is one more input
 BASE_AS_INPUT = {"linear", "karcher", "passthrough"}
