@@ -166,6 +166,10 @@ def plan_vocab(spec: Any, members: list[tuple[Path, dict | None, int | None]], b
             raise RecipeError(f"tokenizer.tokens.{where}: {path} is not one of the merged models")
         return roots.index(p)
 
+    for t, cfg in spec.tokens.items():  # named models must be merged ones, also where the entry ends up unused
+        src = cfg.source
+        if src is not None and getattr(src, "kind", None) != "zero":
+            member(getattr(src, "model", src), f"{t}.source")
     rows = [[-1] * n for _ in members]
     for t, i in vocab.items():
         for m, (v, s) in enumerate(zip(vocabs, sizes)):
@@ -195,7 +199,7 @@ def plan_vocab(spec: Any, members: list[tuple[Path, dict | None, int | None]], b
                                       "vocabulary")
                 defaults[i] = [(m, j, 1.0)]
             else:
-                m = member(src if not hasattr(src, "model") else src.model, f"{t}.source")
+                m = member(src, f"{t}.source")
                 if rows[m][i] < 0:
                     raise RecipeError(f"tokenizer.tokens.{t}.source: {members[m][0]} has no token {t!r}")
                 defaults[i] = [(m, rows[m][i], 1.0)]
