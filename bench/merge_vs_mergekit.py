@@ -42,7 +42,35 @@ SEEDS = [1, 2, 3]
 WEIGHTS = [0.5, 0.3, 0.2]
 TIES_DENSITY = [0.5, 0.5, 0.7]
 DARE_DENSITY = [0.5, 0.5, 0.5]
-METHODS = ["linear", "ties", "dare_ties"]
+# every mergekit method malleable reads: (needs base_model, inputs used, per-model parameters (i -> dict), global
+# parameters); the fine-tunes are the inputs, base_model as mergekit takes it
+_WD = lambda d: lambda i: {"weight": WEIGHTS[i], "density": d[i]}  # noqa: E731
+_W = lambda i: {"weight": WEIGHTS[i]}  # noqa: E731
+_NONE = lambda i: {}  # noqa: E731
+SPECS = {
+    "linear": (False, 3, _W, {}),
+    "task_arithmetic": (True, 3, _W, {}),
+    "ties": (True, 3, _WD(TIES_DENSITY), {}),
+    "dare_ties": (True, 3, _WD(DARE_DENSITY), {}),
+    "dare_linear": (True, 3, _WD(DARE_DENSITY), {}),
+    "breadcrumbs": (True, 3, _WD(TIES_DENSITY), {"gamma": 0.01}),
+    "breadcrumbs_ties": (True, 3, _WD(TIES_DENSITY), {"gamma": 0.01}),
+    "della": (True, 3, _WD(TIES_DENSITY), {"epsilon": 0.1}),
+    "della_linear": (True, 3, _WD(TIES_DENSITY), {"epsilon": 0.1}),
+    "sce": (True, 3, _NONE, {"select_topk": 0.5}),
+    "model_stock": (True, 3, _NONE, {}),
+    "ram": (True, 3, _NONE, {}),
+    "ramplus_tl": (True, 3, _NONE, {}),
+    "slerp": (True, 1, _NONE, {"t": 0.4}),
+    "nearswap": (True, 1, _NONE, {"t": 0.001}),
+    "arcee_fusion": (True, 1, _NONE, {}),
+    "nuslerp": (True, 2, _W, {}),
+    "multislerp": (True, 3, _W, {}),
+    "karcher": (False, 3, _NONE, {}),
+    "passthrough": (False, 1, _NONE, {}),
+}
+METHODS = ["linear", "ties", "dare_ties"]  # the default run; --methods all runs every entry of SPECS
+RANDOM = {"dare_ties", "dare_linear", "della", "della_linear"}  # random masks in both tools: not comparable
 NOTES = [
     "Machine load: the box is shared with other jobs (other engineers' test suites); `loadavg_1min_before` is "
     "recorded for every run in the JSON. Alternating the order and taking medians reduces, but does not remove, "
@@ -74,18 +102,18 @@ NOTES = [
 # recipes
 # ---------------------------------------------------------------------------------------------------------------
 def recipe_yaml(method: str, base: Path, inputs: list[Path], dtype: str | None, out_dtype: str | None) -> str:
+    with_base, n, per_model, params = SPECS[method]
     lines = [f"merge_method: {method}"]
-    if method != "linear":
+    if with_base:
         lines.append(f"base_model: {base}")
     lines.append("models:")
-    for i, p in enumerate(inputs):
-        params = {"weight": WEIGHTS[i]}
-        if method == "ties":
-            params["density"] = TIES_DENSITY[i]
-        elif method == "dare_ties":
-            params["density"] = DARE_DENSITY[i]
-        inner = ", ".join(f"{k}: {v}" for k, v in params.items())
-        lines += [f"  - model: {p}", f"    parameters: {{{inner}}}"]
+    if method == "slerp":  # mergekit's slerp lists the base among the models
+        lines.append(f"  - model: {base}")
+    for i, p in enumerate(inputs[:n]):
+        inner = ", ".join(f"{k}: {v}" for k, v in per_model(i).items())
+        lines += [f"  - model: {p}"] + ([f"    parameters: {{{inner}}}"] if inner else [])
+    if params:
+        lines.append("parameters: {" + ", ".join(f"{k}: {v}" for k, v in params.items()) + "}")
     if dtype:
         lines.append(f"dtype: {dtype}")
     if out_dtype:
@@ -206,9 +234,9 @@ def run_set(name: str, base: Path, inputs: list[Path], dtype: str | None, out_dt
                                                            entry["mergekit"]["median_max_rss_mib"])
         if all((outs[t] / "config.json").exists() and entry[t]["ok_runs"] for t in outs):
             cmp = compare_outputs(outs["mergekit"], outs["malleable"])
-            cmp["comparable"] = method != "dare_ties"
-            if method == "dare_ties":
-                cmp["note"] = "random, not comparable: DARE drop masks are random in both tools (different RNGs)"
+            cmp["comparable"] = method not in RANDOM
+            if method in RANDOM:
+                cmp["note"] = "random, not comparable: drop masks are random in both tools (different RNGs)"
             entry["parity"] = cmp
             print(f"[{name}/{method}] max |mergekit - malleable| = {cmp['max_abs_diff']:.3g} "
                   f"({cmp['elements_differing']} of {cmp['elements_total']} elements differ)", flush=True)
@@ -216,6 +244,8 @@ def run_set(name: str, base: Path, inputs: list[Path], dtype: str | None, out_dt
             for o in outs.values():
                 shutil.rmtree(o, ignore_errors=True)
         results[method] = entry
+        if getattr(args, "on_method", None):
+            args.on_method(name, results)  # the results so far are written after each method
     return results
 
 
@@ -284,7 +314,8 @@ def main(argv=None) -> int:
     ap.add_argument("--quick", action="store_true", help="smoke run: small synthetic model (6M params), 1 repeat; "
                                                          "writes merge_vs_mergekit_quick.{json,md}")
     ap.add_argument("--sets", default="smollm2,synthetic")
-    ap.add_argument("--methods", default=",".join(METHODS))
+    ap.add_argument("--methods", default=",".join(METHODS), help="comma-separated, or `all` (every method both "
+                                                                  "tools have)")
     ap.add_argument("--cache", default=os.environ.get("BENCH_CACHE", "/work/bench-cache"))
     ap.add_argument("--mergekit-venv", default=os.environ.get("MERGEKIT_VENV", "/work/mergekit-venv"))
     ap.add_argument("--malleable", default=str(Path(sys.executable).with_name("malleable")))
@@ -300,7 +331,10 @@ def main(argv=None) -> int:
         Path(args.render).write_text(json.dumps(data, indent=2) + "\n")
         Path(args.render).with_suffix(".md").write_text(markdown(data).rstrip() + "\n")
         return 0
-    args.methods = [m for m in args.methods.split(",") if m]
+    args.methods = list(SPECS) if args.methods == "all" else [m for m in args.methods.split(",") if m]
+    unknown = sorted(set(args.methods) - set(SPECS))
+    if unknown:
+        raise SystemExit(f"unknown method {unknown[0]} (known: {', '.join(SPECS)})")
     sets = [s for s in args.sets.split(",") if s]
     if args.repeats is None:
         args.repeats = 1 if args.quick else 5
@@ -320,6 +354,12 @@ def main(argv=None) -> int:
                          "malleable": "malleable merge RECIPE OUT -q"},
             "threads": args.threads or "torch default", "loadavg_at_start": loadavg(),
             "sets": {}, "notes": []}
+    def partial(set_name: str, methods: dict) -> None:
+        data["sets"].setdefault(set_name, {"description": "(running)", "methods": {}})["methods"] = methods
+        data["loadavg_at_end"] = loadavg()
+        write_results(name, data, markdown(data))
+
+    args.on_method = partial
     for s in sets:
         if s == "smollm2":
             base, how = smollm2_base(cache)

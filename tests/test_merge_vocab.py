@@ -126,6 +126,10 @@ def test_pad_to_multiple_of_gives_mean_rows(vocab_models, tmp_path):
         assert_close(got[name][:514], src[name])
         assert_close(got[name][514:], src[name].mean(dim=0).expand(14, -1))
     assert torch.equal(got["model.norm.weight"], src["model.norm.weight"])
+    from malleable.merge.engine import describe, plan_merge
+
+    text = describe(plan_merge(load_recipe(tmp_path / "mk.yml")))
+    assert "vocabulary: 514 tokens (tokenizer source union), 528 embedding rows" in text
 
 
 @pytest.mark.parametrize("tokenizer, mentions", [

@@ -738,6 +738,9 @@ def describe(plan: MergePlan) -> str:
             base = f", base layers {list(sl.base_layers)}" if sl.base_layers else ""
             lines.append(f"slice {n}: {srcs}{base}")
         lines.append(f"layers: {len(plan.layer_map)} in the output")
+    if plan.vocab is not None:
+        lines.append(f"vocabulary: {plan.vocab.n_tokens} tokens (tokenizer source {r.tokenizer.source}), "
+                     f"{plan.vocab.size} embedding rows")
     lines.append(f"output: {plan.output_kind}, {len(plan.tensors)} tensors"
                  + (f", rank {plan.rank}" if plan.rank else "")
                  + (f", dtype {r.output.dtype}" if r.output.dtype else ""))
