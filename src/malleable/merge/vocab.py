@@ -96,18 +96,19 @@ def _union(start: Any, tokenizers: list[Any], sizes: list[int]) -> Any:
         start.save_pretrained(tmp)
         out = _load(Path(tmp))
     have = set(out.get_vocab())
-    regular, added = [], {}
+    regular: dict[str, None] = {}  # ordered set
+    added: dict[str, Any] = {}
     for tok, size in zip(tokenizers, sizes):
         decoder = {i: a for i, a in tok.added_tokens_decoder.items() if i < size}
         contents = {a.content for a in tok.added_tokens_decoder.values()}
         for t, i in sorted(tok.get_vocab().items(), key=lambda kv: kv[1]):
-            if i < size and t not in contents and t not in have and t not in regular:
-                regular.append(t)
+            if i < size and t not in contents and t not in have:
+                regular.setdefault(t)
         for i in sorted(decoder):
             added.setdefault(decoder[i].content, decoder[i])
-    regular = [t for t in regular if t not in added]
-    if regular:
-        out.add_tokens(regular)
+    plain = [t for t in regular if t not in added]
+    if plain:
+        out.add_tokens(plain)
     new_added = [a for c, a in added.items() if c not in have]
     if new_added:
         out.add_tokens(new_added)
