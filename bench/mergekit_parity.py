@@ -597,6 +597,11 @@ def markdown(data: dict) -> str:
               "`layer_types` (it sets num_hidden_layers but keeps the source's list, which transformers refuses to "
               "save), so that case checks malleable's output against the source layers (output layer i equals "
               "source layer j, renamed), the re-laid-out layer_types, and a forward pass in transformers.", "",
+              "vocab_* rows: vocabulary merging. The output tokenizers must hold the same tokens with the same "
+              "special flags and config.json the same vocab_size; embedding and lm_head rows are matched by token "
+              "(padding rows by position), since ids may differ for tokens the base lacks: mergekit adds them in "
+              "the order of a set of models and of each tokenizer's hash-ordered vocabulary (`same ids: False` in "
+              "vocab_union_linear), malleable in input order, each tokenizer's tokens by id.", "",
               "Recipes: see `results.<case>.yaml` in mergekit_parity.json."]
     return "\n".join(lines)
 
