@@ -154,3 +154,17 @@ def test_without_a_tokenizer_setting_different_vocabularies_are_refused(vocab_mo
     (tmp_path / "mk.yml").write_text(yaml.safe_dump(data))
     out = tmp_path / "out"
     refused(["merge", tmp_path / "mk.yml", out], mentions="vocab_size", inputs=[vocab_models["a"]], out=out)
+
+
+def test_native_recipe_tokenizer_section(vocab_models, tmp_path):
+    """Our own recipe form: `tokenizer.base` names the model whose rows shared tokens take (linear has no base)."""
+    a, b = str(vocab_models["a"]), str(vocab_models["b"])
+    out = merge(tmp_path, {"method": "linear", "inputs": [{"path": b, "weight": 1.0}, {"path": a, "weight": 3.0}],
+                           "tokenizer": {"source": "union", "base": a}})
+    got, ra, rb = rows(out), rows(vocab_models["a"]), rows(vocab_models["b"])
+    assert len(got) == 107 + 1  # a's 107 tokens and b's y1
+    assert_close(got["w97"], ra["w97"])  # b lacks it: a's row (the tokenizer's base) for b too
+    assert_close(got["x2"], 0.25 * rb["x2"] + 0.75 * ra["x2"])
+    assert_close(got["y1"], rb["y1"])
+    ids = AutoTokenizer.from_pretrained(out).get_vocab()
+    assert ids["x1"] == AutoTokenizer.from_pretrained(a).get_vocab()["x1"] and ids["y1"] == 107  # a's, then b's
