@@ -88,6 +88,22 @@ NOTES = [
     "dare_ties: masks are random in both tools (different RNG streams), and mergekit rescales the kept entries to "
     "the input's L1 norm while malleable rescales by 1/density; the outputs are not comparable element-wise.",
     "Peak RSS counts resident file-backed pages of mmap'd inputs, for both tools alike.",
+    "v3 (`merge_vs_mergekit_v3_smollm2`, every method both tools have, SmolLM2 only): the 2-core box ran other "
+    "helpers' benchmarks and test suites throughout (load average 5-15, recorded per run), which slows both tools "
+    "and makes single times noisy; the ratios come from interleaved runs. Methods the run did not reach before the "
+    "session's deadline are listed under `not_run` in the JSON. ties and dare_ties are in v2.",
+    "v3 differences: slerp differs in nearly every element by up to 2.8e-5: the angle between two nearly parallel "
+    "tensors (fine-tunes 5% off the base) comes from a float32 dot product over up to 28M entries that the tools "
+    "sum in different orders, and acos amplifies the difference (by about 1/sin(theta)); task_arithmetic, "
+    "model_stock and multislerp differ by float32 rounding of sums (max 5e-7). ram, ramplus_tl, nearswap, nuslerp, "
+    "linear and passthrough are bit-identical.",
+    "v3 where malleable is not faster: multislerp (1.07x) and karcher (1.37x) loop over the inputs with "
+    "full-size temporaries (a unit copy, a tangent term, per input, per iteration for karcher) where mergekit "
+    "stacks the inputs and runs one vectorised kernel; nuslerp (0.90x) builds two normalised copies and the "
+    "collinear fallback for every element. Not profiled in this session: these are read from the code; the "
+    "memory ratio stays 0.35-0.40x. arcee_fusion (about 1.15x) sorts every entry of each tensor's importance "
+    "scores to find its quartiles (28M entries for the embedding), where mergekit estimates them from 1M sampled "
+    "entries; that is also why the two outputs differ on tensors of more than 1M entries.",
     "Where malleable's linear time goes (cProfile of one synthetic linear run, 1 thread, box load varying): before "
     "v2, 27 s inside the engine, of which 6.8 s bf16 -> fp32 conversion into fresh tensors and 6.5 s `readinto` "
     "into fresh buffers (mostly page faults of new allocations) and 5.7 s writing; with reused buffers 17 s, of "
