@@ -82,19 +82,34 @@ def build_models(root: Path) -> dict[str, Path]:
                        use_sliding_window=True, max_window_layers=2)
     Qwen3ForCausalLM(qcfg).eval().save_pretrained(root / "qwen3")
     out["qwen3"] = root / "qwen3"
+    # models whose tokenizers differ, for vocabulary merging (one embedding row per token, independent seeds):
+    # v_base w0..w99 (104 tokens), v_a the same plus x1, x2 and special <sp>, v_b w0..w95 plus x2, y1,
+    # v_big 514 tokens (for pad_to_multiple_of)
+    for seed, (name, tok) in enumerate({"v_base": _tokenizer(), "v_a": _tokenizer(100, ["x1", "x2"], ["<sp>"]),
+                                        "v_b": _tokenizer(96, ["x2", "y1"]), "v_big": _tokenizer(510)}.items()):
+        torch.manual_seed(10 + seed)
+        LlamaForCausalLM(LlamaConfig(**{**TINY, "vocab_size": len(tok)})).eval().save_pretrained(root / name)
+        tok.save_pretrained(root / name)
+        out[name] = root / name
     return out
 
 
-def _tokenizer():
-    """A word-level tokenizer (as tests/conftest.py builds one), with no chat template of its own."""
+def _tokenizer(n_words=100, extra=(), special=()):
+    """A word-level tokenizer (as tests/conftest.py builds one), with no chat template of its own; `extra` and
+    `special` tokens added after the words."""
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
-    vocab = {w: i for i, w in enumerate(["<pad>", "<unk>", "<s>", "</s>"] + [f"w{i}" for i in range(100)])}
+    vocab = {w: i for i, w in enumerate(["<pad>", "<unk>", "<s>", "</s>"] + [f"w{i}" for i in range(n_words)])}
     tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", unk_token="<unk>", bos_token="<s>",
-                                   eos_token="</s>")
+    out = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", unk_token="<unk>", bos_token="<s>",
+                                  eos_token="</s>")
+    if extra:
+        out.add_tokens(list(extra))
+    if special:
+        out.add_special_tokens({"additional_special_tokens": list(special)})
+    return out
 
 
 def _models(m, names_params):
@@ -111,9 +126,10 @@ def cases(m: dict[str, Path]) -> dict[str, dict]:
     c: dict[str, dict] = {}
 
     def add(name, lines, random=False, note="", dtype="float32", rtol=RTOL, info=False, tokenizer=False,
-            layers=None, multi=False):
+            layers=None, multi=False, vocab=False):
         c[name] = {"yaml": "\n".join(lines + ([f"dtype: {dtype}"] if dtype else [])) + "\n", "random": random,
-                   "note": note, "rtol": rtol, "info": info, "tokenizer": tokenizer, "layers": layers, "multi": multi}
+                   "note": note, "rtol": rtol, "info": info, "tokenizer": tokenizer or vocab, "layers": layers,
+                   "multi": multi, "vocab": vocab}
 
     def src(model, layers, params=None):
         out = ["  - sources:", f"      - model: {m[model]}", f"        layer_range: {json.dumps(layers)}"]
@@ -175,6 +191,15 @@ def cases(m: dict[str, Path]) -> dict[str, dict]:
                     *_models(m, [("ft0", None), ("ft1", None), ("ft2", None)]),
                     "parameters: {max_iter: 20, tol: 1.0e-6}"], note="base_model is one more input, as in mergekit")
     add("arcee_fusion", ["merge_method: arcee_fusion", f"base_model: {m['base']}", *_models(m, [("ft1", None)])])
+    add("ram", ["merge_method: ram", f"base_model: {m['base']}",
+                *_models(m, [("ft0", None), ("ft1", None), ("ft2", None)]), "parameters: {epsilon: 0.02}"],
+        note="epsilon 0.02 (the fine-tunes' noise scale): a mix of unique and shared entries")
+    add("ramplus_tl", ["merge_method: ramplus_tl", f"base_model: {m['base']}",
+                       *_models(m, [("ft0", None), ("ft1", None), ("ft2", None)]),
+                       "parameters: {epsilon: 0.025, r: 0.5, alpha: 0.9}"])
+    add("ramplus_tl_defaults", ["merge_method: ramplus_tl", f"base_model: {m['base']}",
+                                *_models(m, [("ft0", None), ("ft2", None)])],
+        note="mergekit's defaults (r 0.1, alpha 0.2, epsilon 1e-5)")
     # Informational (not pass/fail): with `dtype: bfloat16`, mergekit's group methods compute in bfloat16 (the task
     # vectors, the sort, the sums); malleable computes in float32 and rounds once at the end.
     bf16_note = "informational: mergekit computes this method in bfloat16, malleable in float32 (rounded once)"
@@ -250,6 +275,27 @@ def cases(m: dict[str, Path]) -> dict[str, dict]:
     add("linear_chat_literal", ["merge_method: linear", f"base_model: {m['base']}", *_models(m, [("base", {"weight": 1.0}), ("ft0", {"weight": 1.0})]),
                                 "chat_template: \"{% for m in messages %}[{{ m['role'] }}] {{ m['content'] }}\\n"
                                 "{% endfor %}\""], tokenizer=True, note="a literal Jinja chat template")
+    # vocabulary merging: rows compared token by token (mergekit's ids for tokens the base lacks follow hash order)
+    add("vocab_union_linear", ["merge_method: linear", f"base_model: {m['v_base']}",
+                               *_models(m, [("v_a", {"weight": 0.3}), ("v_b", {"weight": 0.5}),
+                                            ("v_base", {"weight": 0.2})]), "tokenizer_source: union"], vocab=True,
+        note="union of three vocabularies; missing rows from the one model that has the token, the base, or the mean")
+    add("vocab_base_task_arithmetic", ["merge_method: task_arithmetic", f"base_model: {m['v_base']}",
+                                       *_models(m, [("v_a", {"weight": 0.3}), ("v_b", {"weight": 0.5})]),
+                                       "tokenizer_source: base"], vocab=True)
+    add("vocab_model_source", ["merge_method: linear", *_models(m, [("v_a", {"weight": 0.3}), ("v_b", {"weight": 0.5})]),
+                               f"tokenizer_source: {m['v_a']}"], vocab=True, note="no base; a model's tokenizer")
+    add("vocab_tokens_ties", ["merge_method: ties", f"base_model: {m['v_base']}",
+                              *_models(m, [("v_a", {"weight": 0.6, "density": 0.5}),
+                                           ("v_b", {"weight": 0.5, "density": 0.7})]),
+                              "tokenizer:", "  source: union", "  pad_to_multiple_of: 16", "  tokens:",
+                              f"    x1: {{source: {m['v_a']}}}", "    w3: {source: {kind: zero}, force: true}",
+                              f"    newtok: {{source: {{kind: model_token, model: {m['v_b']}, token: w5}}}}",
+                              f"    y1: {{source: {{kind: model_token, model: {m['v_a']}, token_id: 7}}}}"],
+        vocab=True, note="per-token sources (a model, zero forced, another token by name and by id), padded to 16")
+    add("vocab_pad_514_to_528", ["merge_method: linear", *_models(m, [("v_big", {"weight": 1.0})]),
+                                 "tokenizer: {pad_to_multiple_of: 16}"], vocab=True,
+        note="a 514-token vocabulary padded to 528 rows (each model's mean row)")
     for name in ("della", "della_linear"):
         lines = ["merge_method: " + name, f"base_model: {m['base']}",
                  *_models(m, [("ft0", {"weight": 0.6, "density": 0.6, "epsilon": 0.1}),
@@ -313,6 +359,31 @@ def compare_config(mk_dir: Path, ours_dir: Path) -> dict:
     res = {"differing_keys": diff, "tensor_dtypes": [dtypes(mk_dir), dtypes(ours_dir)],
            "num_hidden_layers": b.get("num_hidden_layers"), "dtype": b.get("dtype", b.get("torch_dtype"))}
     res["pass"] = not diff and res["tensor_dtypes"][0] == res["tensor_dtypes"][1]
+    return res
+
+
+def compare_vocab(mk_dir: Path, ours_dir: Path, rtol: float = RTOL) -> dict:
+    """Vocabulary merging: the same tokens (and added tokens' special flags), config.json's vocab_size and the row
+    count, and every tensor, embedding and lm_head rows matched by token (padding rows by position)."""
+    from transformers import AutoTokenizer
+
+    toks = [AutoTokenizer.from_pretrained(d) for d in (mk_dir, ours_dir)]
+    vocabs = [t.get_vocab() for t in toks]
+    added = [{a.content: a.special for a in t.added_tokens_decoder.values()} for t in toks]
+    sizes = [json.loads((d / "config.json").read_text())["vocab_size"] for d in (mk_dir, ours_dir)]
+    a, b = read_all(mk_dir), read_all(ours_dir)
+    order = sorted(vocabs[0])
+    same = set(vocabs[0]) == set(vocabs[1])
+    if same:
+        for n in a:
+            if a[n].shape[0] == sizes[0] and b[n].shape[0] == sizes[1] and (".embed_tokens." in n or "lm_head" in n):
+                ia = [vocabs[0][t] for t in order] + list(range(len(order), sizes[0]))
+                ib = [vocabs[1][t] for t in order] + list(range(len(order), sizes[1]))
+                a[n], b[n] = a[n][ia], b[n][ib]
+    res = compare(a, b, rtol) if same else {"pass": False}
+    res.update({"same_tokens": same, "same_ids": vocabs[0] == vocabs[1], "same_added_flags": added[0] == added[1],
+                "vocab_size": sizes, "tokens": len(vocabs[1])})
+    res["pass"] = res["pass"] and res["same_added_flags"] and sizes[0] == sizes[1]
     return res
 
 
@@ -425,14 +496,16 @@ def main(argv=None) -> int:
                     mk, ours = mean_abs_delta(outs["mergekit"], base), mean_abs_delta(outs["malleable"], base)
                     row["statistical"] = {"mean_abs_delta_mergekit": mk, "mean_abs_delta_malleable": ours,
                                           "relative_difference": abs(mk - ours) / mk, "pass": abs(mk - ours) / mk < 0.05}
+                elif case["vocab"]:
+                    row["vocab"] = compare_vocab(dirs["mergekit"], dirs["malleable"], case["rtol"])
                 else:
                     row["deterministic" if not case["random"] else "fixed_draws"] = compare(
                         outs["mergekit"], outs["malleable"], case["rtol"])
                 if not case["random"]:
                     row["config"] = compare_config(dirs["mergekit"], dirs["malleable"])
-                if case["tokenizer"]:
+                if case["tokenizer"] and not case["vocab"]:
                     row["chat_template"] = compare_chat_template(dirs["mergekit"], dirs["malleable"])
-            parts = [v for k, v in row.items() if k in ("deterministic", "fixed_draws", "statistical", "config",
+            parts = [v for k, v in row.items() if k in ("deterministic", "fixed_draws", "statistical", "config", "vocab",
                                                          "chat_template", "against_source", "loads")]
             row["pass"] = all(p["pass"] for p in parts)
             results[name] = row
@@ -440,7 +513,8 @@ def main(argv=None) -> int:
             print(f"{name:26s} {verdict} "
                   + " ".join(f"{k}={v.get('max_abs_diff', v.get('relative_difference')):.3g}"
                              for k, v in row.items() if k in ("deterministic", "fixed_draws", "statistical",
-                                                             "against_source"))
+                                                             "against_source", "vocab")
+                             and ("max_abs_diff" in v or "relative_difference" in v))
                   + " ".join(f" {k}={'ok' if row[k]['pass'] else row[k]}" for k in ("config", "chat_template", "loads")
                              if k in row),
                   flush=True)
@@ -491,6 +565,13 @@ def markdown(data: dict) -> str:
                 verdict = "informational" if r["informational"] else "pass" if c["pass"] else "FAIL"
                 lines.append(f"| {name} | {label} | {c['max_abs_diff']:.3g} | {c['elements_differing']} | "
                              f"{c['elements_outside_tolerance']} of {c['elements_total']} | {verdict} |")
+        if "vocab" in r:
+            c = r["vocab"]
+            lines.append(f"| {name} | vocabulary: {c['tokens']} tokens (same set: {c['same_tokens']}, same ids: "
+                         f"{c['same_ids']}, same special flags: {c['same_added_flags']}), vocab_size {c['vocab_size'][1]}"
+                         f"; every tensor, rows matched by token | {c.get('max_abs_diff', float('nan')):.3g} | "
+                         f"{c.get('elements_differing', '-')} | {c.get('elements_outside_tolerance', '-')} of "
+                         f"{c.get('elements_total', '-')} | {'pass' if c['pass'] else 'FAIL'} |")
         if "config" in r:
             c = r["config"]
             what = (f"config.json: num_hidden_layers {c['num_hidden_layers']}, dtype {c['dtype']}; tensors written "
@@ -516,6 +597,11 @@ def markdown(data: dict) -> str:
               "`layer_types` (it sets num_hidden_layers but keeps the source's list, which transformers refuses to "
               "save), so that case checks malleable's output against the source layers (output layer i equals "
               "source layer j, renamed), the re-laid-out layer_types, and a forward pass in transformers.", "",
+              "vocab_* rows: vocabulary merging. The output tokenizers must hold the same tokens with the same "
+              "special flags and config.json the same vocab_size; embedding and lm_head rows are matched by token "
+              "(padding rows by position), since ids may differ for tokens the base lacks: mergekit adds them in "
+              "the order of a set of models and of each tokenizer's hash-ordered vocabulary (`same ids: False` in "
+              "vocab_union_linear), malleable in input order, each tokenizer's tokens by id.", "",
               "Recipes: see `results.<case>.yaml` in mergekit_parity.json."]
     return "\n".join(lines)
 

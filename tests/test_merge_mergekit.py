@@ -1,5 +1,5 @@
 """mergekit's merge methods: slerp, nearswap, model_stock, breadcrumbs, breadcrumbs_ties, della, della_linear, sce,
-nuslerp, multislerp, karcher, arcee_fusion.
+nuslerp, multislerp, karcher, arcee_fusion, ram, ramplus_tl.
 
 The main venv cannot import mergekit, so each reference below is mergekit 0.1.5's code transcribed (named by file
 and function, stacked as mergekit stacks); bench/mergekit_parity.py runs mergekit itself on the same YAML.
@@ -257,6 +257,21 @@ def mk_arcee_fusion(base, other):
     return base + (other - base) * mask
 
 
+def mk_ram(base, tensors, epsilon=1e-5, plus=False, r=0.1, alpha=0.2):
+    """merge_methods/ram.py: _prepare_ram_vectors, ram_merge (plus=False), ramplus_tl_merge (plus=True)."""
+    tv = torch.stack([t - base for t in tensors]).view(len(tensors), -1)
+    nonzero = tv.abs() > epsilon
+    counts = nonzero.sum(dim=0, keepdim=True)
+    overlap, unique = counts > 1, counts == 1
+    tv_z = tv * nonzero
+    scale = 1
+    if plus:
+        rho = (nonzero & overlap).sum(dim=1) / (nonzero & unique).sum(dim=1).clamp(min=epsilon)
+        scale = (1 + r * rho.clamp(min=0, max=alpha)).unsqueeze(-1)
+    merged = ((tv_z * unique * scale) + (tv_z * overlap / counts.clamp(min=1))).sum(dim=0, keepdim=True)
+    return base + merged.reshape_as(base)
+
+
 def fixed_bernoulli(p, *args, **kwargs):
     """Deterministic stand-in for torch.bernoulli: keep where p exceeds a fixed sequence over the positions."""
     u = torch.frac(torch.arange(1, p.numel() + 1, dtype=torch.float64) * 0.6180339887498949)
@@ -433,6 +448,31 @@ def test_arcee_fusion_hand_values_and_mergekit_formula():
         assert 0 < int((got == o).sum()) < o.numel() // 2  # some entries swapped, most kept
 
 
+def test_ram_hand_values_and_mergekit_formula():
+    # entry 0: only a touches it; 1: a and b (mean); 2: nobody above epsilon; 3: all three (mean)
+    a, b, c = torch.tensor([2.0, 1.0, 0.05, 3.0]), torch.tensor([0.0, 3.0, -0.05, 6.0]), torch.tensor(
+        [0.0, 0.0, 0.0, 0.0])
+    c[3] = 9.0
+    assert_close(rule("ram", [a, b, c], epsilon=0.1), torch.tensor([2.0, 2.0, 0.0, 6.0]))
+    # ramplus_tl: a has 1 unique and 2 shared entries (rho 2, capped at alpha 0.2): its unique entry x (1 + r 0.2)
+    assert_close(rule("ramplus_tl", [a, b, c], epsilon=0.1, r=0.5),
+                 torch.tensor([2.0 * (1 + 0.5 * 0.2), 2.0, 0.0, 6.0]))
+    # below the cap: 1 shared over 20 unique entries, rho 0.05
+    x, y = torch.ones(21), torch.zeros(21)
+    y[0] = 3.0
+    want = torch.full((21,), 1 + 0.1 * 0.05)
+    want[0] = 2.0
+    assert_close(rule("ramplus_tl", [x, y]), want)
+    for shape in [(37,), (16, 12), (4, 6, 5), (300, 1000)]:  # the last is larger than a block
+        base, *fts = rand(*shape, n=4)
+        fts = [base + torch.where(f.abs() > 1, f, torch.zeros(())) * 0.1 for f in fts]  # sparse task vectors
+        for eps in (1e-5, 0.11):
+            tvs = [f - base for f in fts]
+            assert_close(base + rule("ram", tvs, epsilon=eps), mk_ram(base, fts, eps), rtol=1e-5, atol=1e-6)
+            assert_close(base + rule("ramplus_tl", tvs, epsilon=eps, r=0.7, alpha=0.9),
+                         mk_ram(base, fts, eps, True, 0.7, 0.9), rtol=1e-5, atol=1e-6)
+
+
 def test_rules_on_tensors_larger_than_a_block():
     big = rand(300, 1000, seed=5)
     assert_close(rule("slerp", big[:2], t=0.3), mk_slerp(0.3, *big[:2]), rtol=1e-5, atol=1e-6)
@@ -494,6 +534,8 @@ def test_slerp_yaml_reads_as_our_recipe(models, tmp_path):
      [{}, {}]),
     ("multislerp", {"eps": 1e-6}, [{"weight": 1}, {"weight": 2}], {"eps": 1e-6}, [{}, {}]),
     ("arcee_fusion", {}, [{}], {}, [{}]),
+    ("ram", {"epsilon": 0.01}, [{}, {}], {"epsilon": 0.01}, [{}, {}]),
+    ("ramplus_tl", {"r": 0.3, "alpha": 0.5}, [{}, {}], {"r": 0.3, "alpha": 0.5}, [{}, {}]),
 ])
 def test_mergekit_yaml_reads_with_mergekit_defaults(method, params, model_params, want, want_inputs):
     models = [{"model": "b"}] + [{"model": f"m{i}", "parameters": p} for i, p in enumerate(model_params)]
@@ -558,6 +600,8 @@ def reference(method, base, fts, p):
         return mk_karcher(fts + [base], [0.25] * 4)
     if method == "arcee_fusion":
         return mk_arcee_fusion(base, fts[0])
+    if method.startswith("ram"):
+        return mk_ram(base, fts, p["epsilon"], method == "ramplus_tl", p.get("r", 0.1), p.get("alpha", 0.2))
     w, d = [0.6, 0.5, 0.3], [0.6, 0.4, 0.7]
     if method.startswith("breadcrumbs"):
         return mk_gta(base, fts, w, lambda i, x: mk_magnitude_outliers(x, d[i], 0.05), method.endswith("ties"),
@@ -571,11 +615,12 @@ def reference(method, base, fts, p):
     ("breadcrumbs", {"gamma": 0.05, "lambda": 1.2}), ("breadcrumbs_ties", {"gamma": 0.05, "lambda": 1.2}),
     ("della", {"epsilon": 0.2, "lambda": 1.2}), ("della_linear", {"epsilon": 0.2, "lambda": 1.2}),
     ("nuslerp", {"nuslerp_flatten": False}), ("multislerp", {}), ("karcher", {}), ("arcee_fusion", {}),
+    ("ram", {"epsilon": 0.02}), ("ramplus_tl", {"epsilon": 0.02, "r": 0.5, "alpha": 0.8}),
 ])
 def test_mergekit_yaml_end_to_end(models, tmp_path, monkeypatch, method, params):
     monkeypatch.setattr(torch, "bernoulli", fixed_bernoulli)  # della: the same draws as the reference
     n = {"nearswap": 1, "arcee_fusion": 1, "nuslerp": 2}.get(method, 3)
-    if method in ("nearswap", "model_stock", "sce", "karcher", "arcee_fusion"):
+    if method in ("nearswap", "model_stock", "sce", "karcher", "arcee_fusion", "ram", "ramplus_tl"):
         per = [{}] * 3
     elif method in ("nuslerp", "multislerp"):
         per = [{"weight": w} for w in [0.6, 0.5, 0.3]]

@@ -163,9 +163,9 @@ def test_chat_template_is_written(tiny_lm, tmp_path, template):
 
 
 REFUSED = [
-    ({"tokenizer_source": "union"}, "tokenizer_source"),
-    ({"tokenizer_source": "base"}, "tokenizer_source"),
-    ({"tokenizer": {"source": "base", "pad_to_multiple_of": 16}}, "tokenizer"),
+    ({"tokenizer_source": "union"}, "tokenizer: vocabulary merging with slices that stack layer ranges"),
+    ({"tokenizer": {"source": "base", "pad_to_multiple_of": 16}}, "tokenizer: vocabulary merging with slices"),
+    ({"tokenizer": {"source": "base", "pad_to": 16}}, "tokenizer.pad_to: not a mergekit tokenizer key"),
     ({"chat_template": "chatml"}, "no tokenizer"),
     ({"slices": "two sources"}, "slices.0: method 'passthrough' merges exactly 1 input"),
     ({"slices": "past the end"}, "slices.1.layers"),
@@ -230,7 +230,8 @@ MULTI_REFUSED = [
     (lambda m: [{**m, "name": "a", "base_model": "b"}, {**m, "name": "b", "base_model": "a"}, m], "cycle"),
     (lambda m: [{**m, "name": "a/b"}, m], "not a usable merge name"),
     (lambda m: [{"method": "linear"}, m], "document 1: a file of several documents is read as mergekit-multi"),
-    (lambda m: [{**m, "name": "a", "tokenizer_source": "base"}, {**m, "base_model": "a"}], "tokenizer_source"),
+    (lambda m: [{**m, "name": "a", "tokenizer": {"source": "base", "tokens": 3}}, {**m, "base_model": "a"}],
+     "tokenizer.tokens"),
 ]
 
 

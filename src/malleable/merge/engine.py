@@ -31,7 +31,7 @@ from malleable.io.checkpoint import Checkpoint, dtype_from_name
 from malleable.io.hashing import BackgroundHasher
 from malleable.io.paths import check_folder
 from malleable.io.writer import ShardedWriter, parse_size, split_shards
-from malleable.merge import chat_template
+from malleable.merge import chat_template, vocab
 from malleable.merge.params import ParamResolver, layer_index, rename_layer
 from malleable.merge.registry import LoraJob, Rule, get_rule, rule_params
 from malleable.recipes.merge import MergeRecipe
@@ -80,6 +80,7 @@ class MergePlan:
     # slices: output layer i is layer layer_map[i][1] of plan.models[layer_map[i][0]]
     layer_map: list[tuple[int, int]] | None = None
     donor: Checkpoint | None = None  # config.json and tokenizer files come from it (default: base or first input)
+    vocab: vocab.Vocab | None = None  # vocabulary merging: the output tokenizer and where each model's rows go
 
     @property
     def donor_root(self) -> Path:
@@ -167,6 +168,8 @@ def plan_merge(recipe: MergeRecipe) -> MergePlan:
         raise RecipeError("output.rank: this merge writes a model with a full-space rule; there is no rank to set")
     if plan.input_kind == "adapter" and recipe.read_dtype:
         raise RecipeError("read_dtype: applies to merging full checkpoints, not LoRA adapters")
+    if recipe.tokenizer is not None and (plan.output_kind != "model" or plan.input_kind != "model"):
+        raise RecipeError("tokenizer: vocabulary merging applies to full checkpoints merged into a model")
     if recipe.chat_template is not None:
         if plan.output_kind != "model":
             raise RecipeError("chat_template: the output is a LoRA adapter, which carries no tokenizer")
@@ -194,16 +197,22 @@ def _plan_models(recipe: MergeRecipe, rule: Rule, params, base: Checkpoint | Non
         raise RecipeError("output.kind: full checkpoints merge into a model, not an adapter")
     models = [Checkpoint(i.path, recipe.allow_pickle) for i in recipe.inputs]
     if recipe.slices is not None:
+        if recipe.tokenizer is not None:
+            raise RecipeError("tokenizer: vocabulary merging with slices is not supported; merge whole models")
         return _plan_slices(recipe, rule, params, base, models)
     ref = base or models[0]
     everyone = models + ([base] if base else [])
-    _same_architecture(everyone, ref, ("model_type", "hidden_size", "num_hidden_layers", "vocab_size"),
-                       "different architectures cannot be merged")
+    keys = ("model_type", "hidden_size", "num_hidden_layers") + (() if recipe.tokenizer else ("vocab_size",))
+    _same_architecture(everyone, ref, keys, "different architectures cannot be merged")
     for m in everyone:
         for name, meta in ref.meta.items():
             if name not in m.meta:
                 raise InputError(f"{m.path}: tensor '{name}' is missing (present in {ref.path})")
-            if m.meta[name].shape != meta.shape:
+            if recipe.tokenizer and vocab.is_vocab_tensor(name):  # rows differ per vocabulary; the rest may not
+                if m.meta[name].shape[1:] != meta.shape[1:]:
+                    raise InputError(f"{m.path}: tensor '{name}' has shape {list(m.meta[name].shape)}, but "
+                                     f"{ref.path} has {list(meta.shape)} (only the rows may differ)")
+            elif m.meta[name].shape != meta.shape:
                 raise InputError(f"{m.path}: tensor '{name}' has shape {list(m.meta[name].shape)}, but "
                                  f"{ref.path} has {list(meta.shape)}")
         extra = set(m.meta) - set(ref.meta)
@@ -211,7 +220,31 @@ def _plan_models(recipe: MergeRecipe, rule: Rule, params, base: Checkpoint | Non
             raise InputError(f"{m.path}: tensor '{sorted(extra)[0]}' is not in {ref.path}")
     tensors = _output_plan(recipe, ref)
     resolver = ParamResolver(recipe, params, _num_layers(ref.config, ref.names))
-    return MergePlan(recipe, rule, resolver, "model", "model", base, models=models, tensors=tensors)
+    plan = MergePlan(recipe, rule, resolver, "model", "model", base, models=models, tensors=tensors)
+    if recipe.tokenizer is not None:
+        plan.vocab = _plan_vocab(recipe, [base] * (base is not None) + models)
+        plan.tensors = [(n, d, (plan.vocab.size, *shape[1:]) if vocab.is_vocab_tensor(n) else shape)
+                        for n, d, shape in tensors]
+    return plan
+
+
+def _plan_vocab(recipe: MergeRecipe, members: list[Checkpoint]) -> vocab.Vocab:
+    """The output vocabulary over `members` (the base first when it is read, then the inputs, the order the
+    engine reads them in)."""
+    spec = recipe.tokenizer
+    roots = [m.root.resolve() for m in members]
+    if spec.base is not None:
+        if spec.base.resolve() not in roots:
+            raise RecipeError(f"tokenizer.base: {spec.base} is not one of the merged models")
+        start = base_index = roots.index(spec.base.resolve())
+    else:
+        start, base_index = 0, 0 if recipe.base is not None else None
+
+    def rows(m: Checkpoint) -> int | None:
+        shapes = [meta.shape[0] for name, meta in m.meta.items() if vocab.is_vocab_tensor(name)]
+        return min(shapes) if shapes else None
+
+    return vocab.plan_vocab(spec, [(m.root, m.config, rows(m)) for m in members], base_index, start)
 
 
 def _same_architecture(checkpoints: list[Checkpoint], ref: Checkpoint, keys: tuple[str, ...], why: str) -> None:
@@ -534,8 +567,14 @@ def _stream_model(plan: MergePlan, tmp: Path, stats: _Stats, progress: bool) -> 
     for f in MODEL_FILES:
         if (donor / f).is_file():
             shutil.copy2(donor / f, tmp / f)
-    if (donor / "config.json").is_file() and (plan.layer_map is not None or recipe.output.dtype):
+    if (donor / "config.json").is_file() and (plan.layer_map is not None or recipe.output.dtype or plan.vocab):
         _write_config(plan, donor / "config.json", tmp / "config.json")
+    if plan.vocab is not None:  # the merged vocabulary's tokenizer replaces the donor's files
+        for f in MODEL_FILES:
+            if f != "config.json" and f != "generation_config.json":
+                (tmp / f).unlink(missing_ok=True)
+        plan.vocab.tokenizer.save_pretrained(tmp)
+        donor = tmp
     if recipe.chat_template is not None:
         folders = ([recipe.base] if recipe.base else []) + [i.path for i in recipe.inputs]
         chat_template.write(recipe.chat_template, donor, folders, tmp)
@@ -591,11 +630,17 @@ def _merge_floats(plan: MergePlan, name: str, buffers: _Buffers, stats: _Stats) 
         _check_finite(base, src.base, plan.base.path, allow)
     raw_base = plan.rule.uses_base == "raw"  # the rule gets the base's raw weight first, then the inputs'
     task_vectors = plan.rule.uses_base is True or (plan.rule.uses_base == "optional" and base is not None)
-    tensors = [base] if raw_base else []
+    inputs = []
     for pos, (i, tensor_name) in enumerate(zip(src.inputs, src.names)):
         m = plan.models[i]
         t = _read_float(plan, buffers, m, tensor_name, f"input{pos}")  # one buffer per position: an input may
         _check_finite(t, tensor_name, m.path, allow)  # appear twice in a slice
+        inputs.append(t)
+    if plan.vocab is not None and vocab.is_vocab_tensor(name):  # every model's rows over the output vocabulary
+        aligned = plan.vocab.align([base] * (base is not None) + inputs)
+        base, inputs = (aligned[0], aligned[1:]) if base is not None else (None, aligned)
+    tensors = [base] if raw_base else []
+    for t in inputs:
         tensors.append(t.sub_(base) if task_vectors else t)  # task vectors in place
     merged = _merge_dense(plan, name, tensors)
     del tensors
@@ -629,6 +674,8 @@ def _write_config(plan: MergePlan, source: Path, dest: Path) -> None:
                 if not all(isinstance(v, list) for v in lists):
                     raise InputError(f"{source}: {key} is per layer, but an input's config.json has none")
                 cfg[key] = [lists[k][j] for k, j in plan.layer_map]
+    if plan.vocab is not None:
+        cfg["vocab_size"] = plan.vocab.size
     if plan.recipe.output.dtype:
         name = str(dtype_from_name(plan.recipe.output.dtype)).removeprefix("torch.")
         keys = [k for k in ("dtype", "torch_dtype") if k in cfg] or ["dtype"]
@@ -705,6 +752,9 @@ def describe(plan: MergePlan) -> str:
             base = f", base layers {list(sl.base_layers)}" if sl.base_layers else ""
             lines.append(f"slice {n}: {srcs}{base}")
         lines.append(f"layers: {len(plan.layer_map)} in the output")
+    if plan.vocab is not None:
+        lines.append(f"vocabulary: {plan.vocab.n_tokens} tokens (tokenizer source {r.tokenizer.source}), "
+                     f"{plan.vocab.size} embedding rows")
     lines.append(f"output: {plan.output_kind}, {len(plan.tensors)} tensors"
                  + (f", rank {plan.rank}" if plan.rank else "")
                  + (f", dtype {r.output.dtype}" if r.output.dtype else ""))

@@ -124,10 +124,13 @@ def relative_to_recipe(root: Path, p: Path) -> Path:
 
 
 def resolve_paths(node: Any, root: Path) -> None:
-    """Every Path field of a parsed recipe, nested sections and lists included, through `relative_to_recipe`:
+    """Every Path field of a parsed recipe, nested sections, lists and dicts included, through `relative_to_recipe`:
     a new path field needs no line of its own in any verb's loader."""
     if isinstance(node, list):
         for item in node:
+            resolve_paths(item, root)
+    elif isinstance(node, dict):
+        for item in node.values():
             resolve_paths(item, root)
     elif isinstance(node, BaseModel):
         for name in type(node).model_fields:

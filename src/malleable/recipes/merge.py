@@ -17,6 +17,12 @@ output: {kind: auto, rank: 16, dtype: bfloat16, max_shard_size: 5GB}
 read_dtype: bfloat16         # inputs are rounded to this precision when read (mergekit's `dtype`); rules compute
                              # in float32 on the rounded values
 chat_template: auto          # written beside the output: auto (the inputs' most common) or a Jinja string
+tokenizer:                   # vocabulary merging (mergekit's): embedding and lm_head rows laid out over
+  source: union              #   base | union | path/to/model (whose tokenizer is written)
+  base: path/to/model        #   whose tokenizer `base` names and the union starts from (default: base, first input)
+  tokens: {"<tok>": {source: path/to/model, force: false}}   # a token's row: a model's, {kind: zero}, or
+                             #   {kind: model_token, model: ..., token: ... | token_id: ...}
+  pad_to_multiple_of: 64     #   extra rows: each model's mean row
 seed: 0
 ```
 Frankenmerges stack layer ranges of the inputs into a deeper model (method passthrough, one input per slice):
@@ -124,6 +130,36 @@ class SliceSpec(Strict):
         return self.sources or [SliceSource(input=self.input, layers=self.layers)]
 
 
+class TokenSource(Strict):
+    kind: Literal["zero", "model_token"]
+    model: Path | None = None
+    token: str | None = None
+    token_id: int | None = Field(default=None, ge=0)
+
+    @model_validator(mode="after")
+    def _one_token(self) -> TokenSource:
+        if self.kind == "model_token" and (self.model is None or (self.token is None) == (self.token_id is None)):
+            raise ValueError("kind model_token takes `model` and one of `token` or `token_id`")
+        if self.kind == "zero" and (self.model, self.token, self.token_id) != (None, None, None):
+            raise ValueError("kind zero takes nothing else")
+        return self
+
+
+class TokenSpec(Strict):
+    source: TokenSource | Path | None = None
+    force: bool = False
+
+
+class TokenizerSpec(Strict):
+    """Vocabulary merging: the output tokenizer and every model's embedding rows laid out over it
+    (`malleable.merge.vocab`)."""
+
+    source: Union[Literal["base", "union"], Path] = "union"
+    base: Path | None = None
+    tokens: dict[str, TokenSpec] = Field(default_factory=dict)
+    pad_to_multiple_of: int | None = Field(default=None, gt=0)
+
+
 class MergeRecipe(Strict):
     method: str
     base: Path | None = None
@@ -133,6 +169,7 @@ class MergeRecipe(Strict):
     slices: list[SliceSpec] | None = Field(default=None, min_length=1)
     read_dtype: str | None = None
     chat_template: str | None = None
+    tokenizer: TokenizerSpec | None = None
     seed: Seed = 0
     allow_nonfinite: bool = False
     allow_pickle: bool = False

@@ -4,10 +4,11 @@ slice) as a malleable merge recipe, with mergekit 0.1.5's semantics.
 
 `dtype` is the precision inputs are read in (we round to it, then compute in float32; mergekit computes most
 methods in it), `out_dtype` (else `dtype`) the written one, also recorded in config.json. `chat_template` (a
-built-in name, `auto` or a Jinja string) is written as mergekit writes it. Refused with one line rather than
-ignored: `tokenizer_source` and `tokenizer` (vocabulary merging, `pad_to_multiple_of`). Several `---`-separated
-documents are mergekit-multi (`read_documents`, run by `malleable.merge.multi`): named merges go to a temporary
-folder and serve as models for the others; the unnamed one is the output.
+built-in name, `auto` or a Jinja string) is written as mergekit writes it. `tokenizer_source` and the
+`tokenizer:` block (source, per-token `tokens:`, `pad_to_multiple_of`) become our `tokenizer` section
+(`malleable.merge.vocab`: mergekit's vocabulary merging); with slices that stack layers they are refused.
+Several `---`-separated documents are mergekit-multi (`read_documents`, run by `malleable.merge.multi`): named
+merges go to a temporary folder and serve as models for the others; the unnamed one is the output.
 
 mergekit's defaults differ per method (ties normalises by the agreeing weights, dare_ties does not; both
 elect signs from the weighted task vectors), so each method maps to our rule with those defaults made
@@ -52,6 +53,8 @@ METHODS: dict[str, tuple[str, dict[str, Any], set[str]]] = {
     "karcher": ("karcher", {"max_iter": 10, "tol": 1e-5}, set()),
     "arcee_fusion": ("arcee_fusion", {}, set()),
     "passthrough": ("passthrough", {}, set()),
+    "ram": ("ram", {}, set()),
+    "ramplus_tl": ("ramplus_tl", {}, set()),
 }
 # rules with no base: mergekit's base_model is one more input
 BASE_AS_INPUT = {"linear", "karcher", "passthrough"}
@@ -88,8 +91,8 @@ class Mergekit(Strict):
     parameters: Params = Field(default_factory=dict)
     dtype: str | None = None
     out_dtype: str | None = None
-    tokenizer_source: Any = None  # refused: building a vocabulary and permuting embeddings to it is not built
-    tokenizer: Any = None  # refused, as tokenizer_source
+    tokenizer_source: str | None = None  # base, union or a model: our `tokenizer.source`
+    tokenizer: Any = None  # source, tokens, pad_to_multiple_of: our `tokenizer` section
     chat_template: str | None = None
     name: str | None = None
 
@@ -232,11 +235,7 @@ def _stacked_slices(data: dict, source: str, rule: str, drop: set[str]) -> dict:
 def from_mergekit(data: dict, source: str) -> dict:
     """Translate a mergekit config dict into a malleable recipe dict (validated afterwards as usual)."""
     data = validate(Mergekit, data, source).model_dump(exclude_unset=True)
-    for key in ("tokenizer_source", "tokenizer"):
-        if data.get(key) is not None:
-            raise RecipeError(f"{source}: {key}: mergekit's tokenizer merging (an output vocabulary, embedding and "
-                              "lm_head rows permuted or padded to it) is not supported yet; without it the output "
-                              "keeps the base (or first) model's tokenizer and rows, as mergekit does")
+    tokenizer = _tokenizer(data, source)
     method = data["merge_method"]
     if method not in METHODS:
         raise RecipeError(f"{source}: merge_method: mergekit method '{method}' is not available in malleable "
@@ -275,7 +274,31 @@ def from_mergekit(data: dict, source: str) -> dict:
         recipe["read_dtype"] = data["dtype"]
     if data.get("chat_template") is not None:
         recipe["chat_template"] = data["chat_template"]
+    if tokenizer is not None:
+        if stacked:
+            raise RecipeError(f"{source}: tokenizer: vocabulary merging with slices that stack layer ranges is not "
+                              "supported; use `models:` (or one slice taking every layer)")
+        recipe["tokenizer"] = {**tokenizer, **({"base": base} if base is not None else {})}
     return recipe
+
+
+def _tokenizer(data: dict, source: str) -> dict | None:
+    """mergekit's `tokenizer_source` or `tokenizer:` block as our `tokenizer` section (mergekit reads
+    `tokenizer:` when both are given, its source defaulting to union). A token's source that is a string names
+    a model."""
+    block = data.get("tokenizer")
+    if block is None:
+        src = data.get("tokenizer_source")
+        return None if src is None else {"source": src}
+    if not isinstance(block, dict):
+        raise RecipeError(f"{source}: tokenizer: expected a mapping (source, tokens, pad_to_multiple_of)")
+    extra = sorted(set(block) - {"source", "tokens", "pad_to_multiple_of"})
+    if extra:
+        raise RecipeError(f"{source}: tokenizer.{extra[0]}: not a mergekit tokenizer key (source, tokens, "
+                          "pad_to_multiple_of)")
+    out = {k: v for k, v in block.items() if v is not None}
+    out.setdefault("source", "union")
+    return out
 
 
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")
