@@ -13,7 +13,7 @@ from malleable.errors import RecipeError
 from malleable.io.atomic import check_output
 from malleable.recipes.common import resolve_paths
 from malleable.recipes.merge import MergeRecipe, parse_recipe
-from malleable.recipes.mergekit import _substitute
+from malleable.recipes.mergekit import substitute
 
 
 def _where(path: Path, name: str | None) -> str:
@@ -25,7 +25,7 @@ def _recipes(path: Path, docs, folder: Path) -> list[tuple[str | None, MergeReci
     paths = {name: str(folder / name) for name, _, _ in docs if name is not None}
     out = []
     for name, doc, uses in docs:
-        recipe = parse_recipe({k: v for k, v in _substitute(doc, paths).items() if k != "name"}, _where(path, name))
+        recipe = parse_recipe({k: v for k, v in substitute(doc, paths).items() if k != "name"}, _where(path, name))
         resolve_paths(recipe, path.parent)
         out.append((name, recipe, uses))
     return out

@@ -10,7 +10,8 @@ import numpy as np
 
 from malleable.errors import RecipeError
 from malleable.merge.registry import Param
-from malleable.recipes.merge import Filtered, MergeRecipe
+from malleable.recipes.merge import MergeRecipe
+from malleable.recipes.param_spec import Filtered
 
 _LAYER = re.compile(r"(?:^|\.)(?:layers|h|blocks|layer)\.(\d+)\.")
 _FROM_NAME = object()  # a tensor's layer, for parameter gradients: read from its name unless given

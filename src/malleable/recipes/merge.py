@@ -37,22 +37,12 @@ A mergekit YAML (`merge_method:` ...) is read by `recipes.mergekit` and becomes 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Literal, Union
+from typing import Literal, Union
 
 from pydantic import Field, field_validator, model_validator
 
 from malleable.recipes.common import Seed, Strict, load_recipe_file, validate
-
-Scalar = Union[bool, int, float, str]
-Gradient = Annotated[list[float], Field(min_length=1)]
-
-
-class Filtered(Strict):
-    filter: str | None = None
-    value: Union[Scalar, Gradient]
-
-
-ParamSpec = Union[Scalar, Gradient, Annotated[list[Filtered], Field(min_length=1)]]
+from malleable.recipes.param_spec import ParamSpec
 
 
 class InputSpec(Strict):

@@ -31,7 +31,7 @@ from pydantic import Field
 
 from malleable.errors import RecipeError
 from malleable.recipes.common import Strict, read_yaml, validate
-from malleable.recipes.merge import ParamSpec
+from malleable.recipes.param_spec import ParamSpec
 
 # mergekit method -> (our rule, our defaults that reproduce mergekit's, mergekit parameters to drop)
 METHODS: dict[str, tuple[str, dict[str, Any], set[str]]] = {
@@ -314,7 +314,7 @@ def _references(doc: dict) -> list[str]:
     return [r for r in refs if isinstance(r, str)]
 
 
-def _substitute(doc: dict, paths: dict[str, str]) -> dict:
+def substitute(doc: dict, paths: dict[str, str]) -> dict:
     """`doc` with the names of other documents' merges replaced by their output folders."""
     def sub(v):
         return paths.get(v, v) if isinstance(v, str) else v
