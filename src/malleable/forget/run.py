@@ -77,7 +77,9 @@ def check_recipe(recipe: ForgetRecipe):
         check_params(LORA_PARAMS, recipe.lora, "lora")
     kind = "classifier" if recipe.task == "classification" else "causal_lm"
     if kind not in objective.kinds:
-        raise RecipeError(f"objective: {recipe.objective} does not apply to task {recipe.task}")
+        names = {"causal_lm": "language models", "classifier": "classifiers"}
+        raise RecipeError(f"objective: {recipe.objective} does not apply to task {recipe.task} (it is for "
+                          f"{' and '.join(sorted(names[k] for k in objective.kinds))} only)")
     if objective.needs_retain and recipe.data.retain is None:
         raise RecipeError(f"data.retain: {recipe.objective} needs retain data and none was given")
     if recipe.training.stop_at == "indistinguishable" and recipe.data.holdout is None:
@@ -107,8 +109,9 @@ def forget(recipe: ForgetRecipe, out: str | Path, *, force: bool = False, refere
     sets = load_sets({"forget": d.forget, "retain": d.retain, "holdout": d.holdout}, d, tokenizer, labels)
     items = {name: ex.items if ex else [] for name, ex in sets.items()}
     if type(objective).examples is not Objective.examples:  # DPO's preferred answers, built with the tokenizer
-        items["forget"] = objective.examples(items["forget"], tokenizer, seed=recipe.seed, chat_template=d.chat_template,
-                                             records=prompt_completion_records(d.forget, d))
+        items["forget"] = objective.examples(items["forget"], tokenizer, seed=recipe.seed,
+                                             records=prompt_completion_records(d.forget, d),
+                                             chat_template=d.chat_template)
     pad = tokenizer.pad_token_id
 
     def batch(b):
