@@ -200,9 +200,8 @@ class Protocol:
         """(forget.unlearn's result, tokenizer): the forget split unlearned from a fresh copy of the target.
         `kwargs` go to `forget.unlearn` (parameters, epochs or steps, batch_size, lr, lora, mask...)."""
         from malleable.forget import unlearn
-        from malleable.learn.data import collate
-
         from malleable.forget.registry import get_objective
+        from malleable.learn.data import collate
 
         model, tokenizer = load_trained(self.base, self.target_dir)
         retain = self.items(self.splits[RETAIN_OF[self.forget]], tokenizer)
