@@ -8,7 +8,10 @@
 Scenarios: class-wise (forget class 0 entirely) and random (forget a seeded 10% of train). For each seed one
 original is trained on the train subset (it does not depend on the scenario), one model is retrained from
 scratch on each retain set with the same recipe (the gold standard), and every objective registered for
-classifiers (plus SalUn = RL under the SalUn mask) unlearns a copy of the original.
+classifiers (plus SalUn = RL under the SalUn mask) unlearns a copy of the original. Issue 13 added WGA and UNDIAL
+here (their papers evaluate LLMs only; both losses are per target unit, so on a classifier they are the same formula
+on the class logits: forget/wga.py, forget/undial.py); DPO and IdkDPO need a preferred answer and are language-model
+objectives, refused for classifiers, so they are not in this benchmark.
 
 Hyperparameters, honestly: every method gets the same budget of examples (8% of retraining's, so at most 10%
 of its time is the target), split over one batch per step, or two when it reads forget AND retain each step.

@@ -19,6 +19,9 @@ Models run on accelerate's device (the GPU when there is one), in float32.
   # smallest smoke run (a throwaway cache and results folder; forget01 of 10 people = 1 person)
   MALLEABLE_CACHE=/tmp/fl python bench/forget_llm.py --people 10 --qa-per-person 2 --ft-epochs 1 --epochs 1 \
       --retain-eval 2 --world-eval 2 --objectives ga --forget forget01 --results /tmp/fl
+  # the issue-13 objectives (default --objectives: all nine), answers generated up to each gold answer's length + 8
+  python bench/forget_llm.py --objectives dpo,idkdpo,undial,wga --forget forget10 --seeds 0,1,2 \
+      --max-new-tokens gold --name forget_llm_gold
   # one GPU, TOFU size, every split
   python bench/forget_llm.py --preset tofu --objectives ga,graddiff,npo,simnpo,rmu \
       --forget forget01,forget05,forget10 --seeds 0,1,2
@@ -42,6 +45,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import RESULTS_DIR, fmt, loadavg, machine, write_results  # noqa: E402
 
 NAME = "forget_llm"
+# the default --objectives: the issue-4 five, then the issue-13 additions (DPO with each question's first perturbed
+# answer preferred, IdkDPO with a seeded refusal preferred, UNDIAL, WGA), each at its own file's defaults
+OBJECTIVES = ("ga", "graddiff", "npo", "simnpo", "rmu", "dpo", "idkdpo", "undial", "wga")
 PRESETS = {
     "cpu": {"people": 40, "qa_per_person": 5, "ft_batch_size": 8, "batch_size": 8, "retain_eval": 20,
             "world_eval": 20, "max_new_tokens": 16, "eval_batch_size": 16, "name": NAME},
@@ -191,7 +197,7 @@ def markdown(result: dict) -> str:
         f"(r {s['rank']}, alpha {s['alpha']}, all linear layers) for {s['epochs']:g} epochs, batch {s['batch_size']}, "
         f"lr {s['lr']}, cosine, seed {s['seed']}, merged into the base before unlearning; every weight unlearns "
         f"(RMU: its three MLP down-projections). Evaluation: the whole forget split, {s['retain_eval']} retain "
-        f"questions, {s['world_eval']} world_facts questions, greedy answers of at most {s['max_new_tokens']} "
+        f"questions, {s['world_eval']} world_facts questions, greedy answers of at most {answer_words(s)} "
         f"tokens. Metric definitions: `src/malleable/evaluate/llm_forget.py`.",
         "",
     ]
@@ -237,6 +243,22 @@ def verdict(result: dict, forget: str) -> list[str]:
     return [line, ""]
 
 
+def answer_length(text: str) -> int | str:
+    """--max-new-tokens: a positive whole number or "gold"."""
+    if text == "gold":
+        return text
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is neither a positive whole number nor 'gold'")
+    return int(text)
+
+
+def answer_words(protocol: dict) -> str:
+    from malleable.evaluate.llm_forget import GOLD_MARGIN
+
+    n = protocol["max_new_tokens"]
+    return f"the gold answer's length + {GOLD_MARGIN}" if n == "gold" else str(n)
+
+
 def parse_args(description: str = __doc__, extra=None) -> argparse.Namespace:
     """The flags, with the chosen preset's values as defaults (any flag given overrides its preset value);
     `extra(parser)` adds a calling script's own."""
@@ -246,7 +268,7 @@ def parse_args(description: str = __doc__, extra=None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(parents=[pre], description=description.split("\n\n")[0])
     if extra is not None:
         extra(ap)
-    ap.add_argument("--objectives", default="ga,graddiff,npo,simnpo,rmu")
+    ap.add_argument("--objectives", default=",".join(OBJECTIVES))
     ap.add_argument("--forget", default="forget10", help="comma-separated: forget01, forget05, forget10")
     ap.add_argument("--seeds", default="0")
     ap.add_argument("--people", type=int, help="fictitious people fine-tuned into the target")
@@ -259,7 +281,9 @@ def parse_args(description: str = __doc__, extra=None) -> argparse.Namespace:
     ap.add_argument("--lr-rmu", type=float, default=None, help="RMU's learning rate (default: --lr)")
     ap.add_argument("--retain-eval", type=int, help="retain questions evaluated")
     ap.add_argument("--world-eval", type=int, help="world_facts questions evaluated")
-    ap.add_argument("--max-new-tokens", type=int, help="greedy answer length for ROUGE-L")
+    ap.add_argument("--max-new-tokens", type=answer_length,
+                    help="greedy answer length for ROUGE-L: a number, or gold (each gold answer's token length + "
+                         "8; the presets keep 16 / 32 so stored results stay comparable)")
     ap.add_argument("--eval-batch-size", type=int)
     ap.add_argument("--note", action="append", default=[], help="a reduction or caveat for the markdown")
     ap.add_argument("--results", type=Path, default=RESULTS_DIR)

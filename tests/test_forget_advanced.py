@@ -49,6 +49,18 @@ def test_each_lm_method_raises_the_forget_loss(lm, name):
     assert nll(out.model, forget, lm_collate) > nll(model, forget, lm_collate) + 0.1
 
 
+def test_souls_own_estimator_forgets_on_both_kinds_of_model(lm, digits):
+    """estimator: soul (SOUL's code: squared step gradient every step, bs 5120) through the engine."""
+    model, forget, retain, lm_collate = lm
+    out = unlearn(copy.deepcopy(model), forget=forget, retain=retain, collate=lm_collate, objective="soul_npo",
+                  parameters={"estimator": "soul"}, steps=10, batch_size=8, lr=1e-3)
+    assert nll(out.model, forget, lm_collate) > nll(model, forget, lm_collate) + 0.1
+    model, forget, retain = digits
+    out = unlearn(copy.deepcopy(model), forget=forget, retain=retain, collate=collate_classification,
+                  objective="soul_graddiff", parameters={"estimator": "soul"}, batch_size=32, epochs=5, lr=1e-3).model
+    assert accuracy(out, forget) < accuracy(model, forget) - 0.2 and accuracy(out, retain) > 0.85
+
+
 @pytest.mark.parametrize("spec", [{"name": "sfr_on", "ratio": 0.3}, {"name": "wagle", "ratio": 0.3}])
 def test_masks_select_their_fraction_and_keep_the_rest_bit_identical(digits, spec):
     model, forget, retain = digits

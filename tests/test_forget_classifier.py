@@ -148,7 +148,7 @@ def test_protocol_metrics_in_range_and_retrain_is_its_own_gold(class_run):
     assert class_run["sizes"]["forget"] + class_run["sizes"]["retain"] == class_run["sizes"]["train"]
 
 
-@pytest.mark.parametrize("objective", ["ga", "rl"])
+@pytest.mark.parametrize("objective", ["ga", "rl", "wga", "undial"])
 def test_class_wise_unlearning_raises_ua(class_run, objective):
     split = class_run["split"]
     before = score(class_run["model"], split, max_shadow=300)

@@ -211,3 +211,41 @@ def test_forget_under_two_processes_writes_one_output(target, tmp_path):
     assert done.returncode == 0, done.stderr[-2000:]
     assert json.loads((tmp_path / "out" / "report.json").read_text())["steps"] == 4
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []  # no stray temporary directory
+
+
+def test_idkdpo_and_dpo_run_from_files_and_dpo_names_a_missing_alternate(target, tmp_path):
+    rows = toy_records(48)[:8]
+    result = invoke("forget", recipe_file(tmp_path / "r.yaml", target, objective="idkdpo",
+                                          training={"steps": 4, "batch_size": 8, "lr": 2e-3}), tmp_path / "idk", "-q")
+    assert result.exit_code == 0, result.output
+    assert json.loads((tmp_path / "idk" / "report.json").read_text())["steps"] == 4
+    forget = write_jsonl(tmp_path / "f.jsonl", [{**r, "wrong": rows[(i + 1) % 8]["completion"]}
+                                                for i, r in enumerate(rows)])
+    r = recipe_file(tmp_path / "r.yaml", target, objective="dpo", parameters={"alternate_field": "wrong"},
+                    data__forget=str(forget), training={"steps": 4, "batch_size": 8, "lr": 2e-3})
+    result = invoke("forget", r, tmp_path / "dpo", "-q")
+    assert result.exit_code == 0, result.output
+    write_jsonl(forget, [{**r, "wrong": "w1"} for r in rows[:7]] + rows[7:])
+    result = invoke("forget", r, tmp_path / "bad", "-q")
+    assert result.exit_code == 2 and result.stderr.count("\n") == 1, result.stderr
+    assert "row 8 has no 'wrong' text" in result.stderr and not (tmp_path / "bad").exists()
+
+
+def test_an_lm_only_objective_on_a_classifier_task_is_one_line(tiny_lm, tmp_path):
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    model = AutoModelForSequenceClassification.from_pretrained(tiny_lm, num_labels=2, id2label={0: "a", 1: "b"},
+                                                               label2id={"a": 0, "b": 1})
+    model.save_pretrained(tmp_path / "clf")
+    AutoTokenizer.from_pretrained(tiny_lm).save_pretrained(tmp_path / "clf")
+    forget = write_jsonl(tmp_path / "f.jsonl", [{"text": "w1 w2", "label": "a"}])
+    for name in ("dpo", "idkdpo"):
+        r = tmp_path / "r.yaml"
+        r.write_text(yaml.safe_dump({"model": str(tmp_path / "clf"), "task": "classification", "objective": name,
+                                     "data": {"forget": str(forget), "retain": str(forget)},
+                                     "training": {"steps": 1}}))
+        result = invoke("forget", r, tmp_path / "out", "-q")
+        assert result.exit_code == 2 and result.stderr.count("\n") == 1, result.stderr
+        assert f"objective: {name} does not apply to task classification (it is for language models only)" \
+            in result.stderr
+        assert not (tmp_path / "out").exists()

@@ -6,6 +6,7 @@ import copy
 import hashlib
 import json
 import random
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -198,6 +199,37 @@ def test_protocol_end_to_end_on_the_tiny_model(tiny_lm, tmp_path):
     assert set(run["relearn"]["recovered"]) == set(run["relearn"]["excess_gain"]) == {"probability", "rouge_l"}
     assert refs["retain"]["relearn"]["excess_gain"] == {"probability": 0.0, "rouge_l": 0.0}
     assert run["relearn"]["settings"] == refs["target"]["relearn"]["settings"] == attack
+    # issue 13: the preference objectives through the protocol (dpo prefers the first perturbed answer, idkdpo a
+    # refusal), and answers generated up to each gold answer's length on the same cached fine-tunes
+    for objective in ("dpo", "idkdpo"):
+        assert proto.unlearn(objective, seed=0, steps=2, batch_size=2, lr=1e-3)["steps"] == 2
+    gold = Protocol(tiny_lm, replace(settings, max_new_tokens="gold"), "forget01", cache=tmp_path, progress=False)
+    assert gold.target_dir == proto.target_dir  # the same fine-tune, evaluated again under its own cache key
+    assert len(list(proto.target_dir.glob("eval-forget01-*.json"))) == 2
+    run = gold.unlearn("wga", seed=0, steps=2, batch_size=2, lr=1e-3)
+    assert 0 <= run["summary"]["forget_rouge_l"] <= 1
+
+
+def test_gold_answer_lengths_cut_each_generation_at_its_own_budget(tiny_lm, tok):
+    from transformers import AutoModelForCausalLM
+
+    from malleable.errors import RecipeError
+    from malleable.evaluate.generation import generate
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_lm).eval()
+    records = _records(random.Random(3), 5)
+    for r, n in zip(records, (1, 2, 3, 6, 9)):
+        r["completion"] = " ".join(WORDS[:n])
+    budgets = M.answer_budgets(tok, records, "gold")
+    assert budgets == [n + M.GOLD_MARGIN for n in (1, 2, 3, 6, 9)]
+    prompts = [r["prompt"] for r in records]
+    together = generate(model, tok, prompts, max_new_tokens=budgets, batch_size=5)
+    alone = [generate(model, tok, [p], max_new_tokens=b)[0] for p, b in zip(prompts, budgets)]
+    assert together == alone and len({len(g.split()) for g in together}) > 1
+    assert M.answer_budgets(tok, records, 16) == 16
+    for bad in ("long", 0, 2.5, True):
+        with pytest.raises(RecipeError, match="max_new_tokens"):
+            M.answer_budgets(tok, records, bad)
 
 
 @pytest.mark.slow

@@ -14,8 +14,8 @@ from malleable.forget import OBJECTIVES, unlearn
 from malleable.forget.data import collate_classification
 
 
-CLASSIFIER = ["ga", "graddiff", "npo", "simnpo", "rl", "task_negation"]
-LM = ["ga", "graddiff", "npo", "simnpo", "rmu", "task_negation"]
+CLASSIFIER = ["ga", "graddiff", "npo", "simnpo", "rl", "task_negation", "wga", "undial"]
+LM = ["ga", "graddiff", "npo", "simnpo", "rmu", "task_negation", "wga", "undial"]
 
 
 @pytest.mark.parametrize("name", CLASSIFIER)
@@ -45,6 +45,47 @@ def test_each_lm_objective_raises_the_forget_loss(lm, name):
     out = unlearn(copy.deepcopy(model), forget=forget, retain=retain, collate=lm_collate, objective=name,
                   parameters=params, steps=10, batch_size=8, lr=1e-3 if name != "rmu" else 1e-2)
     assert nll(out.model, forget, lm_collate) > before + 0.1
+
+
+@pytest.mark.parametrize("name", ["dpo", "idkdpo"])
+def test_preference_objectives_move_the_forget_answer_below_its_alternative(lm, tiny_lm, name):
+    from conftest import toy_records
+    from transformers import AutoTokenizer
+
+    from malleable.forget.losses import sequence_logprob
+    from malleable.forget.registry import get_objective
+
+    model, forget, retain, lm_collate = lm
+    tokenizer = AutoTokenizer.from_pretrained(tiny_lm)
+    rows = toy_records(40)[:8]
+    records = [{**r, "alternate": rows[(i + 1) % 8]["completion"]} for i, r in enumerate(rows)]  # a wrong answer
+    paired = get_objective(name, {}).examples(forget, tokenizer, seed=0, records=records, chat_template="off")
+
+    def margin(m) -> float:  # log p(alternative) - log p(forget answer), summed over the forget set
+        with torch.no_grad():
+            return float(sequence_logprob(m, lm_collate([p.alternate for p in paired]))[0].sum()
+                         - sequence_logprob(m, lm_collate(forget))[0].sum())
+
+    out = unlearn(copy.deepcopy(model), forget=paired, retain=retain, collate=lm_collate, objective=name,
+                  steps=10, batch_size=8, lr=1e-3)
+    assert margin(out.model) > margin(model) + 1.0
+    assert nll(out.model, forget, lm_collate) > nll(model, forget, lm_collate) + 0.1
+    with pytest.raises(InputError, match="without an alternative answer"):
+        unlearn(copy.deepcopy(model), forget=forget, retain=retain, collate=lm_collate, objective=name, steps=1)
+
+
+def test_dpo_names_a_row_without_its_alternate_answer(lm, tiny_lm):
+    from conftest import toy_records
+    from transformers import AutoTokenizer
+
+    from malleable.forget.registry import get_objective
+
+    _, forget, _, _ = lm
+    records = [{**r, "alternate": "w1"} for r in toy_records(40)[:8]]
+    del records[5]["alternate"]
+    with pytest.raises(InputError, match="row 6 has no 'alternate' text"):
+        get_objective("dpo", {}).examples(forget, AutoTokenizer.from_pretrained(tiny_lm), seed=0, records=records,
+                                          chat_template="off")
 
 
 def test_unlearning_through_lora_leaves_the_base_weights_untouched(lm):
@@ -94,6 +135,9 @@ def test_objectives_refuse_models_they_are_not_for(digits, lm):
         unlearn(model, forget=forget, retain=retain, collate=collate_classification, objective="rmu", steps=1)
     with pytest.raises(RecipeError, match="unknown unlearning objective"):
         unlearn(model, forget=forget, retain=retain, collate=collate_classification, objective="nope", steps=1)
+    for name in ("dpo", "idkdpo"):  # a preference between two answers needs answers: language models only
+        with pytest.raises(RecipeError, match=f"{name} is for causal language models, not classifiers"):
+            unlearn(model, forget=forget, retain=retain, collate=collate_classification, objective=name, steps=1)
     with pytest.raises(InputError, match="needs retain"):
         unlearn(model, forget=forget, retain=None, collate=collate_classification, objective="graddiff", steps=1)
 

@@ -402,3 +402,228 @@ def test_audit_evidence_min_k_matches_open_unlearning():
         theirs.append(-ref_min_k_score(ref_tokenwise_logprobs(model.table[batch["input_ids"]].detach(), batch)[0]
                                        .numpy(), 0.4))
     np.testing.assert_allclose(ours.numpy(), theirs, rtol=1e-5)
+
+
+# ---- issue 13's objectives: WGA, UNDIAL, DPO / IdkDPO (open-unlearning at d3d7cf9) -------------------------------
+
+def ref_compute_wga_loss(model, inputs: dict, beta: float) -> torch.Tensor:
+    """open-unlearning src/trainer/utils.py, `compute_wga_loss` (commit d3d7cf9; the outputs it returns left out).
+    The authors' G-effect dataloader.py (tmlr-group/G-effect at ef368ee), loss_type 'wga', is the same formula."""
+    outputs = model(**inputs)
+    labels = inputs["labels"]
+    shift_logits = outputs.logits[..., :-1, :].contiguous()
+    shift_labels = labels[..., 1:].contiguous()
+    lm_loss = torch.nn.CrossEntropyLoss(ignore_index=-100, reduction="none")(
+        shift_logits.view(-1, shift_logits.size(-1)), shift_labels.view(-1))
+    weight_ce = ((-lm_loss).exp().detach()) ** beta
+    return -(weight_ce * lm_loss)[shift_labels.view(-1) != -100].mean()
+
+
+def ref_compute_undial_loss(model, ref_model, inputs: dict, beta: float) -> torch.Tensor:
+    """open-unlearning src/trainer/utils.py, `compute_undial_loss` (commit d3d7cf9), itself the authors'
+    dong-river/LLM_unlearning utils/ft_utils.py `DITrainer.compute_loss` (at 89856dc) without its focus option."""
+    import torch.nn.functional as F
+
+    logits = model(**inputs).logits
+    labels = inputs["labels"]
+    shift_labels = labels[..., 1:].contiguous()
+    shift_logits = logits[..., :-1, :].contiguous()
+    with torch.no_grad():
+        teacher_logits = ref_model(**inputs).logits
+    shift_teacher_logits = teacher_logits[..., :-1, :].contiguous()
+    mask = torch.zeros_like(shift_teacher_logits)
+    batch_idx = torch.arange(mask.shape[0]).view(-1, 1, 1)
+    seq_idx = torch.arange(mask.shape[1]).view(1, -1, 1)
+    mask[batch_idx, seq_idx, shift_labels.unsqueeze(-1)] = 1.0
+    soft_label = F.softmax(shift_teacher_logits - mask * beta, dim=-1)
+    loss = torch.nn.CrossEntropyLoss(reduction="none")(shift_logits.view(-1, shift_logits.size(-1)),
+                                                       soft_label.view(-1, soft_label.size(-1)))
+    return loss.mean()
+
+
+def ref_compute_batch_nll(model, inputs: dict) -> torch.Tensor:
+    """open-unlearning src/trainer/utils.py, `compute_batch_nll` (commit d3d7cf9)."""
+    logits = model(**inputs).logits
+    shifted_labels = inputs["labels"][..., 1:].contiguous()
+    logits = logits[..., :-1, :].contiguous()
+    return torch.nn.CrossEntropyLoss(ignore_index=-100, reduction="none")(logits.transpose(-1, -2),
+                                                                         shifted_labels).sum(dim=-1)
+
+
+def ref_compute_dpo_loss(model, ref_model, win_inputs: dict, lose_inputs: dict, beta: float) -> torch.Tensor:
+    """open-unlearning src/trainer/utils.py, `compute_dpo_loss` (commit d3d7cf9), both inputs given."""
+    import torch.nn.functional as F
+
+    win_loss = ref_compute_batch_nll(model, win_inputs)
+    with torch.no_grad():
+        win_ref_loss = ref_compute_batch_nll(ref_model, win_inputs)
+    win_log_ratio = -(win_loss - win_ref_loss)
+    lose_loss = ref_compute_batch_nll(model, lose_inputs)
+    with torch.no_grad():
+        lose_ref_loss = ref_compute_batch_nll(ref_model, lose_inputs)
+    lose_log_ratio = -(lose_loss - lose_ref_loss)
+    return -2 / beta * F.logsigmoid(beta * (win_log_ratio - lose_log_ratio)).mean()
+
+
+def _moved_pair():
+    """A tiny Llama moved off its frozen original (so log-ratios and distillation targets are not trivial)."""
+    from conftest import tiny_llama
+
+    model, original = tiny_llama(0), tiny_llama(0).requires_grad_(False)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())))
+    return model, original
+
+
+def _right_padded(rows: list[tuple[list[int], list[int]]]) -> dict:
+    """open-unlearning's batches: right padding, attention 0 and labels -100 there."""
+    width = max(len(i) for i, _ in rows)
+    ids = torch.tensor([i + [0] * (width - len(i)) for i, _ in rows])
+    mask = torch.tensor([[1] * len(i) + [0] * (width - len(i)) for i, _ in rows])
+    labels = torch.tensor([y + [-100] * (width - len(y)) for _, y in rows])
+    return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+
+
+QA_ROWS = [([5, 6, 7, 8, 9], [-100, -100, 7, 8, 9]), ([11, 12, 13], [-100, 12, 13]),
+           ([20, 21, 22, 23, 24, 25], [-100, -100, -100, 23, 24, 25])]
+
+
+@pytest.mark.parametrize("beta", [1.0, 5.0, 0.0])
+def test_wga_matches_open_unlearning_on_left_and_right_padded_batches(beta):
+    """open-unlearning src/trainer/unlearn/wga.py WGA.compute_loss (gamma * compute_wga_loss + alpha * NLL retain),
+    commit d3d7cf9; our left-padded batch against its right-padded one; beta 0 is plain gradient ascent."""
+    from malleable.forget.registry import get_objective
+    from malleable.learn.data import collate
+
+    model, _ = _moved_pair()
+    obj = get_objective("wga", {"beta": beta, "gamma": 0.7, "alpha": 2.0})
+    forget, retain = QA_ROWS, QA_ROWS[::-1][:2]
+    ours = obj.loss(model, {"forget": collate(forget, 0), "retain": collate(retain, 0)})
+    theirs = (0.7 * ref_compute_wga_loss(model, _right_padded(forget), beta)
+              + 2.0 * model(**_right_padded(retain)).loss)
+    torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-6)
+    assert get_objective("wga", {}).p == {"beta": 1.0, "gamma": 1.0, "alpha": 1.0, "retain_loss": "nll"}
+    assert not get_objective("wga", {"alpha": 0.0}).needs_retain  # the authors' 'wga': forget term only
+
+
+def test_undial_matches_open_unlearning_where_every_position_is_scored():
+    """open-unlearning src/trainer/utils.py compute_undial_loss (commit d3d7cf9) on plain-text rows (labels =
+    input_ids, as the authors' DITrainer), unpadded; on question/answer rows ours keeps only the answer positions."""
+    from malleable.forget.registry import get_objective
+
+    model, original = _moved_pair()
+    ids = torch.randint(3, 100, (3, 7), generator=torch.Generator().manual_seed(5))
+    labels = ids.clone()
+    labels[:, 0] = -100  # `text` rows: the first token has nothing before it (shifted away by both)
+    part = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels}
+    obj = get_objective("undial", {"beta": 3.0})
+    obj.reference = lambda fn, *args: fn(original, *args)
+    assert not obj.needs_retain and obj.p["alpha"] == 0.0 and get_objective("undial", {}).p["beta"] == 10.0
+    ours = obj.loss(model, {"forget": part, "retain": None})
+    torch.testing.assert_close(ours, ref_compute_undial_loss(model, original, {**part, "labels": ids}, 3.0),
+                               rtol=1e-5, atol=1e-6)
+    # question/answer rows: ours averages the answer positions only. The reference's loss at position t is the
+    # difference of its summed losses over the prefixes ending at t + 1 and at t (a causal model scores a prefix
+    # as it scores the whole), so its mean over exactly those positions can be read off it
+    qa = {**part, "labels": torch.where(torch.arange(7) < 4, -100, ids)}
+
+    def summed(b: int, end: int) -> torch.Tensor:  # the reference's loss summed over the end - 1 positions
+        sub = {k: v[b:b + 1, :end] for k, v in part.items()} | {"labels": ids[b:b + 1, :end]}
+        return ref_compute_undial_loss(model, original, sub, 3.0) * (end - 1)
+
+    at_answers = [summed(b, t + 1) - summed(b, t) for b in range(3) for t in range(4, 7)]
+    torch.testing.assert_close(obj.loss(model, {"forget": qa, "retain": None}), torch.stack(at_answers).mean(),
+                               rtol=1e-4, atol=1e-5)
+
+
+def test_dpo_matches_open_unlearning_with_its_alternate_answers():
+    """open-unlearning src/trainer/unlearn/dpo.py DPO.compute_loss (commit d3d7cf9): win = the alternate answer,
+    lose = the forget answer, gamma * compute_dpo_loss + alpha * NLL retain; unpadded rows of equal length."""
+    from malleable.forget.dpo import Paired
+    from malleable.forget.registry import get_objective
+    from malleable.learn.data import collate
+
+    model, original = _moved_pair()
+    g = torch.Generator().manual_seed(3)
+    forget, alternates = [], []
+    for _ in range(3):
+        prompt = torch.randint(3, 100, (3,), generator=g).tolist()
+        answer, other = (torch.randint(3, 100, (4,), generator=g).tolist() for _ in range(2))
+        forget.append((prompt + answer, [-100] * 3 + answer))
+        alternates.append((prompt + other, [-100] * 3 + other))
+    retain = [(r[0], r[1]) for r in QA_ROWS[:1]]
+    obj = get_objective("dpo", {"beta": 0.5, "alpha": 1.5})
+    obj.setup(model, [Paired(f, a) for f, a in zip(forget, alternates)], None, lambda b: collate(b, 0))
+    obj.reference = lambda fn, *args: fn(original, *args)
+    order = [2, 0, 1]  # a batch in another order than the set: each row finds its own alternative
+    ours = obj.loss(model, {"forget": collate([forget[i] for i in order], 0), "retain": collate(retain, 0)})
+    theirs = (ref_compute_dpo_loss(model, original, _right_padded([alternates[i] for i in order]),
+                                   _right_padded([forget[i] for i in order]), 0.5)
+              + 1.5 * model(**_right_padded(retain)).loss)
+    torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-6)
+    assert {k: get_objective(name, {}).p[k] for name in ("dpo", "idkdpo") for k in ("beta", "gamma", "alpha")} == \
+        {"beta": 0.1, "gamma": 1.0, "alpha": 1.0}  # configs/trainer/DPO.yaml
+
+
+class CharTokenizer:
+    """Characters as tokens (with a BOS), enough for encode_pair and the refusals."""
+    eos_token_id, bos_token_id = 1, 2
+
+    def __call__(self, text: str, add_special_tokens: bool = True):
+        return SimpleNamespace(input_ids=[self.bos_token_id] * add_special_tokens + [3 + ord(c) % 120 for c in text])
+
+
+def test_idkdpo_prefers_a_seeded_refusal_encoded_as_the_rows_own_completion():
+    """The refusal is tokenised as encode_pair would tokenise it as the row's completion; one per example, seeded."""
+    from malleable.forget.dpo import REFUSALS, refusals
+    from malleable.forget.registry import get_objective
+
+    tok = CharTokenizer()
+    pairs = [("who is x?", "a painter"), ("where?", "in town"), ("when was it?", "in 1920")] * 4
+    items = [encode_pair(tok, q, a, chat=False) for q, a in pairs]
+    obj = get_objective("idkdpo", {})
+    out = obj.examples(items, tok, seed=7)
+    chosen = refusals(len(items), 7)
+    assert len(set(chosen)) > 3 and set(chosen) <= set(REFUSALS)
+    for (q, _), item, paired, refusal in zip(pairs, items, out, chosen):
+        assert tuple(paired) == item and paired.alternate == encode_pair(tok, q, refusal, chat=False)
+    assert [p.alternate for p in obj.examples(items, tok, seed=7)] == [p.alternate for p in out]
+    assert [p.alternate for p in obj.examples(items, tok, seed=8)] != [p.alternate for p in out]
+
+
+# ---- SOUL's own Sophia estimator (OPTML-Group/SOUL at 30f7a41) ----------------------------------------------------
+
+def ref_soul_sophiag_step(p, grad, state, lr, betas, rho, weight_decay, bs=5120):
+    """SOUL src/optim/sophia.py (commit 30f7a41) `SophiaG.step` with no arguments, as the HF Trainer calls it:
+    update_hessian, update_exp_avg, then _single_tensor_sophiag (maximize and capturable off)."""
+    beta1, beta2 = betas
+    state["hessian"].mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
+    state["exp_avg"].mul_(beta1).add_(grad, alpha=1 - beta1)
+    p.mul_(1 - lr * weight_decay)
+    state["exp_avg"].mul_(beta1).add_(grad, alpha=1 - beta1)
+    ratio = (state["exp_avg"].abs() / (rho * bs * state["hessian"] + 1e-15)).clamp(None, 1)
+    p.addcmul_(state["exp_avg"].sign(), ratio, value=-lr)
+
+
+def test_soul_estimator_matches_souls_sophiag_step():
+    from malleable.forget.soul import Sophia
+
+    g = torch.Generator().manual_seed(4)
+    start = torch.randn(6, 5, generator=g)
+    grads = [torch.randn(6, 5, generator=g) * s for s in (1.0, 0.01, 3.0, 1e-4)]
+    ours = torch.nn.Parameter(start.clone())
+    opt = Sophia([{"params": [ours], "weight_decay": 0.1}], lr=5e-3, betas=(0.9, 0.95), rho=0.04, soul_bs=5120)
+    theirs = start.clone()
+    state = {"exp_avg": torch.zeros_like(start), "hessian": torch.zeros_like(start)}
+    for grad in grads:
+        ours.grad = grad.clone()
+        opt.step()
+        ref_soul_sophiag_step(theirs, grad, state, 5e-3, (0.9, 0.95), 0.04, 0.1)
+        torch.testing.assert_close(ours.detach(), theirs, rtol=0, atol=1e-7)
+    # without it, the Sophia paper's optimiser: no curvature from the step's gradient (h stays 0: sign steps)
+    plain = torch.nn.Parameter(start.clone())
+    plain.grad = grads[0].clone()
+    sophia = Sophia([plain], lr=5e-3)
+    sophia.step()
+    assert torch.equal(sophia.state[plain]["h"], torch.zeros_like(start))

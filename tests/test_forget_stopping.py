@@ -113,3 +113,20 @@ def test_bad_stopping_settings_are_one_line(target, tmp_path, training, data, me
     refused(["forget", r, tmp_path / "out", "-q"], mentions=mentions,
             inputs=[r, target["model"], target["forget"], target["retain"], target["holdout"]],
             out=tmp_path / "out")
+
+
+def test_wga_runs_under_the_calibrated_stopping_rule(target, tmp_path):  # noqa: F811
+    """One of issue 13's objectives end to end through `malleable forget` with `stop_at: indistinguishable`."""
+    r = recipe_file(tmp_path / "r.yaml", target, objective="wga",
+                    training={"steps": 40, "batch_size": 8, "lr": 2e-3, "stop_at": "indistinguishable",
+                              "check_every": 2, "tolerance": 0.1, "calibration": 0.5})
+    result = invoke("forget", r, tmp_path / "out", "-q")
+    assert result.exit_code == 0, result.output
+    report = json.loads((tmp_path / "out" / "report.json").read_text())
+    c = report["calibration"]
+    assert report["objective"] == "wga" and c["curve"] and c["curve"][-1]["step"] == c["stopped_at"] == report["steps"]
+    e = report["evidence"]
+    assert e["unlearned"]["forget"]["loss"] > e["original"]["forget"]["loss"]
+    # it stops on its own before the step budget, at the first check within the tolerance (14 here)
+    assert report["steps"] < 40 and abs(c["curve"][-1]["membership_auc"] - 0.5) <= 0.1
+    assert all(abs(p["membership_auc"] - 0.5) > 0.1 for p in c["curve"][:-1])

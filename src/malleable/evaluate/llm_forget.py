@@ -14,7 +14,10 @@ prompt, from one teacher-forced forward pass per batch on the same left-padded p
 * forget quality: the p-value of scipy's two-sample Kolmogorov-Smirnov test between the raw per-question R of
   the forget set under the unlearned model and under the retain model. (TOFU's code tests exp(L_pert - L_para)
   = 1/R; KS is invariant under a monotone map of both samples, so the p-value is the same.)
-* ROUGE-L recall of the greedy answer against the gold completion (`rouge-score`, stemming on, as TOFU).
+* ROUGE-L recall of the greedy answer against the gold completion (`rouge-score`, stemming on, as TOFU). The
+  answer is at most `max_new_tokens` tokens: a number for every question (the benchmark's default 16 or 32), or
+  "gold": each question's gold completion length in tokens plus `GOLD_MARGIN` (8), so a long answer is not cut
+  short (open-unlearning generates up to 200 new tokens, far beyond TOFU's answers) and a short one cannot ramble.
 * model utility: the harmonic mean of probability, ROUGE-L and truth-ratio score on the retain set and on
   world_facts (6 numbers; TOFU's has 9 because it also has a real-authors set, which we do not).
 * min-k% prob (Shi et al., 2024): the mean of the k = 40% lowest token log-probabilities of the completion
@@ -58,6 +61,18 @@ UNLEARNED_METRICS = ("probability", "rouge_l")  # the ones unlearning lowers, wh
 # attack alone moves the target's own held-back probability and ROUGE-L by 0.02-0.03 (forget10, CPU preset), so a
 # smaller removal makes the share a ratio of noise (it gave shares of -1.3 at 0.01).
 MIN_REMOVED = 0.05
+GOLD_MARGIN = 8  # max_new_tokens "gold": tokens allowed beyond the gold answer's own length
+
+
+def answer_budgets(tokenizer, records: list[dict], max_new_tokens: int | str) -> int | list[int]:
+    """The generation budget: the number given, or per record its gold completion's token count + GOLD_MARGIN."""
+    if max_new_tokens == "gold":
+        return [len(tokenizer(r["completion"], add_special_tokens=False).input_ids) + GOLD_MARGIN for r in records]
+    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+        from malleable.errors import RecipeError
+
+        raise RecipeError(f"max_new_tokens: {max_new_tokens!r} is neither a positive whole number nor 'gold'")
+    return max_new_tokens
 
 
 @torch.no_grad()
@@ -160,7 +175,7 @@ def extraction_strength(correct: np.ndarray) -> float:
     return 1 - k / len(correct)
 
 
-def evaluate_set(model, tokenizer, records: list[dict], *, role: str, max_new_tokens: int = 32,
+def evaluate_set(model, tokenizer, records: list[dict], *, role: str, max_new_tokens: int | str = 32,
                  batch_size: int = 16, min_k: float = MIN_K, score_eos: bool = False) -> dict:
     """All metrics of one split. `role`: forget, retain, world_facts or holdout (holdout: min-k scores only).
 
@@ -181,8 +196,8 @@ def evaluate_set(model, tokenizer, records: list[dict], *, role: str, max_new_to
         probability = option_probability(model, tokenizer, records, **kw)
     else:
         probability = np.array([normalised_probability(s["logprobs"]) for s in gold])
-    generations = generate(model, tokenizer, [r["prompt"] for r in records], max_new_tokens=max_new_tokens,
-                           batch_size=batch_size)
+    generations = generate(model, tokenizer, [r["prompt"] for r in records],
+                           max_new_tokens=answer_budgets(tokenizer, records, max_new_tokens), batch_size=batch_size)
     out.update({
         "probability": float(probability.mean()),
         "rouge_l": float(rouge_l_recall(generations, [r["completion"] for r in records]).mean()),

@@ -57,5 +57,13 @@ class GradDiff(GradientAscent):
         return kl_to(reference, logits, mask)
 
     def loss(self, model: torch.nn.Module, batch: dict) -> torch.Tensor:
-        return (self.p["gamma"] * self.forget_term(model, batch["forget"])
-                + self.p["alpha"] * self.retain_term(model, batch["retain"]))
+        forget = self.p["gamma"] * self.forget_term(model, batch["forget"])
+        return forget + self.p["alpha"] * self.retain_term(model, batch["retain"]) if self.needs_retain else forget
+
+
+class OptionalRetain:
+    """Mixin for a GradDiff-shaped objective whose papers also run it without retain data: alpha 0 needs none."""
+
+    def __init__(self, **params):
+        super().__init__(**params)
+        self.needs_retain = self.p["alpha"] > 0

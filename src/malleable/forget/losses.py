@@ -44,6 +44,15 @@ def output_logits(model: torch.nn.Module, part: dict[str, torch.Tensor]) -> tupl
     return logits.unsqueeze(1), torch.ones(logits.shape[:1] + (1,), dtype=torch.bool, device=logits.device)
 
 
+def logits_and_targets(model: torch.nn.Module, part: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(logits, targets) at every scored unit: (B, K, V) and (B, K) for a language model (targets -100 where
+    there is none), (B, 1, C) and (B, 1) for a classifier."""
+    if is_lm(part):
+        logits, labels = lm_logits(model, part)
+        return logits.float(), labels
+    return class_logits(model, part).unsqueeze(1), part["labels"].unsqueeze(1)
+
+
 def sequence_logits(model: torch.nn.Module, part: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
     """(logits at every real position of the sequence, prompt included, attention mask): (B, S, V) and (B, S)
     for a language model, as open-unlearning's `compute_kl_divergence` scores them; a classifier's as

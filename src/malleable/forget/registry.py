@@ -14,7 +14,8 @@ language model ``input_ids / attention_mask / labels`` (labels 2-D, -100 where n
 sequence classifier). Unlike a learn method, an objective's loss is a MEAN over the batch: forget and retain
 terms are averaged separately and then weighted, as the papers write them.
 
-Hooks, in the order the engine calls them: ``prepare(model, task)`` (which parameters train; default all),
+Hooks, in the order they are called: ``examples(forget, tokenizer, ...)`` (by the caller that tokenised the data,
+before `unlearn`: DPO's preferred answers), ``prepare(model, task)`` (which parameters train; default all),
 ``setup(model, forget, retain, collate)`` (once, before training: a frozen reference, random labels, ...),
 ``optimizer(params, training)``, ``loss(model, batch)`` each step (``self.progress`` in [0, 1) tells how far
 the run is), ``finish(model, original)`` once after training (task negation rewrites the weights here).
@@ -45,6 +46,13 @@ class Objective(Method):
     needs_reference: ClassVar[bool] = False  # a frozen copy of the original model (self.reference)
     epochs_over: ClassVar[str] = "forget"  # which set one epoch walks through
     progress: float = 0.0
+
+    def examples(self, forget: list, tokenizer, *, seed: int, records: list[dict] | None = None,
+                 chat_template: str = "auto") -> list:
+        """The forget examples as this objective trains on them, built by the caller that has the tokenizer
+        (forget/run.py, the protocols) before `unlearn`; default: unchanged. DPO attaches each example's preferred
+        answer here. `records`: the forget rows as prompt/completion dicts (with any other field of the row)."""
+        return forget
 
     def setup(self, model: torch.nn.Module, forget: list, retain: list | None, collate: Callable) -> None:
         """Once, before the first step, on the original model."""

@@ -15,7 +15,8 @@ from pathlib import Path
 from malleable.errors import InputError, RecipeError
 from malleable.evaluate.unlearning import evidence, gaps
 from malleable.forget.engine import unlearn
-from malleable.forget.registry import get_mask, get_objective
+from malleable.forget.data import prompt_completion_records
+from malleable.forget.registry import Objective, get_mask, get_objective
 from malleable.forget.stopping import MIN_ROWS, StopRule, side
 from malleable.io.atomic import atomic_dir, check_output
 from malleable.io.hashing import sha256_file
@@ -76,7 +77,9 @@ def check_recipe(recipe: ForgetRecipe):
         check_params(LORA_PARAMS, recipe.lora, "lora")
     kind = "classifier" if recipe.task == "classification" else "causal_lm"
     if kind not in objective.kinds:
-        raise RecipeError(f"objective: {recipe.objective} does not apply to task {recipe.task}")
+        names = {"causal_lm": "language models", "classifier": "classifiers"}
+        raise RecipeError(f"objective: {recipe.objective} does not apply to task {recipe.task} (it is for "
+                          f"{' and '.join(sorted(names[k] for k in objective.kinds))} only)")
     if objective.needs_retain and recipe.data.retain is None:
         raise RecipeError(f"data.retain: {recipe.objective} needs retain data and none was given")
     if recipe.training.stop_at == "indistinguishable" and recipe.data.holdout is None:
@@ -94,7 +97,7 @@ def forget(recipe: ForgetRecipe, out: str | Path, *, force: bool = False, refere
            progress: bool = True) -> dict:
     """Unlearn as the recipe says; write the model (or adapter) and its evidence to `out`."""
     start = time.perf_counter()
-    check_recipe(recipe)
+    objective = check_recipe(recipe)
     d = recipe.data
     reference = reference if reference is not None else recipe.reference
     inputs = [recipe.model] + [p for p in (d.forget, d.retain, d.holdout, recipe.retrain) if p] + \
@@ -105,6 +108,10 @@ def forget(recipe: ForgetRecipe, out: str | Path, *, force: bool = False, refere
     labels = model_labels(recipe.model, recipe.task)
     sets = load_sets({"forget": d.forget, "retain": d.retain, "holdout": d.holdout}, d, tokenizer, labels)
     items = {name: ex.items if ex else [] for name, ex in sets.items()}
+    if type(objective).examples is not Objective.examples:  # DPO's preferred answers, built with the tokenizer
+        items["forget"] = objective.examples(items["forget"], tokenizer, seed=recipe.seed,
+                                             records=prompt_completion_records(d.forget, d),
+                                             chat_template=d.chat_template)
     pad = tokenizer.pad_token_id
 
     def batch(b):

@@ -10,6 +10,15 @@ model's own predictions on the step's inputs: N * g^2 for N sampled targets, Sop
 (u * Hu for a Rademacher u, by double backprop of the objective's own loss, Sophia-H). The extra backward
 passes run inside the objective's loss on refresh steps with torch.autograd.grad, leaving `.grad` to the engine.
 
+Two estimators, two sources. `estimator: gnb` (default) and `hutchinson` are the Sophia paper's (its
+github.com/Liuhong99/Sophia sophia.py and train_sophiag.py: an estimate every k steps). `estimator: soul` is what
+SOUL's own code runs (github.com/OPTML-Group/SOUL at 30f7a41, src/optim/sophia.py `SophiaG.step`, called by the
+HF Trainer with no arguments): EVERY step, before the update, h <- beta2 h + (1 - beta2) g^2 with g the
+objective's own (clipped) gradient, m's EMA applied twice (`update_exp_avg`, then again inside `_sophiag`, i.e. an
+EMA with beta1^2), and the ratio |m| / (rho * bs * h + 1e-15) with `bs` left at its default 5120 (`soul_bs`):
+the squared gradient stands in for the Hessian and bs rescales it, as Sophia-G's B * g^2 does for a sampled
+batch of B tokens. No extra backward pass; `hessian_every` does not apply.
+
 `SecondOrder` turns any objective into its second-order version (``class X(SecondOrder, NPO)``); soul_graddiff
 and soul_npo are SOUL's SO-GradDiff and SO-NPO. Defaults are SOUL's TOFU configs (betas 0.9 / 0.95, rho 0.04)
 and SophiaG's k = 10. They bring their own optimiser, so training.optimizer stays unset (the engine refuses another).
@@ -32,8 +41,9 @@ class Sophia(torch.optim.Optimizer):
     """SophiaG's clipped update; `update_hessian` feeds the diagonal Hessian estimates."""
 
     def __init__(self, params, lr: float, betas: tuple[float, float] = (0.9, 0.95), rho: float = 0.04,
-                 weight_decay: float = 0.0, eps: float = 1e-15):
+                 weight_decay: float = 0.0, eps: float = 1e-15, soul_bs: float | None = None):
         super().__init__(params, dict(lr=lr, betas=betas, rho=rho, weight_decay=weight_decay, eps=eps))
+        self.soul_bs = soul_bs  # SOUL's estimator: h from the step's own gradient, scaled by its `bs`
 
     def _state(self, p: torch.Tensor) -> dict:
         state = self.state[p]
@@ -58,9 +68,15 @@ class Sophia(torch.optim.Optimizer):
                 if p.grad is None:
                     continue
                 state = self._state(p)
+                if self.soul_bs is not None:  # SOUL's SophiaG.step: update_hessian, update_exp_avg, then the step
+                    state["h"].mul_(group["betas"][1]).addcmul_(p.grad, p.grad, value=1 - group["betas"][1])
+                    state["m"].mul_(beta1).add_(p.grad, alpha=1 - beta1)
                 state["m"].mul_(beta1).add_(p.grad, alpha=1 - beta1)
                 p.mul_(1 - lr * group["weight_decay"])
-                ratio = (state["m"].abs() / (rho * state["h"]).clamp(min=group["eps"])).clamp(max=1)
+                if self.soul_bs is not None:
+                    ratio = (state["m"].abs() / (rho * self.soul_bs * state["h"] + group["eps"])).clamp(max=1)
+                else:
+                    ratio = (state["m"].abs() / (rho * state["h"]).clamp(min=group["eps"])).clamp(max=1)
                 p.addcmul_(state["m"].sign(), ratio, value=-lr)
 
 
@@ -92,8 +108,11 @@ SOPHIA_PARAMS = {
     "beta1": Param(0.9, "EMA factor of the gradients", ge=0, le=1),
     "beta2": Param(0.95, "EMA factor of the Hessian estimates", ge=0, le=1),
     "hessian_every": Param(10, "steps between two Hessian estimates (Sophia's k)", ge=1),
-    "estimator": Param("gnb", "diagonal Hessian estimate: Gauss-Newton-Bartlett or Hutchinson",
-                       choices=("gnb", "hutchinson")),
+    "estimator": Param("gnb", "diagonal Hessian estimate: Gauss-Newton-Bartlett or Hutchinson every hessian_every "
+                       "steps (Sophia's), or SOUL's code's: the step's own squared gradient every step",
+                       choices=("gnb", "hutchinson", "soul")),
+    "soul_bs": Param(5120, "estimator soul: the bs its SophiaG.step divides by (rho * bs * h); SOUL never passes "
+                     "it, so its default 5120 applies", gt=0),
 }
 
 
@@ -104,13 +123,14 @@ class SecondOrder:
         groups = [{"params": [p for p in params if p.ndim >= 2], "weight_decay": training.weight_decay},
                   {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}]
         self.sophia = Sophia([g for g in groups if g["params"]], lr=training.lr, rho=self.p["rho"],
-                             betas=(self.p["beta1"], self.p["beta2"]))
+                             betas=(self.p["beta1"], self.p["beta2"]),
+                             soul_bs=self.p["soul_bs"] if self.p["estimator"] == "soul" else None)
         self.steps = 0
         return self.sophia
 
     def loss(self, model: torch.nn.Module, batch: dict) -> torch.Tensor:
         refresh, self.steps = self.steps % self.p["hessian_every"] == 0, self.steps + 1
-        if not refresh:
+        if not refresh or self.p["estimator"] == "soul":  # soul's estimate is taken inside the optimiser step
             return super().loss(model, batch)
         params = [p for p in model.parameters() if p.requires_grad]
         if self.p["estimator"] == "hutchinson":

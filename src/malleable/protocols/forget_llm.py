@@ -4,6 +4,8 @@
 2. Fine-tune the TARGET on everyone (`full`) and the RETAIN model (the gold standard) on the retain split only,
    both with `malleable.api.learn` and the same recipe (LoRA by default, merged into the base for use).
 3. Unlearn the forget split from a fresh copy of the target with `forget.unlearn` (one objective, one seed).
+   The objective's `examples` hook sees the forget records first: `dpo`'s preferred answer is each question's
+   first perturbed answer, `idkdpo`'s a seeded refusal.
 4. Evaluate target, retain model and unlearned model with `evaluate.llm_forget`; forget quality and privacy
    leakage are relative to the retain model.
 5. Optionally (`relearning=`, e.g. `RELEARN`), attack every model with `protocols.relearn.relearn_forget`:
@@ -53,7 +55,7 @@ class ProtocolSettings:
     seed: int = 0
     retain_eval: int = 20  # retain questions evaluated (spread over the retain people)
     world_eval: int = 20  # world_facts questions evaluated
-    max_new_tokens: int = 16
+    max_new_tokens: int | str = 16  # or "gold": each answer's token length + llm_forget.GOLD_MARGIN
 
     def data_settings(self) -> dict:
         return {"people": self.people, "qa_per_person": self.qa_per_person, "perturbed": self.perturbed,
@@ -198,13 +200,17 @@ class Protocol:
         """(forget.unlearn's result, tokenizer): the forget split unlearned from a fresh copy of the target.
         `kwargs` go to `forget.unlearn` (parameters, epochs or steps, batch_size, lr, lora, mask...)."""
         from malleable.forget import unlearn
+        from malleable.forget.registry import get_objective
         from malleable.learn.data import collate
 
         model, tokenizer = load_trained(self.base, self.target_dir)
         retain = self.items(self.splits[RETAIN_OF[self.forget]], tokenizer)
         pad = tokenizer.pad_token_id
-        result = unlearn(model, forget=self.items(self.sets["forget"], tokenizer), retain=retain,
-                         collate=lambda b: collate(b, pad), objective=objective, seed=seed, **kwargs)
+        records = [{**r, "alternate": r["perturbed_answers"][0]} for r in self.sets["forget"]]  # dpo's alternative
+        forget = get_objective(objective, kwargs.get("parameters") or {}).examples(
+            self.items(records, tokenizer), tokenizer, seed=seed, records=records)
+        result = unlearn(model, forget=forget, retain=retain, collate=lambda b: collate(b, pad),
+                         objective=objective, seed=seed, **kwargs)
         result.model.eval()
         return result, tokenizer
 

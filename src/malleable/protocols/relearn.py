@@ -45,7 +45,7 @@ def relearn(model: torch.nn.Module, forget: Sequence, collate: Callable, *, frac
     return {"trained_on": n, "measured_on": len(held), "steps": steps, "lr": lr, "before": before, "after": after}
 
 
-def relearn_forget(model, tokenizer, records: list[dict], *, max_new_tokens: int = 32, eval_batch_size: int = 16,
+def relearn_forget(model, tokenizer, records: list[dict], *, max_new_tokens: int | str = 32, eval_batch_size: int = 16,
                    **attack) -> dict:
     """`relearn` on forget `records` (keywords `attack`: fraction, steps, lr, batch_size, seed), measured with
     `RELEARN_METRICS` of `evaluate_set` on the held-back records; `model` is not changed."""
