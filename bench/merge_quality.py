@@ -194,9 +194,9 @@ def unpacked(items: dict[str, str]) -> dict[str, list[int]]:
 
 
 def bootstrap_normalised(methods: dict[str, dict[str, list[int]]], individual: dict[str, list[int]], tasks,
-                         reference: str | None, n: int = BOOTSTRAP, seed: int = 0) -> dict[str, dict]:
-    """Mean normalised accuracy of each method with a percentile 95% CI, and its paired difference to
-    `reference`, from resampling each task's test items (the same resample for every method)."""
+                         reference: str | None, pairs=(), n: int = BOOTSTRAP, seed: int = 0) -> dict:
+    """Mean normalised accuracy of each method with a percentile 95% CI, its paired difference to `reference`
+    and the differences of `pairs` ((a, b): a - b), all from the same resamples of each task's test items."""
     import numpy as np
 
     rng = np.random.default_rng(seed)
@@ -212,17 +212,40 @@ def bootstrap_normalised(methods: dict[str, dict[str, list[int]]], individual: d
         return np.mean(per_task, axis=0)
 
     boot = {m: score(m, draws) for m in methods}
+
+    def diff(a, b):
+        d = boot[a] - boot[b]
+        return {"diff": round(score(a) - score(b), 4), "ci95": [round(float(x), 4) for x in np.percentile(d, [2.5, 97.5])],
+                "p_diff_le_0": round(float(np.mean(d <= 0)), 4)}
+
     out = {}
     for m in methods:
         res = {"mean_normalised": round(score(m), 4),
                "ci95": [round(float(x), 4) for x in np.percentile(boot[m], [2.5, 97.5])]}
         if reference is not None and m != reference:
-            diff = boot[m] - boot[reference]
-            res["diff_to_reference"] = round(score(m) - score(reference), 4)
-            res["diff_ci95"] = [round(float(x), 4) for x in np.percentile(diff, [2.5, 97.5])]
-            res["p_diff_le_0"] = round(float(np.mean(diff <= 0)), 4)
+            d = diff(m, reference)
+            res.update(diff_to_reference=d["diff"], diff_ci95=d["ci95"], p_diff_le_0=d["p_diff_le_0"])
         out[m] = res
-    return {"tasks_used": tasks, "methods": out}
+    return {"tasks_used": tasks, "methods": out,
+            "pairs": [{"a": a, "b": b, **diff(a, b)} for a, b in pairs if a in methods and b in methods]}
+
+
+def best_by_validation(methods: list[dict]) -> dict | None:
+    """The method whose tuned (setting, scale) has the best mean validation accuracy (test picks nothing)."""
+    return max(methods, key=lambda m: max(v for r in m["tuning"] for v in r["validation_mean"].values()),
+               default=None)
+
+
+def claim_pairs(methods: list[dict]) -> list[tuple[str, str]]:
+    """The paper's claim as paired differences: the CtM variant chosen on validation minus every single-LoRA
+    (rank-limited adapter) baseline, and each full-rank reference minus CtM (the gap CtM leaves)."""
+    ctm = best_by_validation([m for m in methods if m["method"] == "ctm"])
+    if ctm is None:
+        return []
+    others = [m["label"] for m in methods if m["kind"] != "full" and m["method"] != "ctm"]
+    full = [m["label"] for m in methods if m["kind"] == "full"]
+    return [(ctm["label"], o) for o in others] + [(f, ctm["label"]) for f in full] + \
+        [(f, o) for f in full for o in others if o.endswith("(merge-then-compress)")]
 
 
 def ctm_has_authors_beta() -> bool:
@@ -237,7 +260,10 @@ def main(argv=None) -> int:
     ap.add_argument("--seeds", type=int, nargs="+", default=[0], help="zoo training seeds")
     ap.add_argument("--smoke", action="store_true", help="two tasks, 10 steps, 10 test items (checks the plumbing)")
     ap.add_argument("--methods", nargs="+", help="labels to run (default: all)")
+    ap.add_argument("--report", action="store_true", help="only rewrite the report from merge_quality.json")
     args = ap.parse_args(argv)
+    if args.report:
+        return report_only()
     start = time.perf_counter()
     from malleable.models.smollm2 import smollm2_checkpoint
 
@@ -326,14 +352,7 @@ def main(argv=None) -> int:
 def finish(results, seed_res, tasks, start, smoke) -> None:
     """Bootstrap over what has run so far and write the results (after every method, so a stopped run still
     leaves its finished part)."""
-    methods = {m["label"]: unpacked(m["test_items"]) for m in seed_res["methods"]}
-    mtc = [m for m in seed_res["methods"] if m["kind"] == "mtc"]
-    # the best merge-then-compress baseline by VALIDATION (its best tuned score), so test picks nothing
-    best = max(mtc, key=lambda m: max(v for r in m["tuning"] for v in r["validation_mean"].values()),
-               default=None)
-    individual = unpacked(seed_res["individual"]["test"])
-    seed_res["reference_baseline"] = best["label"] if best else None
-    seed_res["bootstrap"] = bootstrap_normalised(methods, individual, tasks, best["label"] if best else None)
+    analyse(seed_res, tasks)
     results["wall_time_s"] = round(time.perf_counter() - start, 1)
     results["loadavg_end"] = loadavg()
     if smoke:  # the plumbing only: nothing is written to bench/results
@@ -341,6 +360,28 @@ def finish(results, seed_res, tasks, start, smoke) -> None:
         return
     write_results("merge_quality", results, markdown(results))
     plot(results, RESULTS_DIR / "merge_quality.png")
+
+
+def analyse(seed_res, tasks) -> None:
+    """The bootstrap of one zoo seed's finished methods against the best merge-then-compress baseline (chosen on
+    validation) and the claim's pairs."""
+    methods = {m["label"]: unpacked(m["test_items"]) for m in seed_res["methods"]}
+    best = best_by_validation([m for m in seed_res["methods"] if m["kind"] == "mtc"])
+    individual = unpacked(seed_res["individual"]["test"])
+    seed_res["reference_baseline"] = best["label"] if best else None
+    seed_res["bootstrap"] = bootstrap_normalised(methods, individual, tasks, best["label"] if best else None,
+                                                 claim_pairs(seed_res["methods"]))
+
+
+def report_only() -> int:
+    """Recompute the bootstrap and rewrite merge_quality.{md,png} from merge_quality.json (no training)."""
+    results = json.loads((RESULTS_DIR / "merge_quality.json").read_text())
+    for seed_res in results["seeds"]:
+        analyse(seed_res, seed_res["zoo_settings"]["tasks"])
+    write_results("merge_quality", results, markdown(results))
+    plot(results, RESULTS_DIR / "merge_quality.png")
+    print(markdown(results))
+    return 0
 
 
 def markdown(res: dict) -> str:
@@ -381,6 +422,13 @@ def markdown(res: dict) -> str:
                                .items())
             lines.append(f"| {m['label']} | {m['kind']} | {chosen} | {statistics.fmean(m['test'].values()):.1%} | "
                          f"{b['mean_normalised']:.3f} [{b['ci95'][0]:.3f}, {b['ci95'][1]:.3f}] | {diff} |")
+        if boot.get("pairs"):
+            lines += ["", "The claim, paired (a - b in mean normalised accuracy, same bootstrap resamples; the CtM "
+                      "variant is the one with the best validation score):", "",
+                      "| a | b | a - b [95% CI] | share of resamples with a - b <= 0 |", "|---|---|---:|---:|"]
+            for p in boot["pairs"]:
+                lines.append(f"| {p['a']} | {p['b']} | {p['diff']:+.3f} [{p['ci95'][0]:+.3f}, {p['ci95'][1]:+.3f}] "
+                             f"| {p['p_diff_le_0']:.3f} |")
         lines += ["", "Per-task test accuracy:", "",
                   "| method | " + " | ".join(tasks) + " |", "|---|" + "---:|" * len(tasks)]
         lines.append("| individual adapters | " + " | ".join(f"{statistics.fmean(ind[t]):.0%}" for t in tasks) + " |")

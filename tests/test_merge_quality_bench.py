@@ -165,3 +165,38 @@ def test_forced_match_equals_greedy_generation(tiny_lm):
     records = [{"prompt": p, "completion": c} for p, c in zip(prompts + prompts, gold + wrong)]
     hits = forced_match(model, tok, records, chat=False, batch_size=5)
     assert hits == [True] * 12 + [False] * 12
+
+
+def _bench():
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+    import merge_quality  # the bench folder is not a package
+
+    return merge_quality
+
+
+def test_paired_bootstrap_and_the_claims_pairs():
+    mq = _bench()
+    ind = {"a": [1] * 50 + [0] * 50, "b": [1] * 80 + [0] * 20, "c": [0] * 100}  # c: no ratio, left out
+    half = {"a": [1] * 25 + [0] * 75, "b": [1] * 40 + [0] * 60, "c": [0] * 100}
+    close = {"a": [1] * 26 + [0] * 74, "b": [1] * 40 + [0] * 60, "c": [0] * 100}
+    out = mq.bootstrap_normalised({"ind": ind, "half": half, "close": close}, ind, ["a", "b", "c"], "half",
+                                  [("close", "half")], n=500)
+    assert out["tasks_used"] == ["a", "b"]
+    m = out["methods"]
+    assert m["ind"]["mean_normalised"] == 1.0 and m["ind"]["ci95"] == [1.0, 1.0]
+    assert m["half"]["mean_normalised"] == 0.5 and m["half"]["ci95"][0] < 0.5 < m["half"]["ci95"][1]
+    # paired: one extra right item in 100 is a tiny difference with a tight CI, far tighter than each CI
+    pair = out["pairs"][0]
+    assert pair["diff"] == pytest.approx(0.01) and 0 <= pair["ci95"][0] <= pair["ci95"][1] <= 0.05
+    assert pair["ci95"][1] - pair["ci95"][0] < (m["half"]["ci95"][1] - m["half"]["ci95"][0]) / 3
+    methods = [{"label": lbl, "method": meth, "kind": kind, "tuning": [{"validation_mean": {"1.0": v}}]}
+               for lbl, meth, kind, v in (("ta (merge-then-compress)", "task_arithmetic", "mtc", 0.3),
+                                           ("ctm ta", "ctm", "native", 0.2), ("ctm ties", "ctm", "native", 0.4),
+                                           ("knots", "knots", "native", 0.1), ("full", "ties", "full", 0.5))]
+    assert mq.claim_pairs(methods) == [("ctm ties", "ta (merge-then-compress)"), ("ctm ties", "knots"),
+                                       ("full", "ctm ties"), ("full", "ta (merge-then-compress)")]
+    assert mq.scale_search(lambda c: {0.125: .1, 0.25: .3, 0.5: .2}.get(c, 0), (0.125, 0.25, 0.5)) == \
+        {0.125: .1, 0.25: .3, 0.5: .2, 0.3536: 0}
