@@ -1,4 +1,9 @@
-"""The adapter zoo: real LoRA adapters on SmolLM2-135M-Instruct, one per word relation plus a multi-task one.
+"""The adapter zoo: real LoRA adapters on SmolLM2-135M-Instruct, one per task plus a multi-task one.
+
+Two task families: the word relations of `questions-words.txt` (the default; 29-116 pairs per relation) and
+the generated tasks of `malleable.data.generated` (`data="generated"`: hundreds of held-out items per task,
+what `bench/merge_quality.py` uses). Each adapter trains from its own seed (`train_seed`), optionally with early
+stopping on its validation items (`patience`), and can be scored per item by teacher forcing (`metric="forced"`).
 
 The zoo is the shared input of the merge-quality benchmark (`bench/merge_quality.py`) and of
 `malleable bench zoo`. Everything goes through the public verbs (`learn` trains, `merge` merges), so the
