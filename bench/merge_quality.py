@@ -249,8 +249,10 @@ def claim_pairs(methods: list[dict]) -> list[tuple[str, str]]:
         return []
     others = [m["label"] for m in methods if m["kind"] != "full" and m["method"] != "ctm"]
     full = [m["label"] for m in methods if m["kind"] == "full"]
+    forms = [m["label"] for m in methods if m["method"] == "knots"]  # KnOTS original vs per-layer
     return [(ctm["label"], o) for o in others] + [(f, ctm["label"]) for f in full] + \
-        [(f, o) for f in full for o in others if o.endswith("(merge-then-compress)")]
+        [(f, o) for f in full for o in others if o.endswith("(merge-then-compress)")] + \
+        [(a, b) for i, a in enumerate(forms) for b in forms[i + 1:]]
 
 
 def ctm_has_authors_beta() -> bool:
@@ -446,8 +448,10 @@ def markdown(res: dict) -> str:
                          f"{d(ns)} |")
         if boot.get("pairs"):
             lines += ["", "The claim, paired (a - b, same resamples; the CtM variant is the one with the best "
-                      "validation score): CtM against every single-LoRA-output baseline, and the gap from each "
-                      "full-rank merge down to CtM and to the merge-then-compress baselines.", "",
+                      "validation score): CtM against every single-LoRA-output baseline, the gap from each "
+                      "full-rank merge down to CtM and to the merge-then-compress baselines, and KnOTS's two forms "
+                      "(original: the rule on S V_t, the KnOTS authors' code; per_layer: the rule on V_t, times S "
+                      "afterwards, the CtM / Core Space authors' code).", "",
                       "| a | b | acc: a - b [CI] | norm strong: a - b [CI] | norm 8: a - b [CI] |",
                       "|---|---|---:|---:|---:|"]
             for pa, ps, p8 in zip(acc["pairs"], strong["pairs"], boot["pairs"]):
