@@ -469,7 +469,7 @@ def markdown(res: dict) -> str:
                   f"scoring the individual adapters {s['individual']['wall_time_s']:.0f} s, tuning (merges at scale 1 "
                   f"and validation scoring) {tune_s:.0f} s, test scoring {test_s:.0f} s over {len(s['methods'])} "
                   "methods."]
-    lines += ["", "Cut relative to issue 14, to fit about 75 minutes of a shared 2-core CPU (load average 5-11 during "
+    lines += ["", "Cut relative to issue 14, to fit about 75 minutes of a shared 2-core CPU (load average 4-15 during "
               "the run, other benchmarks running): ONE zoo training seed (the issue asks for >= 3); at most "
               f"{res['seeds'][0]['zoo_settings']['steps']} training steps per adapter (early stopping chose the step "
               "among evaluations every 10 steps); validation 20 items per task (tuning and early stopping); the "
