@@ -1,4 +1,9 @@
-"""The adapter zoo: real LoRA adapters on SmolLM2-135M-Instruct, one per word relation plus a multi-task one.
+"""The adapter zoo: real LoRA adapters on SmolLM2-135M-Instruct, one per task plus a multi-task one.
+
+Two task families: the word relations of `questions-words.txt` (the default; 29-116 pairs per relation) and
+the generated tasks of `malleable.data.generated` (`data="generated"`: hundreds of held-out items per task,
+what `bench/merge_quality.py` uses). Each adapter trains from its own seed (`train_seed`), optionally with early
+stopping on its validation items (`patience`), and can be scored per item by teacher forcing (`metric="forced"`).
 
 The zoo is the shared input of the merge-quality benchmark (`bench/merge_quality.py`) and of
 `malleable bench zoo`. Everything goes through the public verbs (`learn` trains, `merge` merges), so the
@@ -31,6 +36,7 @@ SCHEMA = "malleable.zoo/1"
 TASKS = ("capital-world", "city-in-state", "currency", "gram6-nationality-adjective", "gram3-comparative",
          "gram7-past-tense", "gram8-plural", "gram2-opposite")
 MULTI = "multitask"
+FAMILIES = ("word_relations", "generated")
 
 
 @dataclass(frozen=True)
@@ -38,6 +44,9 @@ class ZooSettings:
     """Everything that decides the adapters and their scores; its hash names the cache directory."""
 
     tasks: tuple[str, ...] = TASKS
+    # "generated": the tasks of data/generated.py (hundreds of test items each), split by `data_seed` into
+    # n_test / n_validation / n_train items; "word_relations": questions-words.txt split by `seed`
+    data: str = "word_relations"
     rank: int = 16
     alpha: float = 32.0
     # Attention only: 120 modules instead of 210, so each merge (an SVD or two per module) stays quick.
@@ -51,6 +60,22 @@ class ZooSettings:
     fractions: tuple[float, float, float] = (0.5, 0.2, 0.3)
     max_eval: int = 40
     max_new_tokens: int = 6
+    n_test: int = 200
+    n_validation: int = 50
+    n_train: int = 400
+    data_seed: int = 0
+    # early stopping: `steps` becomes the most steps; the validation loss every `eval_every` steps decides when
+    # to stop (after `patience` evaluations without improvement) and which weights are kept
+    patience: int | None = None
+    eval_every: int = 10
+    # each adapter's LoRA initialisation from its own seed (derived from `seed` and its name); False: every
+    # adapter starts from `seed`, i.e. from the same LoRA A (the zoo before issue 14)
+    per_task_seed: bool = True
+    multi: bool = True  # also train the multi-task adapter on the union
+    chat_template: str = "auto"  # learn's data.chat_template: "off" trains and scores the bare prompt
+    # "generate": greedy generation and `is_match`; "forced": every answer token the argmax under teacher
+    # forcing (`forced_match`, one forward pass, per-item results kept)
+    metric: str = "generate"
 
     def __post_init__(self) -> None:
         """Refuse impossible settings before anything is trained or cached."""
@@ -63,11 +88,33 @@ class ZooSettings:
         for name in ("alpha", "lr"):
             if not math.isfinite(getattr(self, name)) or getattr(self, name) <= 0:
                 raise RecipeError(f"{name}: {getattr(self, name)!r} must be a positive finite number")
-        if any(t not in TASKS for t in self.tasks) or not self.tasks:
-            raise RecipeError(f"tasks: {list(self.tasks)} must be some of {list(TASKS)}")
+        if self.data not in FAMILIES:
+            raise RecipeError(f"data: {self.data!r} must be one of {list(FAMILIES)}")
+        known = family_tasks(self.data)
+        if any(t not in known for t in self.tasks) or not self.tasks:
+            raise RecipeError(f"tasks: {list(self.tasks)} must be some of {list(known)}")
+        if self.metric not in ("generate", "forced"):
+            raise RecipeError(f"metric: {self.metric!r} must be generate or forced")
+        if self.chat_template not in ("auto", "on", "off"):
+            raise RecipeError(f"chat-template: {self.chat_template!r} must be auto, on or off")
 
     def key(self) -> str:
         return settings_key(asdict(self))
+
+
+def family_tasks(family: str) -> tuple[str, ...]:
+    if family == "generated":
+        from malleable.data.generated import TASKS as GENERATED
+
+        return tuple(GENERATED)
+    return TASKS
+
+
+def train_seed(settings: ZooSettings, name: str) -> int:
+    """The seed adapter `name` trains with (its LoRA A, its batches): its own unless `per_task_seed` is off."""
+    if not settings.per_task_seed:
+        return settings.seed
+    return int(hashlib.sha256(f"{settings.seed}:{name}".encode()).hexdigest(), 16) % 2**31
 
 
 def settings_key(settings: dict) -> str:
@@ -90,10 +137,14 @@ def zoo_dir(settings: ZooSettings, cache: str | Path | None = None) -> Path:
 def adapter_key(settings: ZooSettings, name: str) -> str:
     """Hash of exactly what trains adapter `name` (a task, or MULTI for the union of all tasks)."""
     multi = name == MULTI
+    fields = ["rank", "alpha", "targets", "batch_size", "lr", "seed", "fractions"]
+    if settings.data != "word_relations" or settings.patience or settings.per_task_seed or \
+            settings.chat_template != "auto":  # the zoo's first settings keep their keys (and their adapters)
+        fields += ["data", "n_test", "n_validation", "n_train", "data_seed", "patience", "eval_every", "per_task_seed",
+                   "chat_template"]
     return settings_key({"name": name, "tasks": list(settings.tasks) if multi else [name],
                          "steps": settings.multi_steps if multi else settings.steps,
-                         **{k: getattr(settings, k) for k in ("rank", "alpha", "targets", "batch_size", "lr",
-                                                              "seed", "fractions")}})
+                         **{k: getattr(settings, k) for k in fields}})
 
 
 def adapter_dir(settings: ZooSettings, name: str, cache: str | Path | None = None) -> Path:
@@ -101,9 +152,14 @@ def adapter_dir(settings: ZooSettings, name: str, cache: str | Path | None = Non
 
 
 def load_data(settings: ZooSettings) -> dict[str, dict[str, list[dict]]]:
-    """{task: {split: records}}; evaluation splits capped at `max_eval` pairs."""
+    """{task: {split: records}}; word-relation evaluation splits capped at `max_eval` pairs."""
     from malleable.data.word_relations import word_relations
 
+    if settings.data == "generated":
+        from malleable.data.generated import generated_task
+
+        return {task: generated_task(task, settings.data_seed, settings.n_test, settings.n_validation,
+                                     settings.n_train) for task in settings.tasks}
     data = {}
     for task in settings.tasks:
         splits = word_relations(task, seed=settings.seed, fractions=settings.fractions)
@@ -118,21 +174,31 @@ def train_adapters(settings: ZooSettings, base_dir: Path, cache: str | Path | No
     """One LoRA per task and one on the union, trained with `malleable.api.learn`; existing ones are reused."""
     from malleable.api import learn
 
-    jobs = {task: (data[task]["train"], settings.steps) for task in settings.tasks}
-    jobs[MULTI] = ([r for task in settings.tasks for r in data[task]["train"]], settings.multi_steps)
+    def union(split):
+        return [r for task in settings.tasks for r in data[task][split]]
+
+    jobs = {task: (data[task]["train"], data[task]["validation"], settings.steps) for task in settings.tasks}
+    if settings.multi:
+        jobs[MULTI] = (union("train"), union("validation"), settings.multi_steps)
     paths = {}
-    for name, (records, steps) in jobs.items():
+    for name, (records, validation, steps) in jobs.items():
         out = adapter_dir(settings, name, cache)
         paths[name] = out
         if (out / "adapter_config.json").is_file():
             continue
         train_file = write_jsonl(out.with_name(out.name + ".train.jsonl"), records)
+        data_spec = {"train": str(train_file)}
+        training = {"steps": steps, "batch_size": settings.batch_size, "lr": settings.lr,
+                    "warmup_steps": 5, "max_grad_norm": 1.0, "log_every": 10}
+        if settings.chat_template != "auto":
+            data_spec["chat_template"] = settings.chat_template
+        if settings.patience:
+            data_spec["validation"] = str(write_jsonl(out.with_name(out.name + ".validation.jsonl"), validation))
+            training.update(patience=settings.patience, eval_every=settings.eval_every, schedule="constant")
         learn({"model": str(base_dir), "method": "lora",
                "parameters": {"r": settings.rank, "alpha": settings.alpha, "targets": list(settings.targets)},
-               "data": {"train": str(train_file)},
-               "training": {"steps": steps, "batch_size": settings.batch_size, "lr": settings.lr,
-                            "warmup_steps": 5, "max_grad_norm": 1.0, "log_every": 10},
-               "seed": settings.seed}, out, force=True, progress=progress)
+               "data": data_spec, "training": training, "seed": train_seed(settings, name)},
+              out, force=True, progress=progress)
     return paths
 
 
@@ -169,6 +235,38 @@ class Evaluator:
         self.model.set_adapter(adapter)
         return self._scores(self.model, records)
 
+    def items(self, records: dict[str, list[dict]], adapter: str | None, model=None) -> dict[str, list[int]]:
+        """{task: [1 if the item's answer is right else 0, ...]} by `forced_match`, with `adapter` active
+        (None: the base model alone; `model`: another model, e.g. a merged full checkpoint)."""
+        from malleable.evaluate.generation import forced_match
+
+        def run(m):
+            m.eval()
+            return {task: [int(x) for x in forced_match(m, self.tokenizer, recs, chat=self.chat, batch_size=64)]
+                    for task, recs in records.items()}
+
+        if model is not None:
+            return run(model)
+        if adapter is None:
+            with self.model.disable_adapter():
+                return run(self.model)
+        self.model.set_adapter(adapter)
+        return run(self.model)
+
+    @property
+    def chat(self) -> bool:
+        from malleable.learn.data import uses_chat_template
+
+        return uses_chat_template(self.tokenizer, self.settings.chat_template)
+
+    def scale(self, name: str, factor: float) -> None:
+        """Multiply adapter `name`'s LoRA scaling by `factor` in every module (its delta becomes factor x
+        delta; `scale(name, 1 / factor)` undoes it)."""
+        for module in self.model.modules():
+            scaling = getattr(module, "scaling", None)
+            if isinstance(scaling, dict) and name in scaling:
+                scaling[name] *= factor
+
     def model_scores(self, checkpoint: Path, records: dict[str, list[dict]]) -> dict[str, float]:
         """{task: exact match} of a full checkpoint (a merge into the base), loaded for this call only."""
         import torch
@@ -179,6 +277,10 @@ class Evaluator:
 
     def _scores(self, model, records: dict[str, list[dict]]) -> dict[str, float]:
         from malleable.evaluate.generation import exact_match
+
+        if self.settings.metric == "forced":
+            return {task: round(statistics.fmean(hits), 4) if hits else 0.0
+                    for task, hits in self.items(records, None, model=model).items()}
 
         return {task: round(exact_match(model, self.tokenizer, recs, max_new_tokens=self.settings.max_new_tokens,
                                         batch_size=32)[0], 4)

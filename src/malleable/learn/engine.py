@@ -13,6 +13,9 @@ several processes under `accelerate launch` (DDP, or FSDP with `training.shardin
   resumed from a checkpoint sees exactly the batches it would have seen.
 * Work files live in `OUT.run/` (metrics.jsonl, checkpoints). A killed run leaves them for `--resume`;
   a finished run moves the metrics into OUT and deletes the rest (unless `training.keep_checkpoints`).
+* Early stopping (`training.patience`): the validation loss is computed every `eval_every` steps; once it has
+  not improved for `patience` evaluations in a row the loop stops, and the weights of the best evaluation
+  (kept in memory: the trainable parameters only) are the output. A resumed run restarts the count.
 * Under FSDP (`shard`) each process holds 1/N of the weights, gradients and optimiser state; checkpoints
   and the output are gathered whole onto the main process, so they are the same files as an unsharded run's.
 """
@@ -316,6 +319,7 @@ def learn(recipe: LearnRecipe, out: str | Path, *, force: bool = False, resume: 
     window_loss, window_steps, tokens, t_window = 0.0, 0, 0, time.perf_counter()
     t_loop, tokens_seen = t_window, 0
     last: dict = {}
+    best, bad = None, 0  # early stopping: (validation loss, step, weights) of the best evaluation so far
     model.train()
     try:
         while step < plan.steps:
@@ -333,7 +337,14 @@ def learn(recipe: LearnRecipe, out: str | Path, *, force: bool = False, resume: 
             step += 1
             bar.update(1)
             window_loss, window_steps = window_loss + step_loss, window_steps + 1
-            if step % t.log_every == 0 or step == plan.steps:
+            val_loss = None
+            if val is not None and t.eval_every and step % t.eval_every == 0:
+                val_loss = round(evaluate_loss(model, val, plan.micro, pad, accelerator, method), 6)
+                if t.patience and (best is None or val_loss < best[0]):
+                    best, bad = (val_loss, step, [p.detach().clone() for p in params]), 0
+                elif t.patience:
+                    bad += 1
+            if step % t.log_every == 0 or step == plan.steps or val_loss is not None:
                 elapsed = time.perf_counter() - t_window
                 last = {"step": step, "loss": round(window_loss / window_steps, 6),
                         "lr": scheduler.get_last_lr()[0], "tokens_per_s": round(tokens / max(elapsed, 1e-9), 1),
@@ -341,13 +352,15 @@ def learn(recipe: LearnRecipe, out: str | Path, *, force: bool = False, resume: 
                 if grad_norm is not None:
                     last["grad_norm"] = round(grad_norm, 4)
                 last.update(method.metrics())
-                if val is not None and t.eval_every and (step % t.eval_every == 0):
-                    last["val_loss"] = round(evaluate_loss(model, val, plan.micro, pad, accelerator, method), 6)
+                if val_loss is not None:
+                    last["val_loss"] = val_loss
                 bar.set_postfix(loss=f"{last['loss']:.4f}", tok_s=f"{last['tokens_per_s']:.0f}")
                 if log:
                     log.write(json.dumps(last) + "\n")
                     log.flush()
                 window_loss, window_steps, tokens, t_window = 0.0, 0, 0, time.perf_counter()
+            if t.patience and bad >= t.patience:
+                break
             if t.checkpoint_every and step % t.checkpoint_every == 0 and step < plan.steps:
                 states = accelerator.gather(torch.get_rng_state().unsqueeze(0)) if accelerator.num_processes > 1 else \
                     torch.get_rng_state().unsqueeze(0)
@@ -359,8 +372,13 @@ def learn(recipe: LearnRecipe, out: str | Path, *, force: bool = False, resume: 
         if log:
             log.close()
 
-    check_finite_weights(params, accelerator)
     final = {"train_loss": last.get("loss"), **method.metrics()}
+    if best is not None:  # early stopping keeps the weights of the best validation loss
+        with torch.no_grad():
+            for p, saved in zip(params, best[2]):
+                p.copy_(saved)
+        final.update(best_step=best[1], stopped_at=step, best_val_loss=best[0])
+    check_finite_weights(params, accelerator)
     if val is not None:
         final["val_loss"] = round(evaluate_loss(model, val, plan.micro, pad, accelerator, method), 6)
     model = accelerator.unwrap_model(model)

@@ -8,6 +8,7 @@ parameters: {r: 16, alpha: 32}   # the method's parameters, checked against its 
 data:
   train: train.jsonl             # JSONL / CSV / Parquet, read with `datasets`
   validation: val.jsonl          # optional: validation loss every `eval_every` steps and at the end
+                                 # (with training.patience: early stopping on it, the best weights kept)
   max_bad_rows: 0                # rows that may be skipped (a count, or a fraction below 1) before refusing
 training:
   steps: 200                     # or epochs: 3
@@ -63,6 +64,9 @@ class TrainingSpec(Strict):
     mixed_precision: Literal["no", "bf16", "fp16"] = "no"
     log_every: int = Field(default=10, gt=0)
     eval_every: int | None = Field(default=None, gt=0)
+    # early stopping: stop once the validation loss has not improved for this many evaluations in a row and
+    # keep the weights of the best one (needs data.validation and eval_every)
+    patience: int | None = Field(default=None, gt=0)
     checkpoint_every: int | None = Field(default=None, gt=0)
     keep_checkpoints: bool = False
     sharding: Literal["none", "fsdp"] = "none"
@@ -90,6 +94,12 @@ class LearnRecipe(Strict):
     seed: Seed = 0
     trust_remote_code: bool = False  # run code shipped inside the model folder (off unless set)
     allow_pickle: bool = False  # load legacy .bin weights with torch.load(weights_only=True)
+
+    @model_validator(mode="after")
+    def _early_stopping(self):
+        if self.training.patience and not (self.training.eval_every and self.data.validation):
+            raise ValueError("training.patience: early stopping needs data.validation and training.eval_every")
+        return self
 
 
 def parse_learn_recipe(data: Any, source: str = "recipe") -> LearnRecipe:
