@@ -20,9 +20,13 @@ Which never-trained rows, and why:
   rows of the forgotten class (the ones the protocol drops from TA), random the first `VERDICT_CAP` test rows. So
   the verdict does not read the rows the rule stopped on.
 
-Settings (fixed before any run, not tuned on test metrics): tolerance 0.05 for both the rule and the verdict (the
-AUC's standard error with ~1,000 vs ~600 rows is about 0.015, so 0.05 is ~3 of them), a check every 5 steps (the
-forget CLI's default; budgets are 101..204 steps).
+Settings (not tuned on test metrics): two calibrated arms, tolerance 0.025 and 0.05, each judged by the verdict at
+its own tolerance (the fixed run's verdict is read from its AUC at each). 0.025 is about two standard errors of the
+AUC of a model with no membership signal at these row counts (~1,200 forget rows against ~600 calibration rows:
+0.015; against 1,000-3,000 verdict rows: 0.010-0.012), the finest the attack resolves; 0.05 is the brief's example.
+A first launch ran 0.05 alone and was stopped before any unlearning run: the originals' own AUC against the verdict
+rows (0.546 class-wise, 0.530 random on seed 0) already sat inside 0.5 +- 0.05, so that arm has nearly nothing to
+do on this model. A check every 5 steps (the forget CLI's default; budgets are 101..204 steps).
 
 Originals and retrains are cached by their settings under /work/bench-cache/forget_classifier/ (safetensors), and
 each finished (method, seed, scenario) pair of runs under .../rows/, so a rerun resumes; the results are rewritten
@@ -43,13 +47,14 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from _common import fmt, loadavg, machine, write_results
+from malleable.forget.stopping import side
 from malleable.io.atomic import write_text_atomic
 from malleable.protocols.forget_classifier import (SCENARIOS, make_split, membership, score, train_model,
                                                   unlearn_and_score, unseen_rows)
 
 NAME = "forget_classifier_calibrated"
 CACHE = Path(os.environ.get("MALLEABLE_BENCH_CACHE", "/work/bench-cache")) / "forget_classifier"
-TOLERANCE = 0.05
+TOLERANCES = (0.025, 0.05)
 CHECK_EVERY = 5
 CALIBRATION_CAP = 2000
 VERDICT_CAP = 3000
@@ -101,8 +106,9 @@ def stop_step(row: dict) -> int:
     return row["stopping"]["restored_to"] or row["steps_run"]
 
 
-def summarise(rows: dict, seeds: list[int]) -> dict:
-    """{scenario: {method: aggregate}} over the seeds each method has finished."""
+def summarise(rows: dict, seeds: list[int], tolerance: float) -> dict:
+    """{scenario: {method: aggregate}} of the arm at `tolerance`, over the seeds each method has finished; the fixed
+    run's verdict is read from its AUC at the same tolerance."""
     out = {}
     for scenario in SCENARIOS:
         out[scenario] = {}
@@ -110,7 +116,9 @@ def summarise(rows: dict, seeds: list[int]) -> dict:
             done = [per_seed[(s, scenario)] for s in seeds if (s, scenario) in per_seed]
             if not done:
                 continue
-            fx, cal = [r["fixed"] for r in done], [r["calibrated"] for r in done]
+            fx, cal = [r["fixed"] for r in done], [r["calibrated"][str(tolerance)] for r in done]
+            fixed_sides = [side(r["membership_auc"], tolerance) if r["membership_auc"] == r["membership_auc"]
+                           else r["side"] for r in fx]
             out[scenario][name] = {
                 "seeds": len(done), "budget": done[0]["fixed"]["steps_run"],
                 "gap_fixed": _ms([r["gap"] for r in fx]), "gap_calibrated": _ms([r["gap"] for r in cal]),
@@ -120,9 +128,9 @@ def summarise(rows: dict, seeds: list[int]) -> dict:
                 "stopped_early": sum(stop_step(r) < r0["steps_run"] for r, r0 in zip(cal, fx)),
                 "auc_fixed": _ms([r["membership_auc"] for r in fx]),
                 "auc_calibrated": _ms([r["membership_auc"] for r in cal]),
-                "over_fixed": sum(r["side"] == "over-unlearned" for r in fx),
+                "over_fixed": fixed_sides.count("over-unlearned"),
                 "over_calibrated": sum(r["side"] == "over-unlearned" for r in cal),
-                "under_fixed": sum(r["side"] == "under-unlearned" for r in fx),
+                "under_fixed": fixed_sides.count("under-unlearned"),
                 "under_calibrated": sum(r["side"] == "under-unlearned" for r in cal),
             }
     return out
@@ -138,27 +146,31 @@ def markdown(data: dict) -> str:
              f"{c['train_size']}, small_cnn, recipe {c['recipe']}); each objective runs at the lr and step budget "
              f"stored there (tuned on the validation split), seeds {c['seeds']}. Fixed: the whole budget. "
              f"Calibrated: the same lr with the budget as its cap, stopped by `StopRule(\"indistinguishable\")` "
-             f"(tolerance {c['tolerance']}, a check every {c['check_every']} steps, roll-back to the closer check) "
+             f"(tolerance {' or '.join(map(str, c['tolerances']))}: one arm each, a check every {c['check_every']} "
+             "steps, roll-back to the closer check) "
              f"on calibration rows from the tuning validation split (class-wise: its rows of class "
              f"{c['forget_class']}; random: its first {c['calibration_cap']} rows). Verdict of every final model: "
              f"`forget.stopping.side` of the loss attack's AUC, forget rows vs official test rows (class-wise: the "
-             f"test rows of class {c['forget_class']}; random: the first {c['verdict_cap']}), tolerance "
-             f"{c['tolerance']}. Difference = calibrated - fixed Avg. Gap per seed, mean and 95% t interval over "
+             f"test rows of class {c['forget_class']}; random: the first {c['verdict_cap']}), at the arm's "
+             "tolerance. Difference = calibrated - fixed Avg. Gap per seed, mean and 95% t interval over "
              "seeds (negative: calibration brought the run closer to retrain).", ""]
     if data.get("partial"):
         lines += [f"**Partial**: {data['partial']}", ""]
-    for scenario in SCENARIOS:
+    for scenario, tol in ((s, t) for s in SCENARIOS for t in c["tolerances"]):
         ctx = data["context"][scenario]
-        lines += [f"## {TITLES[scenario]} forgetting", "",
-                  f"Retrain's AUC against the verdict rows {fmt(ctx['retrain_auc']['mean'])} ± "
-                  f"{fmt(ctx['retrain_auc']['std'])} (against the calibration rows "
-                  f"{fmt(ctx['retrain_calibration_auc']['mean'])}), the original's {fmt(ctx['original_auc']['mean'])}"
-                  f" ± {fmt(ctx['original_auc']['std'])}; retrain sides: {ctx['retrain_sides']}.", "",
+        lines += [f"## {TITLES[scenario]} forgetting, tolerance {tol}", "",
+                  f"AUC against the verdict rows: retrain {fmt(ctx['retrain_auc']['mean'])} ± "
+                  f"{fmt(ctx['retrain_auc']['std'])}, original {fmt(ctx['original_auc']['mean'])} ± "
+                  f"{fmt(ctx['original_auc']['std'])}; against the calibration rows: retrain "
+                  f"{fmt(ctx['retrain_calibration_auc']['mean'])}, original "
+                  f"{fmt(ctx['original_calibration_auc']['mean'])}. Retrain's verdict per seed: "
+                  f"{', '.join(side(a, tol) for a in ctx['retrain_aucs'])}; the original's: "
+                  f"{', '.join(side(a, tol) for a in ctx['original_aucs'])}.", "",
                   "| method | seeds | budget | stop step | Avg. Gap fixed | Avg. Gap calibrated | difference [95% CI] "
                   "| UA fixed | UA calibrated | AUC fixed | AUC calibrated | over-unlearned fixed | over-unlearned "
                   "calibrated | under-unlearned fixed / calibrated |",
                   "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
-        for name, r in data["summary"][scenario].items():
+        for name, r in data["summary"][str(tol)][scenario].items():
             d = r["gap_difference"]
 
             def ms(x):
@@ -169,7 +181,7 @@ def markdown(data: dict) -> str:
                          f"{ms(r['UA_fixed'])} | {ms(r['UA_calibrated'])} | {ms(r['auc_fixed'])} | "
                          f"{ms(r['auc_calibrated'])} | {r['over_fixed']}/{r['seeds']} | "
                          f"{r['over_calibrated']}/{r['seeds']} | {r['under_fixed']} / {r['under_calibrated']} |")
-        totals = data["totals"][scenario]
+        totals = data["totals"][str(tol)][scenario]
         lines += ["", f"Over-unlearned runs: {totals['over_fixed']} of {totals['runs']} fixed, "
                       f"{totals['over_calibrated']} of {totals['runs']} calibrated; under-unlearned "
                       f"{totals['under_fixed']} and {totals['under_calibrated']}. Calibrated Avg. Gap lower than "
@@ -212,11 +224,14 @@ def run(args, *, make_model, pool, validation, test, recipe, methods, spec) -> N
             splits[(seed, scenario)] = (split, calibration, verdict, gold)
             models[seed] = original
             models[(seed, scenario)] = retrain
-            cal_auc = membership(retrain[0], split["forget"], calibration, TOLERANCE)
+            cal_auc = membership(retrain[0], split["forget"], calibration, TOLERANCES[0])
+            original_cal = membership(original[0], split["forget"], calibration, TOLERANCES[0])
             context_rows[scenario].append({"seed": seed, "retrain": membership(retrain[0], split["forget"], verdict,
-                                                                               TOLERANCE),
+                                                                               TOLERANCES[0]),
                                            "retrain_calibration_auc": cal_auc["membership_auc"],
-                                           "original": membership(original[0], split["forget"], verdict, TOLERANCE),
+                                           "original_calibration_auc": original_cal["membership_auc"],
+                                           "original": membership(original[0], split["forget"], verdict,
+                                                                  TOLERANCES[0]),
                                            "retrain_seconds": retrain[1], "original_seconds": original[1]})
             print(f"seed {seed} {scenario}: original {original[1]:.0f}s retrain {retrain[1]:.0f}s; "
                   f"AUC retrain {context_rows[scenario][-1]['retrain']['membership_auc']:.3f} original "
@@ -224,8 +239,10 @@ def run(args, *, make_model, pool, validation, test, recipe, methods, spec) -> N
                   file=sys.stderr)
     context = {s: {"retrain_auc": _ms([r["retrain"]["membership_auc"] for r in rows]),
                    "retrain_calibration_auc": _ms([r["retrain_calibration_auc"] for r in rows]),
+                   "original_calibration_auc": _ms([r["original_calibration_auc"] for r in rows]),
                    "original_auc": _ms([r["original"]["membership_auc"] for r in rows]),
-                   "retrain_sides": [r["retrain"]["side"] for r in rows], "per_seed": rows}
+                   "retrain_aucs": [r["retrain"]["membership_auc"] for r in rows],
+                   "original_aucs": [r["original"]["membership_auc"] for r in rows], "per_seed": rows}
                for s, rows in context_rows.items()}
 
     rows: dict[str, dict] = {}
@@ -238,26 +255,30 @@ def run(args, *, make_model, pool, validation, test, recipe, methods, spec) -> N
                 h = stored[scenario][name]
                 method = spec(objective, mask, h["lr"], h["steps"], args.batch_size)
                 key = _key({**settings, "recipe": recipe, "seed": seed, "scenario": scenario, "method": method,
-                            "tolerance": TOLERANCE, "check_every": CHECK_EVERY, "calibration": len(calibration),
+                            "tolerances": TOLERANCES, "check_every": CHECK_EVERY, "calibration": len(calibration),
                             "verdict": len(verdict), "max_shadow": args.max_shadow})
                 path = CACHE / "rows" / f"{key}.json"
                 if path.exists():
                     rows[name][(seed, scenario)] = json.loads(path.read_text())
                     continue
                 retrain_s = models[(seed, scenario)][1]
-                common = {"seed": seed, "max_shadow": args.max_shadow, "tolerance": TOLERANCE, "unseen": verdict}
-                pair = {"fixed": unlearn_and_score(models[seed][0], split, method, gold, retrain_s, **common),
-                        "calibrated": unlearn_and_score(models[seed][0], split, method, gold, retrain_s, **common,
-                                                        stop_at="indistinguishable", calibration=calibration,
-                                                        check_every=CHECK_EVERY),
+                common = {"seed": seed, "max_shadow": args.max_shadow, "unseen": verdict}
+                pair = {"fixed": unlearn_and_score(models[seed][0], split, method, gold, retrain_s, **common,
+                                                   tolerance=TOLERANCES[0]),
+                        "calibrated": {str(tol): unlearn_and_score(models[seed][0], split, method, gold, retrain_s,
+                                                                   **common, tolerance=tol,
+                                                                   stop_at="indistinguishable",
+                                                                   calibration=calibration, check_every=CHECK_EVERY)
+                                       for tol in TOLERANCES},
                         "lr": h["lr"], "steps": h["steps"]}
                 path.parent.mkdir(parents=True, exist_ok=True)
                 write_text_atomic(path, json.dumps(pair))
                 rows[name][(seed, scenario)] = pair
-                f, c = pair["fixed"], pair["calibrated"]
-                print(f"{name:14s} seed {seed} {scenario:6s}: gap {f['gap']:.2f} -> {c['gap']:.2f}, stop "
-                      f"{c['steps_run']}/{f['steps_run']}, side {f['side']} -> {c['side']} "
-                      f"({time.strftime('%H:%M:%S')})", file=sys.stderr)
+                f = pair["fixed"]
+                print(f"{name:14s} seed {seed} {scenario:6s}: fixed gap {f['gap']:.2f} AUC {f['membership_auc']:.3f}"
+                      + "".join(f"; tol {t}: gap {c['gap']:.2f} stop {stop_step(c)}/{f['steps_run']} AUC "
+                                f"{c['membership_auc']:.3f} {c['side']}" for t, c in pair["calibrated"].items())
+                      + f" ({time.strftime('%H:%M:%S')})", file=sys.stderr)
         left = order[i + 1:]
         partial = (f"{len(left)} of {len(order)} objectives not run yet: {', '.join(left)}." if left else "") + (
             f" No stored lr for {', '.join(missing)}." if missing else "")
@@ -271,7 +292,7 @@ def render(path: str) -> None:
 
 
 def write(args, recipe, pool, rows, context, done, partial, start_load, start) -> None:
-    summary = summarise(rows, args.seeds)
+    summary = {str(tol): summarise(rows, args.seeds, tol) for tol in TOLERANCES}
     previous = RESULTS / f"{NAME}.json"
     findings = json.loads(previous.read_text()).get("findings") if previous.exists() else None
     data = {
@@ -279,10 +300,10 @@ def write(args, recipe, pool, rows, context, done, partial, start_load, start) -
         "wall_s": round(time.perf_counter() - start, 1), "partial": partial or None, "findings": findings,
         "config": {"dataset": args.dataset, "train_size": len(pool), "seeds": args.seeds, "recipe": recipe,
                    "batch_size": args.batch_size, "forget_class": args.forget_class, "max_shadow": args.max_shadow,
-                   "threads": args.threads, "tolerance": TOLERANCE, "check_every": CHECK_EVERY,
+                   "threads": args.threads, "tolerances": list(TOLERANCES), "check_every": CHECK_EVERY,
                    "calibration_cap": CALIBRATION_CAP, "verdict_cap": VERDICT_CAP, "methods": done,
                    "lr_from": args.reuse_lr or "bench/results/forget_classifier.json"},
-        "context": context, "summary": summary, "totals": totals(summary),
+        "context": context, "summary": summary, "totals": {t: totals(s) for t, s in summary.items()},
         "runs": {name: [{"seed": s, "scenario": sc, **pair} for (s, sc), pair in per.items()]
                  for name, per in rows.items()},
     }
