@@ -377,6 +377,8 @@ def main() -> None:
     ap.add_argument("--update", help="replace the --methods rows of this results .json (same settings) and rewrite it")
     ap.add_argument("--calibrated", action="store_true",
                     help="fixed budget vs calibrated stopping at the stored lrs (bench/forget_classifier_calibrated.py)")
+    ap.add_argument("--cached-only", action="store_true",
+                    help="with --calibrated: write the results from the finished runs in the cache, run nothing new")
     args = ap.parse_args()
     if args.render and args.calibrated:
         import forget_classifier_calibrated

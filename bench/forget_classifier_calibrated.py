@@ -261,6 +261,8 @@ def run(args, *, make_model, pool, validation, test, recipe, methods, spec) -> N
                 if path.exists():
                     rows[name][(seed, scenario)] = json.loads(path.read_text())
                     continue
+                if args.cached_only:
+                    continue
                 retrain_s = models[(seed, scenario)][1]
                 common = {"seed": seed, "max_shadow": args.max_shadow, "unseen": verdict}
                 pair = {"fixed": unlearn_and_score(models[seed][0], split, method, gold, retrain_s, **common,
@@ -279,10 +281,15 @@ def run(args, *, make_model, pool, validation, test, recipe, methods, spec) -> N
                       + "".join(f"; tol {t}: gap {c['gap']:.2f} stop {stop_step(c)}/{f['steps_run']} AUC "
                                 f"{c['membership_auc']:.3f} {c['side']}" for t, c in pair["calibrated"].items())
                       + f" ({time.strftime('%H:%M:%S')})", file=sys.stderr)
-        left = order[i + 1:]
-        partial = (f"{len(left)} of {len(order)} objectives not run yet: {', '.join(left)}." if left else "") + (
+        want = len(args.seeds) * len(SCENARIOS)
+        left = [n for n in order if len(rows.get(n, {})) < want]
+        short = [f"{n} ({len(rows[n])} of {want} seed x scenario pairs)" for n in left if rows.get(n)]
+        partial = (f"{len(left)} of {len(order)} objectives not complete: {', '.join(left)}" if left else "") + (
+            f"; run in part: {', '.join(short)}" if short else "") + ("." if left else "") + (
             f" No stored lr for {', '.join(missing)}." if missing else "")
-        write(args, recipe, pool, rows, context, order[:i + 1], partial.strip(), start_load, start)
+        done = [n for n in order[:i + 1] if rows[n]]
+        if rows[name] or i == len(order) - 1:
+            write(args, recipe, pool, {n: rows[n] for n in done}, context, done, partial.strip(), start_load, start)
 
 
 def render(path: str) -> None:
