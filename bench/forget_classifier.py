@@ -4,6 +4,7 @@
     PYTHONPATH=src python bench/forget_classifier.py --dataset digits --seeds 0 --out forget_classifier_smoke
     PYTHONPATH=src python bench/forget_classifier.py --reuse-lr bench/results/forget_classifier.json  # no lr grid
     PYTHONPATH=src python bench/forget_classifier.py --methods mu_mis,natmu --update bench/results/forget_classifier.json
+    PYTHONPATH=src python bench/forget_classifier.py --calibrated   # fixed budget vs calibrated stopping (issue 13)
 
 Scenarios: class-wise (forget class 0 entirely) and random (forget a seeded 10% of train). For each seed one
 original is trained on the train subset (it does not depend on the scenario), one model is retrained from
@@ -377,7 +378,16 @@ def main() -> None:
     ap.add_argument("--no-relearn", action="store_true", help="skip the relearning audit")
     ap.add_argument("--methods", help="comma-separated subset of the methods to run (default: all)")
     ap.add_argument("--update", help="replace the --methods rows of this results .json (same settings) and rewrite it")
+    ap.add_argument("--calibrated", action="store_true",
+                    help="fixed budget vs calibrated stopping at the stored lrs (bench/forget_classifier_calibrated.py)")
+    ap.add_argument("--cached-only", action="store_true",
+                    help="with --calibrated: write the results from the finished runs in the cache, run nothing new")
     args = ap.parse_args()
+    if args.render and args.calibrated:
+        import forget_classifier_calibrated
+
+        forget_classifier_calibrated.render(args.render)
+        return
     if args.render:
         result = json.loads(Path(args.render).read_text())
         result["targets"] = targets(result["summary"], result["runs"])
@@ -405,6 +415,12 @@ def main() -> None:
         methods = {n: m for n, m in methods.items() if n in args.methods.split(",")}
     if args.update and not args.methods:
         ap.error("--update needs --methods")
+    if args.calibrated:
+        import forget_classifier_calibrated
+
+        forget_classifier_calibrated.run(args, make_model=make_model, pool=pool, validation=validation, test=test,
+                                         recipe=recipe, methods=methods, spec=spec)
+        return
 
     if args.reuse_lr:
         chosen = json.loads(Path(args.reuse_lr).read_text())["hyperparameters"]

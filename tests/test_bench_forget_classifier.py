@@ -59,3 +59,25 @@ def test_identical_rows_are_named():
     assert fc.identical_rows(runs) == ["wagle scores exactly as graddiff in every seed, scenario and metric."]
     runs[-1]["methods"]["wagle"]["MIA"] = 0.5  # one scenario differs in one metric: not identical any more
     assert fc.identical_rows(runs) == []
+
+
+def test_calibrated_summary_counts_sides_and_pairs_seeds():
+    import forget_classifier_calibrated as fcc
+
+    def row(gap, side, steps, restored=None):
+        auc = 0.3 if side == "over-unlearned" else 0.5
+        return {"gap": gap, "UA": 50.0, "membership_auc": auc, "side": side, "steps_run": steps,
+                "stopping": {"restored_to": restored}}
+
+    rows = {"ga": {(s, sc): {"fixed": row(3.0 + s, "over-unlearned", 100), "calibrated": {
+        "0.05": row(1.0 + s, "calibrated", 20 + s, restored=15 if s == 1 else None)}}
+                   for s in (0, 1, 2) for sc in fc.SCENARIOS}}
+    out = fcc.summarise(rows, [0, 1, 2], 0.05)["class"]["ga"]
+    assert out["seeds"] == 3 and out["over_fixed"] == 3 and out["over_calibrated"] == 0
+    assert out["gap_difference"]["mean"] == pytest.approx(-2.0) and out["gap_difference"]["lo"] == pytest.approx(-2.0)
+    assert out["stop_step"]["mean"] == pytest.approx((20 + 15 + 22) / 3) and out["stopped_early"] == 3
+    assert fcc.totals(fcc.summarise(rows, [0, 1, 2], 0.05))["random"] == {
+        "over_fixed": 3, "over_calibrated": 0, "under_fixed": 0, "under_calibrated": 0, "runs": 3, "pairs": 1,
+        "closer": 1}
+    one = fcc.paired([1.0], [0.5])
+    assert one["mean"] == -0.5 and one["lo"] != one["lo"]  # no interval from one seed

@@ -15,7 +15,8 @@ from malleable.evaluate.classification import accuracy, predict_proba
 from malleable.evaluate.mia import mia_efficacy, mia_features, membership_auc
 from malleable.forget import fit
 from malleable.protocols.forget_classifier import (METRICS, RELEARN, RELEARN_METRICS, make_split, relearn_score,
-                                                  run_protocol, score, train_model, unlearn_and_score)
+                                                  membership, run_protocol, score, train_model, unlearn_and_score,
+                                                  unseen_rows)
 from malleable.forget.data import collate_classification
 from malleable.models.vision import small_cnn
 
@@ -178,3 +179,65 @@ def test_relearning_audit_on_every_model(class_run):
     row = unlearn_and_score(class_run["model"], class_run["split"], method, gold, 1.0, max_shadow=300,
                             relearning=RELEARN)
     assert set(RELEARN_METRICS) <= set(row) and row["UA_held"] > orig["UA_held"]
+
+
+SIDES = ("under-unlearned", "calibrated", "over-unlearned")
+
+
+def test_unseen_rows_are_the_forgotten_class_for_class_wise(digits):
+    assert {int(y) for _, y in unseen_rows(digits["test"], "class", 3)} == {3}
+    assert unseen_rows(digits["test"], "random") == list(digits["test"])
+    with pytest.raises(RecipeError, match="scenario"):
+        unseen_rows(digits["test"], "bogus")
+
+
+@pytest.fixture(scope="module")
+def memorised(digits):
+    """A constructed case with a membership signal to remove: 40 train rows with random labels (the forget set)
+    that the original can only fit by memorising them, and unseen test rows with random labels (non-members)."""
+    forget, retain = random_labels(digits["train"][:40], 1), list(digits["train"][40:600])
+    split = {"train": forget + retain, "forget": forget, "retain": retain, "test": list(digits["test"])}
+    original, _ = train_model(tiny_cnn, split["train"], {"epochs": 25, "batch_size": 64, "lr": 0.05}, seed=0)
+    return split, original, random_labels(digits["test"], 2)
+
+
+def test_calibrated_stopping_stops_early_and_never_trains_on_its_calibration_rows(memorised):
+    """Gradient ascent with a budget far past the target: the fixed run ends over-unlearned (the attack now finds
+    the forget rows worse than unseen ones), the calibrated one stops at a check before the budget. A hook records
+    every input the model sees in training mode: the forget rows are among them, the calibration rows never."""
+    split, model, unseen = memorised
+    calibration, verdict = unseen[::2], unseen[1::2]
+    assert membership(model, split["forget"], verdict, 0.05)["side"] == "under-unlearned"
+    gold = score(model, split, max_shadow=300)
+    seen: list[torch.Tensor] = []
+    hook = model[0].register_forward_pre_hook(
+        lambda m, args: seen.append(args[0].detach().clone()) if m.training else None)
+    method = {"objective": "ga", "steps": 120, "lr": 1e-2, "batch_size": 64, "optimizer": "sgd"}
+    try:
+        fixed = unlearn_and_score(model, split, method, gold, 1.0, max_shadow=300, unseen=verdict)
+        trained = {x.numpy().tobytes() for batch in seen for x in batch}
+        seen.clear()
+        calibrated = unlearn_and_score(model, split, method, gold, 1.0, max_shadow=300, stop_at="indistinguishable",
+                                       calibration=calibration, tolerance=0.05, check_every=5, unseen=verdict)
+    finally:
+        hook.remove()
+    assert fixed["steps_run"] == 120 and "stopping" not in fixed
+    assert fixed["side"] == "over-unlearned" and fixed["membership_auc"] < 0.45, fixed
+    assert 5 <= calibrated["steps_run"] < 120 and calibrated["steps_run"] % 5 == 0, calibrated["stopping"]
+    report = calibrated["stopping"]
+    assert report["stopped_at"] == calibrated["steps_run"] and report["calibration_rows"] == len(calibration)
+    assert report["verdict"] in SIDES and calibrated["side"] in SIDES
+    assert calibrated["membership_auc"] > fixed["membership_auc"] + 0.03
+    during = {x.numpy().tobytes() for batch in seen for x in batch}
+    assert {ex[0].numpy().tobytes() for ex in split["forget"]} <= during | trained  # the hook sees training inputs
+    assert not {ex[0].numpy().tobytes() for ex in calibration} & (during | trained)
+
+
+def test_calibrated_stopping_rejects_bad_settings(class_run):
+    method = {"objective": "ga", "steps": 5, "lr": 1e-2, "batch_size": 64, "optimizer": "sgd"}
+    with pytest.raises(RecipeError, match="stop_at"):
+        unlearn_and_score(class_run["model"], class_run["split"], method, class_run["retrain"], 1.0,
+                          stop_at="reference")
+    with pytest.raises(InputError, match="calibration"):
+        unlearn_and_score(class_run["model"], class_run["split"], method, class_run["retrain"], 1.0,
+                          stop_at="indistinguishable", calibration=class_run["split"]["test"][:1])

@@ -12,6 +12,13 @@ A run (Fan et al., "SalUn", ICLR 2024, Sec. 5; the same table layout as SFR-on):
    it. "UA_held" is 100 - accuracy on those held-back rows before the attack, "UA_relearn" after it, and
    "relearn_drop" = UA_held - UA_relearn (how much forgetting the attack undid; retrain's is the reference).
 
+Calibrated stopping (issue 13, `unlearn_and_score(stop_at="indistinguishable", calibration=...)`): the run stops
+once `forget.stopping.StopRule` finds the loss attack's AUC of the forget rows against `calibration` rows (never
+trained on, and not the rows any reported metric reads) within `tolerance` of 0.5; the method's `steps` stay the
+most it may run. With `unseen=` rows (`unseen_rows`: never trained on, of the forgotten class for class-wise
+forgetting) every run, fixed or calibrated, also gets the verdict `forget.stopping.side` of its final AUC of
+forget vs unseen rows: under-unlearned, calibrated or over-unlearned.
+
 Class-wise TA is measured on the test set WITHOUT the forgotten class (the retrained model can never get
 those right, so including them only shifts every model by the same amount); the MIA's non-member shadow set
 is that same test set. All results are plain dicts of floats, percentages on a 0..100 scale.
@@ -37,6 +44,7 @@ from malleable.evaluate.mia import efficacy_from_probs
 from malleable.protocols.relearn import relearn
 from malleable.forget import fit, unlearn
 from malleable.forget.data import collate_classification
+from malleable.forget.stopping import StopRule, side
 
 SCENARIOS = ("class", "random")
 METRICS = ("UA", "RA", "TA", "MIA")
@@ -117,22 +125,58 @@ def avg_gap(metrics: dict, gold: dict) -> float:
     return sum(abs(metrics[k] - gold[k]) for k in METRICS) / len(METRICS)
 
 
+def unseen_rows(examples: Sequence, scenario: str, forget_class: int = 0) -> list:
+    """The rows of `examples` (never trained on) that a model retrained without the forget set cannot tell from it.
+
+    Random forgetting: all of them. Class-wise: only those of the forgotten class; against unseen rows of the
+    other classes even the retrained model separates the forget rows perfectly (it cannot classify them at all),
+    so "indistinguishable" would be a target nothing reaches.
+    """
+    if scenario not in SCENARIOS:
+        raise RecipeError(f"scenario {scenario!r}: expected one of {', '.join(SCENARIOS)}")
+    return [ex for ex in examples if scenario == "random" or int(ex[1]) == forget_class]
+
+
+def membership(model: torch.nn.Module, forget: Sequence, unseen: Sequence, tolerance: float) -> dict:
+    """The loss attack's AUC of `forget` (members) against `unseen` rows, and its side of 0.5 +- `tolerance`."""
+    row = StopRule("indistinguishable", forget, collate_classification, tolerance=tolerance, check_every=1,
+                   calibration=unseen, batch_size=512).measure(model)
+    return {"membership_auc": row["membership_auc"], "side": side(row["membership_auc"], tolerance)}
+
+
 def unlearn_and_score(original: torch.nn.Module, split: dict, method: dict, gold: dict, retrain_seconds: float,
-                      seed: int = 0, max_shadow: int | None = 5000, relearning: dict | None = None) -> dict:
+                      seed: int = 0, max_shadow: int | None = 5000, relearning: dict | None = None, *,
+                      stop_at: str | None = None, calibration: Sequence = (), tolerance: float = 0.05,
+                      check_every: int = 10, unseen: Sequence | None = None) -> dict:
     """Unlearn a copy of `original` with `method` (keyword arguments of `forget.unlearn`) and score it.
 
     Returns the four metrics, "gap" (Avg. Gap to `gold`), "seconds" (wall time of the unlearn call, setup
-    and mask included), "time_ratio" (seconds / retrain_seconds) and, with `relearning`, `relearn_score`'s.
+    and mask included), "time_ratio" (seconds / retrain_seconds), "steps_run" and, with `relearning`,
+    `relearn_score`'s. `stop_at="indistinguishable"` stops once the loss attack's AUC of the forget rows against
+    the `calibration` rows is within `tolerance` of 0.5, checked every `check_every` steps (`method["steps"]`
+    stays the most it may run); the rule's report is under "stopping". `unseen` rows add "membership_auc" and
+    "side" (`membership`, with the same tolerance) of the final model.
     """
+    if stop_at not in (None, "indistinguishable"):
+        raise RecipeError(f"stop_at {stop_at!r}: the classifier protocol knows 'indistinguishable' (or None)")
+    rule = None if stop_at is None else StopRule(stop_at, split["forget"], collate_classification,
+                                                 tolerance=tolerance, check_every=check_every,
+                                                 calibration=list(calibration), batch_size=512)
     model = copy.deepcopy(original).train()
     start = time.perf_counter()
     result = unlearn(model, forget=split["forget"], retain=split["retain"], collate=collate_classification,
-                     seed=seed, **method)
+                     seed=seed, stop=rule, **method)
     seconds = time.perf_counter() - start
     metrics = score(result.model, split, max_shadow)
     attack = _attack(result.model, split, relearning, seed, metrics)
+    extra = {"steps_run": result.steps}
+    if rule is not None:
+        extra["stopping"] = rule.report()
+    if unseen is not None:
+        extra |= membership(result.model, split["forget"], unseen, tolerance) if metrics["UA"] == metrics["UA"] else \
+            {"membership_auc": float("nan"), "side": "diverged"}
     return {**metrics, "gap": avg_gap(metrics, gold), "seconds": seconds, "time_ratio": seconds / retrain_seconds,
-            **attack}
+            **attack, **extra}
 
 
 def _attack(model: torch.nn.Module, split: dict, relearning: dict | None, seed: int, metrics: dict) -> dict:
