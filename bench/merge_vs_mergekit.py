@@ -104,6 +104,16 @@ NOTES = [
     "memory ratio stays 0.35-0.40x. arcee_fusion (about 1.15x) sorts every entry of each tensor's importance "
     "scores to find its quartiles (28M entries for the embedding), where mergekit estimates them from 1M sampled "
     "entries; that is also why the two outputs differ on tensors of more than 1M entries.",
+    "v3b (`merge_vs_mergekit_v3b_smollm2`, git 5af951d; adds to v3, does not replace it: karcher, arcee_fusion "
+    "and multislerp re-timed after the fix below, and the five methods v3 did not reach). Profiled on one "
+    "49152x576 float32 tensor, 1 thread: a fresh full-size tensor costs ~185 ms (page faults of new memory) "
+    "against ~31 ms for the same op in place, and torch.sort of the 28M importance scores ~11 s. karcher "
+    "(mergekit's code also loops over the inputs; the v3 note above was wrong there) and multislerp now run "
+    "the same operations in the same order in place with one scratch buffer (1.6 -> 0.8 s and 4.9 -> 1.5 s on "
+    "that tensor, bit-identical to the v3 code); arcee_fusion computes the same operations in place and finds "
+    "its exact quartiles by radix selection (a 16-bit histogram of an order-preserving key, then kthvalue on "
+    "one bucket) instead of a full sort (13.7 -> 2.0 s, bit-identical). The v3b box load (~4) was lower than "
+    "v3's (5-15): both tools ran faster, so compare ratios, not seconds, across the two files.",
     "Where malleable's linear time goes (cProfile of one synthetic linear run, 1 thread, box load varying): before "
     "v2, 27 s inside the engine, of which 6.8 s bf16 -> fp32 conversion into fresh tensors and 6.5 s `readinto` "
     "into fresh buffers (mostly page faults of new allocations) and 5.7 s writing; with reused buffers 17 s, of "

@@ -479,6 +479,22 @@ def test_rules_on_tensors_larger_than_a_block():
     assert_close(rule("multislerp", big, [0.2, 0.5, 0.3]), mk_multislerp(None, big, [0.2, 0.5, 0.3]),
                  rtol=1e-5, atol=1e-6)
     assert_close(rule("sce", big, select_topk=0.3), mk_sce(torch.zeros(300, 1000), big, 0.3), rtol=1e-5, atol=1e-6)
+    # karcher and arcee_fusion run mergekit's operations in the same order, in place: bit-identical
+    assert torch.equal(rule("karcher", big), mk_karcher(big, [1 / 3] * 3))
+    b, o = big[0], big[0] + 0.05 * big[1]
+    assert torch.equal(rule("arcee_fusion", [b, o]), mk_arcee_fusion(b, o))
+
+
+def test_sorted_at_is_the_exact_sorted_entry():
+    from malleable.merge.arcee_fusion import sorted_at
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(300_001, generator=g)  # more than two blocks, negative and positive
+    x[::7] = x[5]  # many ties
+    x[1], x[2], x[3], x[4] = -0.0, 0.0, float("inf"), -float("inf")
+    for t in (x, x.abs(), torch.full((200_000,), 2.5), x[:11]):
+        want = torch.sort(t).values
+        pos = [0, 1, t.numel() // 4, t.numel() // 2, (3 * t.numel()) // 4, t.numel() - 1]
+        assert [float(v) for v in sorted_at(t, pos)] == [float(want[i]) for i in pos]
 
 
 # ---------------------------------------------------------------------------------------------------------------

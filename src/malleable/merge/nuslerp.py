@@ -64,22 +64,27 @@ def multislerp(tensors, weights, generator, normalize_weights, eps):
     w = torch.tensor(weights, dtype=torch.float32)
     if normalize_weights:
         w = w / w.sum()
+    # In place, one input at a time: the inputs become their unit vectors and then their weighted tangents, with
+    # one mean and one scratch buffer (mergekit stacks the inputs and allocates full-size temporaries per step)
     norms = [torch.norm(t.view(-1), dim=-1) for t in tensors]
     mean = torch.zeros_like(tensors[0])
+    scratch = torch.empty_like(mean)
     for t, n, wi in zip(tensors, norms, w):
-        mean.add_(t / (n + eps) * wi)  # mergekit: (unit_tensors * weights).sum(0)
+        mean.add_(torch.div(t, n + eps, out=scratch).mul_(wi))  # mergekit: (unit_tensors * weights).sum(0)
     mean_norm = torch.norm(mean.view(-1))
     if mean_norm < eps:
         if len(tensors) == 2:
-            return tensors[0] * w[0] + tensors[1] * w[1]
+            return tensors[0].mul_(w[0]).add_(tensors[1].mul_(w[1]))
         raise InputError("multislerp: the weighted sum of the inputs' directions is zero (antipodal inputs whose "
                          "weights balance out); use different weights")
     mean.div_(mean_norm)
-    tangent = torch.zeros_like(mean)
+    tangent = None
     for t, n, wi in zip(tensors, norms, w):
-        unit = t.div_(n + eps)
-        dot = torch.dot(unit.view(-1), mean.view(-1))
-        tangent.add_((unit - dot * mean) * wi)
+        u = t.div_(n + eps)
+        dot = torch.dot(u.view(-1), mean.view(-1))
+        u.sub_(torch.mul(dot, mean, out=scratch)).mul_(wi)  # (unit - dot * mean) * weight
+        tangent = u if tangent is None else tangent.add_(u)
+    del scratch
     tangent_norm = torch.norm(tangent.view(-1)) + eps
-    result = mean * torch.cos(tangent_norm) + tangent * (torch.sin(tangent_norm) / tangent_norm)
+    result = mean.mul_(torch.cos(tangent_norm)).add_(tangent.mul_(torch.sin(tangent_norm) / tangent_norm))
     return result.mul_((torch.stack(norms) * w).sum())
