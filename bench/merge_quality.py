@@ -43,7 +43,7 @@ from _common import RESULTS_DIR, loadavg, machine, write_results  # noqa: E402
 from malleable.api import merge  # noqa: E402
 from malleable.data.generated import TASKS as GENERATED  # noqa: E402
 from malleable.io.atomic import write_text_atomic  # noqa: E402
-from malleable.zoo import Evaluator, ZooSettings, load_data, select_coefficient, split, train_adapters  # noqa: E402
+from malleable.protocols.zoo import Evaluator, ZooSettings, load_data, select_coefficient, split, train_adapters  # noqa: E402
 
 CACHE = Path(os.environ.get("MALLEABLE_BENCH_CACHE", "/work/bench-cache")) / "merge_quality"
 ZOO = ZooSettings(tasks=tuple(GENERATED), data="generated", rank=16, alpha=32.0, steps=40, batch_size=8, lr=2e-3,

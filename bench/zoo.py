@@ -15,7 +15,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # spinning OpenMP threads c
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import machine, write_results  # noqa: E402
 
-from malleable.zoo import ZooSettings, run_zoo, zoo_markdown  # noqa: E402
+from malleable.protocols.zoo import ZooSettings, run_zoo, zoo_markdown  # noqa: E402
 
 if __name__ == "__main__":
     result, _ = run_zoo(ZooSettings())

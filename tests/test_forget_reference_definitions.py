@@ -166,7 +166,9 @@ def test_evaluate_set_min_k_leaves_out_the_eos(monkeypatch):
     """`evaluate_set`'s min-k scores are `without_eos` ones unless score_eos=True."""
     tok = WordTokenizer(WORDS)
     model = Bigram(torch.randn(len(WORDS) + 3, len(WORDS) + 3, generator=torch.Generator().manual_seed(1)))
-    monkeypatch.setattr(M, "encode_pair", lambda t, q, a, chat: encode_pair(t, q, a, False))
+    from malleable.evaluate import scoring
+
+    monkeypatch.setattr(scoring, "encode_pair", lambda t, q, a, chat: encode_pair(t, q, a, False))
     records = [{"prompt": q, "completion": a} for q, a in PAIRS]
     scored = M.score_pairs(model, tok, PAIRS, chat=False)
     got = M.evaluate_set(model, tok, records, role="holdout")["min_k"]

@@ -18,7 +18,7 @@ LAYERS = [
     {"learn"},
     {"evaluate"},
     {"merge", "forget", "route"},
-    {"api", "inspect", "zoo", "protocols"},
+    {"api", "inspect", "protocols"},
     {"cli", "__main__"},
 ]
 RANK = {name: i for i, layer in enumerate(LAYERS) for name in layer}

@@ -17,7 +17,7 @@ from malleable.deltas.lowrank import LowRankDelta
 from malleable.errors import RecipeError
 from malleable.merge import get_rule
 from malleable.merge.ties import ties
-from malleable.zoo import ZooSettings, adapter_key, load_data, train_adapters, train_seed
+from malleable.protocols.zoo import ZooSettings, adapter_key, load_data, train_adapters, train_seed
 
 
 @pytest.mark.parametrize("task", list(TASKS))
@@ -149,7 +149,7 @@ def test_early_stopping_keeps_the_best_weights(tiny_lm, tmp_path):
 def test_forced_match_equals_greedy_generation(tiny_lm):
     from transformers import AutoModelForCausalLM
 
-    from malleable.evaluate.generation import forced_match
+    from malleable.evaluate.scoring import forced_match
 
     model = AutoModelForCausalLM.from_pretrained(tiny_lm).eval()
     tok = tiny_tokenizer()

@@ -8,7 +8,7 @@ from dataclasses import replace
 
 import pytest
 
-from malleable.zoo import (
+from malleable.protocols.zoo import (
     MULTI, TASKS, ZooSettings, adapter_dir, adapter_key, normalised, over_seeds, select_coefficient, settings_key,
     zoo_dir, zoo_table,
 )

@@ -22,7 +22,7 @@ import typer  # noqa: E402
 
 from malleable.errors import MalleableError, RecipeError  # noqa: E402
 from malleable.io.atomic import check_not_input  # noqa: E402
-from malleable.zoo import ZooSettings  # noqa: E402
+from malleable.protocols.zoo import ZooSettings  # noqa: E402
 
 PICKLE_HELP = "load legacy .bin weights (torch.load with weights_only=True); refused otherwise"
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
@@ -399,7 +399,7 @@ def bench_zoo(
 ) -> None:
     """Train (or reuse from the cache) eight word-relation LoRAs and a multi-task one on SmolLM2-135M-Instruct
     and score every adapter on every task."""
-    from malleable.zoo import write_zoo_results
+    from malleable.protocols.zoo import write_zoo_results
 
     settings = ZooSettings(steps=steps, multi_steps=multi_steps, max_eval=max_eval, seed=seed)
     result = write_zoo_results(settings, out, cache, progress=not quiet)

@@ -56,18 +56,3 @@ def exact_match(model, tokenizer, records: list[dict], **generate_kwargs) -> tup
     generations = generate(model, tokenizer, [r["prompt"] for r in records], **generate_kwargs)
     hits = sum(is_match(g, r["completion"]) for g, r in zip(generations, records, strict=True))
     return hits / max(1, len(records)), generations
-
-
-def forced_match(model, tokenizer, records: list[dict], *, chat: bool = True, batch_size: int = 32) -> list[bool]:
-    """Per record: is every completion token the argmax under teacher forcing? One forward pass per batch.
-
-    This is exactly "greedy decoding reproduces the completion's tokens" (a greedy step that picks the right
-    token leaves the same prefix as teacher forcing), so it scores generation-style exact match without
-    generating; what follows the completion is not checked (the EOS `encode_pair` appends is left out), as
-    `is_match` accepts an answer followed by more text. Unlike `is_match` it compares tokens, not normalised text.
-    """
-    from malleable.evaluate.llm_forget import score_pairs, without_eos
-
-    scored = score_pairs(model, tokenizer, [(r["prompt"], r["completion"]) for r in records],
-                         batch_size=batch_size, chat=chat)
-    return [bool(without_eos(s)["correct"].all()) for s in scored]

@@ -44,13 +44,11 @@ prompt, from one teacher-forced forward pass per batch on the same left-padded p
 from __future__ import annotations
 
 import numpy as np
-import torch
 from scipy.stats import hmean, ks_2samp
 
 from malleable.evaluate.mia import MIN_K, membership_auc, min_k_score
+from malleable.evaluate.scoring import score_pairs, without_eos
 from malleable.evaluate.unlearning import share_recovered
-from malleable.learn.data import collate, encode_pair
-from malleable.learn.loss import lm_logits
 
 # names the definitions above; a cached or stored evaluation without it was made under earlier ones (min-k
 # k = 0.2 counting the EOS, extraction strength counting the EOS prediction, PrivLeak (AUC_u - AUC_r) / AUC_r)
@@ -73,37 +71,6 @@ def answer_budgets(tokenizer, records: list[dict], max_new_tokens: int | str) ->
 
         raise RecipeError(f"max_new_tokens: {max_new_tokens!r} is neither a positive whole number nor 'gold'")
     return max_new_tokens
-
-
-@torch.no_grad()
-def score_pairs(model, tokenizer, pairs: list[tuple[str, str]], *, batch_size: int = 16,
-                chat: bool = True) -> list[dict[str, np.ndarray]]:
-    """Per (prompt, answer): the answer's token log-probabilities and whether each token is the argmax.
-
-    Pairs are sorted by length before batching so padding stays small; results come back in input order.
-    """
-    model.eval()
-    items = [encode_pair(tokenizer, q, a, chat) for q, a in pairs]
-    order = sorted(range(len(items)), key=lambda i: len(items[i][0]))
-    out: list[dict] = [{}] * len(items)
-    for start in range(0, len(order), batch_size):
-        idx = order[start:start + batch_size]
-        batch = collate([items[i] for i in idx], tokenizer.pad_token_id)
-        logits, labels = lm_logits(model, {k: v.to(model.device) for k, v in batch.items()})
-        logp = torch.log_softmax(logits.float(), -1)
-        mask = labels != -100
-        token_lp = logp.gather(-1, labels.clamp(min=0).unsqueeze(-1)).squeeze(-1)
-        hit = logp.argmax(-1) == labels
-        for row, i in enumerate(idx):
-            m = mask[row]
-            out[i] = {"logprobs": token_lp[row][m].cpu().numpy(), "correct": hit[row][m].cpu().numpy()}
-    return out
-
-
-def without_eos(scored: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """A `score_pairs` result without its last token, the EOS `encode_pair` appends: what open-unlearning's
-    `tokenwise_logprobs` and `tokenwise_vocab_logprobs` keep ("-1 to ignore eos prediction")."""
-    return {k: v[:-1] for k, v in scored.items()}
 
 
 def normalised_probability(logprobs: np.ndarray) -> float:

@@ -1,5 +1,6 @@
 """Procedures that drive the verbs: the forget benchmarks' protocols (train a model family, unlearn, score
-against the retrained model) and the audit with its relearning attack.
+against the retrained model), the adapter zoo the merge benchmarks train and score, and the audit with its
+relearning attack.
 
 This layer sits above the verbs (it may import `forget`, `learn`, `api`); no verb and nothing in `evaluate/`
 imports it. A new verb's benchmark protocol goes here.

@@ -24,7 +24,7 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from malleable.zoo import settings_key
+from malleable.protocols.zoo import settings_key
 
 RETAIN_OF = {"forget01": "retain99", "forget05": "retain95", "forget10": "retain90"}
 # The relearning attack on every model: a quarter of the forget split, 10 AdamW steps at the unlearning runs'
@@ -67,7 +67,7 @@ class ProtocolSettings:
 
 
 def cache_root(cache: str | Path | None = None) -> Path:
-    from malleable.zoo import cache_root as zoo_cache
+    from malleable.protocols.zoo import cache_root as zoo_cache
 
     return Path(cache) if cache is not None else zoo_cache().with_name("forget_llm")
 

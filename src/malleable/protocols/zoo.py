@@ -29,7 +29,7 @@ from pathlib import Path
 from malleable.data.files import write_jsonl
 from malleable.io.atomic import write_text_atomic
 
-SCHEMA = "malleable.zoo/1"
+SCHEMA = "malleable.protocols.zoo/1"
 # Eight relations with the most pairs (29-116) and the widest spread of skills: world knowledge (capitals,
 # US states, currencies, nationalities) and morphology (comparative, past tense, plural, negative prefix).
 # Fewer pairs would leave too few held-out test pairs to tell adapters apart.
@@ -238,7 +238,7 @@ class Evaluator:
     def items(self, records: dict[str, list[dict]], adapter: str | None, model=None) -> dict[str, list[int]]:
         """{task: [1 if the item's answer is right else 0, ...]} by `forced_match`, with `adapter` active
         (None: the base model alone; `model`: another model, e.g. a merged full checkpoint)."""
-        from malleable.evaluate.generation import forced_match
+        from malleable.evaluate.scoring import forced_match
 
         def run(m):
             m.eval()
