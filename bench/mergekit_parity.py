@@ -72,7 +72,7 @@ def build_models(root: Path) -> dict[str, Path]:
         model.save_pretrained(root / name)
         model.to(torch.bfloat16).save_pretrained(root / f"{name}_bf16")
         out[name], out[f"{name}_bf16"] = root / name, root / f"{name}_bf16"
-    _tokenizer().save_pretrained(root / "base")  # for the chat_template cases (mergekit reserialises it)
+    word_tokenizer().save_pretrained(root / "base")  # for the chat_template cases (mergekit reserialises it)
     # a Qwen3 (its config lists layer_types, one per layer) for a frankenmerge that must re-lay them out
     from transformers import Qwen3Config, Qwen3ForCausalLM
 
@@ -85,8 +85,8 @@ def build_models(root: Path) -> dict[str, Path]:
     # models whose tokenizers differ, for vocabulary merging (one embedding row per token, independent seeds):
     # v_base w0..w99 (104 tokens), v_a the same plus x1, x2 and special <sp>, v_b w0..w95 plus x2, y1,
     # v_big 514 tokens (for pad_to_multiple_of)
-    for seed, (name, tok) in enumerate({"v_base": _tokenizer(), "v_a": _tokenizer(100, ["x1", "x2"], ["<sp>"]),
-                                        "v_b": _tokenizer(96, ["x2", "y1"]), "v_big": _tokenizer(510)}.items()):
+    for seed, (name, tok) in enumerate({"v_base": word_tokenizer(), "v_a": word_tokenizer(100, ["x1", "x2"], ["<sp>"]),
+                                        "v_b": word_tokenizer(96, ["x2", "y1"]), "v_big": word_tokenizer(510)}.items()):
         torch.manual_seed(10 + seed)
         LlamaForCausalLM(LlamaConfig(**{**TINY, "vocab_size": len(tok)})).eval().save_pretrained(root / name)
         tok.save_pretrained(root / name)
@@ -94,7 +94,7 @@ def build_models(root: Path) -> dict[str, Path]:
     return out
 
 
-def _tokenizer(n_words=100, extra=(), special=()):
+def word_tokenizer(n_words=100, extra=(), special=()):
     """A word-level tokenizer (as tests/conftest.py builds one), with no chat template of its own; `extra` and
     `special` tokens added after the words."""
     from tokenizers import Tokenizer, models, pre_tokenizers

@@ -8,6 +8,8 @@ rules (tokenizer/embed.py), not recomputed by the code under test; bench/mergeki
 from __future__ import annotations
 
 import json
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -20,30 +22,17 @@ from malleable.api import merge as run_merge
 from malleable.recipes.merge import load_recipe
 from hostile import refused
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+from mergekit_parity import word_tokenizer  # noqa: E402 (the bench folder is not a package; its cases use the same tokenizers)
+
 EMB, HEAD = "model.embed_tokens.weight", "lm_head.weight"
-
-
-def tokenizer(n_words, extra=(), special=()):
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    vocab = {w: i for i, w in enumerate(["<pad>", "<unk>", "<s>", "</s>"] + [f"w{i}" for i in range(n_words)])}
-    t = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    t.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    tok = PreTrainedTokenizerFast(tokenizer_object=t, pad_token="<pad>", unk_token="<unk>", bos_token="<s>",
-                                  eos_token="</s>")
-    if extra:
-        tok.add_tokens(list(extra))
-    if special:
-        tok.add_special_tokens({"additional_special_tokens": list(special)})
-    return tok
 
 
 @pytest.fixture(scope="module")
 def vocab_models(tmp_path_factory):
     root = tmp_path_factory.mktemp("vocab")
-    specs = {"base": tokenizer(100), "a": tokenizer(100, ["x1", "x2"], ["<sp>"]), "b": tokenizer(96, ["x2", "y1"]),
-             "big": tokenizer(510)}
+    specs = {"base": word_tokenizer(100), "a": word_tokenizer(100, ["x1", "x2"], ["<sp>"]),
+             "b": word_tokenizer(96, ["x2", "y1"]), "big": word_tokenizer(510)}
     out = {}
     for seed, (name, tok) in enumerate(specs.items()):
         torch.manual_seed(seed)
