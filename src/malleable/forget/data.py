@@ -34,10 +34,7 @@ def set_batches(sets: dict[str, Sequence | None], collate: Callable, batch_size:
     return batches
 
 
-def prompt_completion_records(path, spec) -> list[dict]:
+def prompt_completion_records(rows: list[dict], spec) -> list[dict]:
     """A data file's rows with the recipe's prompt and completion fields as "prompt" and "completion" (every
     other field kept): what an objective's `examples` hook reads beside the tokenised examples."""
-    from malleable.data.files import load_table
-
-    rows, _ = load_table(path)
     return [{**r, "prompt": r.get(spec.prompt_field), "completion": r.get(spec.completion_field)} for r in rows]

@@ -16,7 +16,7 @@ from malleable.errors import InputError, RecipeError
 from malleable.evaluate.unlearning import evidence, gaps
 from malleable.forget.engine import unlearn
 from malleable.forget.data import prompt_completion_records
-from malleable.forget.registry import Objective, get_mask, get_objective
+from malleable.forget.registry import get_mask, get_objective
 from malleable.forget.stopping import MIN_ROWS, StopRule, side
 from malleable.io.atomic import atomic_dir, check_output
 from malleable.io.hashing import sha256_file
@@ -108,10 +108,9 @@ def forget(recipe: ForgetRecipe, out: str | Path, *, force: bool = False, refere
     labels = model_labels(recipe.model, recipe.task)
     sets = load_sets({"forget": d.forget, "retain": d.retain, "holdout": d.holdout}, d, tokenizer, labels)
     items = {name: ex.items if ex else [] for name, ex in sets.items()}
-    if type(objective).examples is not Objective.examples:  # DPO's preferred answers, built with the tokenizer
-        items["forget"] = objective.examples(items["forget"], tokenizer, seed=recipe.seed,
-                                             records=prompt_completion_records(d.forget, d),
-                                             chat_template=d.chat_template)
+    items["forget"] = objective.examples(items["forget"], tokenizer, seed=recipe.seed,  # e.g. DPO's preferred answers
+                                         records=prompt_completion_records(sets["forget"].rows, d),
+                                         chat_template=d.chat_template)
     pad = tokenizer.pad_token_id
 
     def batch(b):

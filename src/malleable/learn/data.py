@@ -32,6 +32,7 @@ class Examples:
     items: list[tuple[list[int], list[int] | int]]
     bad_rows: list[str] = field(default_factory=list)
     labels: list[str] | None = None
+    rows: list[dict] = field(default_factory=list)  # the file's rows as read (an objective may need other fields)
 
     def __len__(self) -> int:
         return len(self.items)
@@ -127,7 +128,7 @@ def load_examples(path: Path, spec, tokenizer, *, labels: list[str] | None = Non
                          f"{spec.max_bad_rows})")
     if not items:
         raise InputError(f"{path}: no usable rows")
-    return Examples(path, fmt, items, bad, labels if fmt == "text_label" else None)
+    return Examples(path, fmt, items, bad, labels if fmt == "text_label" else None, rows)
 
 
 def collate(items: list[tuple[list[int], list[int] | int]], pad_id: int) -> dict[str, torch.Tensor]:
