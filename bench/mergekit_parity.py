@@ -529,6 +529,12 @@ def main(argv=None) -> int:
     return 0 if all(r["pass"] for r in results.values() if not r["informational"]) else 1
 
 
+def _tensor_cells(c: dict) -> str:
+    """A comparison's three table cells: max |difference|, elements differing, elements outside the tolerance."""
+    return (f"{c.get('max_abs_diff', float('nan')):.3g} | {c.get('elements_differing', '-')} | "
+            f"{c.get('elements_outside_tolerance', '-')} of {c.get('elements_total', '-')}")
+
+
 def markdown(data: dict) -> str:
     mach = data["machine"]
     v = mach["versions"]
@@ -554,8 +560,7 @@ def markdown(data: dict) -> str:
         if "against_source" in r:
             c = r["against_source"]
             lines.append(f"| {name} | every tensor vs its source layer (mergekit {r['mergekit']}) | "
-                         f"{c['max_abs_diff']:.3g} | {c['elements_differing']} | {c['elements_outside_tolerance']} of "
-                         f"{c['elements_total']} | {'pass' if c['pass'] else 'FAIL'} |")
+                         f"{_tensor_cells(c)} | {'pass' if c['pass'] else 'FAIL'} |")
             ld = r["loads"]
             lines.append(f"| {name} | loads in transformers and runs; layer_types re-laid out: {ld['layer_types']} | "
                          f"- | - | - | {'pass' if ld['pass'] else 'FAIL'} |")
@@ -563,15 +568,13 @@ def markdown(data: dict) -> str:
             if kind in r:
                 c = r[kind]
                 verdict = "informational" if r["informational"] else "pass" if c["pass"] else "FAIL"
-                lines.append(f"| {name} | {label} | {c['max_abs_diff']:.3g} | {c['elements_differing']} | "
-                             f"{c['elements_outside_tolerance']} of {c['elements_total']} | {verdict} |")
+                lines.append(f"| {name} | {label} | {_tensor_cells(c)} | {verdict} |")
         if "vocab" in r:
             c = r["vocab"]
             lines.append(f"| {name} | vocabulary: {c['tokens']} tokens (same set: {c['same_tokens']}, same ids: "
                          f"{c['same_ids']}, same special flags: {c['same_added_flags']}), vocab_size {c['vocab_size'][1]}"
-                         f"; every tensor, rows matched by token | {c.get('max_abs_diff', float('nan')):.3g} | "
-                         f"{c.get('elements_differing', '-')} | {c.get('elements_outside_tolerance', '-')} of "
-                         f"{c.get('elements_total', '-')} | {'pass' if c['pass'] else 'FAIL'} |")
+                         f"; every tensor, rows matched by token | {_tensor_cells(c)} | "
+                         f"{'pass' if c['pass'] else 'FAIL'} |")
         if "config" in r:
             c = r["config"]
             what = (f"config.json: num_hidden_layers {c['num_hidden_layers']}, dtype {c['dtype']}; tensors written "
