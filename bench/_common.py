@@ -142,6 +142,20 @@ def ratio(a: float | None, b: float | None) -> float | None:
     return a / b
 
 
+def paired_t(before: list[float], after: list[float]) -> dict:
+    """Mean of after - before over paired runs (seeds) with a 95% t interval (n - 1 degrees of freedom)."""
+    import statistics
+
+    from scipy.stats import t
+
+    d = [a - b for b, a in zip(before, after)]
+    mean = statistics.fmean(d)
+    if len(d) < 2:
+        return {"mean": mean, "lo": float("nan"), "hi": float("nan"), "n": len(d)}
+    half = t.ppf(0.975, len(d) - 1) * statistics.stdev(d) / len(d) ** 0.5
+    return {"mean": mean, "lo": mean - half, "hi": mean + half, "n": len(d)}
+
+
 def fmt(x, nd: int = 2) -> str:
     if x is None:
         return "n/a"

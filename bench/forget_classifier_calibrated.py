@@ -46,7 +46,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from _common import fmt, loadavg, machine, write_results
+from _common import fmt, loadavg, machine, paired_t, write_results
 from malleable.forget.stopping import side
 from malleable.io.atomic import write_text_atomic
 from malleable.protocols.forget_classifier import (SCENARIOS, make_split, membership, score, train_model,
@@ -85,18 +85,6 @@ def cached_model(make_model, examples, recipe: dict, seed: int, settings: dict) 
     return model, seconds
 
 
-def paired(fixed: list[float], calibrated: list[float]) -> dict:
-    """Mean calibrated - fixed over seeds with a 95% t interval (n - 1 degrees of freedom)."""
-    from scipy.stats import t
-
-    d = [c - f for f, c in zip(fixed, calibrated)]
-    mean = statistics.fmean(d)
-    if len(d) < 2:
-        return {"mean": mean, "lo": float("nan"), "hi": float("nan"), "n": len(d)}
-    half = t.ppf(0.975, len(d) - 1) * statistics.stdev(d) / len(d) ** 0.5
-    return {"mean": mean, "lo": mean - half, "hi": mean + half, "n": len(d)}
-
-
 def _ms(xs: list[float]) -> dict:
     return {"mean": statistics.fmean(xs), "std": statistics.stdev(xs) if len(xs) > 1 else 0.0}
 
@@ -122,7 +110,7 @@ def summarise(rows: dict, seeds: list[int], tolerance: float) -> dict:
             out[scenario][name] = {
                 "seeds": len(done), "budget": done[0]["fixed"]["steps_run"],
                 "gap_fixed": _ms([r["gap"] for r in fx]), "gap_calibrated": _ms([r["gap"] for r in cal]),
-                "gap_difference": paired([r["gap"] for r in fx], [r["gap"] for r in cal]),
+                "gap_difference": paired_t([r["gap"] for r in fx], [r["gap"] for r in cal]),
                 "UA_fixed": _ms([r["UA"] for r in fx]), "UA_calibrated": _ms([r["UA"] for r in cal]),
                 "stop_step": _ms([stop_step(r) for r in cal]),
                 "stopped_early": sum(stop_step(r) < r0["steps_run"] for r, r0 in zip(cal, fx)),

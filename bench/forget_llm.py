@@ -42,7 +42,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import RESULTS_DIR, fmt, loadavg, machine, write_results  # noqa: E402
+from _common import RESULTS_DIR, fmt, loadavg, machine, paired_t, write_results  # noqa: E402
 
 NAME = "forget_llm"
 # the default --objectives: the issue-4 five, then the issue-13 additions (DPO with each question's first perturbed
@@ -68,7 +68,14 @@ RELEARN_LABELS = ("prob before", "prob after", "ROUGE-L before", "ROUGE-L after"
 
 
 def run_key(run: dict) -> str:
-    return json.dumps([run["forget"], run["objective"], run["seed"], run["settings"]], sort_keys=True)
+    return json.dumps([run["forget"], run["objective"], run["seed"], run["settings"], run.get("calibrate")],
+                      sort_keys=True)
+
+
+def label(run: dict) -> str:
+    """The row a run is aggregated into: its objective and lr, and its stopping rule when calibrated."""
+    cal = run.get("calibrate")
+    return f"{run['objective']} (lr {run['settings']['lr']:g})" + (f", calibrated ±{cal['tolerance']:g}" if cal else "")
 
 
 def _stats(vals: list) -> dict | None:
@@ -208,6 +215,7 @@ def markdown(result: dict) -> str:
                              f"{f['train_loss']}, {f['seconds']:.0f} s." for name, f in ft.items()),
                   "", table(result, forget), ""]
         parts += verdict(result, forget)
+        parts += calibration_section(result, forget)
         relearned = relearn_table(result, forget)
         if relearned:
             parts += ["Relearning attack on the held-back forget questions (recovered: share of the target's "
@@ -219,6 +227,64 @@ def markdown(result: dict) -> str:
     parts += ["", "## Reductions and caveats", ""] + [f"- {n}" for n in ([legacy] if legacy else [])
                                                        + result["notes"]] + [""]
     return "\n".join(parts)
+
+
+# the distance to the retain model (the gold standard) that calibration should shrink: the mean absolute
+# difference over the forget-side metrics, the membership attack's AUC and model utility, x 100 (as the
+# classifier protocol's Avg. Gap averages UA, RA, TA and MIA-efficacy)
+GAP_METRICS = ("forget_probability", "forget_rouge_l", "forget_truth_ratio", "forget_extraction_strength",
+               "mia_auc_min_k", "model_utility")
+
+
+def gap_to_retain(summary: dict, retain: dict) -> float:
+    return 100 * sum(abs(summary[m] - retain[m]) for m in GAP_METRICS) / len(GAP_METRICS)
+
+
+def calibration_section(result: dict, forget: str) -> list[str]:
+    """Each calibrated arm against the fixed-budget run of the same objective, lr and seed (issue 13): the gap
+    to the retain model, paired over seeds, where the rule stopped, and which side of the retrain target the
+    evaluation's membership attack puts each final model (`forget.stopping.side` of its min-k AUC against
+    the holdout people, rows the rule never read)."""
+    from malleable.forget.stopping import side
+
+    runs = [r for r in result["runs"] if r["forget"] == forget]
+    retain = result["reference"][forget]["retain"]
+    fixed = {(r["objective"], r["seed"], json.dumps(r["settings"], sort_keys=True)): r
+             for r in runs if "calibrate" not in r}
+    pairs: dict = {}
+    for r in (r for r in runs if "calibrate" in r):
+        f = fixed.get((r["objective"], r["seed"], json.dumps(r["settings"], sort_keys=True)))
+        if f is not None:
+            pairs.setdefault(label(r), []).append((f, r))
+    if not pairs:
+        return []
+    lines = ["Calibrated stopping against the fixed budget (issue 13): the same objective, lr, budget and seed, "
+             "stopped by `StopRule(\"indistinguishable\")` on the forget rows against the `calibration` split's "
+             "never-trained people (not the holdout the evaluation's attack reads). Gap to retain = mean |run - "
+             f"retain model| over {', '.join(GAP_METRICS)}, x 100; difference = calibrated - fixed per seed, "
+             "mean and 95% t interval (negative: closer to the retain model). Sides from the evaluation's min-k "
+             "AUC at the arm's tolerance; the retain model's own AUC is "
+             f"{fmt(retain['mia_auc_min_k'], 3)}.", "",
+             "| calibrated run | seeds | stop step (of budget) | gap fixed | gap calibrated | difference [95% CI] | "
+             "AUC fixed | AUC calibrated | over / calibrated / under, fixed | over / calibrated / under, calibrated |",
+             "|---|---:|---|---:|---:|---|---:|---:|---|---|"]
+    for name, ps in sorted(pairs.items()):
+        tol = ps[0][1]["calibrate"]["tolerance"]
+        gf = [gap_to_retain(f["summary"], retain) for f, _ in ps]
+        gc = [gap_to_retain(c["summary"], retain) for _, c in ps]
+        d = paired_t(gf, gc)
+
+        def sides(rs):
+            s = [side(r["summary"]["mia_auc_min_k"], tol) for r in rs]
+            return " / ".join(str(s.count(k)) for k in ("over-unlearned", "calibrated", "under-unlearned"))
+
+        stops = [c["stopping"]["restored_to"] or c["steps"] for _, c in ps]
+        lines.append(f"| {name} | {len(ps)} | {', '.join(map(str, stops))} (of {ps[0][0]['steps']}) | "
+                     f"{fmt(sum(gf) / len(gf))} | {fmt(sum(gc) / len(gc))} | {fmt(d['mean'])} [{fmt(d['lo'])}, "
+                     f"{fmt(d['hi'])}] | {fmt(sum(f['summary']['mia_auc_min_k'] for f, _ in ps) / len(ps), 3)} | "
+                     f"{fmt(sum(c['summary']['mia_auc_min_k'] for _, c in ps) / len(ps), 3)} | "
+                     f"{sides([f for f, _ in ps])} | {sides([c for _, c in ps])} |")
+    return lines + [""]
 
 
 def verdict(result: dict, forget: str) -> list[str]:
@@ -285,6 +351,10 @@ def parse_args(description: str = __doc__, extra=None) -> argparse.Namespace:
                     help="greedy answer length for ROUGE-L: a number, or gold (each gold answer's token length + "
                          "8; the presets keep 16 / 32 so stored results stay comparable)")
     ap.add_argument("--eval-batch-size", type=int)
+    ap.add_argument("--calibrate", type=lambda v: [float(x) for x in v.split(",")], default=[],
+                    help="comma-separated tolerances: beside each fixed-budget run, one stopped by "
+                         "StopRule('indistinguishable') at each (the same lr, its budget the cap)")
+    ap.add_argument("--check-every", type=int, default=2, help="steps between the stop rule's checks")
     ap.add_argument("--note", action="append", default=[], help="a reduction or caveat for the markdown")
     ap.add_argument("--results", type=Path, default=RESULTS_DIR)
     ap.add_argument("--name", help="results file name (a pilot at other settings keeps its own)")
@@ -343,15 +413,20 @@ def main() -> None:
         for objective in args.objectives.split(","):
             lr = args.lr_rmu if objective == "rmu" and args.lr_rmu else args.lr
             kwargs = {"epochs": args.epochs, "batch_size": args.batch_size, "lr": lr}
-            for seed in (int(s) for s in args.seeds.split(",")):
+            arms = [None] + [{"tolerance": t, "check_every": args.check_every} for t in args.calibrate]
+            for seed, calibrate in ((int(s), a) for s in args.seeds.split(",") for a in arms):
                 run = {"forget": forget, "objective": objective, "seed": seed, "settings": kwargs}
+                if calibrate is not None:
+                    run["calibrate"] = calibrate
                 if run_key(run) in done:
                     continue
-                out = proto.unlearn(objective, seed, **kwargs)
+                out = proto.unlearn(objective, seed, calibrate, **kwargs)
                 run.update(metric_definitions=METRIC_DEFINITIONS, seconds=out["seconds"], steps=out["steps"],
                            summary=out["summary"],
                            relearn=out["relearn"],
                            examples=out["evals"]["forget"]["examples"], loadavg=loadavg())
+                if "stopping" in out:
+                    run["stopping"] = out["stopping"]
                 runs[:] = [r for r in runs if run_key(r) != run_key(run)] + [run]
                 print(forget, objective, seed, json.dumps(out["summary"]), json.dumps(out["relearn"]["recovered"]),
                       flush=True)
@@ -415,8 +490,7 @@ def save(result: dict, args: argparse.Namespace, seconds: float) -> None:
     rescore_privacy(result)
     groups: dict = {}
     for r in result["runs"]:
-        label = f"{r['objective']} (lr {r['settings']['lr']:g})"
-        groups.setdefault(r["forget"], {}).setdefault(label, []).append(r)
+        groups.setdefault(r["forget"], {}).setdefault(label(r), []).append(r)
     result["aggregate"] = {f: {o: {**aggregate(rs), "n": len(rs)} for o, rs in objs.items()}
                            for f, objs in groups.items()}
     result["notes"] = sorted(set(result.get("notes", []) + args.note))

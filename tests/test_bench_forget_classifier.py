@@ -79,5 +79,5 @@ def test_calibrated_summary_counts_sides_and_pairs_seeds():
     assert fcc.totals(fcc.summarise(rows, [0, 1, 2], 0.05))["random"] == {
         "over_fixed": 3, "over_calibrated": 0, "under_fixed": 0, "under_calibrated": 0, "runs": 3, "pairs": 1,
         "closer": 1}
-    one = fcc.paired([1.0], [0.5])
+    one = fcc.paired_t([1.0], [0.5])
     assert one["mean"] == -0.5 and one["lo"] != one["lo"]  # no interval from one seed

@@ -43,6 +43,8 @@ def test_splits_partition_people_and_perturbed_answers_are_wrong():
         assert not forget & retain and forget | retain == people("full")
     assert not people("holdout") & people("full")
     assert len(people("forget10")) == 4 and len(people("holdout")) == 4
+    # a stop rule's own never-trained people: none trained, none in the evaluation's holdout
+    assert len(people("calibration")) == 4 and not people("calibration") & (people("full") | people("holdout"))
     for r in s["full"] + s["world_facts"]:
         assert len(r["perturbed_answers"]) in (3, 4)
         assert r["paraphrased_answer"] not in r["perturbed_answers"]
@@ -60,7 +62,8 @@ def test_tofu_size_and_old_settings_keep_their_bytes():
     for r in s["forget10"]:
         assert r["paraphrased_answer"] not in r["perturbed_answers"]
     assert len(fictitious_splits(people=10, qa_per_person=2)["forget01"]) == 2  # 1% of 10 rounds up to one person
-    old = json.dumps(fictitious_splits(people=40, qa_per_person=5), sort_keys=True).encode()
+    splits = fictitious_splits(people=40, qa_per_person=5)
+    old = json.dumps({k: v for k, v in splits.items() if k != "calibration"}, sort_keys=True).encode()  # added later
     assert hashlib.sha256(old).hexdigest().startswith("ad7a7892198ac881")
 
 
@@ -208,6 +211,12 @@ def test_protocol_end_to_end_on_the_tiny_model(tiny_lm, tmp_path):
     assert len(list(proto.target_dir.glob("eval-forget01-*.json"))) == 2
     run = gold.unlearn("wga", seed=0, steps=2, batch_size=2, lr=1e-3)
     assert 0 <= run["summary"]["forget_rouge_l"] <= 1
+    # calibrated: the stop rule checks every step on the calibration people; a huge tolerance stops at the
+    # first check, and the report says so
+    run = proto.unlearn("ga", seed=0, calibrate={"tolerance": 0.49, "check_every": 1}, steps=4, batch_size=2,
+                        lr=1e-3)
+    assert run["stopping"]["stopped_at"] == 1 and run["steps"] == 1
+    assert run["stopping"]["calibration_rows"] == len(proto.splits["calibration"]) == 2
 
 
 def test_gold_answer_lengths_cut_each_generation_at_its_own_budget(tiny_lm, tok):

@@ -19,6 +19,8 @@ Splits, over people (never over questions, so no person is in two splits):
 * `retain99` / `retain95` / `retain90`: everyone else, the matching retain sets;
 * `full`: everyone, the target model's training set;
 * `holdout`: as many never-trained people as `forget10`, the non-members of the membership attack;
+* `calibration`: as many other never-trained people, for a stopping rule's own membership attack (calibrated
+  unlearning), so the rule never reads the rows the evaluation's attack is scored on;
 * `world_facts`: capital-of-country questions from gensim's `questions-words.txt` (utility on real knowledge).
 
 Everything comes from one `random.Random(seed)`: the same seed gives the same bytes.
@@ -225,7 +227,7 @@ def fictitious_splits(people: int = 100, qa_per_person: int = 6, perturbed: int 
     titles = sorted({w for p in everyone for w in p.works})
     awards = sorted({p.award for p in everyone} | {f"{a} Prize for {capwords(g)}" for a in _AWARD_A for g in GENRES})
 
-    def records(group: list[Person]) -> list[dict]:
+    def records(group: list[Person], rng: random.Random = rng, more: random.Random = more) -> list[dict]:
         out = []
         for p in group:
             facts = _facts(p, rng, titles, awards)
@@ -245,6 +247,12 @@ def fictitious_splits(people: int = 100, qa_per_person: int = 6, perturbed: int 
         splits["retain" + str(100 - int(name[-2:])).zfill(2)] = [r for p in trained if p.name not in forget
                                                                   for r in by_person[p.name]]
     splits["world_facts"] = world_facts(perturbed, seed, world_limit)
+    # drawn last, from their own streams, so that adding them changed no byte of the splits above
+    rng, more = random.Random(f"{seed}:calibration"), random.Random(f"{seed}:calibration more facts")
+    taken = {p.name for p in everyone} | set(titles)
+    fresh = [p for p in _people(min(4 * len(holdout), len(titles) // 2), rng)
+             if p.name not in taken and not taken & set(p.works)]
+    splits["calibration"] = records(fresh[:len(holdout)], rng, more)
     return splits
 
 

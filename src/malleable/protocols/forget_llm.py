@@ -196,34 +196,50 @@ class Protocol:
         chat = uses_chat_template(tokenizer, "auto")
         return [encode_pair(tokenizer, r["prompt"], r["completion"], chat) for r in records]
 
-    def unlearned(self, objective: str, seed: int = 0, **kwargs):
-        """(forget.unlearn's result, tokenizer): the forget split unlearned from a fresh copy of the target.
-        `kwargs` go to `forget.unlearn` (parameters, epochs or steps, batch_size, lr, lora, mask...)."""
+    def unlearned(self, objective: str, seed: int = 0, calibrate: dict | None = None, **kwargs):
+        """(forget.unlearn's result, tokenizer, the stop rule or None): the forget split unlearned from a fresh
+        copy of the target. `kwargs` go to `forget.unlearn` (parameters, epochs or steps, batch_size, lr, lora,
+        mask...). `calibrate` ({"tolerance": ..., "check_every": ...}) stops the run with
+        `StopRule("indistinguishable")`: the forget rows' loss attack against the `calibration` split's people,
+        never-trained people other than the evaluation's holdout, so the rule does not read the rows the
+        evaluation's membership attack is scored on; the budget in `kwargs` is then the most it may run."""
         from malleable.forget import unlearn
         from malleable.forget.registry import get_objective
+        from malleable.forget.stopping import StopRule
         from malleable.learn.data import collate
 
         model, tokenizer = load_trained(self.base, self.target_dir)
         retain = self.items(self.splits[RETAIN_OF[self.forget]], tokenizer)
         pad = tokenizer.pad_token_id
+
+        def batch(b):
+            return collate(b, pad)
+
         records = [{**r, "alternate": r["perturbed_answers"][0]} for r in self.sets["forget"]]  # dpo's alternative
         forget = get_objective(objective, kwargs.get("parameters") or {}).examples(
             self.items(records, tokenizer), tokenizer, seed=seed, records=records)
-        result = unlearn(model, forget=forget, retain=retain, collate=lambda b: collate(b, pad),
-                         objective=objective, seed=seed, **kwargs)
+        stop = None if calibrate is None else StopRule(
+            "indistinguishable", self.items(self.sets["forget"], tokenizer), batch,
+            calibration=self.items(self.splits["calibration"], tokenizer), batch_size=self.eval_batch_size,
+            **calibrate)
+        result = unlearn(model, forget=forget, retain=retain, collate=batch, objective=objective, seed=seed,
+                         stop=stop, **kwargs)
         result.model.eval()
-        return result, tokenizer
+        return result, tokenizer, stop
 
-    def unlearn(self, objective: str, seed: int = 0, **kwargs) -> dict:
+    def unlearn(self, objective: str, seed: int = 0, calibrate: dict | None = None, **kwargs) -> dict:
         """`unlearned`, then its metrics and the run's cost. With `relearning`, "relearn" holds the attack's
-        before/after numbers and what came back."""
+        before/after numbers and what came back; with `calibrate`, "stopping" the stop rule's report (its
+        curve, the step it stopped at, the check it rolled back to, its verdict on the calibration rows)."""
         from malleable.evaluate.llm_forget import summarise
 
-        result, tokenizer = self.unlearned(objective, seed, **kwargs)
+        result, tokenizer, stop = self.unlearned(objective, seed, calibrate, **kwargs)
         evals = evaluate(result.model, tokenizer, self.sets, self.settings, self.eval_batch_size)
         out = {"objective": objective, "seed": seed, "settings": kwargs,
                "seconds": round(result.seconds, 1), "steps": result.steps,
                "summary": summarise(evals, self.evals["retain"]), "evals": evals}
+        if stop is not None:
+            out["stopping"] = stop.report()
         if self.relearning is not None:
             out["relearn"] = self._returned(self.attack(result.model, tokenizer))
         return out
