@@ -157,3 +157,25 @@ def test_native_recipe_tokenizer_section(vocab_models, tmp_path):
     assert_close(got["y1"], rb["y1"])
     ids = AutoTokenizer.from_pretrained(out).get_vocab()
     assert ids["x1"] == AutoTokenizer.from_pretrained(a).get_vocab()["x1"] and ids["y1"] == 107  # a's, then b's
+
+
+def test_mergekit_multi_names_a_merge_as_tokenizer_source(vocab_models, tmp_path):
+    """A named union merge `ab` is the output's tokenizer source and the source of a forced token's row."""
+    m = {k: str(v) for k, v in vocab_models.items()}
+    def weighted(*models):
+        return [{"model": x, "parameters": {"weight": w}} for x, w in models]
+
+    ab = {"merge_method": "linear", "tokenizer_source": "union", "dtype": "float32",
+          "models": weighted((m["a"], 0.5), (m["b"], 0.5))}
+    final = {"merge_method": "linear", "dtype": "float32", "models": weighted((m["base"], 1.0), ("ab", 1.0)),
+             "tokenizer": {"source": "ab", "tokens": {"x1": {"source": "ab", "force": True}}}}
+    multi = tmp_path / "multi"
+    multi.mkdir()
+    (multi / "mk.yml").write_text("---\n".join(yaml.safe_dump(d) for d in (final, {"name": "ab", **ab})))
+    run_merge(multi / "mk.yml", multi / "out", progress=False)
+    ab_rows = rows(merge(tmp_path, ab))  # the same merge alone
+    got, base = rows(multi / "out"), rows(vocab_models["base"])
+    assert set(got) == set(ab_rows) and len(got) == 108  # the named merge's vocabulary
+    assert_close(got["w5"], (base["w5"] + ab_rows["w5"]) / 2)
+    assert_close(got["x1"], ab_rows["x1"])  # forced to ab's row in both models
+    assert sorted(p.name for p in multi.iterdir()) == ["mk.yml", "out"]  # the named merge's folder is gone

@@ -304,13 +304,43 @@ def _tokenizer(data: dict, source: str) -> dict | None:
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")
 
 
+def _map_tokenizer_models(doc: dict, fn) -> dict:
+    """`doc` with `fn` applied to every model its tokenizer settings name: `tokenizer_source` and
+    `tokenizer.source` (other than base / union), and each `tokenizer.tokens` entry's source (a model name, or
+    a `model_token` mapping's `model`)."""
+    def ref(v):
+        return fn(v) if isinstance(v, str) and v not in ("base", "union") else v
+
+    doc = dict(doc)
+    if "tokenizer_source" in doc:
+        doc["tokenizer_source"] = ref(doc["tokenizer_source"])
+    block = doc.get("tokenizer")
+    if isinstance(block, dict):
+        block = dict(block)
+        if "source" in block:
+            block["source"] = ref(block["source"])
+        if isinstance(block.get("tokens"), dict):
+            tokens = {}
+            for t, spec in block["tokens"].items():
+                if isinstance(spec, dict) and isinstance(spec.get("source"), str):
+                    spec = {**spec, "source": fn(spec["source"])}
+                elif isinstance(spec, dict) and isinstance(spec.get("source"), dict) and "model" in spec["source"]:
+                    spec = {**spec, "source": {**spec["source"], "model": ref(spec["source"]["model"])}}
+                tokens[t] = spec
+            block["tokens"] = tokens
+        doc["tokenizer"] = block
+    return doc
+
+
 def _references(doc: dict) -> list[str]:
-    """Every model a mergekit document names: base_model, models[].model, slices[].sources[].model."""
+    """Every model a mergekit document names: base_model, models[].model, slices[].sources[].model, and the
+    models its tokenizer settings take tokens from."""
     refs = [doc.get("base_model")]
     refs += [m.get("model") for m in doc.get("models") or [] if isinstance(m, dict)]
     for sl in doc.get("slices") or []:
         if isinstance(sl, dict):
             refs += [s.get("model") for s in sl.get("sources") or [] if isinstance(s, dict)]
+    _map_tokenizer_models(doc, lambda v: refs.append(v) or v)
     return [r for r in refs if isinstance(r, str)]
 
 
@@ -319,7 +349,7 @@ def substitute(doc: dict, paths: dict[str, str]) -> dict:
     def sub(v):
         return paths.get(v, v) if isinstance(v, str) else v
 
-    doc = dict(doc)
+    doc = _map_tokenizer_models(doc, sub)
     if "base_model" in doc:
         doc["base_model"] = sub(doc["base_model"])
     if isinstance(doc.get("models"), list):
