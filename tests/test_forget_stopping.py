@@ -103,6 +103,9 @@ def test_forget_stops_at_the_target_and_reports_the_curve(target, tmp_path):  # 
     ({"stop_at": "reference"}, {}, "needs a reference model"),
     ({"stop_at": "indistinguishable", "calibration": 0.99}, {}, "at least 2"),
     ({"stop_at": "sometime"}, {}, "training.stop_at"),
+    ({"lr": [1e-5, 1e-4]}, {}, "needs training.stop_at"),
+    ({"stop_at": "indistinguishable", "lr": [1e-5, 1e-5]}, {}, "listed twice"),
+    ({"stop_at": "indistinguishable", "lr": [1e-5, -1.0]}, {}, "greater than 0"),
 ])
 def test_bad_stopping_settings_are_one_line(target, tmp_path, training, data, mentions):  # noqa: F811
     r = recipe_file(tmp_path / "r.yaml", target, training={"steps": 4, "batch_size": 8, "lr": 2e-3, **training})
@@ -130,3 +133,20 @@ def test_wga_runs_under_the_calibrated_stopping_rule(target, tmp_path):  # noqa:
     # it stops on its own before the step budget, at the first check within the tolerance (14 here)
     assert report["steps"] < 40 and abs(c["curve"][-1]["membership_auc"] - 0.5) <= 0.1
     assert all(abs(p["membership_auc"] - 0.5) > 0.1 for p in c["curve"][:-1])
+
+
+def test_a_list_of_step_sizes_keeps_the_first_that_reaches_the_target(target, tmp_path):  # noqa: F811
+    """1e-6 stays short of the target for all 40 steps; 2e-3 reaches it (as above) and is kept; each try starts
+    from the original model, so the kept run is the one 2e-3 alone would give."""
+    training = {"steps": 40, "batch_size": 8, "stop_at": "indistinguishable", "check_every": 2, "tolerance": 0.1,
+                "calibration": 0.5}
+    r = recipe_file(tmp_path / "r.yaml", target, training={**training, "lr": [1e-6, 2e-3]})
+    assert invoke("forget", r, tmp_path / "out", "-q").exit_code == 0
+    report = json.loads((tmp_path / "out" / "report.json").read_text())
+    first, second = report["lr_search"]
+    assert report["lr"] == second["lr"] == 2e-3 and first["stopped_at"] is None and first["steps"] == 40
+    assert first["distance"] > 0.1 >= second["distance"]
+    alone = recipe_file(tmp_path / "a.yaml", target, training={**training, "lr": 2e-3})
+    assert invoke("forget", alone, tmp_path / "alone", "-q").exit_code == 0
+    assert json.loads((tmp_path / "alone" / "report.json").read_text())["calibration"] == report["calibration"]
+    assert "step size: 0.002" in (tmp_path / "out" / "report.md").read_text()

@@ -132,14 +132,29 @@ def forget(recipe: ForgetRecipe, out: str | Path, *, force: bool = False, refere
     before = evidence(model, items, batch, size)
     # the reference is measured before unlearning: `stop_at: reference` stops at its forget loss
     reference_row = evidence(ref_model, items, batch, size) if ref_model is not None else None
-    stop = StopRule(t.stop_at, items["forget"], batch, tolerance=t.tolerance, check_every=t.check_every,
-                    calibration=calibration, batch_size=size,
-                    reference_loss=reference_row["forget"]["loss"] if reference_row else None) if t.stop_at else None
-    result = unlearn(model, forget=items["forget"], retain=items["retain"] or None, collate=batch,
-                     objective=recipe.objective, parameters=recipe.parameters, mask=recipe.mask, lora=recipe.lora,
-                     steps=t.steps, epochs=t.epochs, batch_size=t.batch_size, lr=t.lr, optimizer=t.optimizer,
-                     schedule=t.schedule, warmup_steps=t.warmup_steps, weight_decay=t.weight_decay,
-                     max_grad_norm=t.max_grad_norm, seed=recipe.seed, progress=progress, stop=stop)
+    reference_loss = reference_row["forget"]["loss"] if reference_row else None
+    chosen, tried = None, []  # chosen: (lr, result, stop rule, distance) kept; tried: what each step size did
+    for lr in t.lr if isinstance(t.lr, list) else [t.lr]:
+        if tried:  # every step size starts from the original model
+            model = load_model(recipe.model, recipe.task, pad, trust=trust)
+        stop = StopRule(t.stop_at, items["forget"], batch, tolerance=t.tolerance, check_every=t.check_every,
+                        calibration=calibration, batch_size=size, reference_loss=reference_loss) if t.stop_at else None
+        result = unlearn(model, forget=items["forget"], retain=items["retain"] or None, collate=batch,
+                         objective=recipe.objective, parameters=recipe.parameters, mask=recipe.mask, lora=recipe.lora,
+                         steps=t.steps, epochs=t.epochs, batch_size=t.batch_size, lr=lr, optimizer=t.optimizer,
+                         schedule=t.schedule, warmup_steps=t.warmup_steps, weight_decay=t.weight_decay,
+                         max_grad_norm=t.max_grad_norm, seed=recipe.seed, progress=progress, stop=stop)
+        reached = stop is None or stop.stopped_at is not None
+        distance = abs(stop.distance(stop.curve[-1])) if stop is not None else 0.0
+        if stop is not None:
+            tried.append({"lr": lr, "steps": result.steps, "stopped_at": stop.stopped_at,
+                          "restored_to": stop.restored_to, "distance": round(distance, 6)})
+        if reached or chosen is None or distance < chosen[3]:  # none reached yet: keep the closest, drop the rest
+            chosen = (lr, result, stop, distance)
+        del model, result
+        if reached:  # the smallest step size that reaches the target
+            break
+    lr, result, stop, _ = chosen
     after = evidence(result.model, items, batch, size)
     rows = {"original": before, "unlearned": after, **({"reference": reference_row} if reference_row else {})}
     report = {
@@ -157,6 +172,8 @@ def forget(recipe: ForgetRecipe, out: str | Path, *, force: bool = False, refere
         "gap_to_reference": gaps(after, rows["reference"]) if "reference" in rows else None,
         "reference": str(reference) if reference is not None else None,
         "history": result.history,
+        "lr": lr,
+        "lr_search": tried if isinstance(t.lr, list) else None,
         "calibration": stop.report() if stop else None,
         "verdict": verdict(after, rows.get("reference"), t.tolerance),
         "wall_time_s": round(time.perf_counter() - start, 1),
@@ -254,6 +271,12 @@ def report_markdown(title: str, r: dict) -> str:
         lines.append(f"- verdict: **{r['verdict']}** (the membership attack against {against}: under-unlearned "
                      f"means the forget rows still stand out as members, over-unlearned that they stand out by "
                      f"being worse than unseen rows)")
+    if r.get("lr_search"):
+        tried = [f"{x['lr']} (" + (f"stopped at step {x['stopped_at']}" if x["stopped_at"] else
+                                   f"ran all {x['steps']} steps") + f", distance {x['distance']})"
+                 for x in r["lr_search"]]
+        lines.append(f"- step size: {r['lr']}, of {'; '.join(tried)} (the first that reaches the target, else the "
+                     "closest at its end)")
     c = r.get("calibration")
     if c:
         where = f", then back to step {c['restored_to']} (closer to the target)" if c["restored_to"] else ""

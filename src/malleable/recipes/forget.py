@@ -14,7 +14,8 @@ data:
 training:
   epochs: 5                      # over the forget set (the retain set for retain-only objectives); or steps
   batch_size: 8                  # forget rows per step (and as many retain rows)
-  lr: 1.0e-5
+  lr: 1.0e-5                     # or a list under stop_at, e.g. [1.0e-6, 1.0e-5, 1.0e-4]: tried in order, the first
+                                 # whose run reaches the target is kept (the smallest step size that gets there)
   optimizer: adamw               # adamw | sgd; unset: AdamW, or the objective's own (SOUL's Sophia)
   stop_at: indistinguishable     # optional: stop at the retrained model's level (forget/stopping.py), or `reference`
 reference: path/to/retrained     # optional: the gold standard (a model trained without the forget set)
@@ -44,7 +45,8 @@ class ForgetTraining(Strict):
     steps: int | None = Field(default=None, gt=0)
     epochs: float | None = Field(default=None, gt=0)
     batch_size: int = Field(default=8, gt=0)
-    lr: float = Field(default=1e-5, gt=0)
+    # a list: the step sizes tried in order under `stop_at`; the first whose run reaches the target is kept
+    lr: float | list[float] = 1e-5
     optimizer: Literal["adamw", "sgd"] | None = None  # unset: AdamW, or the objective's own (SOUL: Sophia)
     schedule: Literal["constant", "linear", "cosine"] = "constant"
     warmup_steps: int = Field(default=0, ge=0)
@@ -60,6 +62,14 @@ class ForgetTraining(Strict):
     def _length(self):
         if (self.steps is None) == (self.epochs is None):
             raise ValueError("set exactly one of training.steps and training.epochs")
+        lrs = self.lr if isinstance(self.lr, list) else [self.lr]
+        if not lrs or any(x <= 0 for x in lrs):
+            raise ValueError("lr: every step size must be greater than 0")
+        if isinstance(self.lr, list) and self.stop_at is None:
+            raise ValueError("lr: a list of step sizes needs training.stop_at (the stopping rule decides which "
+                             "one reaches the retrain target)")
+        if len(set(lrs)) < len(lrs):
+            raise ValueError("lr: a step size is listed twice")
         return self
 
 
