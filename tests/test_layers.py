@@ -1,7 +1,8 @@
 """Imports run one way (DESIGN.md): no module imports a layer above its own, lazily inside a function or not.
 
 The layers, lowest first. `learn` is the shared training loop every verb builds on, so evaluate may read its
-batch and logits helpers; evaluate never imports a verb; the protocols, which drive verbs, sit above them.
+batch and logits helpers; evaluate never imports a verb; the protocols, which drive verbs, sit above them, and
+the Python API above the protocols (its `audit` runs one).
 """
 
 from __future__ import annotations
@@ -18,7 +19,8 @@ LAYERS = [
     {"learn"},
     {"evaluate"},
     {"merge", "forget", "route"},
-    {"api", "inspect", "protocols"},
+    {"inspect", "protocols"},
+    {"api"},
     {"cli", "__main__"},
 ]
 RANK = {name: i for i, layer in enumerate(LAYERS) for name in layer}

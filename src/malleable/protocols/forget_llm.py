@@ -2,7 +2,7 @@
 
 1. Generate the fictitious people (`data.fictitious`) into the cache.
 2. Fine-tune the TARGET on everyone (`full`) and the RETAIN model (the gold standard) on the retain split only,
-   both with `malleable.api.learn` and the same recipe (LoRA by default, merged into the base for use).
+   both with `learn`'s engine and the same recipe (LoRA by default, merged into the base for use).
 3. Unlearn the forget split from a fresh copy of the target with `forget.unlearn` (one objective, one seed).
    The objective's `examples` hook sees the forget records first: `dpo`'s preferred answer is each question's
    first perturbed answer, `idkdpo`'s a seeded refusal.
@@ -85,18 +85,20 @@ def protocol_data(settings: ProtocolSettings, cache: str | Path | None = None) -
 def train(settings: ProtocolSettings, base: Path, data_dir: Path, split: str, cache: str | Path | None = None,
           progress: bool = True) -> Path:
     """The learn output (adapter or checkpoint) fine-tuned on `split`; reused when already in the cache."""
-    from malleable.api import learn
+    from malleable.learn.engine import learn
+    from malleable.recipes.learn import parse_learn_recipe
 
     key = settings_key({**settings.train_settings(), "split": split, "base": str(base)})
     out = cache_root(cache) / f"model-{split}-{key}"
     if (out / "report.json").is_file():
         return out
     parameters = {"r": settings.rank, "alpha": settings.alpha} if settings.learn_method == "lora" else {}
-    learn({"model": str(base), "method": settings.learn_method, "parameters": parameters,
-           "data": {"train": str(data_dir / f"{split}.jsonl")},
-           "training": {"epochs": settings.epochs, "batch_size": settings.batch_size, "lr": settings.lr,
-                        "schedule": "cosine", "warmup_steps": 5, "max_grad_norm": 1.0, "log_every": 10},
-           "seed": settings.seed}, out, force=out.exists(), progress=progress)
+    recipe = {"model": str(base), "method": settings.learn_method, "parameters": parameters,
+              "data": {"train": str(data_dir / f"{split}.jsonl")},
+              "training": {"epochs": settings.epochs, "batch_size": settings.batch_size, "lr": settings.lr,
+                           "schedule": "cosine", "warmup_steps": 5, "max_grad_norm": 1.0, "log_every": 10},
+              "seed": settings.seed}
+    learn(parse_learn_recipe(recipe), out, force=out.exists(), progress=progress)
     return out
 
 

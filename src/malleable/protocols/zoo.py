@@ -171,8 +171,9 @@ def load_data(settings: ZooSettings) -> dict[str, dict[str, list[dict]]]:
 
 def train_adapters(settings: ZooSettings, base_dir: Path, cache: str | Path | None, data: dict,
                    progress: bool = True) -> dict[str, Path]:
-    """One LoRA per task and one on the union, trained with `malleable.api.learn`; existing ones are reused."""
-    from malleable.api import learn
+    """One LoRA per task and one on the union, trained with `learn`'s engine; existing ones are reused."""
+    from malleable.learn.engine import learn
+    from malleable.recipes.learn import parse_learn_recipe
 
     def union(split):
         return [r for task in settings.tasks for r in data[task][split]]
@@ -195,10 +196,10 @@ def train_adapters(settings: ZooSettings, base_dir: Path, cache: str | Path | No
         if settings.patience:
             data_spec["validation"] = str(write_jsonl(out.with_name(out.name + ".validation.jsonl"), validation))
             training.update(patience=settings.patience, eval_every=settings.eval_every, schedule="constant")
-        learn({"model": str(base_dir), "method": "lora",
-               "parameters": {"r": settings.rank, "alpha": settings.alpha, "targets": list(settings.targets)},
-               "data": data_spec, "training": training, "seed": train_seed(settings, name)},
-              out, force=True, progress=progress)
+        recipe = {"model": str(base_dir), "method": "lora",
+                  "parameters": {"r": settings.rank, "alpha": settings.alpha, "targets": list(settings.targets)},
+                  "data": data_spec, "training": training, "seed": train_seed(settings, name)}
+        learn(parse_learn_recipe(recipe), out, force=True, progress=progress)
     return paths
 
 
