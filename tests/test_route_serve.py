@@ -62,7 +62,8 @@ def test_the_mixed_batch_answers_as_each_candidate_alone(pool, monkeypatch):
     served = RoutedModel(pool["paths"], a_router(len(names)), names, max_new_tokens=4, batch_size=64)
     assert len(served.groups) == 2  # the base with its three adapters, and the fine-tune
     calls, real = [], generation.generate
-    monkeypatch.setattr(generation, "generate", lambda *a, **k: (calls.append(k.get("adapter_names")), real(*a, **k))[1])
+    monkeypatch.setattr(generation, "generate",
+                        lambda *a, **k: (calls.append(k.get("adapter_names")), real(*a, **k))[1])
     chosen = [names[i % len(names)] for i in range(len(PROMPTS))]
     got = served.generate(PROMPTS, chosen)
     assert got == [answers[c][i] for i, c in enumerate(chosen)]
@@ -119,7 +120,7 @@ def test_centroid_picks_the_candidate_whose_queries_are_nearest():
 def fitted(pool):
     """`route build` over the pool (task 'echo' labelled with lora0's answers, 'map' with lora1's), then
     `route fit`."""
-    root, paths, answers = pool["root"], pool["paths"], pool["answers"]
+    root, paths = pool["root"], pool["paths"]
     copies = [f"copy: w{i} w{i + 5}" for i in range(20, 32)]
     echo = write_jsonl(root / "echo.jsonl", [{"prompt": p, "completion": a} for p, a in
                                              zip(copies, alone(paths["lora0"], copies)) if a.strip()])
