@@ -59,7 +59,7 @@ def test_the_mixed_batch_answers_as_each_candidate_alone(pool, monkeypatch):
     answers = pool["answers"]
     for lora in ("lora0", "lora1", "lora2"):  # the adapters change what the base says: the test can fail
         assert answers[lora] != answers["base"]
-    served = RoutedModel(pool["paths"], a_router(len(names)), names, max_new_tokens=4, batch_size=64)
+    served = RoutedModel(pool["paths"], max_new_tokens=4, batch_size=64)  # no router: the routing is given
     assert len(served.groups) == 2  # the base with its three adapters, and the fine-tune
     calls, real = [], generation.generate
     monkeypatch.setattr(generation, "generate",

@@ -127,20 +127,23 @@ def _add_adapter(model, path: Path, adapter: str, candidate: str):
 class RoutedModel:
     """A pool of candidates behind a fitted router: `answer(prompts)` embeds, routes and answers a batch.
 
-    `pool` maps every candidate the router routes to (`candidates`, in the router's column order) to its model
-    folder. `value` is the router's trade-off (willingness to pay, ...), by default the one chosen on
-    validation. `embedder` (prompts -> L2-normalised embeddings) replaces the sentence-transformers `encoder`.
+    `pool` maps every candidate the router routes to (`candidates`, in the router's column order; default
+    the pool's) to its model folder. `value` is the router's trade-off (willingness to pay, ...), by default
+    the one chosen on validation. `embedder` (prompts -> L2-normalised embeddings) replaces the
+    sentence-transformers `encoder`. Without a router, `generate(prompts, candidates)` serves a given routing.
     """
 
-    def __init__(self, pool: dict[str, str | Path], router: Router, candidates: Sequence[str], *,
+    def __init__(self, pool: dict[str, str | Path], router: Router | None = None,
+                 candidates: Sequence[str] | None = None, *,
                  value: float | None = None, encoder: str | Path | None = None,
                  embedder: Callable[[list[str]], np.ndarray] | None = None, max_new_tokens: int = 8,
                  batch_size: int = 16, trust=None):
+        candidates = list(pool) if candidates is None else candidates
         missing = [c for c in candidates if c not in pool]
         if missing:
-            raise InputError(f"pool: no model for candidate '{missing[0]}', which router '{router.name}' routes to "
-                             f"(the pool has {', '.join(pool) or 'none'})")
-        if router.name in NOT_SERVABLE:
+            raise InputError(f"pool: no model for candidate '{missing[0]}', which the router routes to (the pool "
+                             f"has {', '.join(pool) or 'none'})")
+        if router is not None and router.name in NOT_SERVABLE:
             raise InputError(f"router '{router.name}' cannot answer new queries: {NOT_SERVABLE[router.name]}")
         self.router, self.value, self.candidates = router, value, list(candidates)
         self.encoder, self.embedder = encoder, embedder
@@ -176,6 +179,8 @@ class RoutedModel:
 
     def route(self, prompts: list[str], tasks: list[str] | None = None) -> list[str]:
         """The candidate each prompt goes to (`tasks`: each prompt's task name, for routers that read it)."""
+        if self.router is None:
+            raise InputError("this RoutedModel has no router: give each prompt's candidate to generate()")
         X = self.embed(prompts) if self.router.needs_embeddings else None
         task = np.array(tasks if tasks is not None else [""] * len(prompts), dtype=object)
         picks = self.router.choose(Queries(X, task), self.value)
