@@ -105,7 +105,9 @@ def _status(key: str) -> float:
 
 
 def worker(spec: dict) -> dict:
+    import peft  # noqa: F401  (imported before the clock starts: load_s is loading, not importing)
     import torch
+    import transformers  # noqa: F401
 
     from malleable.route import RoutedModel
 

@@ -390,12 +390,13 @@ def route_run(
     pool: Path = typer.Option(None, "--pool", help="YAML: the build recipe or its candidates: list (default: the "
                                                    "pool `route build` ran, found through fit's report)"),
     force: bool = typer.Option(False, "--force", help="replace an existing output file"),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="no progress bar"),
 ) -> None:
     """Answer queries with a routed pool: the router picks a candidate per query; adapters on one base answer
     in one mixed-adapter batch, whole models on their own."""
     from malleable.route.serve import run
 
-    report = run(fitted, router, queries, out, pool=pool, force=force)
+    report = run(fitted, router, queries, out, pool=pool, force=force, progress=not quiet)
     counts = ", ".join(f"{c} {n}" for c, n in report["per_candidate"].items() if n)
     typer.echo(f"{report['queries']} queries routed by {router} ({counts}); loaded in {report['load_s']} s, "
                f"answered in {report['serve_s']} s")

@@ -137,7 +137,7 @@ class RoutedModel:
                  candidates: Sequence[str] | None = None, *,
                  value: float | None = None, encoder: str | Path | None = None,
                  embedder: Callable[[list[str]], np.ndarray] | None = None, max_new_tokens: int = 8,
-                 batch_size: int = 16, trust=None):
+                 batch_size: int = 16, trust=None, progress: bool = False):
         candidates = list(pool) if candidates is None else candidates
         missing = [c for c in candidates if c not in pool]
         if missing:
@@ -147,7 +147,7 @@ class RoutedModel:
             raise InputError(f"router '{router.name}' cannot answer new queries: {NOT_SERVABLE[router.name]}")
         self.router, self.value, self.candidates = router, value, list(candidates)
         self.encoder, self.embedder = encoder, embedder
-        self.max_new_tokens, self.batch_size = max_new_tokens, batch_size
+        self.max_new_tokens, self.batch_size, self.progress = max_new_tokens, batch_size, progress
         self.groups = load_pool({c: Path(pool[c]) for c in self.candidates}, trust)
         self.group_of = {c: g for g in self.groups.values() for c in g.members}
 
@@ -161,7 +161,8 @@ class RoutedModel:
         return cls.from_recipe(recipe, r, candidates, value=options.pop("value", value), **options)
 
     @classmethod
-    def from_recipe(cls, recipe: RouteRunRecipe, router: Router, candidates: Sequence[str], **options) -> RoutedModel:
+    def from_recipe(cls, recipe: RouteRunRecipe, router: Router | None, candidates: Sequence[str] | None = None,
+                    **options) -> RoutedModel:
         from malleable.models.checkpoints import Trust
 
         settings = {"encoder": recipe.encoder, "max_new_tokens": recipe.max_new_tokens,
@@ -191,20 +192,25 @@ class RoutedModel:
         one base, separate calls for whole models; answers in input order."""
         from malleable.evaluate.generation import generate
 
-        answers: list[str | None] = [None] * len(prompts)
-        for group in self.groups.values():
-            rows = [i for i, c in enumerate(candidates) if c in group.members]
-            if not rows:
-                continue
-            names = [group.members[candidates[i]] for i in rows]
-            mixed = names if names[0] is not None else None
-            out = generate(group.model, group.tokenizer, [prompts[i] for i in rows],
-                           max_new_tokens=self.max_new_tokens, batch_size=self.batch_size, adapter_names=mixed)
-            for i, a in zip(rows, out):
-                answers[i] = a
         unknown = sorted({c for c in candidates if c not in self.group_of})
         if unknown:
             raise InputError(f"candidate '{unknown[0]}' is not in the pool ({', '.join(self.candidates)})")
+        from tqdm import tqdm
+
+        answers: list[str | None] = [None] * len(prompts)
+        bar = tqdm(total=len(prompts), desc="answering", disable=not self.progress, leave=False)
+        for group in self.groups.values():
+            rows = [i for i, c in enumerate(candidates) if c in group.members]
+            for start in range(0, len(rows), self.batch_size):
+                batch = rows[start : start + self.batch_size]
+                names = [group.members[candidates[i]] for i in batch]
+                out = generate(group.model, group.tokenizer, [prompts[i] for i in batch],
+                               max_new_tokens=self.max_new_tokens, batch_size=self.batch_size,
+                               adapter_names=names if names[0] is not None else None)
+                for i, a in zip(batch, out):
+                    answers[i] = a
+                bar.update(len(batch))
+        bar.close()
         return answers
 
     def answer(self, prompts: list[str], tasks: list[str] | None = None) -> list[Answer]:
@@ -250,11 +256,13 @@ def pool_of_fit(fitted: str | Path) -> RouteRunRecipe:
     from malleable.route.build import SCHEMA as BUILD_SCHEMA
 
     matrices = _json(Path(fitted) / "report.json").get("matrices")
-    report = Path(str(matrices)) / "report.json"
-    if not isinstance(matrices, str) or not report.is_file() or _json(report).get("schema") != BUILD_SCHEMA:
-        raise InputError(f"{fitted}: its matrices ({matrices}) were not built by `malleable route build` here, so "
-                         "the candidates' model folders are unknown; pass --pool POOL.yaml (the build recipe's "
-                         "candidates: list)")
+    unknown = ("so the candidates' model folders are unknown; pass --pool POOL.yaml (the build recipe, or its "
+               "candidates: list)")
+    if not isinstance(matrices, str) or not Path(matrices).is_dir():
+        raise InputError(f"{fitted}: the matrices it was fitted on ({matrices}) are not found, {unknown}")
+    report = Path(matrices) / "report.json"
+    if not report.is_file() or _json(report).get("schema") != BUILD_SCHEMA:
+        raise InputError(f"{fitted}: its matrices {matrices} were not written by `malleable route build`, {unknown}")
     return parse_route_run_recipe(_json(report).get("recipe"), str(report))
 
 
