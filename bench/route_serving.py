@@ -15,6 +15,7 @@ Every measurement is a fresh worker process (`--worker`): load (timed), a warm-u
 adapter, then the batch (timed: queries per second), peak resident memory of the process (VmHWM: imports,
 models and generation) and the parameter memory of the loaded models (distinct tensors' bytes). Modes
 alternate over `--repeats` interleaved repeats; medians reported, with the per-repeat values in the JSON. The
+peft worker then times `RoutedModel.embed` on the prompts (what routing adds before generation). The
 answers of the two modes are compared query by query (greedy; merged weights round differently from base +
 LoRA, so a near-tie may flip a token: counted, not hidden).
 
@@ -125,10 +126,16 @@ def worker(spec: dict) -> dict:
     t1 = time.perf_counter()
     answers = served.generate(prompts, chosen)
     serve_s = time.perf_counter() - t1
-    return {"mode": spec["mode"], "load_s": load_s, "serve_s": serve_s, "qps": len(prompts) / serve_s,
-            "models": len(served.groups), "param_mib": sum(storages.values()) / 2 ** 20,
-            "rss_after_load_mib": rss_loaded, "peak_rss_mib": _status("VmHWM:"), "answers": answers,
-            "torch_threads": torch.get_num_threads(), "loadavg": loadavg()}
+    out = {"mode": spec["mode"], "load_s": load_s, "serve_s": serve_s, "qps": len(prompts) / serve_s,
+           "models": len(served.groups), "param_mib": sum(storages.values()) / 2 ** 20,
+           "rss_after_load_mib": rss_loaded, "peak_rss_mib": _status("VmHWM:"), "answers": answers,
+           "torch_threads": torch.get_num_threads(), "loadavg": loadavg()}
+    if spec["mode"] == "peft":  # what routing adds: RoutedModel.embed (build's encoder, loaded on each call)
+        for key in ("embed_first_s", "embed_s"):  # the first call also imports sentence-transformers
+            t2 = time.perf_counter()
+            served.embed(prompts)
+            out[key] = time.perf_counter() - t2
+    return out
 
 
 def run_worker(spec: dict, tmp: Path) -> dict:
@@ -150,8 +157,9 @@ def summarise(runs: list[dict], rows: list[dict]) -> dict:
     for mode in MODES:
         mine = [r for r in runs if r["mode"] == mode]
         answers = mine[0]["answers"]
-        out[mode] = {k: median([r[k] for r in mine]) for k in ("qps", "serve_s", "load_s", "peak_rss_mib",
-                                                                  "rss_after_load_mib", "param_mib")}
+        out[mode] = {k: median([r.get(k) for r in mine]) for k in ("qps", "serve_s", "load_s", "peak_rss_mib",
+                                                                       "rss_after_load_mib", "param_mib", "embed_s",
+                                                                       "embed_first_s")}
         out[mode].update(models=mine[0]["models"], qps_all=[round(r["qps"], 3) for r in mine],
                          qps_range=[min(r["qps"] for r in mine), max(r["qps"] for r in mine)],
                          deterministic=all(r["answers"] == answers for r in mine),
@@ -167,6 +175,7 @@ def summarise(runs: list[dict], rows: list[dict]) -> dict:
     out["qps_ratio"] = median(out["qps_ratio_per_repeat"])
     out["param_ratio"] = ratio(out["merged"]["param_mib"], out["peft"]["param_mib"])
     out["peak_rss_ratio"] = ratio(out["merged"]["peak_rss_mib"], out["peft"]["peak_rss_mib"])
+    out["embed_share"] = ratio(out["peft"]["embed_s"], out["peft"]["serve_s"])
     return out
 
 
@@ -201,6 +210,11 @@ def markdown(res: dict) -> str:
               f"{s['merged']['deterministic']}.",
               "- Exact match uses the chat-template rendering of `route build` / `route run`; the zoo adapters "
               "were trained on bare prompts, so it is not the zoo's accuracy (both modes are scored alike).",
+              f"- Routing overhead (not in the table's times): embedding the {res['queries']} prompts with "
+              f"all-MiniLM-L6-v2 through `RoutedModel.embed` (route/build.py's `embed`, which loads the encoder on "
+              f"every call) takes {fmt(s['peft']['embed_s'])} s, {fmt(100 * s['embed_share'], 1)}% of the "
+              f"mixed batch's generation time ({fmt(s['peft']['embed_first_s'])} s on the first call, importing "
+              "sentence-transformers); the router itself is a matrix product.",
               "- Load time of the merged models reads 8 checkpoints of 135M parameters; the PeftModel reads the "
               "base once and 8 small adapters."]
     return "\n".join(lines) + "\n"
