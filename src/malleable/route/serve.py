@@ -14,6 +14,8 @@ and answers its own queries. Prompts are rendered and decoded as `route build` m
 (route/build.py's `embed`), so the router sees the features it was fitted on.
 
 The tokenizer of an adapter group is its base's: all adapters on one base share a batch, hence a tokenizer.
+route/build.py's `embed` loads the encoder on every call, so each `answer()` batch loads it once; a caller
+serving many small batches can pass `embedder` (prompts -> unit-length embeddings) to keep one loaded.
 """
 
 from __future__ import annotations
