@@ -83,6 +83,16 @@ def test_answer_routes_then_generates_in_input_order(pool):
     assert [a.answer for a in out] == pool["answers"]["lora1"]
 
 
+def test_a_router_that_reads_the_task_gets_each_row_s_task(pool):
+    names = list(pool["paths"])
+    r = get_router("strongest_per_task", {})
+    r.info.update(per_task={"copy": names.index("lora2")}, fallback=names.index("base"))
+    served = RoutedModel(pool["paths"], r, names, max_new_tokens=4)
+    out = served.answer(PROMPTS, ["copy"] * 6 + [""] * 6)  # an unknown task: the fallback
+    assert [a.candidate for a in out] == ["lora2"] * 6 + ["base"] * 6
+    assert [a.answer for a in out] == pool["answers"]["lora2"][:6] + pool["answers"]["base"][6:]
+
+
 def test_a_pool_missing_a_routed_candidate_or_the_oracle_is_refused(pool):
     from malleable.errors import InputError
 
