@@ -126,6 +126,15 @@ def route_build(recipe: str | Path | dict, out: str | Path, force: bool = False,
                  force=force, progress=progress)
 
 
+def route_run(fitted: str | Path, router: str, queries: str | Path, out: str | Path,
+              pool: str | Path | None = None, force: bool = False) -> dict:
+    """Answer every query of `queries` with router `router` of `fitted` over its pool; writes `out` (JSONL).
+    For answers in memory use `malleable.route.RoutedModel.from_fitted(fitted, router).answer(prompts)`."""
+    from malleable.route.serve import run
+
+    return run(fitted, router, queries, out, pool=pool, force=force)
+
+
 def audit(model: str | Path, *, forget: str | Path, retain: str | Path | None = None,
           holdout: str | Path | None = None, original: str | Path | None = None, **options) -> dict:
     """Membership-inference and relearning evidence for `model` on `forget` (see `malleable audit --help`)."""

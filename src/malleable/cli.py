@@ -380,6 +380,29 @@ def route_eval(
         typer.echo(f"report: {out / 'report.json'}")
 
 
+@route_app.command("run")
+@_user_errors
+def route_run(
+    fitted: Path = typer.Argument(..., help="a folder written by `malleable route fit`"),
+    router: str = typer.Option(..., "--router", help="which fitted router routes (its value chosen on validation)"),
+    queries: Path = typer.Option(..., "--input", help="JSONL / CSV / Parquet: a prompt per row, optional id and task"),
+    out: Path = typer.Option(..., "--out", help="answers as JSONL: id, prompt, candidate, answer"),
+    pool: Path = typer.Option(None, "--pool", help="YAML: the build recipe or its candidates: list (default: the "
+                                                   "pool `route build` ran, found through fit's report)"),
+    force: bool = typer.Option(False, "--force", help="replace an existing output file"),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="no progress bar"),
+) -> None:
+    """Answer queries with a routed pool: the router picks a candidate per query; adapters on one base answer
+    in one mixed-adapter batch, whole models on their own."""
+    from malleable.route.serve import run
+
+    report = run(fitted, router, queries, out, pool=pool, force=force, progress=not quiet)
+    counts = ", ".join(f"{c} {n}" for c, n in report["per_candidate"].items() if n)
+    typer.echo(f"{report['queries']} queries routed by {router} ({counts}); loaded in {report['load_s']} s, "
+               f"answered in {report['serve_s']} s")
+    typer.echo(f"output: {report['output']['path']}")
+
+
 bench_app = typer.Typer(no_args_is_help=True, help="Reproducible benchmarks on real models and data.")
 app.add_typer(bench_app, name="bench")
 

@@ -25,9 +25,11 @@ def is_match(generated: str, gold: str) -> bool:
 
 @torch.no_grad()
 def generate(model, tokenizer, prompts: list[str], *, max_new_tokens: int | list[int] = 8,
-             batch_size: int = 16) -> list[str]:
+             batch_size: int = 16, adapter_names: list[str] | None = None) -> list[str]:
     """Greedy completions of chat prompts, batched with left padding. `max_new_tokens` may be one budget per
-    prompt: a batch runs to its largest and each row is cut at its own (greedy, so the same tokens)."""
+    prompt: a batch runs to its largest and each row is cut at its own (greedy, so the same tokens).
+    `adapter_names` (one per prompt) is passed on to a PeftModel's mixed-batch generation: each row runs with
+    its own adapter ("__base__": none)."""
     budgets = max_new_tokens if isinstance(max_new_tokens, list) else [max_new_tokens] * len(prompts)
     side, tokenizer.padding_side = tokenizer.padding_side, "left"
     outputs = []
@@ -36,12 +38,14 @@ def generate(model, tokenizer, prompts: list[str], *, max_new_tokens: int | list
             texts = [chat_prompt(tokenizer, p) for p in prompts[i : i + batch_size]]
             batch = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(model.device)
             limits = budgets[i : i + batch_size]
+            mixed = {} if adapter_names is None else {"adapter_names": adapter_names[i : i + batch_size]}
             out = model.generate(
                 **batch,
                 max_new_tokens=max(limits),
                 do_sample=False,
                 pad_token_id=tokenizer.pad_token_id,
                 eos_token_id=tokenizer.eos_token_id,
+                **mixed,
             )
             new = out[:, batch["input_ids"].shape[1] :]
             outputs += tokenizer.batch_decode([row[:n] for row, n in zip(new, limits)], skip_special_tokens=True)

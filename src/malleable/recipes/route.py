@@ -28,6 +28,18 @@ max_queries: null       # per task, at most
 split: {train: 0.6, validation: 0.2, test: 0.2}
 seed: 0
 ```
+
+The pool of `malleable route run` (`--pool POOL.yaml`): the build recipe itself, or only its candidates, with how
+they answer.
+
+```yaml
+candidates:                       # every candidate the router routes to: a checkpoint or a PEFT adapter
+  - {name: base, model: path/to/checkpoint}
+  - {name: capitals, model: path/to/adapter}
+encoder: null                     # the encoder `route build` embedded the queries with (default all-MiniLM-L6-v2)
+max_new_tokens: 8
+batch_size: 16
+```
 """
 
 from __future__ import annotations
@@ -40,7 +52,7 @@ from pydantic import Field, field_validator, model_validator
 from malleable.recipes.common import Seed, Strict, load_recipe_file, validate
 
 DEFAULT_ROUTERS = ("oracle", "strongest", "cheapest", "strongest_per_task", "random", "knn", "prknn", "kmeans",
-                   "linear", "mlp", "mf", "soft_label")
+                   "centroid", "linear", "mlp", "mf", "soft_label")
 
 
 class RouterSpec(Strict):
@@ -110,6 +122,37 @@ class RouteBuildRecipe(Strict):
             if twice:
                 raise ValueError(f"{what} '{twice[0]}' listed twice")
         return self
+
+
+class RouteRunRecipe(Strict):
+    """The pool `route run` serves: each candidate's model folder, the encoder and the decoding settings."""
+
+    candidates: list[Candidate] = Field(min_length=1)
+    encoder: Path | None = None
+    max_new_tokens: int = Field(default=8, gt=0, le=4096)
+    batch_size: int = Field(default=16, gt=0)
+    trust_remote_code: bool = False
+    allow_pickle: bool = False
+
+    @model_validator(mode="after")
+    def _distinct(self):
+        names = [c.name for c in self.candidates]
+        twice = sorted({n for n in names if names.count(n) > 1})
+        if twice:
+            raise ValueError(f"candidate '{twice[0]}' listed twice")
+        return self
+
+
+def parse_route_run_recipe(data: Any, source: str = "pool") -> RouteRunRecipe:
+    """A pool file: a build recipe (it has `tasks:`; its candidates and settings are taken) or a run recipe."""
+    if isinstance(data, dict) and "tasks" in data:
+        built = validate(RouteBuildRecipe, data, source)
+        return RouteRunRecipe(**{k: getattr(built, k) for k in RouteRunRecipe.model_fields})
+    return validate(RouteRunRecipe, data, source)
+
+
+def load_route_run_recipe(path: str | Path) -> RouteRunRecipe:
+    return load_recipe_file(path, parse_route_run_recipe)
 
 
 def parse_route_build_recipe(data: Any, source: str = "recipe") -> RouteBuildRecipe:

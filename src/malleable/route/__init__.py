@@ -2,9 +2,11 @@
 fitted and compared on quality and cost matrices)."""
 
 from malleable.route import (  # noqa: F401  (registration)
-    cheapest, kmeans, knn, linear, mf, mlp, oracle, prknn, random_mix, soft_label, strongest, strongest_per_task,
+    centroid, cheapest, kmeans, knn, linear, mf, mlp, oracle, prknn, random_mix, soft_label, strongest,
+    strongest_per_task,
 )
 from malleable.route.matrices import Matrices, read_matrices
 from malleable.route.registry import ROUTERS, Router, get_router, router
+from malleable.route.serve import RoutedModel
 
-__all__ = ["Matrices", "ROUTERS", "Router", "get_router", "read_matrices", "router"]
+__all__ = ["Matrices", "ROUTERS", "RoutedModel", "Router", "get_router", "read_matrices", "router"]
