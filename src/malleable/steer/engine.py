@@ -135,18 +135,24 @@ def _collect_positions(model, tokenizer, row: dict, n: int) -> dict[str, dict[in
     return out
 
 
-def probe_accuracy(train: dict[str, np.ndarray], val: dict[str, np.ndarray]) -> float:
-    """A linear probe's pair accuracy: logistic regression (scikit-learn's defaults, standardised inputs) fitted to
-    tell train positives from negatives, scored as the share of validation pairs whose positive it scores
-    above the negative."""
-    from sklearn.linear_model import LogisticRegression
-    from sklearn.pipeline import make_pipeline
-    from sklearn.preprocessing import StandardScaler
-
+def probe_accuracy(train: dict[str, np.ndarray], val: dict[str, np.ndarray], alpha: float = 1.0) -> float:
+    """A linear probe's pair accuracy: a ridge classifier (what scikit-learn's RidgeClassifier(alpha=1) fits:
+    least squares on labels +1 / -1 with an intercept, here on standardised inputs and solved in its dual form,
+    pairs x pairs, so every layer of a model is scored in milliseconds where a logistic regression took seconds
+    per layer) fitted to tell train positives from negatives, scored as the share of validation pairs whose
+    positive it scores above the negative."""
     x = np.concatenate([train["positive"], train["negative"]])
-    y = np.r_[np.ones(len(train["positive"])), np.zeros(len(train["negative"]))]
-    probe = make_pipeline(StandardScaler(), LogisticRegression(max_iter=1000)).fit(x, y)
-    return float(np.mean(probe.decision_function(val["positive"]) > probe.decision_function(val["negative"])))
+    y = np.r_[np.ones(len(train["positive"])), -np.ones(len(train["negative"]))]
+    mean, std = x.mean(0), x.std(0)
+    std[std < 1e-12] = 1.0
+    z = (x - mean) / std
+    zc = z - z.mean(0)
+    w = zc.T @ np.linalg.solve(zc @ zc.T + alpha * np.eye(len(zc)), y - y.mean())
+
+    def score(a):
+        return ((a - mean) / std) @ w
+
+    return float(np.mean(score(val["positive"]) > score(val["negative"])))
 
 
 def choose_layer(accuracy: dict[int, float]) -> int:
@@ -199,10 +205,13 @@ def steer(recipe: SteerRecipe, out: str | Path, force: bool = False, strengths: 
     if (read == "all") != (method.read == "all"):
         raise RecipeError(f"read_position: {read!r} does not fit method {recipe.method} (it reads {method.read!r})")
     probe_read = "last" if read == "all" else read
+    seconds = {"load": round(time.perf_counter() - start, 3)}
+    t = time.perf_counter()
     acts = {"train": collect(model, tokenizer, train, probe_read, recipe.batch_size),
             "validation": collect(model, tokenizer, val, probe_read, recipe.batch_size)}
     accuracy = {i: probe_accuracy({m: acts["train"][m][i] for m in acts["train"]},
                                   {m: acts["validation"][m][i] for m in acts["validation"]}) for i in range(n_layers)}
+    seconds["read_and_probe"] = round(time.perf_counter() - t, 3)
     layers = [choose_layer(accuracy)] if recipe.layers == "auto" else list(recipe.layers)
     used = method.pairs(train)
     src = acts["train"] if read == probe_read and used is train else collect(model, tokenizer, used, read,
@@ -227,14 +236,16 @@ def steer(recipe: SteerRecipe, out: str | Path, force: bool = False, strengths: 
               "default_strength": strength, "read_position": read, "intervene": intervene,
               "pairs": {"train": len(used), "validation": len(val)}}
     artefact = Artefact({i: torch.from_numpy(d).float() for i, d in directions.items()}, config)
+    t = time.perf_counter()
     samples = generate_samples(model, tokenizer, artefact, recipe, val, strengths) if strengths else []
+    seconds["samples"] = round(time.perf_counter() - t, 3)
     report = {"schema": SCHEMA, "recipe": recipe.model_dump(mode="json"), "artefact": config,
               "layer_choice": "auto" if recipe.layers == "auto" else "given",
               "probe_accuracy": {str(i): a for i, a in accuracy.items()},
               "direction_accuracy": {str(i): a for i, a in direction_acc.items()},
               "direction_norm": {str(i): float(np.linalg.norm(d)) for i, d in directions.items()},
               "strengths": strengths, "samples": samples, "trusted": trusted(recipe),
-              "wall_time_s": round(time.perf_counter() - start, 3), "peak_rss_mb": peak_rss_mb(),
+              "seconds": seconds, "wall_time_s": round(time.perf_counter() - start, 3), "peak_rss_mb": peak_rss_mb(),
               "environment": environment()}
     with atomic_dir(out, force, inputs=inputs) as tmp:
         write_artefact(tmp, artefact)
@@ -289,7 +300,7 @@ def markdown(report: dict) -> str:
     for i, acc in report["probe_accuracy"].items():
         lines.append(f"| {i}{' (steered)' if int(i) in a['layers'] else ''} | {_num(acc)} | "
                      f"{_num(report['direction_accuracy'].get(i))} | {_num(report['direction_norm'].get(i))} |")
-    lines += ["", "Probe: logistic regression on train activations; direction: the extracted vector itself. "
+    lines += ["", "Probe: a ridge classifier on the train activations; direction: the extracted vector itself. "
               "Accuracy is the share of validation pairs scored positive above negative."]
     if report["samples"]:
         lines += ["", "## Samples (greedy)", ""]
