@@ -265,7 +265,8 @@ def test_cli_bad_pairs_file(tiny_lm, setup, tmp_path, case):
 @pytest.mark.parametrize("kw, needle", [
     ({"layers": [2]}, "layers"), ({"layers": [-1]}, "layers"), ({"strength": float("nan")}, "strength"),
     ({"strength": float("inf")}, "strength"), ({"method": "nope"}, "method"),
-    ({"parameters": {"C": 1.0}}, "parameters.C"),
+    ({"parameters": {"C": 1.0}}, "parameters.C"), ({"intervene": "first"}, "intervene"),
+    ({"read_position": 0}, "read_position"), ({"method": "actadd", "read_position": "last"}, "read_position"),
 ])
 def test_cli_bad_recipe(tiny_lm, setup, tmp_path, kw, needle):
     r = write_recipe(tmp_path / "r.yaml", tiny_lm, setup, **kw)

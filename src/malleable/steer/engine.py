@@ -30,8 +30,16 @@ FIELDS = ("prompt", "positive", "negative")
 
 
 def check_recipe(recipe: SteerRecipe) -> SteeringMethod:
-    """The recipe's method built with checked parameters (an unknown name or parameter is an error)."""
-    return get_method(recipe.method, recipe.parameters)
+    """The recipe's method built with checked parameters (an unknown name or parameter is an error), and its
+    read and intervention positions checked against what the method reads."""
+    method = get_method(recipe.method, recipe.parameters)
+    read = method.read if recipe.read_position is None else recipe.read_position
+    if (read == "all") != (method.read == "all"):
+        raise RecipeError(f"read_position: {read!r} does not fit method {recipe.method} (it reads {method.read!r})")
+    if (recipe.intervene or method.intervene) != method.intervene:
+        raise RecipeError(f"intervene: {recipe.intervene!r} does not fit method {recipe.method}: 'first' adds a "
+                          "per-position vector (actadd), 'all' one vector at every position")
+    return method
 
 
 def read_pairs(path: Path) -> list[dict]:
@@ -84,16 +92,19 @@ def collect(model, tokenizer, rows: list[dict], read, batch_size: int = 16, prog
     try:
         for member in ("positive", "negative"):
             texts = [r["prompt"] + r[member] for r in rows]
-            acts = {i: [] for i in range(n)}
-            for b in range(0, len(texts), batch_size):
-                batch = tokenizer(texts[b:b + batch_size], return_tensors="pt", padding=True)
+            # batches of similar length waste little on padding; the rows go back to their order after
+            order = sorted(range(len(texts)), key=lambda k: len(tokenizer(texts[k])["input_ids"]))
+            acts: dict[int, list] = {i: [None] * len(texts) for i in range(n)}
+            for b in range(0, len(order), batch_size):
+                rows_b = order[b:b + batch_size]
+                batch = tokenizer([texts[k] for k in rows_b], return_tensors="pt", padding=True)
                 hidden = _hidden(model, layers, batch)
                 lasts = (batch["attention_mask"].sum(1) - 1).tolist()
-                for j, last in enumerate(lasts):
-                    at = _read_index(last, starts[b + j], read)
+                for j, (k, last) in enumerate(zip(rows_b, lasts)):
+                    at = _read_index(last, starts[k], read)
                     for i in range(n):
                         h = hidden[i][j]
-                        acts[i].append(h[at[0]:at[1] + 1].mean(0) if isinstance(at, tuple) else h[at])
+                        acts[i][k] = h[at[0]:at[1] + 1].mean(0) if isinstance(at, tuple) else h[at]
             out[member] = {i: torch.stack(a).double().numpy() for i, a in acts.items()}
     finally:
         tokenizer.padding_side = side
@@ -101,7 +112,9 @@ def collect(model, tokenizer, rows: list[dict], read, batch_size: int = 16, prog
 
 
 def _hidden(model, layers, batch) -> list[torch.Tensor]:
-    """Every decoder layer's output for `batch`, caught by forward hooks (float32, on the CPU)."""
+    """Every decoder layer's output for `batch`, caught by forward hooks (float32, on the CPU). The decoder stack
+    runs without the language-model head (`base_model`): the vocabulary projection is a fifth of a small
+    model's compute and nothing here reads logits."""
     caught: list[torch.Tensor | None] = [None] * len(layers)
 
     def keep(i):
@@ -114,7 +127,7 @@ def _hidden(model, layers, batch) -> list[torch.Tensor]:
     try:
         with torch.no_grad():
             device = next(model.parameters()).device
-            model(**{k: v.to(device) for k, v in batch.items()})
+            getattr(model, "base_model", model)(**{k: v.to(device) for k, v in batch.items()})
     finally:
         for h in handles:
             h.remove()
@@ -202,8 +215,6 @@ def steer(recipe: SteerRecipe, out: str | Path, force: bool = False, strengths: 
                           f"(0..{n_layers - 1})")
     read = method.read if recipe.read_position is None else recipe.read_position
     intervene = recipe.intervene or method.intervene
-    if (read == "all") != (method.read == "all"):
-        raise RecipeError(f"read_position: {read!r} does not fit method {recipe.method} (it reads {method.read!r})")
     probe_read = "last" if read == "all" else read
     seconds = {"load": round(time.perf_counter() - start, 3)}
     t = time.perf_counter()
