@@ -76,8 +76,8 @@ def _read_index(last: int, start: int, read) -> int | tuple[int, int]:
     return i
 
 
-def collect(model, tokenizer, rows: list[dict], read, batch_size: int = 16, progress: bool = False
-            ) -> dict[str, dict[int, np.ndarray]]:
+def collect(model, tokenizer, rows: list[dict], read, batch_size: int = 16, progress: bool = False,
+            desc: str = "reading") -> dict[str, dict[int, np.ndarray]]:
     """{"positive": {layer: activations}, "negative": ...} for every decoder layer: (pairs, hidden) at `read`
     ("last", "mean", a negative index), or, for read "all", (positions, hidden) of one pair whose two texts are
     brought to the same length by padding the shorter with space tokens (ActAdd)."""
@@ -87,8 +87,11 @@ def collect(model, tokenizer, rows: list[dict], read, batch_size: int = 16, prog
         return _collect_positions(model, tokenizer, rows[0], n)
     starts = [len(tokenizer(r["prompt"])["input_ids"]) for r in rows]
     out: dict[str, dict[int, np.ndarray]] = {}
+    from tqdm import tqdm
+
     side = tokenizer.padding_side
     tokenizer.padding_side = "right"
+    bar = tqdm(total=2 * math.ceil(len(rows) / batch_size), desc=desc, disable=not progress, leave=False)
     try:
         for member in ("positive", "negative"):
             texts = [r["prompt"] + r[member] for r in rows]
@@ -99,6 +102,7 @@ def collect(model, tokenizer, rows: list[dict], read, batch_size: int = 16, prog
                 rows_b = order[b:b + batch_size]
                 batch = tokenizer([texts[k] for k in rows_b], return_tensors="pt", padding=True)
                 hidden = _hidden(model, layers, batch)
+                bar.update(1)
                 lasts = (batch["attention_mask"].sum(1) - 1).tolist()
                 for j, (k, last) in enumerate(zip(rows_b, lasts)):
                     at = _read_index(last, starts[k], read)
@@ -107,6 +111,7 @@ def collect(model, tokenizer, rows: list[dict], read, batch_size: int = 16, prog
                         acts[i][k] = h[at[0]:at[1] + 1].mean(0) if isinstance(at, tuple) else h[at]
             out[member] = {i: torch.stack(a).double().numpy() for i, a in acts.items()}
     finally:
+        bar.close()
         tokenizer.padding_side = side
     return out
 
@@ -168,6 +173,13 @@ def probe_accuracy(train: dict[str, np.ndarray], val: dict[str, np.ndarray], alp
     return float(np.mean(score(val["positive"]) > score(val["negative"])))
 
 
+def direction_accuracy(d: np.ndarray, pos: np.ndarray, neg: np.ndarray) -> float:
+    """The share of pairs whose positive projects above its negative on the direction (ActAdd's per-position rows
+    averaged into one)."""
+    v = d.reshape(-1, d.shape[-1]).mean(0)
+    return float(np.mean(pos @ v > neg @ v))
+
+
 def choose_layer(accuracy: dict[int, float]) -> int:
     """The layer whose probe is most accurate on validation; among equals the one nearest the middle of the model
     (where steering works best in the CAA and repeng experiments), then the earlier."""
@@ -218,8 +230,8 @@ def steer(recipe: SteerRecipe, out: str | Path, force: bool = False, strengths: 
     probe_read = "last" if read == "all" else read
     seconds = {"load": round(time.perf_counter() - start, 3)}
     t = time.perf_counter()
-    acts = {"train": collect(model, tokenizer, train, probe_read, recipe.batch_size),
-            "validation": collect(model, tokenizer, val, probe_read, recipe.batch_size)}
+    acts = {split: collect(model, tokenizer, rows, probe_read, recipe.batch_size, progress, f"reading {split}")
+            for split, rows in (("train", train), ("validation", val))}
     accuracy = {i: probe_accuracy({m: acts["train"][m][i] for m in acts["train"]},
                                   {m: acts["validation"][m][i] for m in acts["validation"]}) for i in range(n_layers)}
     seconds["read_and_probe"] = round(time.perf_counter() - t, 3)
@@ -239,8 +251,7 @@ def steer(recipe: SteerRecipe, out: str | Path, force: bool = False, strengths: 
         strength = measured_strength(directions, acts["train"]["positive"], acts["train"]["negative"])
     else:
         strength = 1.0
-    direction_acc = {i: float(np.mean(acts["validation"]["positive"][i] @ d.reshape(-1, d.shape[-1]).mean(0)
-                                      > acts["validation"]["negative"][i] @ d.reshape(-1, d.shape[-1]).mean(0)))
+    direction_acc = {i: direction_accuracy(d, acts["validation"]["positive"][i], acts["validation"]["negative"][i])
                      for i, d in directions.items()}
     config = {"form": "vector", "method": recipe.method, "parameters": method.p,
               "model": {"path": str(recipe.model), **model_identity(model)}, "layers": layers,
