@@ -371,3 +371,8 @@ def test_api_steer_takes_a_dict_recipe(tiny_lm, setup, tmp_path):
     report = api.steer(data, tmp_path / "out", progress=False)
     assert report["artefact"]["layers"] == [0, 1] and report["artefact"]["read_position"] == "mean"
     assert sorted(load_artefact(tmp_path / "out").vectors) == [0, 1]
+
+
+def test_gguf_into_a_missing_folder_is_one_line(artefact, tmp_path):
+    res = cli("steer-gguf", artefact, tmp_path / "nowhere" / "cv.gguf")
+    assert res.exit_code == 2 and "existing folder" in res.output

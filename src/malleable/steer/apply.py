@@ -218,6 +218,8 @@ def export_gguf(artefact: Artefact | str | Path, out: str | Path, strength: floa
     out = Path(out)
     if out.exists() and not force:
         raise OutputError(f"{out}: output exists (pass --force to replace it)")
+    if out.is_dir() or not out.parent.is_dir():
+        raise OutputError(f"{out}: give a file path in an existing folder")
     if 0 in artefact.vectors:
         raise InputError(f"{artefact.where()}: steers layer 0, which a llama.cpp control vector cannot hold")
     if any(v.dim() != 1 for v in artefact.vectors.values()):
