@@ -9,6 +9,7 @@ from malleable.recipes.forget import ForgetRecipe, parse_forget_recipe
 from malleable.recipes.learn import LearnRecipe, parse_learn_recipe
 from malleable.recipes.merge import MergeRecipe, load_recipe, parse_recipe
 from malleable.recipes.route import RouteRecipe, load_route_recipe, parse_route_recipe
+from malleable.recipes.steer import SteerRecipe, load_steer_recipe, parse_steer_recipe
 
 
 def _as_recipe(recipe, cls, parse, load):
@@ -133,6 +134,19 @@ def route_run(fitted: str | Path, router: str, queries: str | Path, out: str | P
     from malleable.route.serve import run
 
     return run(fitted, router, queries, out, pool=pool, force=force)
+
+
+def steer(recipe: SteerRecipe | dict | str | Path, out: str | Path, force: bool = False,
+          strengths: list[float] | None = None, progress: bool = True) -> dict:
+    """Extract the recipe's steering vector from its contrast pairs; writes `out/` with the artefact
+    (steering.safetensors + steering.json) and the report (probe accuracy per layer; samples at `strengths`).
+    Apply it with `malleable.steer.applied(model, out, strength=m)`."""
+    from malleable.steer.engine import check_recipe
+    from malleable.steer.engine import steer as run
+
+    _not_over_recipe(out, recipe)
+    r = _as_recipe(recipe, SteerRecipe, parse_steer_recipe, lambda p: load_steer_recipe(p, check_recipe))
+    return run(r, out, force=force, strengths=strengths, progress=progress)
 
 
 def audit(model: str | Path, *, forget: str | Path, retain: str | Path | None = None,

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import json
+import math
 import os
 import traceback
 from pathlib import Path
@@ -219,6 +220,82 @@ def audit(
 
 @app.command()
 @_user_errors
+def steer(
+    recipe: Path = typer.Argument(..., help="YAML steer recipe"),
+    out: Path = typer.Argument(..., help="output folder: the steering artefact (safetensors + JSON) and the report"),
+    strengths: str = typer.Option(None, "--strengths", help="comma-separated strengths: sample generations at each"),
+    force: bool = typer.Option(False, "--force", help="replace an existing output"),
+    dry_run: bool = typer.Option(False, "--dry-run", help="validate the recipe and print the plan; write nothing"),
+    allow_pickle: bool = typer.Option(False, "--allow-pickle", help=PICKLE_HELP),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="no progress bar"),
+) -> None:
+    """Extract a steering vector (CAA, ActAdd, PCA, logistic) from contrast pairs; report the probe per layer."""
+    from malleable.recipes.steer import load_steer_recipe
+    from malleable.steer.engine import check_recipe, plan
+    from malleable.steer.engine import steer as run
+
+    check_not_input(out, [recipe])
+    values = _strengths(strengths)
+    r = load_steer_recipe(recipe, check_recipe)
+    r.allow_pickle = r.allow_pickle or allow_pickle
+    if dry_run:
+        typer.echo(plan(r, check_recipe(r)) + (f"; samples at strengths {values}" if values else ""))
+        return
+    report = run(r, out, force=force, strengths=values, progress=not quiet)
+    a = report["artefact"]
+    best = max(report["probe_accuracy"].items(), key=lambda kv: kv[1])
+    typer.echo(f"{a['method']} on layers {a['layers']} (default strength {a['default_strength']:.4g}); best probe "
+               f"layer {best[0]} at {best[1]:.3f} validation accuracy; {report['wall_time_s']} s")
+    typer.echo(f"output: {report['output']['path']}")
+    typer.echo(f"report: {Path(report['output']['path']) / 'report.json'}")
+
+
+@app.command("steer-bake")
+@_user_errors
+def steer_bake(
+    artefact: Path = typer.Argument(..., help="a folder written by `malleable steer`"),
+    model: Path = typer.Argument(..., help="the checkpoint to bake it into (Llama family: config mlp_bias)"),
+    out: Path = typer.Argument(..., help="output checkpoint folder (loads with plain from_pretrained)"),
+    strength: float = typer.Option(None, "--strength", help="default: the artefact's default strength"),
+    force: bool = typer.Option(False, "--force", help="replace an existing output"),
+) -> None:
+    """Bake a steering vector into a plain transformers checkpoint (a bias on the layer's MLP output)."""
+    from malleable.steer.apply import bake
+
+    check_not_input(out, [artefact, model])
+    typer.echo(f"output: {bake(artefact, model, out, strength=strength, force=force)}")
+
+
+@app.command("steer-gguf")
+@_user_errors
+def steer_gguf(
+    artefact: Path = typer.Argument(..., help="a folder written by `malleable steer`"),
+    out: Path = typer.Argument(..., help="output .gguf file (llama.cpp --control-vector)"),
+    strength: float = typer.Option(None, "--strength", help="default: the artefact's default strength"),
+    force: bool = typer.Option(False, "--force", help="replace an existing output"),
+) -> None:
+    """Export a steering vector as a llama.cpp control-vector GGUF (as repeng's export_gguf writes it)."""
+    from malleable.steer.apply import export_gguf
+
+    check_not_input(out, [artefact])
+    typer.echo(f"output: {export_gguf(artefact, out, strength=strength, force=force)}")
+
+
+def _strengths(text: str | None) -> list[float]:
+    """--strengths '0,2,4' as finite numbers, else one line naming the option."""
+    if text is None:
+        return []
+    try:
+        values = [float(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise RecipeError(f"--strengths: {text!r} is not a comma-separated list of numbers") from None
+    if not values or not all(math.isfinite(v) for v in values):
+        raise RecipeError(f"--strengths: {text!r} must hold finite numbers")
+    return values
+
+
+@app.command()
+@_user_errors
 def inspect(
     path: Path = typer.Argument(..., help="checkpoint directory, safetensors file, PEFT adapter or GGUF file"),
     as_json: bool = typer.Option(False, "--json", help="print JSON"),
@@ -254,7 +331,7 @@ def import_gguf(
 
 @app.command()
 def methods() -> None:
-    """List the merge, learn and forget methods and the routers, with their parameters."""
+    """List the merge, learn and forget methods, the routers and the steering methods, with their parameters."""
     from malleable.forget import MASKS, OBJECTIVES
     from malleable.learn import METHODS
     from malleable.merge import RULES, get_rule
@@ -281,6 +358,12 @@ def methods() -> None:
     for name in sorted(ROUTERS):
         cls = ROUTERS[name]
         _describe(f"{name}  [{cls.knob or 'no trade-off'}]", cls.__doc__ or "", cls.params)
+    from malleable.steer import METHODS as STEERING
+
+    typer.echo("\nsteering methods:")
+    for name in sorted(STEERING):
+        cls = STEERING[name]
+        _describe(f"{name}  [read {cls.read}, add at {cls.intervene}]", cls.__doc__ or "", cls.params)
 
 
 def _membership(row: dict) -> str:

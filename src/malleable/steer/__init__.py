@@ -1,0 +1,15 @@
+"""`steer`: change a model's behaviour at inference by adding a direction to its residual stream.
+
+Methods register by name in registry.py (one file each); the engine reads contrast pairs and writes the
+artefact (a safetensors file with one vector per layer and a JSON config); apply.py adds it at inference
+(`with malleable.steer.applied(model, artefact, strength=m): ...`), bakes it into a plain checkpoint, or
+exports a llama.cpp control-vector GGUF.
+"""
+
+from malleable.steer import actadd, caa, logistic, pca_center, pca_diff  # noqa: F401  (registers the methods)
+from malleable.steer.apply import applied, bake, export_gguf
+from malleable.steer.artefact import Artefact, load_artefact
+from malleable.steer.registry import METHODS, SteeringMethod, get_method, steering_method
+
+__all__ = ["METHODS", "Artefact", "SteeringMethod", "applied", "bake", "export_gguf", "get_method",
+           "load_artefact", "steering_method"]

@@ -1,0 +1,95 @@
+"""The steering-method registry: a method turns the activations of contrast pairs into one direction per layer.
+
+    @steering_method("caa", params={...}, read=-2)
+    class CAA(SteeringMethod):
+        def direction(self, pos, neg):      # (pairs, hidden) each, one layer -> (hidden,)
+            return (pos - neg).mean(axis=0)
+
+The engine (steer/engine.py) reads the residual stream (each decoder layer's output) at the method's read
+position for every pair, calls `direction` once per layer, and writes the artefact; the method sees arrays
+only. `read` is where a method reads by default: "last" (the last token of prompt + completion), "mean" (the
+mean over the completion's tokens), a negative index counted from the end (-2: CAA's answer letter), or "all"
+(every position of one pair: ActAdd, whose direction is then (positions, hidden)). `intervene` is where the
+vector is added by default: "all" positions, or the "first" positions of the text (ActAdd). `unit_norm` says
+that the direction has norm 1 (PCA, logistic): its default strength is then measured, not 1 (engine.py).
+
+A method that is not a vector (SPLIT's LoRA or local weight edit, next) brings its own artefact form and
+applier in steer/apply.py's FORMS; the vector methods share the "vector" form.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, ClassVar
+
+import numpy as np
+
+from malleable.errors import RecipeError
+from malleable.params import Param, check_params
+
+READS = ("last", "mean", "all")
+INTERVENES = ("all", "first")
+
+
+class SteeringMethod:
+    """Base of every steering method."""
+
+    name: ClassVar[str] = ""
+    params: ClassVar[dict[str, Param]] = {}
+    read: ClassVar[str | int] = "last"
+    intervene: ClassVar[str] = "all"
+    unit_norm: ClassVar[bool] = False
+    pairs_used: ClassVar[int | None] = None  # None: every training pair; ActAdd reads one
+
+    def __init__(self, **p: Any) -> None:
+        self.p = p
+
+    def pairs(self, rows: list[dict]) -> list[dict]:
+        """The training pairs the method reads (all of them; ActAdd picks one)."""
+        return rows
+
+    def direction(self, pos: np.ndarray, neg: np.ndarray) -> np.ndarray:
+        """One layer's direction from the positives' and negatives' activations (float64 arrays)."""
+        raise NotImplementedError
+
+
+def pair_sign(direction: np.ndarray, pos: np.ndarray, neg: np.ndarray) -> float:
+    """repeng's sign rule (repeng/extract.py, read_representations): +1 when more pairs project the positive
+    above the negative on `direction` than below it, else -1 (a tie keeps the sign)."""
+    a, b = pos @ direction, neg @ direction
+    return -1.0 if np.mean(a < b) > np.mean(a > b) else 1.0
+
+
+METHODS: dict[str, type[SteeringMethod]] = {}
+
+
+def steering_method(name: str, *, params: dict[str, Param] | None = None, read: str | int = "last",
+                    intervene: str = "all", unit_norm: bool = False,
+                    pairs_used: int | None = None) -> Callable[[type[SteeringMethod]], type[SteeringMethod]]:
+    """Register a `SteeringMethod` subclass as `name`; its docstring is the method's documentation."""
+    if not (read in READS or (isinstance(read, int) and read < 0)) or intervene not in INTERVENES:
+        raise ValueError(f"steering method '{name}': read {read!r} / intervene {intervene!r} not known")
+
+    def register(cls: type[SteeringMethod]) -> type[SteeringMethod]:
+        if name in METHODS:
+            raise ValueError(f"steering method '{name}' registered twice")
+        cls.name, cls.params, cls.read, cls.intervene = name, dict(params or {}), read, intervene
+        cls.unit_norm, cls.pairs_used = unit_norm, pairs_used
+        METHODS[name] = cls
+        return cls
+
+    return register
+
+
+def method_class(name: str, key: str = "method") -> type[SteeringMethod]:
+    from malleable import steer  # noqa: F401  (importing the package registers every method)
+
+    if name not in METHODS:
+        raise RecipeError(f"{key}: unknown steering method '{name}' (known: {', '.join(sorted(METHODS))})")
+    return METHODS[name]
+
+
+def get_method(name: str, given: dict[str, Any], key: str = "parameters") -> SteeringMethod:
+    """The registered method `name` built with checked parameters (defaults filled in)."""
+    cls = method_class(name)
+    return cls(**check_params(cls.params, given, prefix=key))
