@@ -2,7 +2,7 @@
 fitted and compared on quality and cost matrices)."""
 
 from malleable.route import (  # noqa: F401  (registration)
-    cheapest, kmeans, knn, linear, mf, mlp, oracle, prknn, random_mix, soft_label, strongest, strongest_per_task,
+    arrow, cheapest, kmeans, knn, linear, mf, mlp, oracle, prknn, random_mix, soft_label, strongest, strongest_per_task,
 )
 from malleable.route.matrices import Matrices, read_matrices
 from malleable.route.registry import ROUTERS, Router, get_router, router

