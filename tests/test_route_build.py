@@ -249,3 +249,19 @@ def test_bad_choice_rows_are_one_line_exit_2(pool, tmp_path, row, words):
     result, out = _build(pool, tmp_path, "out", metric="choice", tasks=[{"name": "bad", "data": str(bad)}])
     assert result.exit_code == 2 and result.stderr.count("\n") == 1 and words in result.stderr, result.output
     assert "line 2" in result.stderr and not out.exists()
+
+
+def test_chat_template_off_scores_the_plain_prompts(pool, tmp_path):
+    """`chat_template: off` (a zoo trained without the template): the base's column is forced_match on the plain
+    prompts, and tokens in count the plain prompt."""
+    from malleable.evaluate.scoring import forced_match
+
+    result, out = _build(pool, tmp_path, "off", metric="forced", chat_template="off")
+    assert result.exit_code == 0, result.output
+    rows = [json.loads(x) for x in pool["echo"].open()] + toy_records(10)
+    want = forced_match(tiny_llama(0), tiny_tokenizer(), rows, chat=False)
+    Y = np.load(out / "Y.npy")
+    assert Y[:, 0].tolist() == [float(w) for w in want]
+    tok = tiny_tokenizer()
+    n = np.array([len(tok(r["prompt"]).input_ids) + 3 * len(tok(r["completion"]).input_ids) for r in rows])
+    assert np.allclose(np.load(out / "C.npy")[:, 2], n)

