@@ -189,9 +189,11 @@ def seed_folder(matrices: Path, seed: int) -> Path:
     return dest
 
 
-def normalised(correct: dict[str, np.ndarray], own: np.ndarray, task: np.ndarray, n: int, seed: int) -> dict:
-    """Per method: the normalised accuracy and its per-resample values (paired: the same draws for all)."""
-    tasks = [t for t in sorted(set(task)) if own[task == t].sum() > 0]
+def normalised(correct: dict[str, np.ndarray], own: np.ndarray, task: np.ndarray, n: int, seed: int,
+               among: list[str] | None = None) -> dict:
+    """Per method: the normalised accuracy over the tasks (of `among`, default all) whose own adapter gets
+    some of these rows right, and its per-resample values (paired: the same draws for all)."""
+    tasks = [t for t in sorted(set(task)) if own[task == t].sum() > 0 and (among is None or t in among)]
     rng = np.random.default_rng(seed)
     idx = {t: np.flatnonzero(task == t) for t in tasks}
     draws = {t: rng.integers(0, len(idx[t]), size=(n, len(idx[t]))) for t in tasks}
@@ -209,7 +211,7 @@ def ci(values: np.ndarray) -> list[float | None]:
     return [float(x) if np.isfinite(x) else None for x in np.percentile(values, [2.5, 97.5])]
 
 
-def run_seed(matrices: Path, seed: int, routers: list[str], candidates: list[str], tasks: list[str],
+def run_seed(matrices: Path, seed: int, routers: list[str], candidates: list[str], strong: list[str],
              merge_names: list[str]) -> dict:
     from malleable.recipes.route import RouteRecipe, RouterSpec
     from malleable.route.engine import fit_routers, load_routers
@@ -230,17 +232,19 @@ def run_seed(matrices: Path, seed: int, routers: list[str], candidates: list[str
     correct = {f"router:{r}": test.Y[rows, p] for r, p in picks.items()}
     correct.update({f"merge:{n}": test.Y[:, col[n]] for n in merge_names})
     correct["base"] = test.Y[:, col["base"]]
-    res = normalised(correct, own, test.task, BOOTSTRAP, seed)
-    oracle = res["methods"]["router:oracle"]
-    out = {"seed": seed, "test_queries": int(len(test_rows)), "tasks_used": res["tasks_used"],
-           "fit_seconds": report["fit_seconds"], "chosen": chosen, "methods": {}}
-    for name, (point, boot) in res["methods"].items():
-        with np.errstate(divide="ignore", invalid="ignore"):
-            share = boot / oracle[1]
-        out["methods"][name] = {
-            "normalised": point, "normalised_ci95": ci(boot), "share_of_oracle": point / oracle[0],
-            "share_ci95": ci(np.nan_to_num(share, nan=0.0)), "accuracy": float(correct[name].mean()),
-            "validation_accuracy": _validation(report, name)}
+    out = {"seed": seed, "test_queries": int(len(test_rows)), "fit_seconds": report["fit_seconds"],
+           "chosen": chosen, "tasks_used": {}, "methods": {n: {"accuracy": float(c.mean()),
+                                                              "validation_accuracy": _validation(report, n)}
+                                                          for n, c in correct.items()}}
+    for which, among in (("all", None), ("strong", strong)):
+        res = normalised(correct, own, test.task, BOOTSTRAP, seed, among)
+        out["tasks_used"][which] = res["tasks_used"]
+        oracle = res["methods"]["router:oracle"]
+        for name, (point, boot) in res["methods"].items():
+            with np.errstate(divide="ignore", invalid="ignore"):
+                share = np.nan_to_num(boot / oracle[1], nan=0.0)
+            out["methods"][name][which] = {"normalised": point, "normalised_ci95": ci(boot),
+                                           "share_of_oracle": point / oracle[0], "share_ci95": ci(share)}
     out["own_adapter_accuracy"] = float(own.mean())
     out["picks"] = {r: {c: int((p == col[c]).sum()) for c in candidates if (p == col[c]).any()}
                     for r, p in picks.items()}
@@ -322,22 +326,36 @@ def agreement(Y: np.ndarray, candidates: list[str], tasks: list[str], mq: dict, 
 
 
 def summarise(seeds: list[dict]) -> dict:
-    """Mean over seeds of each method's estimates and CI ends."""
-    names = seeds[0]["methods"]
+    """Mean over seeds of each method's estimates and CI ends, for all tasks and the strong ones."""
     out = {}
-    for name in names:
+    for name in seeds[0]["methods"]:
         rows = [s["methods"][name] for s in seeds]
 
-        def mean(key, i=None):
-            vals = [r[key] if i is None else r[key][i] for r in rows]
+        def mean(vals):
             return None if any(v is None for v in vals) else float(np.mean(vals))
 
-        out[name] = {"normalised": mean("normalised"),
-                     "normalised_ci95": [mean("normalised_ci95", 0), mean("normalised_ci95", 1)],
-                     "share_of_oracle": mean("share_of_oracle"),
-                     "share_ci95": [mean("share_ci95", 0), mean("share_ci95", 1)],
-                     "accuracy": mean("accuracy"), "validation_accuracy": mean("validation_accuracy")}
+        out[name] = {"accuracy": mean([r["accuracy"] for r in rows]),
+                     "validation_accuracy": mean([r["validation_accuracy"] for r in rows])}
+        for which in ("all", "strong"):
+            part = [r[which] for r in rows]
+            out[name][which] = {k: mean([p[k] for p in part]) for k in ("normalised", "share_of_oracle")}
+            out[name][which].update({k: [mean([p[k][i] for p in part]) for i in (0, 1)]
+                                     for k in ("normalised_ci95", "share_ci95")})
     return out
+
+
+def verdict(summary: dict, best: str, merge_names: list[str], which: str) -> dict:
+    """The issue's target on one task set: the router's share of oracle >= 0.95, and above the best merge."""
+    b = summary[f"router:{best}"][which]
+    best_merge = max(merge_names, key=lambda n: summary[f"merge:{n}"][which]["normalised"])
+    bm = summary[f"merge:{best_merge}"][which]
+    return {"share_of_oracle": b["share_of_oracle"], "share_ci95": b["share_ci95"],
+            "router_normalised": b["normalised"], "router_ci95": b["normalised_ci95"], "best_merge": best_merge,
+            "best_merge_normalised": bm["normalised"], "best_merge_ci95": bm["normalised_ci95"],
+            "met_095_of_oracle": b["share_of_oracle"] >= 0.95,
+            "met_095_of_oracle_at_ci_low": (b["share_ci95"][0] or 0) >= 0.95,
+            "router_above_best_merge": b["normalised"] > bm["normalised"],
+            "router_above_best_merge_at_ci": (b["normalised_ci95"][0] or 0) > (bm["normalised_ci95"][1] or np.inf)}
 
 
 def main(argv=None) -> int:
@@ -375,24 +393,17 @@ def main(argv=None) -> int:
     Y = np.load(matrices / "Y.npy")
     seeds = []
     for seed in SEEDS:
-        seeds.append(run_seed(matrices, seed, routers, candidates, tasks, list(pool)))
+        seeds.append(run_seed(matrices, seed, routers, candidates, mq["seeds"][0]["strong_tasks"], list(pool)))
         log(f"seed {seed}: routers fitted and scored", start)
     summary = summarise(seeds)
     learned = [r for r in LEARNED if f"router:{r}" in summary]
     best = max(learned, key=lambda r: summary[f"router:{r}"]["validation_accuracy"])
-    best_test = max(learned, key=lambda r: summary[f"router:{r}"]["normalised"])
-    best_merge = max(pool, key=lambda n: summary[f"merge:{n}"]["normalised"])
+    best_test = max(learned, key=lambda r: summary[f"router:{r}"]["strong"]["normalised"])
     over = overhead(matrices, queries, candidates, best, args.overhead_queries, start)
-    b, bm = summary[f"router:{best}"], summary[f"merge:{best_merge}"]
     target = {"best_learned_router": best, "chosen_by": "mean validation accuracy at the chosen value",
-              "share_of_oracle": b["share_of_oracle"], "share_ci95": b["share_ci95"],
-              "router_normalised": b["normalised"], "best_merge": best_merge, "best_merge_normalised": bm["normalised"],
-              "met_095_of_oracle": b["share_of_oracle"] >= 0.95,
-              "met_095_of_oracle_at_ci_low": (b["share_ci95"][0] or 0) >= 0.95,
-              "router_above_best_merge": b["normalised"] > bm["normalised"],
-              "router_above_best_merge_at_ci": (b["normalised_ci95"][0] or 0) > (bm["normalised_ci95"][1] or 0),
-              "best_learned_router_on_test": best_test, "overhead_ratio": over["overhead_ratio"],
-              "overhead_met_5pct": over["overhead_ratio"] <= 0.05}
+              "best_learned_router_on_test_strong": best_test,
+              "strong": verdict(summary, best, list(pool), "strong"), "all": verdict(summary, best, list(pool), "all"),
+              "overhead_ratio": over["overhead_ratio"], "overhead_met_5pct": over["overhead_ratio"] <= 0.05}
     results = {"schema": "malleable.bench.route_vs_merge/1", "zoo_key": mq["seeds"][0]["zoo_key"],
                "per_task": len(Y) // len(tasks),
                "candidates": candidates, "merges": {n: {k: v for k, v in m.items() if k != "test_items"}
@@ -421,45 +432,52 @@ def _ci(pair, fmt=".3f"):
     return "[" + ", ".join("unbounded" if x is None else f"{x:{fmt}}" for x in pair) + "]"
 
 
+def _target_lines(t: dict, which: str, label: str) -> list[str]:
+    v = t[which]
+    return [f"- {label}: **{t['best_learned_router']}** keeps {_f(v['share_of_oracle'])} {_ci(v['share_ci95'])} of "
+            f"oracle routing's normalised accuracy: the 0.95 target is **{'met' if v['met_095_of_oracle'] else 'not met'}"
+            f"**{' (also at the CI low end)' if v['met_095_of_oracle_at_ci_low'] else ' (not at the CI low end)'}; "
+            f"its {_f(v['router_normalised'])} {_ci(v['router_ci95'])} is "
+            f"{'above' if v['router_above_best_merge'] else 'not above'} the best merge ({v['best_merge']}, "
+            f"{_f(v['best_merge_normalised'])} {_ci(v['best_merge_ci95'])})"
+            f"{', CIs apart' if v['router_above_best_merge_at_ci'] else ', CIs overlapping'}."]
+
+
 def markdown(r: dict) -> str:
     t, o, s = r["target"], r["overhead"], r["summary"]
-    tasks_used = sorted({x for seed in r["seeds"] for x in seed["tasks_used"]})
+    used = {w: sorted({x for seed in r["seeds"] for x in seed["tasks_used"][w]}) for w in ("all", "strong")}
     lines = ["# Route against merge: the 8-task zoo of merge_quality", "",
              f"{r['build']['queries']} queries (8 generated tasks x the first {r['per_task']} of their 200 test "
-             f"items), {len(r['candidates'])} "
-             f"candidates (base, 8 task LoRAs, {len(r['merges'])} merges), built by `route build` (metric "
-             f"{r['build']['metric']}, Arrow scores on; {r['build']['wall_time_s']:.0f} s). Routers fitted by the "
-             f"route engine on {len(r['seeds'])} seeds of a 60/20/20 split stratified by task "
-             f"(~{r['seeds'][0]['test_queries']} test queries per seed); every router and merge on the same test "
+             f"items), {len(r['candidates'])} candidates (base, 8 task LoRAs, {len(r['merges'])} merges), built by "
+             f"`route build` (metric {r['build']['metric']}, Arrow scores on; {r['build']['wall_time_s']:.0f} s). "
+             f"Routers fitted by the route engine on {len(r['seeds'])} seeds of a 60/20/20 split stratified by task "
+             f"({r['seeds'][0]['test_queries']} test queries per seed); every router and merge on the same test "
              "rows. Normalised accuracy = mean over tasks of accuracy / the task's own adapter's accuracy on the "
-             f"same rows ({len(tasks_used)} tasks whose adapter gets some right: {', '.join(tasks_used)}); share = "
-             f"/ oracle routing's. CIs: {r['bootstrap']} paired bootstrap resamples of each task's test rows per "
-             "seed; every number is the mean over seeds (of the estimate and of each CI end).", "",
-             "## Target", "",
-             f"- Best learned router (chosen on validation accuracy): **{t['best_learned_router']}**, "
-             f"{_f(t['share_of_oracle'])} of oracle routing's normalised accuracy {_ci(t['share_ci95'])}: the 0.95 "
-             f"target is **{'met' if t['met_095_of_oracle'] else 'not met'}** on the estimate"
-             f"{' and at the CI low end' if t['met_095_of_oracle_at_ci_low'] else ' (not at the CI low end)'}."
-             f" (Best learned router on test: {t['best_learned_router_on_test']}.)",
-             f"- Against the best merge ({t['best_merge']}, normalised {_f(t['best_merge_normalised'])}): the router's "
-             f"{_f(t['router_normalised'])} is {'above' if t['router_above_best_merge'] else 'not above'} it"
-             f"{', with non-overlapping CIs' if t['router_above_best_merge_at_ci'] else ' (CIs overlap)'}.",
-             f"- Overhead per query (embedding + routing with {o['router']}) / generating the answer: "
-             f"{_f(o['overhead_ratio'] * 100, '.2f')}% (target <= 5%: "
-             f"**{'met' if t['overhead_met_5pct'] else 'not met'}**); with knn {_f(o['overhead_ratio_knn'] * 100, '.2f')}%;"
-             f" Arrow's base forward {_f(o['arrow_ratio'] * 100, '.1f')}%. Medians over {o['queries']} test queries, "
-             "one at a time, interleaved: " + ", ".join(f"{k} {v * 1000:.1f} ms" for k, v in
-                                                       o["median_seconds"].items())
-             + f" (generation: greedy, at most {o['max_new_tokens']} new tokens, the task's adapter).", "",
-             "## Routers and merges (test, mean over seeds)", "",
-             "| router / merge | normalised [95% CI] | share of oracle [95% CI] | accuracy | validation accuracy |",
-             "|---|---:|---:|---:|---:|"]
-    order = sorted(s, key=lambda n: -(s[n]["normalised"] or 0))
-    for n in order:
-        x = s[n]
+             "same rows, over two task sets: **strong** = merge_quality's 4 tasks whose adapter is right on >= 50% "
+             f"of its validation items ({', '.join(used['strong'])}), the statistic merge_quality's README reports; "
+             f"**all** = every task whose adapter gets some test row right ({', '.join(used['all'])}; the weak "
+             "adapters are right on a few rows, so their ratios are noisy and can exceed 1). Share = / oracle "
+             f"routing's. CIs: {r['bootstrap']} paired bootstrap resamples of each task's test rows per seed (a "
+             "resample where the adapter gets none of a task right scores 0 there, as merge_quality); every "
+             "number is the mean over seeds of the estimate and of each CI end.", "",
+             "## Target", "", f"Best learned router chosen on validation accuracy: {t['best_learned_router']} "
+             f"(on test, strong tasks: {t['best_learned_router_on_test_strong']})."]
+    lines += _target_lines(t, "strong", "Strong tasks") + _target_lines(t, "all", "All tasks")
+    lines += [f"- Overhead per query (embedding + routing with {o['router']}) / generating the answer: "
+              f"{_f(o['overhead_ratio'] * 100, '.2f')}% (target <= 5%: **{'met' if t['overhead_met_5pct'] else 'not met'}"
+              f"**); with knn {_f(o['overhead_ratio_knn'] * 100, '.2f')}%; Arrow's base forward "
+              f"{_f(o['arrow_ratio'] * 100, '.1f')}%. Medians over {o['queries']} test queries, one at a time, "
+              "interleaved: " + ", ".join(f"{k} {v * 1000:.1f} ms" for k, v in o["median_seconds"].items())
+              + f" (generation: greedy, at most {o['max_new_tokens']} new tokens, the task's adapter).", "",
+              "## Routers and merges (test, mean over seeds)", "",
+              "| router / merge | normalised, strong [95% CI] | share of oracle, strong [95% CI] | normalised, all "
+              "[95% CI] | share of oracle, all | accuracy | validation accuracy |", "|---|---:|---:|---:|---:|---:|---:|"]
+    for n in sorted(s, key=lambda n: -(s[n]["strong"]["normalised"] or 0)):
+        x, a = s[n]["strong"], s[n]["all"]
         lines.append(f"| {n} | {_f(x['normalised'])} {_ci(x['normalised_ci95'])} | {_f(x['share_of_oracle'])} "
-                     f"{_ci(x['share_ci95'])} | {_f(x['accuracy'])} | {_f(x['validation_accuracy'])} |")
-    lines += ["", "Build accuracy per candidate (all 1600 queries): " + ", ".join(
+                     f"{_ci(x['share_ci95'])} | {_f(a['normalised'])} {_ci(a['normalised_ci95'])} | "
+                     f"{_f(a['share_of_oracle'])} | {_f(s[n]['accuracy'])} | {_f(s[n]['validation_accuracy'])} |")
+    lines += ["", f"Build accuracy per candidate (all {r['build']['queries']} queries): " + ", ".join(
         f"{c} {a:.3f}" for c, a in r["build"]["accuracy"].items()) + ".", "",
         "Agreement of the build's forced exact match with merge_quality's own per-item test scores (same items, "
         "same metric, other batching): " + ", ".join(f"{k} {v:.4f}" for k, v in
@@ -469,19 +487,23 @@ def markdown(r: dict) -> str:
         "Arrow: PEFT's prototypes and per-token weights (top_k "
         f"{r['build']['arrow']['top_k']}, temperature {r['build']['arrow']['temperature']}) over the 8 task "
         "adapters, averaged over each prompt's tokens and the adapted modules, read from one base forward; it picks "
-        "one adapter per query where PEFT mixes the top-k per token. Zero-shot: nothing fitted.", ""]
+        "one adapter per query where PEFT mixes the top-k per token. Zero-shot: nothing fitted. "
+        "`strongest_per_task` reads the query's task label (a task-aware baseline, not a router of unlabelled "
+        "queries); `random` is RouteLLM's random mix of the strong and weak candidate, which with equal costs are "
+        "the same one.", ""]
     if r["centroid_from"] is None:
         lines += ["TODO: the `centroid` router (branch serve) was not available to this run.", ""]
     elif r["centroid_from"] != "this tree":
         lines += [f"`centroid`: {r['centroid_from']}.", ""]
-    lines += ["Picks of each router on seed 0's test rows: " + "; ".join(
+    lines += ["Picks of each router on seed 0's test rows (top 4): " + "; ".join(
         f"{k}: " + ", ".join(f"{c} {v}" for c, v in sorted(p.items(), key=lambda cv: -cv[1])[:4])
-        for k, p in r["seeds"][0]["picks"].items()) + ".", "",
+        for k, p in r["seeds"][0]["picks"].items()) + ". (The oracle takes the first candidate, base, where "
+        "none is right.)", "",
         f"Every candidate priced {PRICE:g} per token in and out, so costs are equal and no router trades quality "
         "for cost; the cost-aware comparison is bench/route_pool.py's.", "",
         f"Wall time {r['wall_time_s']:.0f} s. Machine: {r['machine']['cpu']}, {r['machine']['cores']} cores, "
-        f"shared with other jobs (load average {r['loadavg_start']} at the start, {r['loadavg_end']} at the end).", "",
-        "![route vs merge](route_vs_merge.png)", ""]
+        f"shared with other jobs (load average {r['loadavg_start']} at the start, {r['loadavg_end']} at the end).",
+        "", "![route vs merge](route_vs_merge.png)", ""]
     return "\n".join(lines)
 
 
@@ -491,7 +513,7 @@ def plot(r: dict, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    s = r["summary"]
+    s = {n: v["strong"] for n, v in r["summary"].items()}
     names = sorted(s, key=lambda n: -(s[n]["normalised"] or 0))
     means = [s[n]["normalised"] for n in names]
     lo = [m - (s[n]["normalised_ci95"][0] if s[n]["normalised_ci95"][0] is not None else m)
@@ -505,7 +527,8 @@ def plot(r: dict, path: Path) -> None:
     ax.axvline(1.0, color="gray", ls="--", label="each task's own adapter")
     ax.set_yticks(range(len(names)), names, fontsize=8)
     ax.invert_yaxis()
-    ax.set_xlabel("normalised accuracy (test, mean over 3 split seeds; 95% paired-bootstrap CI)")
+    ax.set_xlabel("normalised accuracy on the 4 strong tasks (test, mean over 3 split seeds; 95% paired-bootstrap CI)",
+                  fontsize=8)
     ax.set_title("8-task zoo: routing (blue) against merging (orange)", fontsize=10)
     ax.legend(fontsize=8, loc="lower right")
     fig.tight_layout()
