@@ -501,7 +501,8 @@ def markdown(r: dict) -> str:
         "none is right.)", "",
         f"Every candidate priced {PRICE:g} per token in and out, so costs are equal and no router trades quality "
         "for cost; the cost-aware comparison is bench/route_pool.py's.", "",
-        f"Wall time {r['wall_time_s']:.0f} s. Machine: {r['machine']['cpu']}, {r['machine']['cores']} cores, "
+        f"Wall time of the run that wrote this {r['wall_time_s']:.0f} s, plus the build it reused "
+        f"({r['build']['wall_time_s']:.0f} s, cached under the bench cache). Machine: {r['machine']['cpu']}, {r['machine']['cores']} cores, "
         f"shared with other jobs (load average {r['loadavg_start']} at the start, {r['loadavg_end']} at the end).",
         "", "![route vs merge](route_vs_merge.png)", ""]
     return "\n".join(lines)
