@@ -49,7 +49,14 @@ def write_own(folder: Path, Y, C, X, tasks, split=None) -> Path:
 
 @pytest.fixture(scope="module")
 def matrices(tmp_path_factory) -> Path:
-    return write_own(tmp_path_factory.mktemp("route") / "m", *synthetic())
+    """The synthetic matrices, with Arrow scores for the three cheap candidates (noisy task one-hots over the
+    candidate good at the task; NaN for 'big', outside the adapter library) so the `arrow` router runs too."""
+    Y, C, X, tasks = synthetic()
+    folder = write_own(tmp_path_factory.mktemp("route") / "m", Y, C, X, tasks)
+    best = np.array([1, 2, 0])[[int(t[1]) for t in tasks]]
+    A = np.eye(3)[best] + np.random.default_rng(1).uniform(0, 0.8, (len(tasks), 3))
+    np.save(folder / "arrow.npy", np.c_[A / A.sum(axis=1, keepdims=True), np.full(len(tasks), np.nan)])
+    return folder
 
 
 @pytest.fixture(scope="module")

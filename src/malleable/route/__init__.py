@@ -2,7 +2,7 @@
 fitted and compared on quality and cost matrices)."""
 
 from malleable.route import (  # noqa: F401  (registration)
-    centroid, cheapest, kmeans, knn, linear, mf, mlp, oracle, prknn, random_mix, soft_label, strongest,
+    arrow, centroid, cheapest, kmeans, knn, linear, mf, mlp, oracle, prknn, random_mix, soft_label, strongest,
     strongest_per_task,
 )
 from malleable.route.matrices import Matrices, read_matrices

@@ -6,7 +6,8 @@ file is never opened):
 * malleable's own: ``Y.npy`` (queries x candidates quality; or ``Y.npz`` with key ``Y``), ``C.npy`` (cost, same
   shape; or ``C.npz`` with key ``C``), optional ``meta.csv`` / ``meta.parquet`` / ``meta.jsonl`` (one row per
   query: ``task``, ``split`` in train / validation / test, optional ``query``), optional ``embeddings.npy``
-  (queries x dim) and ``candidates.json`` (a list of names).
+  (queries x dim), ``candidates.json`` (a list of names) and ``arrow.npy`` (queries x candidates Arrow scores,
+  NaN for a candidate outside the adapter library; written by ``route build`` with ``arrow: true``).
 * VL-RouterBench's: ``data/matrices/Y.npz`` (key ``Y``), ``data/matrices/C.npy`` (or ``C.npz``),
   ``data/registry/meta.parquet`` (``sample_id``, ``dataset`` = the task), optional ``SPLITS/{train,dev,test}.jsonl``
   (``sample_id`` per line) and ``EMBEDDINGS/text/<encoder>.parquet`` (``sample_id``, ``embedding``). Its
@@ -41,6 +42,7 @@ class Matrices:
     split: np.ndarray | None = None  # (queries,) one of SPLITS, or None: the recipe's random split
     X: np.ndarray | None = None  # (queries, dim) float32 embeddings
     source: str = ""
+    A: np.ndarray | None = None  # (queries, candidates) Arrow scores, NaN outside the adapter library
 
     def __len__(self) -> int:
         return self.Y.shape[0]
@@ -48,7 +50,7 @@ class Matrices:
     def subset(self, rows: np.ndarray) -> Matrices:
         return replace(self, Y=self.Y[rows], C=self.C[rows], task=self.task[rows],
                        split=None if self.split is None else self.split[rows],
-                       X=None if self.X is None else self.X[rows])
+                       X=None if self.X is None else self.X[rows], A=None if self.A is None else self.A[rows])
 
 
 def _array(path: Path, key: str | None = None) -> np.ndarray:
@@ -114,7 +116,8 @@ def _own(folder: Path) -> Matrices:
     cand = folder / "candidates.json"
     names = _names(cand, Y) if cand.is_file() else [f"model_{i}" for i in range(Y.shape[-1] if Y.ndim else 0)]
     X = _array(folder / "embeddings.npy") if (folder / "embeddings.npy").is_file() else None
-    return Matrices(Y, C, names, task, split, X)
+    A = _array(folder / "arrow.npy") if (folder / "arrow.npy").is_file() else None
+    return Matrices(Y, C, names, task, split, X, A=A)
 
 
 def _names(path: Path, Y: np.ndarray) -> list[str]:
@@ -246,6 +249,13 @@ def check(m: Matrices) -> None:
         if not np.issubdtype(m.X.dtype, np.number) or not np.isfinite(m.X).all():
             raise InputError(f"{src}: embeddings must be finite numbers")
         m.X = m.X.astype(np.float32)
+    if m.A is not None:
+        if m.A.shape != m.Y.shape or not np.issubdtype(m.A.dtype, np.floating):
+            raise InputError(f"{src}: Arrow scores (arrow.npy) have shape {m.A.shape} and type {m.A.dtype}; "
+                             f"expected floats of shape {m.Y.shape}")
+        if np.isinf(m.A).any() or np.isnan(m.A).all(axis=1).any():
+            raise InputError(f"{src}: Arrow scores (arrow.npy) must be finite, NaN only outside the adapter library")
+        m.A = m.A.astype(np.float64)
 
 
 def split_rows(m: Matrices, fractions: tuple[float, float, float], seed: int) -> dict[str, np.ndarray]:
