@@ -73,6 +73,20 @@ def test_the_mixed_batch_answers_as_each_candidate_alone(pool, monkeypatch):
     assert served.generate(PROMPTS, ["base"] * len(PROMPTS)) == answers["base"]
 
 
+def test_prompts_are_rendered_as_the_build_rendered_them(pool):
+    """chat_template off (a zoo trained on bare prompts): the plain prompt, as generate(chat=False) alone."""
+    from malleable.evaluate.generation import generate
+    from malleable.models.checkpoints import load_model, load_tokenizer
+
+    path = pool["paths"]["lora1"]
+    tok = load_tokenizer(path)
+    model = load_model(path, "causal_lm", tok.pad_token_id)
+    plain = [generate(model, tok, [p], max_new_tokens=4, chat=False)[0] for p in PROMPTS]
+    assert plain != pool["answers"]["lora1"]  # the template changes the answers: the test can fail
+    served = RoutedModel(pool["paths"], max_new_tokens=4, chat_template="off")
+    assert served.generate(PROMPTS, ["lora1"] * len(PROMPTS)) == plain
+
+
 def test_answer_routes_then_generates_in_input_order(pool):
     names = list(pool["paths"])
     k = names.index("lora1")

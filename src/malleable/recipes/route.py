@@ -159,6 +159,7 @@ class RouteRunRecipe(Strict):
     encoder: Path | None = None
     max_new_tokens: int = Field(default=8, gt=0, le=4096)
     batch_size: int = Field(default=16, gt=0)
+    chat_template: Literal["auto", "on", "off"] = "auto"  # as the build rendered its prompts
     trust_remote_code: bool = False
     allow_pickle: bool = False
 

