@@ -149,3 +149,103 @@ def test_the_default_encoder_is_all_minilm(tmp_path):
     X = embed(qs, None, tmp_path)
     assert X.shape == (3, 384) and np.allclose(np.linalg.norm(X, axis=1), 1, atol=1e-5)
     assert X[0] @ X[1] > X[0] @ X[2] + 0.2
+
+
+def _build(pool, tmp_path, name, **changes):
+    recipe = {**json.loads(json.dumps(pool["dict"])), **changes}
+    (tmp_path / f"{name}.yaml").write_text(yaml.safe_dump(recipe))
+    result = invoke("route", "build", tmp_path / f"{name}.yaml", tmp_path / name, "-q")
+    return result, tmp_path / name
+
+
+def test_forced_metric_agrees_with_generate_and_counts_the_gold_tokens_out(pool, tmp_path):
+    """Labelled with the base's own greedy tokens (rows with a special token, or whose decoded text does not
+    tokenise back to those tokens, are left out), the base is right on every query under both metrics, and the two
+    metrics agree on every (query, candidate)."""
+    import torch
+
+    from malleable.learn.data import chat_prompt
+
+    tok = tiny_tokenizer()
+    model, rows = tiny_llama(0), []
+    for i in range(30):
+        prompt = f"copy: w{i} w{i + 2}"
+        ids = tok(chat_prompt(tok, prompt), return_tensors="pt", add_special_tokens=False).input_ids
+        with torch.no_grad():
+            out = model.generate(ids, max_new_tokens=4, do_sample=False, pad_token_id=tok.pad_token_id)
+        new = out[0, ids.shape[1]:]
+        text = tok.decode(new)
+        if tok(text, add_special_tokens=False).input_ids == new.tolist() and tok.eos_token_id not in new:
+            rows.append({"prompt": prompt, "completion": text})
+    assert len(rows) >= 5
+    echo = write_jsonl(tmp_path / "echo.jsonl", rows)
+    tasks = [{"name": "echo", "data": str(echo)}, pool["dict"]["tasks"][1]]
+    result, gen = _build(pool, tmp_path, "gen", tasks=tasks)
+    assert result.exit_code == 0, result.output
+    result, forced = _build(pool, tmp_path, "forced", metric="forced", tasks=tasks)
+    assert result.exit_code == 0, result.output
+    Yg, Yf = np.load(gen / "Y.npy"), np.load(forced / "Y.npy")
+    assert Yf[:len(rows), 0].all() and Yg[:len(rows), 0].all()
+    assert np.array_equal(Yg, Yf) and not Yf.all()
+    assert json.loads((forced / "report.json").read_text())["metric"] == "forced"
+    rows += toy_records(10)
+    n_in = np.array([len(tok(chat_prompt(tok, r["prompt"]), add_special_tokens=False).input_ids) for r in rows])
+    n_out = np.array([len(tok(r["completion"], add_special_tokens=False).input_ids) for r in rows])
+    assert np.allclose(np.load(forced / "C.npy")[:, 2], n_in * 1.0 + n_out * 3.0)  # lora: price_in 1, price_out 3
+
+
+def test_choice_metric_picks_the_likelier_choice(pool, tmp_path):
+    """One-word choices after the prompt: from the base's next-token distribution (a plain forward pass), its
+    likeliest and its least likely word; the base picks the likelier, with the gold given as text or index."""
+    import torch
+
+    from malleable.learn.data import chat_prompt
+    from malleable.models.checkpoints import load_model, load_tokenizer
+
+    base = Path(pool["dict"]["candidates"][0]["model"])
+    tok = load_tokenizer(base)
+    model = load_model(base, "causal_lm", tok.pad_token_id)
+    words = tok.convert_tokens_to_ids(WORDS)
+    prompts, first, other = [f"copy: w{i} w{i + 3}" for i in range(8)], [], []
+    for p in prompts:
+        with torch.no_grad():
+            logits = model(tok(chat_prompt(tok, p), return_tensors="pt", add_special_tokens=False).input_ids).logits
+        order = logits[0, -1, words].argsort()
+        first.append(WORDS[order[-1]])
+        other.append(WORDS[order[0]])
+    rows = [{"prompt": p, "choices": [o, f], "completion": f} for p, f, o in zip(prompts[:4], first, other)]
+    rows += [{"prompt": p, "choices": [f, o], "answer": 1} for p, f, o in zip(prompts[4:], first[4:], other[4:])]
+    mcq = write_jsonl(tmp_path / "mcq.jsonl", rows)
+    tasks = [{"name": "mcq", "data": str(mcq)}]
+    for metric in ("choice", "choice_norm"):
+        result, out = _build(pool, tmp_path, metric, metric=metric, tasks=tasks)
+        assert result.exit_code == 0, result.output
+        Y, C = np.load(out / "Y.npy"), np.load(out / "C.npy")
+        assert Y[:, 0].tolist() == [1] * 4 + [0] * 4
+    n_in = np.array([len(tok(chat_prompt(tok, r["prompt"]), add_special_tokens=False).input_ids) for r in rows])
+    assert np.allclose(C[:, 2], (n_in + 2) * 1.0 + 1 * 3.0)  # in: prompt + two one-word choices; out: the pick
+
+
+def test_choice_pick_sums_or_normalises_by_bytes():
+    from malleable.evaluate.scoring import choice_pick
+
+    eos = -0.5  # the EOS `encode_pair` appends is not part of a choice's likelihood
+    scored = [{"logprobs": np.array([-1.0, -1.0, eos]), "correct": np.ones(3)},
+              {"logprobs": np.array([-1.5, eos]), "correct": np.ones(2)}]
+    assert choice_pick(scored, ["a b", "a"]) == 1  # summed: -1.5 > -2
+    assert choice_pick(scored, ["abcdefgh", "a"], norm=True) == 0  # per byte: -0.25 > -1.5
+
+
+@pytest.mark.parametrize("row,words", [({"completion": "w1"}, "has no choices"),
+                                       ({"choices": [], "completion": "w1"}, "has no choices"),
+                                       ({"choices": ["w1", ""], "completion": "w1"}, "has no choices"),
+                                       ({"choices": ["w1", "w2"], "completion": "w3"}, "is not one of its choices"),
+                                       ({"choices": ["w1", "w2"], "answer": 2}, "not an index"),
+                                       ({"choices": ["w1", "w2"]}, "has no label"),
+                                       ({"choices": ["w1", "w1"], "answer": 0}, "not distinct")])
+def test_bad_choice_rows_are_one_line_exit_2(pool, tmp_path, row, words):
+    bad = write_jsonl(tmp_path / "bad.jsonl", [{"prompt": "copy: w1", "choices": ["w1", "w2"], "answer": 0},
+                                               {"prompt": "copy: w2", **row}])
+    result, out = _build(pool, tmp_path, "out", metric="choice", tasks=[{"name": "bad", "data": str(bad)}])
+    assert result.exit_code == 2 and result.stderr.count("\n") == 1 and words in result.stderr, result.output
+    assert "line 2" in result.stderr and not out.exists()

@@ -53,3 +53,28 @@ def forced_match(model, tokenizer, records: list[dict], *, chat: bool = True, ba
     scored = score_pairs(model, tokenizer, [(r["prompt"], r["completion"]) for r in records],
                          batch_size=batch_size, chat=chat)
     return [bool(without_eos(s)["correct"].all()) for s in scored]
+
+
+def choice_pick(scored: list[dict[str, np.ndarray]], choices: list[str], norm: bool = False) -> int:
+    """The index of the choice with the highest answer log-likelihood, from `score_pairs` results of
+    (prompt, choice) for each choice (the EOS `encode_pair` appends is left out: a choice is a continuation,
+    not a whole answer). Summed over the choice's tokens (lm-eval's `acc`), or with `norm` divided by the
+    choice's length in UTF-8 bytes (lm-eval's `acc_norm`). Ties go to the first choice, as numpy's argmax."""
+    ll = np.array([float(without_eos(s)["logprobs"].sum()) for s in scored])
+    if norm:
+        ll = ll / np.array([max(1, len(c.encode("utf-8"))) for c in choices])
+    return int(np.argmax(ll))
+
+
+def choice_match(model, tokenizer, records: list[dict], *, norm: bool = False, chat: bool = True,
+                 batch_size: int = 32) -> list[int]:
+    """Per record (`prompt`, `choices`): the index of the picked choice (`choice_pick`), every choice of every
+    record scored teacher-forced in shared batches, one forward per batch."""
+    pairs = [(r["prompt"], c) for r in records for c in r["choices"]]
+    scored = score_pairs(model, tokenizer, pairs, batch_size=batch_size, chat=chat)
+    picks, at = [], 0
+    for r in records:
+        k = len(r["choices"])
+        picks.append(choice_pick(scored[at:at + k], r["choices"], norm))
+        at += k
+    return picks

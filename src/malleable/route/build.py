@@ -1,16 +1,30 @@
 """`malleable route build`: the quality and cost matrices of a pool of candidates on the user's labelled queries.
 
-Every candidate (a transformers checkpoint, or a PEFT adapter on its base) answers every query once, greedily;
-the answer is scored by exact match (evaluate/generation.py). The cost of a query is either its tokens times
-the candidate's prices (tokens in: the rendered chat prompt; tokens out: the generated text re-tokenised, so
-text after the end-of-sequence token is not counted; without prices, the candidate's parameter count / 1e9 per
-token, a compute proxy) or the measured latency (the batch's seconds shared among its queries). The queries are
-embedded with a sentence-transformers encoder (all-MiniLM-L6-v2 by default).
+Every candidate (a transformers checkpoint, or a PEFT adapter on its base) answers every query once, scored by
+the recipe's `metric`:
+
+* `generate` (default): a greedy answer, exact match against the completion (evaluate/generation.py).
+* `forced`: teacher-forced exact match (evaluate/scoring.forced_match): every completion token is the argmax
+  given the prompt and the completion's earlier tokens, which is exactly "greedy decoding reproduces the
+  completion's tokens"; one forward per batch instead of one per generated token, so far faster. It compares
+  tokens where `generate` compares normalised text, so the two can differ on case or punctuation.
+* `choice` / `choice_norm`: log-likelihood multiple choice (evaluate/scoring.choice_match): a row has `choices`
+  (a list of texts) and its gold as `completion` (one of the choices) or `answer` (the gold's index); the
+  candidate picks the choice with the highest log-likelihood after the prompt, summed over the choice's tokens
+  (`choice`, lm-eval's acc) or divided by its length in bytes (`choice_norm`, lm-eval's acc_norm).
+
+The cost of a query is either its tokens times the candidate's prices (without prices, the candidate's parameter
+count / 1e9 per token, a compute proxy) or the measured latency (the batch's seconds shared among its queries).
+Tokens in are the rendered chat prompt's (for `choice`, plus every choice's tokens, all of which are scored);
+tokens out are, for `generate`, the generated text re-tokenised (text after the end-of-sequence token is not
+counted), for `forced` the gold completion's tokens (what a correct greedy answer would emit), for `choice` 1
+(the pick, as one answer token). The queries are embedded with a sentence-transformers encoder
+(all-MiniLM-L6-v2 by default).
 
 Output (the layout `route fit` reads): Y.npy, C.npy, embeddings.npy, meta.csv (query, task, split),
 candidates.json, report.json / report.md. Resumable: each candidate's answers are cached in OUT.cache/ batch
-by batch under a key of the candidate, the queries and the settings; a killed build continues where it
-stopped, and the cache is removed once the output is written.
+by batch under a key of the candidate, the queries and the settings (metric included); a killed build
+continues where it stopped, and the cache is removed once the output is written.
 """
 
 from __future__ import annotations
@@ -32,7 +46,7 @@ SCHEMA = "malleable.route.build/1"
 
 
 def load_queries(recipe: RouteBuildRecipe) -> list[dict]:
-    """Every task's prompt / completion rows, as {task, prompt, completion}, at most max_queries per task."""
+    """Every task's labelled rows, as {task, prompt, completion[, choices]}, at most max_queries per task."""
     from malleable.data.files import load_table
 
     out = []
@@ -41,11 +55,41 @@ def load_queries(recipe: RouteBuildRecipe) -> list[dict]:
         if not rows:
             raise InputError(f"{t.data}: no rows (task '{t.name}')")
         for row, w in zip(rows[: recipe.max_queries], where):
-            prompt, gold = row.get("prompt"), row.get("completion")
-            if not isinstance(prompt, str) or not prompt.strip() or not isinstance(gold, str) or not gold.strip():
+            prompt = row.get("prompt")
+            if not isinstance(prompt, str) or not prompt.strip():
+                raise InputError(f"{t.data}: {w} has no label (a prompt and a completion, both non-empty text)")
+            if recipe.metric.startswith("choice"):
+                out.append({"task": t.name, "prompt": prompt, **_choices(row, f"{t.data}: {w}")})
+                continue
+            gold = row.get("completion")
+            if not isinstance(gold, str) or not gold.strip():
                 raise InputError(f"{t.data}: {w} has no label (a prompt and a completion, both non-empty text)")
             out.append({"task": t.name, "prompt": prompt, "completion": gold})
     return out
+
+
+def _choices(row: dict, where: str) -> dict:
+    """A multiple-choice row's choices and gold text, checked: choices a list of >= 2 distinct non-empty texts,
+    the gold one of them (as `completion`) or an index into them (as `answer`)."""
+    choices = row.get("choices")
+    if not isinstance(choices, list) or len(choices) < 2 or not all(isinstance(c, str) and c.strip()
+                                                                    for c in choices):
+        raise InputError(f"{where} has no choices (metric choice needs 'choices': a list of at least two "
+                         "non-empty texts)")
+    if len(set(choices)) < len(choices):
+        raise InputError(f"{where}: its choices are not distinct")
+    gold, answer = row.get("completion"), row.get("answer")
+    if isinstance(gold, str) and gold.strip():
+        if gold not in choices:
+            raise InputError(f"{where}: its completion '{gold}' is not one of its choices")
+    elif isinstance(answer, int) and not isinstance(answer, bool):
+        if not 0 <= answer < len(choices):
+            raise InputError(f"{where}: answer {answer} is not an index into its {len(choices)} choices")
+        gold = choices[answer]
+    else:
+        raise InputError(f"{where} has no label (the gold as 'completion', one of the choices, or 'answer', "
+                         "its index)")
+    return {"completion": gold, "choices": choices}
 
 
 def _key(*parts) -> str:
@@ -65,12 +109,10 @@ def run_candidate(c, queries: list[dict], recipe: RouteBuildRecipe, cache: Path,
     """One row per query: correct (0/1), tokens in and out, seconds; continues from the cache."""
     from tqdm import tqdm
 
-    from malleable.evaluate.generation import generate, is_match
-    from malleable.learn.data import chat_prompt
     from malleable.models.checkpoints import Trust, load_model, load_tokenizer
 
-    key = _key(str(Path(c.model).resolve()), [(q["prompt"], q["completion"]) for q in queries],
-               recipe.max_new_tokens, recipe.cost)
+    key = _key(str(Path(c.model).resolve()), [(q["prompt"], q["completion"], q.get("choices")) for q in queries],
+               recipe.max_new_tokens, recipe.cost, recipe.metric)
     rows = _cache(cache, c.name, key)
     if len(rows) >= len(queries):
         return rows[: len(queries)]
@@ -83,22 +125,42 @@ def run_candidate(c, queries: list[dict], recipe: RouteBuildRecipe, cache: Path,
         batch = queries[i : i + bs]
         start = time.perf_counter()
         try:
-            answers = generate(model, tokenizer, [q["prompt"] for q in batch], max_new_tokens=recipe.max_new_tokens,
-                               batch_size=bs)
+            scored = answer(model, tokenizer, batch, recipe.metric, recipe.max_new_tokens, bs)
         except (RuntimeError, ValueError, IndexError) as e:  # a model that cannot run on these prompts
             raise InputError(f"{c.model}: candidate '{c.name}' failed to answer ({reason(e, typed=True)})") from None
         seconds = (time.perf_counter() - start) / len(batch)
-        for q, a in zip(batch, answers):
-            rows.append({"correct": int(is_match(a, q["completion"])), "answer": a, "seconds": seconds,
-                         "tokens_in": len(tokenizer(chat_prompt(tokenizer, q["prompt"]),
-                                                    add_special_tokens=False).input_ids),
-                         "tokens_out": len(tokenizer(a, add_special_tokens=False).input_ids)})
+        rows += [{**r, "seconds": seconds} for r in scored]
         write_text_atomic(cache / f"{c.name}.json", json.dumps({"key": key, "rows": rows}))
         bar.update(len(batch))
     bar.close()
     rows[0]["parameters"] = sum(p.numel() for p in model.parameters())
     write_text_atomic(cache / f"{c.name}.json", json.dumps({"key": key, "rows": rows}))
     return rows
+
+
+def answer(model, tokenizer, batch: list[dict], metric: str, max_new_tokens: int, batch_size: int) -> list[dict]:
+    """Per query of `batch`: correct (0/1), the answer (generated text, or the picked choice), tokens in, out."""
+    from malleable.evaluate.generation import generate, is_match
+    from malleable.evaluate.scoring import choice_match, forced_match
+    from malleable.learn.data import chat_prompt
+
+    def count(text: str) -> int:
+        return len(tokenizer(text, add_special_tokens=False).input_ids)
+
+    prompts = [count(chat_prompt(tokenizer, q["prompt"])) for q in batch]
+    if metric == "generate":
+        texts = generate(model, tokenizer, [q["prompt"] for q in batch], max_new_tokens=max_new_tokens,
+                         batch_size=batch_size)
+        return [{"correct": int(is_match(a, q["completion"])), "answer": a, "tokens_in": n, "tokens_out": count(a)}
+                for q, a, n in zip(batch, texts, prompts)]
+    if metric == "forced":
+        hits = forced_match(model, tokenizer, batch, batch_size=batch_size)
+        return [{"correct": int(h), "answer": q["completion"] if h else None, "tokens_in": n,
+                 "tokens_out": count(q["completion"])} for q, h, n in zip(batch, hits, prompts)]
+    picks = choice_match(model, tokenizer, batch, norm=metric == "choice_norm", batch_size=batch_size)
+    return [{"correct": int(q["choices"][i] == q["completion"]), "answer": q["choices"][i],
+             "tokens_in": n + sum(count(c) for c in q["choices"]), "tokens_out": 1}
+            for q, i, n in zip(batch, picks, prompts)]
 
 
 def default_encoder() -> Path:
@@ -175,7 +237,8 @@ def build(recipe: RouteBuildRecipe, out: str | Path, force: bool = False, progre
     split = np.empty(n, dtype=object)
     for s in SPLITS:
         split[parts[s]] = s
-    report = {"schema": SCHEMA, "queries": n, "candidates": m.candidates, "cost": recipe.cost, "prices": prices,
+    report = {"schema": SCHEMA, "queries": n, "candidates": m.candidates, "metric": recipe.metric,
+              "cost": recipe.cost, "prices": prices,
               "accuracy": {c: float(Y[:, j].mean()) for j, c in enumerate(m.candidates)},
               "mean_cost": {c: float(C[:, j].mean()) for j, c in enumerate(m.candidates)},
               "recipe": json.loads(recipe.model_dump_json()), "wall_time_s": round(time.perf_counter() - start, 3),
@@ -187,8 +250,8 @@ def build(recipe: RouteBuildRecipe, out: str | Path, force: bool = False, progre
         pd.DataFrame({"query": [q["prompt"] for q in queries], "task": tasks, "split": split}).to_csv(
             tmp / "meta.csv", index=False)
         (tmp / "candidates.json").write_text(json.dumps(m.candidates) + "\n")
-        lines = ["# route build", "", f"{n} queries, {k} candidates, cost = {recipe.cost}.", "",
-                 "| candidate | exact match | mean cost |", "|---|---|---|"]
+        lines = ["# route build", "", f"{n} queries, {k} candidates, metric = {recipe.metric}, cost = {recipe.cost}.",
+                 "", "| candidate | accuracy | mean cost |", "|---|---|---|"]
         lines += [f"| {c} | {report['accuracy'][c]:.3f} | {report['mean_cost'][c]:.4g} |" for c in m.candidates]
         write_report(tmp, report, "\n".join(lines) + "\n")
     shutil.rmtree(cache, ignore_errors=True)
