@@ -195,28 +195,57 @@ def candidate_table(matrices: Path) -> dict:
     return out
 
 
-def routellm_check(reports: dict[int, dict]) -> dict | None:
-    """APGR / CPT of every router's test curve by our code and by RouteLLM's own `generate_results`, on the
-    same (strong share, accuracy) points, per seed."""
+PAIR = ("gemma3", "smollm2")  # RouteLLM's strong / weak pair by size: the larger and the smaller base model
+
+
+def pair_case(seed: int) -> dict:
+    """RouteLLM's own setting for the pool's strong / weak pair (PAIR): each fitted router's test curve as (share
+    of test queries it sends to the strong model, accuracy) over its swept values, with the two models' test
+    accuracies. Calls to any other candidate count as not strong."""
+    import numpy as np
+
+    from malleable.route.engine import load_routers
+    from malleable.route.matrices import read_matrices, split_rows
+
+    m = read_matrices(CACHE / "matrices-nosplit")
+    test = m.subset(split_rows(m, (0.6, 0.2, 0.2), seed)["test"])
+    routers, _, candidates = load_routers(CACHE / f"fit-seed{seed}")
+    strong, weak = (candidates.index(c) for c in PAIR)
+    rows = np.arange(len(test))
+    curves = {}
+    for name, r in sorted(routers.items()):
+        picks = [r.choose(test, v) for v in r.knob_values()]
+        if len(picks) > 1:
+            curves[name] = {"share": [float(np.mean(c == strong)) for c in picks],
+                            "accuracy": [float(test.Y[rows, c].mean()) for c in picks]}
+    return {"strong": float(test.Y[:, strong].mean()), "weak": float(test.Y[:, weak].mean()), "curves": curves}
+
+
+def routellm_check(seeds) -> dict:
+    """APGR / CPT of every router's strong-share curve (pair_case) by our code and, where its virtualenv exists,
+    by RouteLLM's own `generate_results`, per seed."""
     from _routellm import ROUTELLM_VENV, routellm_metrics, routellm_version
 
-    if not (ROUTELLM_VENV / "bin" / "python").exists():
-        return None
-    out = {"venv": str(ROUTELLM_VENV), "routellm": routellm_version(), "seeds": {}}
-    for seed, rep in reports.items():
-        p = rep["pair"]
-        span = p["strong_cost"] - p["weak_cost"]
-        curves = {n: {"share": [(q["cost"] - p["weak_cost"]) / span for q in r["curve"]],
-                      "accuracy": [q["accuracy"] for q in r["curve"]]}
-                  for n, r in rep["routers"].items() if r["apgr"] is not None}
-        theirs = routellm_metrics({"weak": p["weak_accuracy"], "strong": p["strong_accuracy"], "curves": curves})
-        rows = {n: {k: {"ours": rep["routers"][n][k], "routellm": theirs[n][k]} for k in ("apgr", "cpt50", "cpt80")}
-                for n in curves}
-        out["seeds"][seed] = {"strong": rep["candidates"][p["strong"]], "weak": rep["candidates"][p["weak"]],
-                              "routers": rows}
-    diffs = [abs(v["ours"] - v["routellm"]) for s in out["seeds"].values() for r in s["routers"].values()
-             for v in r.values() if v["ours"] is not None and v["routellm"] is not None]
-    out["max_abs_difference"] = max(diffs) if diffs else None
+    from malleable.evaluate import routing
+
+    have = (ROUTELLM_VENV / "bin" / "python").exists()
+    out = {"pair": {"strong": PAIR[0], "weak": PAIR[1]}, "venv": str(ROUTELLM_VENV) if have else None,
+           "routellm": routellm_version() if have else None, "seeds": {}}
+    for seed in seeds:
+        case = pair_case(seed)
+        theirs = routellm_metrics(case) if have else {}
+        rows = {}
+        for n, c in case["curves"].items():
+            ours = {"apgr": routing.apgr(c["share"], c["accuracy"], case["weak"], case["strong"]),
+                    **{f"cpt{int(f * 100)}": routing.cpt(c["share"], c["accuracy"], case["weak"], case["strong"], f)
+                       for f in (0.5, 0.8)}}
+            rows[n] = {k: {"ours": v, "routellm": theirs.get(n, {}).get(k)} for k, v in ours.items()}
+            rows[n]["tied_shares"] = len(set(c["share"])) < len(c["share"])
+        out["seeds"][seed] = {"strong_accuracy": case["strong"], "weak_accuracy": case["weak"], "routers": rows}
+    for ties in (False, True):  # equal shares: the order of their points is left to each code's sort
+        diffs = [abs(r[k]["ours"] - r[k]["routellm"]) for s in out["seeds"].values() for r in s["routers"].values()
+                 for k in ("apgr", "cpt50", "cpt80") if r["tied_shares"] == ties and r[k]["routellm"] is not None]
+        out["max_abs_difference_" + ("tied" if ties else "untied")] = max(diffs) if diffs else None
     return out
 
 
@@ -239,6 +268,7 @@ def summarise(reports: dict[int, dict], names: list[str]) -> dict:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--build-only", action="store_true", help="stop after the matrices are built")
+    ap.add_argument("--report", action="store_true", help="reuse the fitted seeds in the cache; rewrite the results")
     args = ap.parse_args(argv)
     CACHE.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
@@ -262,16 +292,20 @@ def main(argv=None) -> int:
     from concurrent.futures import ProcessPoolExecutor
 
     t = time.perf_counter()
-    with ProcessPoolExecutor(len(SEEDS)) as pool:  # one process per seed: mf and soft_label train for minutes
-        jobs = {seed: pool.submit(route_fit, nosplit, CACHE / f"fit-seed{seed}", {"routers": names, "seed": seed},
-                                  force=True, progress=False) for seed in SEEDS}
-        reports = {seed: job.result() for seed, job in jobs.items()}
+    if args.report:
+        reports = {seed: json.loads((CACHE / f"fit-seed{seed}" / "report.json").read_text()) for seed in SEEDS}
+    else:
+        with ProcessPoolExecutor(len(SEEDS)) as pool:  # one process per seed: mf and soft_label train for minutes
+            jobs = {seed: pool.submit(route_fit, nosplit, CACHE / f"fit-seed{seed}",
+                                      {"routers": names, "seed": seed}, force=True, progress=False)
+                    for seed in SEEDS}
+            reports = {seed: job.result() for seed, job in jobs.items()}
     log(f"{len(names)} routers fitted and scored on seeds {list(SEEDS)} in {time.perf_counter() - t:.0f} s")
     summary = summarise(reports, names)
     from malleable.route.engine import plot
 
     plot(reports[SEEDS[0]], RESULTS_DIR / "route_pool.png")
-    check = routellm_check(reports)
+    check = routellm_check(SEEDS)
     results = {"schema": "malleable.bench.route_pool/1", "metric": METRIC, "seeds": list(SEEDS),
                "split": [0.6, 0.2, 0.2], "routers": names, "pool": build_report["candidates"],
                "prices_per_token": build_report["prices"], "build_wall_time_s": build_report["wall_time_s"],
@@ -286,6 +320,10 @@ def main(argv=None) -> int:
     write_results("route_pool", results, markdown(results))
     log(f"written {RESULTS_DIR / 'route_pool.json'}")
     return 0
+
+
+def _num(x, digits: int = 3, kind: str = "f") -> str:
+    return "n/a" if x is None else f"{x:.{digits}{kind}}"
 
 
 def _ci(x: dict, digits: int = 3) -> str:
@@ -328,26 +366,33 @@ def markdown(r: dict) -> str:
             lines.append(f"| {n} | {_ci(a['accuracy'])} | {_ci(a['rank_score'])} | {_ci(b['accuracy'])} | "
                          f"{_ci(b['rank_score'])} |")
     pairs = {f"{p['strong']} / {p['weak']}" for p in r["pairs"].values()}
-    lines += ["", f"APGR and CPT: strong / weak pair (chosen on train) {', '.join(sorted(pairs))}; the share of "
-              "strong calls is the cost normalised between the two, so it leaves [0, 1] where a router pays less than "
-              "the weak or more than the strong model (APGR above 1 or CPT below 0 then). AIQ over each seed's shared "
-              "test-cost range.",
-              "", "![every router's test curve (seed 0) and the hull](route_pool.png)", ""]
+    lines += ["", f"APGR and CPT in the table: the engine's strong / weak pair, chosen on train (the most accurate / the "
+              f"cheapest candidate): {', '.join(sorted(pairs))}; the share of strong calls is the cost normalised "
+              "between the two, n/a where the pair is one model (no trade-off to recover). AIQ over each seed's shared "
+              "test-cost range.", "", "![every router's test curve (seed 0) and the hull](route_pool.png)", ""]
     check = r["routellm_check"]
-    if check is None:
-        lines += ["RouteLLM's virtualenv (bench/setup_routellm.sh) was not there: no side-by-side APGR / CPT.", ""]
-    else:
-        lines += [f"## APGR / CPT by our code and by RouteLLM {check['routellm']}'s `generate_results`", "",
-                  "Same curves, same strong / weak accuracies; largest absolute difference over every router, seed "
-                  f"and metric: {check['max_abs_difference']:.2g} (RouteLLM prints CPT with two decimals in %).", "",
-                  "| seed | router | APGR ours | APGR RouteLLM | CPT(50%) ours | RouteLLM | CPT(80%) ours | RouteLLM |",
-                  "|---|---|---|---|---|---|---|---|"]
-        for seed, s in check["seeds"].items():
-            for n, v in s["routers"].items():
-                lines.append(f"| {seed} | {n} | {v['apgr']['ours']:.4f} | {v['apgr']['routellm']:.4f} | "
-                             f"{v['cpt50']['ours']:.4f} | {v['cpt50']['routellm']:.4f} | {v['cpt80']['ours']:.4f} | "
-                             f"{v['cpt80']['routellm']:.4f} |")
-        lines.append("")
+    pair = f"{check['pair']['strong']} strong / {check['pair']['weak']} weak"
+    lines += [f"## APGR / CPT for the pair {pair} (RouteLLM's setting), by our code and by RouteLLM's", "",
+              "Each router's test curve over its swept values as (share of test queries sent to the strong model, "
+              "accuracy); calls to other candidates count as not strong. Strong and weak accuracy: the two models' own "
+              "on the test rows. " + ("RouteLLM's virtualenv (bench/setup_routellm.sh) was not there: ours only."
+                                      if check["routellm"] is None else
+                                      f"RouteLLM {check['routellm']}'s own `generate_results` on the same points; the "
+                                      "largest absolute difference over every router, seed and metric: "
+                                      f"{_num(check['max_abs_difference_untied'], 2, 'g')} on curves whose shares "
+                                      "are all distinct (RouteLLM prints CPT with two decimals in %), "
+                                      f"{_num(check['max_abs_difference_tied'], 2, 'g')} on curves where several "
+                                      "swept values send the same share to the strong model: the order of such "
+                                      "points, and so the segment joining them to the next share, is left to each "
+                                      "code's sort (ours numpy's stable argsort in sweep order, RouteLLM's pandas "
+                                      "sort); marked * below."), "",
+              "| seed | router | APGR ours | APGR RouteLLM | CPT(50%) ours | RouteLLM | CPT(80%) ours | RouteLLM |",
+              "|---|---|---|---|---|---|---|---|"]
+    for seed, s in check["seeds"].items():
+        for n, v in s["routers"].items():
+            lines.append(f"| {seed} | {n}{' *' if v['tied_shares'] else ''} | " + " | ".join(_num(v[k][w], 4) for k in ("apgr", "cpt50", "cpt80")
+                                                         for w in ("ours", "routellm")) + " |")
+    lines.append("")
     m = r["machine"]
     lines += [f"Machine: {m.get('cpu')}, {m.get('cores')} cores; load average "
               f"{r['loadavg']['start']} at the start, {r['loadavg']['end']} at the end (other benchmarks ran "
