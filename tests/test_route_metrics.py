@@ -3,9 +3,7 @@ APGR / CPT checked against RouteLLM's own code (in its own virtualenv, bench/set
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -16,7 +14,8 @@ from malleable.route.matrices import Matrices
 from malleable.route.random_mix import Random
 from malleable.route.soft_label import soft_targets
 
-ROUTELLM_VENV = Path(os.environ.get("ROUTELLM_VENV", "/work/routellm-venv"))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+from _routellm import ROUTELLM_VENV, routellm_metrics  # noqa: E402 (the bench runs the same code on real curves)
 
 
 @pytest.mark.parametrize("acc", [0.0, 0.3, 0.75, 1.0])
@@ -155,38 +154,6 @@ def test_soft_labels_run_from_uniform_to_the_cheapest_correct():
     assert mid[0, 0] == pytest.approx(1 / (1 + np.exp(-2.0))) and np.allclose(mid.sum(axis=1), 1)
 
 
-# RouteLLM's metric code (routellm/evals/evaluate.py, `generate_results`) run on our curves in its own venv:
-# the function is taken out of the installed module with ast (the module's imports pull in its hosted routers)
-# and its printed metrics table is captured through `print`.
-ROUTELLM_SCRIPT = r"""
-import ast, json, sys, tempfile
-import importlib.util
-import numpy as np, pandas as pd
-import matplotlib
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt
-src = open(importlib.util.find_spec("routellm").submodule_search_locations[0] + "/evals/evaluate.py").read()
-fn = next(n for n in ast.parse(src).body if isinstance(n, ast.FunctionDef) and n.name == "generate_results")
-seen = []
-ns = {"np": np, "pd": pd, "plt": plt, "print": lambda *a, **k: seen.append(a)}
-exec(compile(ast.Module(body=[fn], type_ignores=[]), "evaluate.py", "exec"), ns)
-case = json.load(sys.stdin)
-class Bench:
-    def get_model_accuracy(self, name):
-        return case[name]
-class Pair:
-    weak, strong = "weak", "strong"
-rows = [{"method": m, "strong_percentage": 100 * s, "accuracy": a}
-        for m, curve in case["curves"].items() for s, a in zip(curve["share"], curve["accuracy"])]
-with tempfile.TemporaryDirectory() as out:
-    ns["generate_results"](pd.DataFrame(rows), Bench(), "case", Pair(), out)
-metrics = next(a[1] for a in seen if a and a[0] == "Metrics:\n")
-res = {r["method"]: {"apgr": r["APGR"], "cpt50": float(r["50% qual"].rstrip("%")) / 100,
-                     "cpt80": float(r["80% qual"].rstrip("%")) / 100} for _, r in metrics.iterrows()}
-json.dump(res, sys.stdout)
-"""
-
-
 def curves_case(seed: int = 0) -> dict:
     rng = np.random.default_rng(seed)
     share = np.linspace(0, 1, 11)
@@ -201,10 +168,7 @@ def curves_case(seed: int = 0) -> dict:
                     reason=f"RouteLLM's venv is not at {ROUTELLM_VENV} (create it with bench/setup_routellm.sh)")
 def test_apgr_and_cpt_match_routellm_own_code():
     case = curves_case()
-    run = subprocess.run([str(ROUTELLM_VENV / "bin" / "python"), "-c", ROUTELLM_SCRIPT], input=json.dumps(case),
-                         capture_output=True, text=True, timeout=120)
-    assert run.returncode == 0, run.stderr[-2000:]
-    theirs = json.loads(run.stdout)
+    theirs = routellm_metrics(case, ROUTELLM_VENV)
     for name, c in case["curves"].items():
         assert routing.apgr(c["share"], c["accuracy"], 0.5, 0.8) == pytest.approx(theirs[name]["apgr"], abs=1e-9)
         for f, key in ((0.5, "cpt50"), (0.8, "cpt80")):  # RouteLLM prints the share with 2 decimals (in %)

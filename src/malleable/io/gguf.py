@@ -40,11 +40,13 @@ def read_gguf(gguf_file: str | Path):
         raise InputError(f"{gguf_file}: not a readable GGUF file ({type(e).__name__})") from None
 
 
-def import_gguf(gguf_file: str | Path, out: str | Path, force: bool = False) -> Path:
+def import_gguf(gguf_file: str | Path, out: str | Path, force: bool = False, *,
+                chat_template: str | None = None) -> Path:
     """Convert `gguf_file` to a transformers checkpoint directory `out`; return `out`.
 
     The output holds `config.json`, `model.safetensors`, `generation_config.json` and the tokenizer files,
-    plus `malleable_import.json` naming the source file. Weights are de-quantised to fp32.
+    plus `malleable_import.json` naming the source file. Weights are de-quantised to fp32. `chat_template`
+    (jinja) is given to a tokenizer whose GGUF carries none; one the file carries is kept.
     """
     gguf_file = Path(gguf_file).absolute()
     read_gguf(gguf_file)
@@ -73,9 +75,14 @@ def import_gguf(gguf_file: str | Path, out: str | Path, force: bool = False) -> 
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
 
+    added = chat_template is not None and not getattr(tokenizer, "chat_template", None)
+    if added:
+        tokenizer.chat_template = chat_template
     with atomic_dir(out, force) as tmp:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
-        meta = {"source": str(gguf_file), "source_bytes": gguf_file.stat().st_size, "format": "gguf"}
+        template = "added by malleable" if added else ("from the file" if tokenizer.chat_template else None)
+        meta = {"source": str(gguf_file), "source_bytes": gguf_file.stat().st_size, "format": "gguf",
+                "chat_template": template}
         (tmp / PROVENANCE).write_text(json.dumps(meta, indent=2) + "\n")
     return out

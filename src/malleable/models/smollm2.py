@@ -32,10 +32,16 @@ def smollm2_gguf() -> Path:
     return path
 
 
-def default_cache_dir() -> Path:
+def default_cache_dir(name: str = CACHE_NAME) -> Path:
+    """Where a packaged model is materialised: `$MALLEABLE_CACHE/<name>`, else `~/.cache/malleable/<name>`."""
     root = os.environ.get("MALLEABLE_CACHE")
     base = Path(root) if root else Path.home() / ".cache" / "malleable"
-    return base / CACHE_NAME
+    return base / name
+
+
+def materialised(out: Path) -> bool:
+    """A checkpoint folder a loader wrote earlier (its config and weights are there)."""
+    return (out / "config.json").is_file() and (out / "model.safetensors").is_file()
 
 
 def smollm2_checkpoint(cache_dir: str | Path | None = None) -> Path:
@@ -47,6 +53,6 @@ def smollm2_checkpoint(cache_dir: str | Path | None = None) -> Path:
     from malleable.io.gguf import import_gguf
 
     out = Path(cache_dir) if cache_dir is not None else default_cache_dir()
-    if (out / "config.json").is_file() and (out / "model.safetensors").is_file():
+    if materialised(out):
         return out
     return import_gguf(smollm2_gguf(), out, force=out.exists())
