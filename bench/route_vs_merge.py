@@ -152,8 +152,8 @@ def build_matrices(mq: dict, pool: dict, base_dir: Path, start: float, per_task:
     recipe = {"candidates": cands, "tasks": [{"name": t, "data": str(files[t])} for t in tasks], "metric": "forced",
               "chat_template": settings.chat_template, "batch_size": 64,
               "arrow": {"adapters": tasks}, "seed": 0}
-    out = CACHE / "matrices"
-    key = json.dumps(recipe, sort_keys=True)
+    out = CACHE / f"matrices-{per_task}"  # per item count: the task files' paths do not change with it
+    key = json.dumps({**recipe, "per_task": per_task}, sort_keys=True)
     if (out / "recipe.json").is_file() and (out / "recipe.json").read_text() == key:
         log(f"matrices reused from {out}", start)
         return out, [json.loads(x) for x in (out / "queries.jsonl").read_text().splitlines()]
