@@ -335,7 +335,7 @@ def markdown(report: dict) -> str:
     lines += ["", "Probe: a ridge classifier on the train activations; direction: the extracted vector itself. "
               "Accuracy is the share of validation pairs scored positive above negative."]
     if report["samples"]:
-        lines += ["", "## Samples (greedy)", ""]
+        lines += ["", "## Samples (greedy; the first three prompts, all of them in report.json)", ""]
         for s in report["samples"]:
             lines.append(f"### strength {s['strength']:g}")
             lines += [f"- `{g['prompt']}` → {json.dumps(g['text'])}" for g in s["generations"][:3]]
