@@ -184,8 +184,44 @@ def test_samples_at_strengths(tiny_lm, setup):
     report = steer(recipe(tiny_lm, setup, generation={"max_new_tokens": 3}), setup / "samples",
                    strengths=[0.0, 4.0], progress=False)
     (s0, s4) = report["samples"]
-    assert s0["strength"] == 0 and len(s0["generations"]) == 3
+    assert s0["strength"] == 0 and len(s0["generations"]) == 8
     assert all(isinstance(g["text"], str) for g in s4["generations"])
+
+
+def test_preference_sweep_on_validation_pairs(tiny_lm, setup):
+    """--strengths sweeps PrefOdds / UtilOdds on the validation pairs; strength 0 is the unsteered model's
+    numbers exactly, other strengths move them, and the report holds the fits (too few points on a five-point
+    sweep: said so) and the plot."""
+    from transformers import AutoTokenizer
+
+    from malleable.evaluate.preference import pref_odds, util_odds
+    from malleable.steer.engine import read_pairs
+    from malleable.steer.sweep import pair_nll, perplexity
+
+    out = setup / "sweep"
+    strengths = [-8.0, -4.0, 0.0, 4.0, 8.0]
+    report = steer(recipe(tiny_lm, setup, generation={"max_new_tokens": 3}), out, strengths=strengths,
+                   progress=False)
+    rows = report["preference"]["rows"]
+    assert [r["strength"] for r in rows] == strengths and report["preference"]["pairs"] == 12
+    lm, tok = model(tiny_lm), AutoTokenizer.from_pretrained(tiny_lm)
+    val = read_pairs(setup / "val.jsonl")
+    l_pos, l_neg = pair_nll(lm, tok, val)
+    zero = rows[2]
+    assert zero["pref_odds"] == float(np.mean(pref_odds(l_pos, l_neg)))
+    assert zero["util_odds"] == float(np.mean(util_odds(l_pos, l_neg)))
+    assert zero["nll_positive"] == float(np.mean(l_pos)) and zero["nll_negative"] == float(np.mean(l_neg))
+    gens = report["samples"][2]["generations"]
+    assert zero["sample_perplexity"] == perplexity(lm, tok, [g["prompt"] for g in gens], [g["text"] for g in gens])
+    # a random model need not prefer the positives more when pushed, but steering must move the likelihoods
+    assert all(r["nll_positive"] != zero["nll_positive"] for r in rows if r["strength"] != 0)
+    assert all(0 <= r["distinct_1"] <= 1 and 0 <= r["distinct_2"] <= 1 for r in rows)
+    fits = report["preference"]["fits"]
+    assert fits["pref"]["positive"] == {"points": 3, "fitted": False, "reason": "3 finite points for 4 parameters"}
+    assert (out / "preference.png").stat().st_size > 1000
+    md = (out / "report.md").read_text()
+    assert "| m | PrefOdds | UtilOdds |" in md and "not fitted" in md
+    assert json.loads((out / "report.json").read_text())["preference"]["rows"][2]["pref_odds"] == zero["pref_odds"]
 
 
 def test_other_architecture_or_hidden_size_is_refused(artefact):

@@ -223,7 +223,8 @@ def audit(
 def steer(
     recipe: Path = typer.Argument(..., help="YAML steer recipe"),
     out: Path = typer.Argument(..., help="output folder: the steering artefact (safetensors + JSON) and the report"),
-    strengths: str = typer.Option(None, "--strengths", help="comma-separated strengths: sample generations at each"),
+    strengths: str = typer.Option(None, "--strengths", help="comma-separated strengths: samples at each, and "
+                                  "PrefOdds / UtilOdds of the validation pairs with fitted curves (preference.png)"),
     force: bool = typer.Option(False, "--force", help="replace an existing output"),
     dry_run: bool = typer.Option(False, "--dry-run", help="validate the recipe and print the plan; write nothing"),
     allow_pickle: bool = typer.Option(False, "--allow-pickle", help=PICKLE_HELP),
@@ -239,7 +240,8 @@ def steer(
     r = load_steer_recipe(recipe, check_recipe)
     r.allow_pickle = r.allow_pickle or allow_pickle
     if dry_run:
-        typer.echo(plan(r, check_recipe(r)) + (f"; samples at strengths {values}" if values else ""))
+        sweep = f"; samples and the preference-utility sweep at strengths {values}" if values else ""
+        typer.echo(plan(r, check_recipe(r)) + sweep)
         return
     report = run(r, out, force=force, strengths=values, progress=not quiet)
     a = report["artefact"]

@@ -5,6 +5,7 @@ the chosen layers, and write the artefact and the report (with sample generation
 Output folder:
     steering.safetensors, steering.json     the artefact (steer/artefact.py)
     report.json, report.md                  probe accuracy per layer, the directions' norms, samples
+    preference.png                          with --strengths: PrefOdds and UtilOdds against m (steer/sweep.py)
 """
 
 from __future__ import annotations
@@ -24,6 +25,9 @@ from malleable.report import environment, peak_rss_mb, trusted, trusted_lines, w
 from malleable.steer.apply import applied, check_strength, decoder_layers
 from malleable.steer.artefact import Artefact, model_identity, write_artefact
 from malleable.steer.registry import SteeringMethod, get_method
+from malleable.steer.sweep import markdown as sweep_markdown
+from malleable.steer.sweep import plot as sweep_plot
+from malleable.steer.sweep import sweep
 
 SCHEMA = "malleable.steer/1"
 FIELDS = ("prompt", "positive", "negative")
@@ -261,22 +265,28 @@ def steer(recipe: SteerRecipe, out: str | Path, force: bool = False, strengths: 
     t = time.perf_counter()
     samples = generate_samples(model, tokenizer, artefact, recipe, val, strengths) if strengths else []
     seconds["samples"] = round(time.perf_counter() - t, 3)
+    t = time.perf_counter()
+    preference = sweep(model, tokenizer, artefact, val, samples, recipe.batch_size) if strengths else None
+    seconds["preference"] = round(time.perf_counter() - t, 3)
     report = {"schema": SCHEMA, "recipe": recipe.model_dump(mode="json"), "artefact": config,
               "layer_choice": "auto" if recipe.layers == "auto" else "given",
               "probe_accuracy": {str(i): a for i, a in accuracy.items()},
               "direction_accuracy": {str(i): a for i, a in direction_acc.items()},
               "direction_norm": {str(i): float(np.linalg.norm(d)) for i, d in directions.items()},
-              "strengths": strengths, "samples": samples, "trusted": trusted(recipe),
+              "strengths": strengths, "samples": samples, "preference": preference, "trusted": trusted(recipe),
               "seconds": seconds, "wall_time_s": round(time.perf_counter() - start, 3), "peak_rss_mb": peak_rss_mb(),
               "environment": environment()}
     with atomic_dir(out, force, inputs=inputs) as tmp:
         write_artefact(tmp, artefact)
         write_report(tmp, report, markdown(report))
+        if preference:
+            sweep_plot(tmp / "preference.png", preference, f"{recipe.method} on {Path(str(recipe.model)).name}, "
+                       f"layers {layers}")
     report["output"] = {"path": str(Path(out).absolute())}
     return report
 
 
-def sample_prompts(recipe: SteerRecipe, val: list[dict], k: int = 3) -> list[str]:
+def sample_prompts(recipe: SteerRecipe, val: list[dict], k: int = 8) -> list[str]:
     """The recipe's generation prompts, else the first distinct validation prompts, else (plain-text pairs) the
     first three words of the first validation positives."""
     if recipe.generation.prompts:
@@ -325,10 +335,12 @@ def markdown(report: dict) -> str:
     lines += ["", "Probe: a ridge classifier on the train activations; direction: the extracted vector itself. "
               "Accuracy is the share of validation pairs scored positive above negative."]
     if report["samples"]:
-        lines += ["", "## Samples (greedy)", ""]
+        lines += ["", "## Samples (greedy; the first three prompts, all of them in report.json)", ""]
         for s in report["samples"]:
             lines.append(f"### strength {s['strength']:g}")
-            lines += [f"- `{g['prompt']}` → {json.dumps(g['text'])}" for g in s["generations"]]
+            lines += [f"- `{g['prompt']}` → {json.dumps(g['text'])}" for g in s["generations"][:3]]
             lines.append("")
+    if report.get("preference"):
+        lines += sweep_markdown(report["preference"])
     lines += ["", f"Wall time {report['wall_time_s']} s, peak RSS {report['peak_rss_mb']} MB."]
     return "\n".join(lines) + "\n"
