@@ -12,6 +12,18 @@ from malleable.io.paths import regular_file
 BUILDERS = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet", ".pq": "parquet"}
 
 
+def gensim_file(name: str) -> Path:
+    """A file of gensim's test data (the offline text corpora), or an InputError saying what installs it."""
+    try:
+        from gensim.test.utils import datapath
+    except ImportError:
+        raise InputError(f"{name} comes with gensim's test data (pip install gensim)") from None
+    path = Path(datapath(name))
+    if not path.is_file():
+        raise InputError(f"{path}: no such file (reinstall gensim: pip install --force-reinstall gensim)")
+    return path
+
+
 def load_table(path: str | Path) -> tuple[list[dict], list[str]]:
     """(rows, where): the file's rows as dicts and, per row, a place a user can find it ('line 12', 'row 3')."""
     path = Path(path)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from malleable.data.files import gensim_file
 from malleable.errors import InputError
 
 FILE = "pang_lee_polarity.cor"
@@ -15,20 +16,9 @@ LABELS = {"__label__pos": "positive", "__label__neg": "negative"}
 CHOICES = [" positive", " negative"]
 
 
-def polarity_path() -> Path:
-    try:
-        from gensim.test.utils import datapath
-    except ImportError:
-        raise InputError(f"{FILE} comes with gensim's test data (pip install gensim)") from None
-    path = Path(datapath(FILE))
-    if not path.is_file():
-        raise InputError(f"{path}: no such file (reinstall gensim: pip install --force-reinstall gensim)")
-    return path
-
-
 def polarity_sentences(path: str | Path | None = None) -> list[tuple[str, str]]:
     """(sentence, "positive" | "negative") in the file's order."""
-    path = Path(path) if path is not None else polarity_path()
+    path = Path(path) if path is not None else gensim_file(FILE)
     out = []
     with open(path, encoding="latin-1") as f:
         for lineno, line in enumerate(f, 1):

@@ -18,34 +18,22 @@ import random
 import re
 from pathlib import Path
 
-from malleable.errors import InputError, RecipeError
+from malleable.data.files import gensim_file
+from malleable.errors import RecipeError
 
-POLARITY = "pang_lee_polarity.cor"
 NEWS = "lee_background.cor"
 PROMPTS = ("Review of the film:", "What I thought of the movie:", "The critic wrote:", "My verdict:",
            "In one sentence, the film is")
 CONCEPTS = ("sentiment", "news")
 
 
-def gensim_file(name: str) -> Path:
-    """A file of gensim's test data, or an InputError saying what installs it."""
-    try:
-        from gensim.test.utils import datapath
-    except ImportError:
-        raise InputError(f"{name} comes with gensim's test data (pip install gensim)") from None
-    path = Path(datapath(name))
-    if not path.is_file():
-        raise InputError(f"{path}: no such file (reinstall gensim: pip install --force-reinstall gensim)")
-    return path
-
-
 def polarity_sentences() -> dict[str, list[str]]:
     """{"pos": [...], "neg": [...]}: the review sentences by label, in file order."""
+    from malleable.data.sentiment import polarity_sentences as labelled
+
     out: dict[str, list[str]] = {"pos": [], "neg": []}
-    for line in gensim_file(POLARITY).read_text(encoding="latin-1").splitlines():
-        label, _, text = line.partition(" ")
-        if label in ("__label__pos", "__label__neg") and text.strip():
-            out[label[-3:]].append(text.strip())
+    for text, label in labelled():
+        out[label[:3]].append(text)
     return out
 
 

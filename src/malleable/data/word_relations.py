@@ -15,6 +15,7 @@ from __future__ import annotations
 import random
 from pathlib import Path
 
+from malleable.data.files import gensim_file
 from malleable.errors import InputError
 
 FILE = "questions-words.txt"
@@ -41,21 +42,9 @@ TEMPLATES = {
 RELATIONS = tuple(TEMPLATES)
 
 
-def questions_words_path() -> Path:
-    """Path of `questions-words.txt` in gensim's test data."""
-    try:
-        from gensim.test.utils import datapath
-    except ImportError:
-        raise InputError(f"{FILE} comes with gensim's test data (pip install gensim)") from None
-    path = Path(datapath(FILE))
-    if not path.is_file():
-        raise InputError(f"{path}: no such file (reinstall gensim: pip install --force-reinstall gensim)")
-    return path
-
-
 def read_relations(path: str | Path | None = None) -> dict[str, list[tuple[str, str]]]:
     """All relations of the file: {relation: sorted distinct (x, y) pairs}, ambiguous x left out."""
-    path = Path(path) if path is not None else questions_words_path()
+    path = Path(path) if path is not None else gensim_file(FILE)
     pairs: dict[str, set[tuple[str, str]]] = {}
     section = None
     with open(path, encoding="utf-8") as f:
