@@ -35,7 +35,6 @@ import json
 import os
 import shutil
 import statistics
-import subprocess
 import sys
 import time
 from dataclasses import replace
@@ -66,29 +65,6 @@ PRICE = 1e-6  # per token in and out, every candidate
 
 def log(msg: str, start: float) -> None:
     print(f"[{time.strftime('%H:%M:%S')} +{time.perf_counter() - start:.0f}s] {msg}", flush=True)
-
-
-def centroid_router() -> str | None:
-    """The `centroid` router: registered in this tree, or (until branch `serve` is merged) its file read from
-    that branch and registered for this run; None when neither has it."""
-    from malleable.route import ROUTERS as REGISTERED
-
-    if "centroid" in REGISTERED:
-        return "this tree"
-    repo = Path(__file__).resolve().parents[1]
-    try:
-        source = subprocess.run(["git", "-C", str(repo), "show", "serve:src/malleable/route/centroid.py"],
-                                capture_output=True, text=True, check=True).stdout
-        commit = subprocess.run(["git", "-C", str(repo), "rev-parse", "--short", "serve"], capture_output=True,
-                                text=True, check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return None
-    import types
-
-    module = types.ModuleType("malleable.route.centroid")
-    exec(compile(source, "serve:src/malleable/route/centroid.py", "exec"), module.__dict__)  # registers it
-    sys.modules[module.__name__] = module
-    return f"branch serve at {commit} (not yet merged here)"
 
 
 def merges(mq: dict) -> dict[str, dict]:
@@ -379,7 +355,6 @@ def main(argv=None) -> int:
     from malleable.models.smollm2 import smollm2_checkpoint
     from malleable.route import ROUTERS as REGISTERED
 
-    centroid = centroid_router()
     routers = [r for r in ROUTERS if r in REGISTERED]
     mq = json.loads((RESULTS_DIR / "merge_quality.json").read_text())
     pool = merges(mq)
@@ -410,7 +385,7 @@ def main(argv=None) -> int:
                                                     for n, m in pool.items()},
                "build": {k: build[k] for k in ("queries", "metric", "accuracy", "wall_time_s", "arrow")},
                "agreement_with_merge_quality": agreement(Y, candidates, tasks, mq, pool, len(Y) // len(tasks)),
-               "routers": routers, "centroid_from": centroid, "seeds": seeds, "summary": summary,
+               "routers": routers, "seeds": seeds, "summary": summary,
                "target": target, "overhead": over, "bootstrap": BOOTSTRAP, "machine": machine(),
                "loadavg_start": load_start, "loadavg_end": loadavg(),
                "wall_time_s": round(time.perf_counter() - start, 1)}
@@ -491,10 +466,6 @@ def markdown(r: dict) -> str:
         "`strongest_per_task` reads the query's task label (a task-aware baseline, not a router of unlabelled "
         "queries); `random` is RouteLLM's random mix of the strong and weak candidate, which with equal costs are "
         "the same one.", ""]
-    if r["centroid_from"] is None:
-        lines += ["TODO: the `centroid` router (branch serve) was not available to this run.", ""]
-    elif r["centroid_from"] != "this tree":
-        lines += [f"`centroid`: {r['centroid_from']}.", ""]
     lines += ["Picks of each router on seed 0's test rows (top 4): " + "; ".join(
         f"{k}: " + ", ".join(f"{c} {v}" for c, v in sorted(p.items(), key=lambda cv: -cv[1])[:4])
         for k, p in r["seeds"][0]["picks"].items()) + ". (The oracle takes the first candidate, base, where "
