@@ -40,11 +40,9 @@ def gapped_adapter(base_dir, path, seed, r=4):
 
 
 @pytest.fixture(scope="module")
-def library(tmp_path_factory):
+def library(tmp_path_factory, tiny_lm):
     root = tmp_path_factory.mktemp("arrow")
-    base = root / "base"
-    tiny_llama(0).save_pretrained(base)
-    tiny_tokenizer().save_pretrained(base)
+    base = tiny_lm
     adapters = [gapped_adapter(base, root / f"lora{i}", seed=i) for i in range(3)]
     return {"root": root, "base": base, "adapters": adapters}
 

@@ -42,16 +42,14 @@ def tiny_encoder(root: Path) -> Path:
 
 
 @pytest.fixture(scope="module")
-def pool(tmp_path_factory):
+def pool(tmp_path_factory, tiny_lm):
     """Three candidates and two tasks; task 'echo' is labelled with the base model's own answers, so the base
     is right on every one of its queries."""
     from malleable.evaluate.generation import generate
     from malleable.models.checkpoints import load_model, load_tokenizer
 
     root = tmp_path_factory.mktemp("pool")
-    base = root / "base"
-    tiny_llama(0).save_pretrained(base)
-    tiny_tokenizer().save_pretrained(base)
+    base = tiny_lm
     ft = save_finetune(tiny_llama(0), root / "ft", seed=5, scale=0.5)
     tiny_tokenizer().save_pretrained(ft)
     adapter = make_adapter(base, root / "lora", seed=7)

@@ -32,11 +32,9 @@ def alone(path: Path, prompts: list[str], max_new_tokens: int = 4) -> list[str]:
 
 
 @pytest.fixture(scope="module")
-def pool(tmp_path_factory):
+def pool(tmp_path_factory, tiny_lm):
     root = tmp_path_factory.mktemp("serve")
-    base = root / "base"
-    tiny_llama(0).save_pretrained(base)
-    tiny_tokenizer().save_pretrained(base)
+    base = tiny_lm
     ft = save_finetune(tiny_llama(0), root / "ft", seed=5, scale=0.5)
     tiny_tokenizer().save_pretrained(ft)
     paths = {"base": base, "ft": ft}
