@@ -58,6 +58,21 @@ def check_output(out: str | Path, force: bool = False, inputs: Iterable[str | Pa
     return out
 
 
+def check_output_file(out: str | Path, force: bool = False, inputs: Iterable[str | Path] = ()) -> Path:
+    """`check_output` for a single file: refused when it would touch an input, exists without `force`, exists
+    as anything but a plain file, or its folder does not exist."""
+    out = Path(out).absolute()
+    check_not_input(out, inputs)
+    if out.exists() or out.is_symlink():
+        if not force:
+            raise OutputError(f"{out}: output exists (pass --force to replace it)")
+        if not out.is_file() or out.is_symlink():
+            raise OutputError(f"{out}: exists and is not a file; --force replaces only a file")
+    if not out.parent.is_dir():
+        raise OutputError(f"{out}: give a file path in an existing folder")
+    return out
+
+
 @contextlib.contextmanager
 def atomic_dir(out: str | Path, force: bool = False, inputs: Iterable[str | Path] = ()) -> Iterator[Path]:
     """Yield a temporary directory; on success it replaces `out`, on any error it is removed."""

@@ -10,8 +10,8 @@ candidate's name), and the queries routed to any of them, or to the base itself,
 call per batch with PEFT's mixed-batch inference (`adapter_names`, "__base__" for the base): every row runs with
 its own adapter. A whole-model candidate (a checkpoint that no adapter of the pool is built on) is loaded once
 and answers its own queries. Prompts are rendered and decoded as `route build` measured them
-(evaluate/generation.py: the chat template, greedy, left padding), and embedded with the encoder the build used
-(route/build.py's `embed`), so the router sees the features it was fitted on.
+(evaluate/generation.py, with the build's `chat_template` setting: greedy, left padding), and embedded with the
+encoder the build used (route/build.py's `load_encoder`), so the router sees the features it was fitted on.
 
 The tokenizer of an adapter group is its base's: all adapters on one base share a batch, hence a tokenizer.
 The encoder loads once, at the first batch that needs it; `embedder` (prompts -> unit-length embeddings)
@@ -290,19 +290,9 @@ def run(fitted: str | Path, router: str, queries: str | Path, out: str | Path, p
         force: bool = False, **options) -> dict:
     """`malleable route run`: answer every row of `queries` (JSONL / CSV / Parquet with a prompt, optional id
     and task) with the routed pool, and write `out` (JSONL: id, prompt, candidate, answer), atomically."""
-    from malleable.errors import OutputError
-    from malleable.io.atomic import check_not_input, write_text_atomic
+    from malleable.io.atomic import check_not_input, check_output_file, write_text_atomic
 
-    out = Path(out).absolute()
-    inputs = [queries, fitted] + ([pool] if pool is not None else [])
-    check_not_input(out, inputs)
-    if out.exists() or out.is_symlink():
-        if not force:
-            raise OutputError(f"{out}: output exists (pass --force to replace it)")
-        if not out.is_file() or out.is_symlink():
-            raise OutputError(f"{out}: exists and is not a file; --force replaces only a file")
-    if not out.parent.is_dir():
-        raise OutputError(f"{out.parent}: no such folder")
+    out = check_output_file(out, force, [queries, fitted] + ([pool] if pool is not None else []))
     rows, _ = read_queries(queries)
     r, value, candidates, recipe = resolve(fitted, router, pool)
     check_not_input(out, [c.model for c in recipe.candidates if c.name in candidates], "output")

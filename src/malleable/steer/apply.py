@@ -16,7 +16,8 @@ from pathlib import Path
 
 import torch
 
-from malleable.errors import InputError, OutputError, RecipeError
+from malleable.errors import InputError, RecipeError
+from malleable.io.atomic import check_output_file
 from malleable.steer.artefact import Artefact, check_compatible, load_artefact
 
 
@@ -215,11 +216,7 @@ def export_gguf(artefact: Artefact | str | Path, out: str | Path, strength: floa
 
     artefact = _artefact(artefact)
     strength = check_strength(artefact.default_strength if strength is None else strength)
-    out = Path(out)
-    if out.exists() and not force:
-        raise OutputError(f"{out}: output exists (pass --force to replace it)")
-    if out.is_dir() or not out.parent.is_dir():
-        raise OutputError(f"{out}: give a file path in an existing folder")
+    out = check_output_file(out, force, [artefact.path] if artefact.path is not None else [])
     if 0 in artefact.vectors:
         raise InputError(f"{artefact.where()}: steers layer 0, which a llama.cpp control vector cannot hold")
     if any(v.dim() != 1 for v in artefact.vectors.values()):
