@@ -6,7 +6,7 @@ import re
 
 import torch
 
-from malleable.learn.data import chat_prompt
+from malleable.learn.data import encode_prompts
 
 
 _EDGE = re.compile(r"^[\W_]+|[\W_]+$")
@@ -36,8 +36,8 @@ def generate(model, tokenizer, prompts: list[str], *, max_new_tokens: int | list
     outputs = []
     try:
         for i in range(0, len(prompts), batch_size):
-            texts = [chat_prompt(tokenizer, p) if chat else p for p in prompts[i : i + batch_size]]
-            batch = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=not chat).to(model.device)
+            batch = encode_prompts(tokenizer, prompts[i : i + batch_size], chat, return_tensors="pt",
+                                   padding=True).to(model.device)
             limits = budgets[i : i + batch_size]
             mixed = {} if adapter_names is None else {"adapter_names": adapter_names[i : i + batch_size]}
             out = model.generate(

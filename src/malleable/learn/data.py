@@ -51,10 +51,16 @@ def uses_chat_template(tokenizer, setting: str) -> bool:
     return has and setting != "off"
 
 
+def encode_prompts(tokenizer, prompts: list[str], chat: bool, **kwargs):
+    """The prompts tokenised as every path here renders them: through the chat template (which writes its own
+    special tokens), or plain with the tokenizer's special tokens added. `kwargs` go to the tokenizer."""
+    texts = [chat_prompt(tokenizer, p) for p in prompts] if chat else prompts
+    return tokenizer(texts, add_special_tokens=not chat, **kwargs)
+
+
 def encode_pair(tokenizer, prompt: str, completion: str, chat: bool) -> tuple[list[int], list[int]]:
     """(input_ids, labels) of one prompt/completion pair; the loss is on the completion and its EOS only."""
-    text = chat_prompt(tokenizer, prompt) if chat else prompt
-    p = tokenizer(text, add_special_tokens=not chat).input_ids
+    p = encode_prompts(tokenizer, [prompt], chat).input_ids[0]
     c = tokenizer(completion, add_special_tokens=False).input_ids + [tokenizer.eos_token_id]
     return p + c, [-100] * len(p) + c
 

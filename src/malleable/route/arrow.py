@@ -74,7 +74,7 @@ def query_scores(model, tokenizer, prompts: list[str], protos: dict, *, top_k: i
     forward hooks on the base `model` (no adapters)."""
     import torch
 
-    from malleable.learn.data import chat_prompt
+    from malleable.learn.data import encode_prompts
 
     modules = dict(model.named_modules())
     missing = [m for m in protos if m not in modules]
@@ -96,8 +96,8 @@ def query_scores(model, tokenizer, prompts: list[str], protos: dict, *, top_k: i
     try:
         model.eval()
         for i in range(0, len(prompts), batch_size):
-            texts = [chat_prompt(tokenizer, p) if chat else p for p in prompts[i:i + batch_size]]
-            batch = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=not chat).to(model.device)
+            batch = encode_prompts(tokenizer, prompts[i:i + batch_size], chat, return_tensors="pt",
+                                   padding=True).to(model.device)
             mask = batch["attention_mask"].double()
             total.clear()
             with torch.no_grad():

@@ -151,12 +151,12 @@ def answer(model, tokenizer, batch: list[dict], metric: str, max_new_tokens: int
     prompts rendered with the chat template, or with `chat=False` plain (special tokens added, as `encode_pair`)."""
     from malleable.evaluate.generation import generate, is_match
     from malleable.evaluate.scoring import choice_match, forced_match
-    from malleable.learn.data import chat_prompt
+    from malleable.learn.data import encode_prompts
 
-    def count(text: str, special: bool = False) -> int:
-        return len(tokenizer(text, add_special_tokens=special).input_ids)
+    def count(text: str) -> int:
+        return len(tokenizer(text, add_special_tokens=False).input_ids)
 
-    prompts = [count(chat_prompt(tokenizer, q["prompt"])) if chat else count(q["prompt"], True) for q in batch]
+    prompts = [len(ids) for ids in encode_prompts(tokenizer, [q["prompt"] for q in batch], chat).input_ids]
     if metric == "generate":
         texts = generate(model, tokenizer, [q["prompt"] for q in batch], max_new_tokens=max_new_tokens,
                          batch_size=batch_size, chat=chat)
