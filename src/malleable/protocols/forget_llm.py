@@ -218,10 +218,11 @@ class Protocol:
             return collate(b, pad)
 
         records = [{**r, "alternate": r["perturbed_answers"][0]} for r in self.sets["forget"]]  # dpo's alternative
-        forget = get_objective(objective, kwargs.get("parameters") or {}).examples(
-            self.items(records, tokenizer), tokenizer, seed=seed, records=records)
+        items = self.items(self.sets["forget"], tokenizer)
+        forget = get_objective(objective, kwargs.get("parameters") or {}).examples(items, tokenizer, seed=seed,
+                                                                                  records=records)
         stop = None if calibrate is None else StopRule(
-            "indistinguishable", self.items(self.sets["forget"], tokenizer), batch,
+            "indistinguishable", items, batch,
             calibration=self.items(self.splits["calibration"], tokenizer), batch_size=self.eval_batch_size,
             **calibrate)
         result = unlearn(model, forget=forget, retain=retain, collate=batch, objective=objective, seed=seed,
