@@ -26,6 +26,7 @@ from malleable.steer.apply import applied, check_strength, decoder_layers
 from malleable.steer.artefact import Artefact, model_identity, write_artefact
 from malleable.steer.registry import SteeringMethod, get_method
 from malleable.steer.sweep import markdown as sweep_markdown
+from malleable.steer.sweep import number
 from malleable.steer.sweep import plot as sweep_plot
 from malleable.steer.sweep import sweep
 
@@ -315,23 +316,19 @@ def generate_samples(model, tokenizer, artefact: Artefact, recipe: SteerRecipe, 
     return out
 
 
-def _num(x: float) -> str:
-    return "n/a" if x is None or not math.isfinite(x) else f"{x:.3f}"
-
-
 def markdown(report: dict) -> str:
     a = report["artefact"]
     lines = [f"# steer: {a['method']}", "",
              f"- model: `{a['model']['path']}` ({a['model']['architecture']}, hidden size {a['model']['hidden_size']})",
              f"- layers: {a['layers']} ({report['layer_choice']}); read at {a['read_position']}, added at "
-             f"{a['intervene']} positions", f"- default strength: {_num(a['default_strength'])}",
+             f"{a['intervene']} positions", f"- default strength: {number(a['default_strength'])}",
              f"- pairs: {a['pairs']['train']} train, {a['pairs']['validation']} validation",
              *trusted_lines(report["trusted"]),
              "", "## Linear probe per layer (validation pair accuracy)", "",
              "| layer | probe accuracy | direction accuracy | direction norm |", "|---|---|---|---|"]
     for i, acc in report["probe_accuracy"].items():
-        lines.append(f"| {i}{' (steered)' if int(i) in a['layers'] else ''} | {_num(acc)} | "
-                     f"{_num(report['direction_accuracy'].get(i))} | {_num(report['direction_norm'].get(i))} |")
+        lines.append(f"| {i}{' (steered)' if int(i) in a['layers'] else ''} | {number(acc)} | "
+                     f"{number(report['direction_accuracy'].get(i))} | {number(report['direction_norm'].get(i))} |")
     lines += ["", "Probe: a ridge classifier on the train activations; direction: the extracted vector itself. "
               "Accuracy is the share of validation pairs scored positive above negative."]
     if report["samples"]:

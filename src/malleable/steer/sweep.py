@@ -94,7 +94,8 @@ def plot(path: Path, result: dict, title: str) -> None:
     plt.close(fig)
 
 
-def _num(x) -> str:
+def number(x) -> str:
+    """A report cell: three decimals, or n/a for a missing or non-finite value."""
     return "n/a" if x is None or not math.isfinite(x) else f"{x:.3f}"
 
 
@@ -103,9 +104,9 @@ def markdown(result: dict) -> list[str]:
              "| m | PrefOdds | UtilOdds | NLL pos | NLL neg | pos preferred | sample perplexity (unsteered) "
              "| distinct-1 | distinct-2 |", "|---|---|---|---|---|---|---|---|---|"]
     for r in result["rows"]:
-        lines.append(f"| {r['strength']:g} | {_num(r['pref_odds'])} | {_num(r['util_odds'])} | "
-                     f"{_num(r['nll_positive'])} | {_num(r['nll_negative'])} | {_num(r['preference_accuracy'])} | "
-                     f"{_num(r['sample_perplexity'])} | {_num(r['distinct_1'])} | {_num(r['distinct_2'])} |")
+        cells = [number(r[k]) for k in ("pref_odds", "util_odds", "nll_positive", "nll_negative",
+                                         "preference_accuracy", "sample_perplexity", "distinct_1", "distinct_2")]
+        lines.append(f"| {r['strength']:g} | " + " | ".join(cells) + " |")
     lines += ["", "PrefOdds = L_neg - L_pos and UtilOdds = log((p_pos + p_neg) / (1 - p_pos - p_neg)), L the "
               "whole-sequence NLL (nats) of each answer with its EOS; means over the pairs. Perplexity and "
               f"distinct-n over the {result['samples_per_strength']} greedy samples per strength.", "",
