@@ -299,20 +299,15 @@ def sample_prompts(recipe: SteerRecipe, val: list[dict], k: int = 8) -> list[str
 def generate_samples(model, tokenizer, artefact: Artefact, recipe: SteerRecipe, val: list[dict],
                      strengths: list[float]) -> list[dict]:
     """Greedy continuations of a few prompts at each strength, through the hooks (left padding)."""
+    from malleable.evaluate.generation import generate
+
     prompts = sample_prompts(recipe, val)
-    side = tokenizer.padding_side
-    tokenizer.padding_side = "left"
-    try:
-        batch = tokenizer(prompts, return_tensors="pt", padding=True)
-        out = []
-        for m in strengths:
-            with applied(model, artefact, strength=m), torch.no_grad():
-                ids = model.generate(**batch, max_new_tokens=recipe.generation.max_new_tokens, do_sample=False,
-                                     pad_token_id=tokenizer.pad_token_id)
-            texts = tokenizer.batch_decode(ids[:, batch["input_ids"].shape[1]:], skip_special_tokens=True)
-            out.append({"strength": m, "generations": [{"prompt": p, "text": t} for p, t in zip(prompts, texts)]})
-    finally:
-        tokenizer.padding_side = side
+    out = []
+    for m in strengths:
+        with applied(model, artefact, strength=m):
+            texts = generate(model, tokenizer, prompts, max_new_tokens=recipe.generation.max_new_tokens,
+                             batch_size=len(prompts), chat=False)
+        out.append({"strength": m, "generations": [{"prompt": p, "text": t} for p, t in zip(prompts, texts)]})
     return out
 
 
