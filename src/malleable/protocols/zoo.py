@@ -20,7 +20,6 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import os
 import statistics
 import time
 from dataclasses import asdict, dataclass
@@ -124,10 +123,9 @@ def settings_key(settings: dict) -> str:
 
 
 def cache_root(cache: str | Path | None = None) -> Path:
-    if cache is not None:
-        return Path(cache)
-    root = os.environ.get("MALLEABLE_CACHE")
-    return (Path(root) if root else Path.home() / ".cache" / "malleable") / "zoo"
+    from malleable.models.checkpoints import default_cache_dir
+
+    return Path(cache) if cache is not None else default_cache_dir("zoo")
 
 
 def zoo_dir(settings: ZooSettings, cache: str | Path | None = None) -> Path:
