@@ -59,8 +59,9 @@ def encode_prompts(tokenizer, prompts: list[str], chat: bool, **kwargs):
 
 
 def encode_pair(tokenizer, prompt: str, completion: str, chat: bool) -> tuple[list[int], list[int]]:
-    """(input_ids, labels) of one prompt/completion pair; the loss is on the completion and its EOS only."""
-    p = encode_prompts(tokenizer, [prompt], chat).input_ids[0]
+    """(input_ids, labels) of one prompt/completion pair; the loss is on the completion and its EOS only
+    (the prompt tokenised as `encode_prompts` does, one text at a time)."""
+    p = tokenizer(chat_prompt(tokenizer, prompt) if chat else prompt, add_special_tokens=not chat).input_ids
     c = tokenizer(completion, add_special_tokens=False).input_ids + [tokenizer.eos_token_id]
     return p + c, [-100] * len(p) + c
 
