@@ -46,6 +46,12 @@ def test_a_check_inside_the_band_that_no_longer_improves_goes_back_to_the_closes
     assert rule.report()["verdict"] == "calibrated"
 
 
+def test_a_tie_goes_back_to_the_earlier_check():
+    rule, model = scripted([0.9, 0.54, 0.54])  # a few rows give few distinct AUCs: ties are common
+    drive(rule, model, 40)
+    assert (rule.stopped_at, rule.restored_to, float(model.weight)) == (15, 10, 10)
+
+
 def test_noise_out_of_the_band_does_not_lose_the_closest_check():
     rule, model = scripted([0.9, 0.54, 0.62, 0.45])  # 0.62: short again, keep going; 0.45 is 0.05 off
     drive(rule, model, 40)

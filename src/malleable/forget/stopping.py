@@ -14,7 +14,8 @@ like unseen ones, so the target is a membership attack that cannot tell them apa
 The rule aims at the target itself, not at the edge of the tolerance band: short of the target it keeps going
 while the checks close in on it (outside the band it keeps going regardless), and it stops at the first check
 that reaches or passes the target, or that no longer comes closer once inside the band. It then goes back to
-the closest check so far if that one was strictly closer (a copy of its trainable weights is kept). The first
+the closest check so far if that one was as close or closer (a copy of its trainable weights is kept; on a
+tie the earlier check wins, having moved the weights less). The first
 version stopped at the first check inside the band; since unlearning closes in from one side, that landed on
 the band's near edge (the LLM protocol's calibrated runs ended at AUC ~0.6 with a tolerance of 0.1, judged
 under-unlearned). The tolerance now only says when a run counts as calibrated (`side`), and how near the
@@ -36,7 +37,8 @@ from malleable.evaluate.mia import membership_auc
 from malleable.evaluate.unlearning import example_scores
 
 MIN_ROWS = 2  # fewer forget or calibration rows leave the attack's AUC without any resolution
-VERSION = 2  # of the stopping decision (1: first check inside the band); reports and benchmark caches carry it
+VERSION = 3  # of the stopping decision (1: first check inside the band; 2: closest check, ties to the later one);
+# reports and benchmark caches carry it
 
 
 def side(auc: float, tolerance: float) -> str:
@@ -100,7 +102,9 @@ class StopRule:
             self._best = (gap, step, {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad})
         if closing and not last:
             return False
-        if self._best is not None and self._best[0] < abs(gap):  # an earlier check was closer to the target
+        # an earlier check was as close or closer: go back to it (on a tie, it moved the weights less; AUCs on
+        # a few rows take few distinct values, so ties are common)
+        if self._best is not None and self._best[0] <= abs(gap) and self._best[1] != step:
             with torch.no_grad():
                 for n, p in model.named_parameters():
                     if n in self._best[2]:
