@@ -221,3 +221,22 @@ def test_merge_cli_bad_input_is_one_line_and_writes_nothing(lm_work, tmp_path):
         assert result.exit_code == 2, (mentions, result.output, result.exception)
         assert result.stderr.count("\n") == 1 and mentions in result.stderr, (mentions, result.stderr)
         assert not out.exists()
+
+
+def test_soups_and_swa(cnns):
+    from malleable.merge.soups import greedy_soup, swa
+
+    template, models, _ = cnns
+    sds = [m.state_dict() for m in models]
+    averaged = swa(models).state_dict()
+    for k, v in mean_state(sds).items():
+        assert torch.allclose(averaged[k], v, atol=1e-6), k
+    # a hand-made held-out score: -distance to a target between models 0 and 2 (only their soup gets closer)
+    target = mean_state([sds[0], sds[2]])
+    names = [n for n, _ in template.named_parameters()]
+
+    def score(sd):
+        return -float((flat(sd, names) - flat(target, names)).norm())
+
+    soup, chosen = greedy_soup(models, score)
+    assert chosen == [0, 2] and score(soup) == pytest.approx(0.0, abs=1e-5)
