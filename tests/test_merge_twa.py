@@ -4,6 +4,7 @@ step, the `malleable merge` path with data, and bad input."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -240,3 +241,48 @@ def test_soups_and_swa(cnns):
 
     soup, chosen = greedy_soup(models, score)
     assert chosen == [0, 2] and score(soup) == pytest.approx(0.0, abs=1e-5)
+
+
+def test_bn_update_recomputes_batchnorm_statistics(cnns):
+    _, _, data = cnns
+    torch.manual_seed(0)
+
+    def net():
+        return torch.nn.Sequential(torch.nn.Conv2d(1, 4, 3), torch.nn.BatchNorm2d(4), torch.nn.ReLU(),
+                                   torch.nn.Flatten(), torch.nn.Linear(4 * 36, 10))
+
+    template, models = net(), []
+    for i in range(3):
+        m = net()
+        m.load_state_dict(template.state_dict())
+        m[1].running_mean.fill_(float(i))
+        models.append(m)
+    kept = twa(models, template, data, collate=collate_classification, parameters=FAST)
+    assert torch.allclose(kept.state["1.running_mean"], torch.ones(4))  # the checkpoints' mean
+    fresh = twa(models, template, data, collate=collate_classification, parameters={**FAST, "bn_update": True})
+    x = collate_classification(data)["x"]
+    probe = net()
+    probe.load_state_dict(fresh.state)
+    expected = probe[0](x).mean(dim=(0, 2, 3))
+    assert torch.allclose(fresh.state["1.running_mean"], expected, atol=1e-4)
+
+
+def test_merge_cli_averages_lora_adapters(adapters, models, tmp_path):
+    """Adapters of one shape: only their factors are averaged; the output is a PEFT adapter on the same base."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    import shutil
+
+    root, paths = tmp_path, []
+    for name in ("lora0", "lora1"):  # copies: the session's adapters stay as they are
+        paths.append(Path(shutil.copytree(adapters[name], tmp_path / name)))
+        tiny_tokenizer().save_pretrained(paths[-1])  # learn's data needs a tokenizer beside the first input
+    write_jsonl(root / "train.jsonl", toy_records(16, seed=0))
+    write_jsonl(root / "val.jsonl", toy_records(8, seed=0))
+    r = recipe(root, paths)
+    result = invoke(root, r, tmp_path / "out")
+    assert result.exit_code == 0, result.output
+    merged = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(models["base"]), tmp_path / "out")
+    lora = {k: v for k, v in merged.state_dict().items() if "lora_" in k}
+    assert lora and json.loads((tmp_path / "out" / "report.json").read_text())["twa"]["blocks"] == len(lora)

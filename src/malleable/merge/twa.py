@@ -373,6 +373,8 @@ def bn_update(template: nn.Module, state: dict[str, torch.Tensor], data: Sequenc
               batch_size: int) -> dict[str, torch.Tensor]:
     """`state` with its BatchNorm statistics recomputed over `data` (torch.optim.swa_utils.update_bn: a
     cumulative average over one pass); unchanged for a network without BatchNorm."""
+    if not any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in template.modules()):
+        return state
     net = _copy(template)
     net.load_state_dict(state)
     loader = [collate(list(data[i:i + batch_size]))["x"] for i in range(0, len(data), batch_size)]
