@@ -286,3 +286,21 @@ def test_merge_cli_averages_lora_adapters(adapters, models, tmp_path):
     merged = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(models["base"]), tmp_path / "out")
     lora = {k: v for k, v in merged.state_dict().items() if "lora_" in k}
     assert lora and json.loads((tmp_path / "out" / "report.json").read_text())["twa"]["blocks"] == len(lora)
+
+
+def test_tied_weights_stay_tied():
+    """A model that ties lm_head to the embeddings: the averaged embeddings are what both names load."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from malleable.learn.data import collate
+
+    def model(seed):
+        torch.manual_seed(seed)
+        return LlamaForCausalLM(LlamaConfig(**{**TINY, "tie_word_embeddings": True}))
+
+    models = [model(s) for s in range(2)]
+    items = [([1, 5 + i, 6 + i, 7 + i], [-100, -100, 6 + i, 7 + i]) for i in range(8)]
+    result = twa(models, model(0), items, collate=lambda b: collate(b, 0), parameters={**FAST, "batch_size": 4})
+    assert torch.equal(result.state["lm_head.weight"], result.state["model.embed_tokens.weight"])
+    mean = (models[0].model.embed_tokens.weight + models[1].model.embed_tokens.weight) / 2
+    assert not torch.allclose(result.state["lm_head.weight"], mean)  # trained, and not overwritten by the mean

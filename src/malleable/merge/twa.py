@@ -348,7 +348,8 @@ def twa(models: Sequence[nn.Module | dict[str, torch.Tensor]], template: nn.Modu
         for c in range(0, len(sds), per):
             blocks = journal_blocks(rows[c:c + per], mean, center, spans, p["bits"])
             averaged = Averaged(net, names, blocks, torch.zeros(min(per, len(sds) - c), len(spans)))
-            info["projection_bytes"] = sum(b.codes.numel() * b.codes.element_size() for b in blocks)
+            info["projection_bytes"] = max(info.get("projection_bytes", 0),
+                                           sum(b.codes.numel() * b.codes.element_size() for b in blocks))
             history += train_coefficients(averaged, data, collate, p, seed, progress, f"twa chunk {c // per}")
             chunks.append(averaged.X.detach().clone())
             center = averaged.flat().detach()
@@ -357,6 +358,10 @@ def twa(models: Sequence[nn.Module | dict[str, torch.Tensor]], template: nn.Modu
     state = mean_state(sds)
     for n, t in zip(names, torch.split(flat, [sds[0][n].numel() for n in names])):
         state[n] = t.view(sds[0][n].shape).to(sds[0][n].dtype)
+    named = {id(t): n for n, t in template.named_parameters()}
+    for k, t in template.state_dict(keep_vars=True).items():  # tied weights (lm_head = embeddings) follow
+        if named.get(id(t), k) != k and named[id(t)] in state:
+            state[k] = state[named[id(t)]]
     if p["bn_update"]:
         state = bn_update(template, state, bn_data if bn_data is not None else data, collate, p["batch_size"])
     return TWAResult(state, chunks, history, info)
