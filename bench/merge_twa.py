@@ -21,11 +21,13 @@ Per seed (every split, initialisation and data order follows it):
   load average before and after.
 
     python bench/merge_twa.py [--seeds 3]     # writes bench/results/merge_twa.{json,md}
+    python bench/merge_twa.py --report        # rewrites the summary and the .md from the .json
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import os
 import statistics
@@ -137,10 +139,11 @@ def summarise(rows: list[dict]) -> dict:
         if "projection_bytes" in rows[0]["methods"][n]:
             out[n]["projection_bytes"] = rows[0]["methods"][n]["projection_bytes"]
             out[n]["packed_bytes"] = rows[0]["methods"][n]["packed_bytes"]
-        if n != "greedy soup":
-            d, dci = mean_ci([r["methods"][n]["test"] - r["methods"]["greedy soup"]["test"] for r in rows])
-            out[n]["minus_greedy_mean"] = round(d, 3)
-            out[n]["minus_greedy_ci95"] = None if dci is None else round(dci, 3)
+        for ref, key in (("greedy soup", "minus_greedy"), ("uniform soup", "minus_uniform")):
+            if n != ref:
+                d, dci = mean_ci([r["methods"][n]["test"] - r["methods"][ref]["test"] for r in rows])
+                out[n][f"{key}_mean"] = round(d, 3)
+                out[n][f"{key}_ci95"] = None if dci is None else round(dci, 3)
     return out
 
 
@@ -152,16 +155,21 @@ def markdown(result: dict) -> str:
              f"batch {BATCH} on {FINETUNE_N} other images, lr x wd = {GRID}; greedy soup and TWA-v use {VAL_N} "
              "held-out training images; test = the official 10,000. Mean test accuracy (%) with a t-based 95% CI "
              "over seeds; the difference to greedy soup is paired per seed.", "",
-             "| method | test acc | 95% CI | minus greedy soup (95% CI) | projection: held (uint8, as the authors) / "
-             "bit-packed | seconds (median) |",
-             "|---|---:|---:|---:|---:|---:|"]
+             "| method | test acc | 95% CI | minus greedy soup (95% CI) | minus uniform soup (95% CI) | projection: "
+             "held (uint8, as the authors) / bit-packed | seconds (median) |",
+             "|---|---:|---:|---:|---:|---:|---:|"]
+
+    def diff(v: dict, key: str) -> str:
+        if f"{key}_mean" not in v:
+            return "—"
+        ci = v[f"{key}_ci95"]
+        return f"{v[f'{key}_mean']:+.2f} (±{ci if ci is not None else 'n/a'})"
+
     for n, v in s.items():
-        diff = "—" if "minus_greedy_mean" not in v else \
-            f"{v['minus_greedy_mean']:+.2f} (±{v['minus_greedy_ci95'] if v['minus_greedy_ci95'] is not None else 'n/a'})"
         proj = f"{v['projection_bytes'] / 1024:.0f} / {v['packed_bytes'] / 1024:.0f} KiB" if "projection_bytes" in v \
             else ""
         lines.append(f"| {n} | {v['test_mean']:.2f} | ±{v['test_ci95'] if v['test_ci95'] is not None else 'n/a'} | "
-                     f"{diff} | {proj} | {v['seconds_median']} |")
+                     f"{diff(v, 'minus_greedy')} | {diff(v, 'minus_uniform')} | {proj} | {v['seconds_median']} |")
     lines += ["", "Individual fine-tunes' test accuracy per seed: " + "; ".join(
         f"seed {r['seed']}: {min(r['individual_test']):.1f}..{max(r['individual_test']):.1f} "
         f"(pre-trained {r['pretrained_test']:.1f})" for r in result["rows"]),
@@ -179,17 +187,30 @@ def verdict(s: dict) -> str:
         return "one seed only: no interval."
     d = twa_v["minus_greedy_mean"]
     side = "above" if d - ci > 0 else "below" if d + ci < 0 else "not distinguishable from"
-    return (f"TWA-v (authors' defaults, 4-bit) is {side} greedy soup here ({d:+.2f} points, 95% CI ±{ci}); "
-            f"uniform soup {uniform['test_mean']:.2f}, greedy {greedy['test_mean']:.2f}, "
-            f"TWA-v 4-bit {twa_v['test_mean']:.2f}. The paper's claim (TWA-v beats the soups) "
-            + ("holds" if side == "above" else "does not reproduce") + " on this setup.")
+    du, uci = twa_v["minus_uniform_mean"], twa_v["minus_uniform_ci95"]
+    side_u = "above" if du - uci > 0 else "below" if du + uci < 0 else "not distinguishable from"
+    claim = ("holds here" if side == "above" and side_u == "above" else "is contradicted here" if side == "below"
+             else "is not confirmed at this power (paired 95% CIs over the seeds)")
+    return (f"TWA-v (authors' defaults, 4-bit) is {side} greedy soup ({d:+.2f} points, ±{ci}) and {side_u} uniform "
+            f"soup ({du:+.2f}, ±{uci}); uniform soup {uniform['test_mean']:.2f}, greedy {greedy['test_mean']:.2f}, "
+            f"TWA-v 4-bit {twa_v['test_mean']:.2f}. The paper's claim (TWA-v beats the soups) {claim}.")
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--seeds", type=int, default=3)
     ap.add_argument("--out", default="merge_twa")
+    ap.add_argument("--report", action="store_true", help="rebuild the summary and the .md from the .json only")
     args = ap.parse_args()
+    if args.report:
+        from _common import RESULTS_DIR
+
+        result = json.loads((RESULTS_DIR / f"{args.out}.json").read_text())
+        result["summary"] = summarise(result["rows"])
+        result["verdict"] = verdict(result["summary"])
+        write_results(args.out, result, markdown(result))
+        print(markdown(result))
+        return
     torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
     before, start = loadavg(), time.perf_counter()
     full_train, full_test = load_fashion_mnist("train"), load_fashion_mnist("test")
