@@ -133,7 +133,7 @@ def test_chunks_and_defaults(cnns):
     result = twa(models, template, data[:64], collate=collate_classification, form="twa_t",
                  parameters={**FAST, "model_batch": 3})
     assert [tuple(x.shape) for x in result.coefficients] == [(3, 8), (1, 8)]
-    assert result.info["projection_bytes"] == sum(p.numel() for p in template.parameters())  # 1 model x uint8
+    assert result.info["projection_bytes"] == 3 * sum(p.numel() for p in template.parameters())  # 3 x uint8
 
 
 def test_bad_input_in_memory(cnns):
