@@ -68,6 +68,7 @@ def speeds(models: dict, prompt: torch.Tensor, new_tokens: int, repeats: int) ->
     for name, rs in runs.items():
         prefill = [prompt.shape[1] / p for p, _ in rs]
         decode = [new_tokens / d for _, d in rs]
-        out[name] = {"prefill_tokens_per_s": statistics.median(prefill), "decode_tokens_per_s": statistics.median(decode),
-                     "prefill_repeats": prefill, "decode_repeats": decode}
+        out[name] = {"prefill_tokens_per_s": statistics.median(prefill),
+                     "decode_tokens_per_s": statistics.median(decode), "prefill_repeats": prefill,
+                     "decode_repeats": decode}
     return out

@@ -285,15 +285,14 @@ def describe(p: dict) -> str:
             f"{(p['checkpoint_bytes'] - p['bytes_saved']) / 1e6:.1f} MB")
 
 
-def load(recipe: SlimRecipe):
-    from malleable.models.checkpoints import Trust, load_model, load_tokenizer
+def load(recipe: SlimRecipe, tokenizer):
+    from malleable.models.checkpoints import Trust, load_model
 
-    trust = Trust(recipe.trust_remote_code, recipe.allow_pickle)
-    tokenizer = load_tokenizer(recipe.model, trust)
-    model = load_model(recipe.model, "causal_lm", tokenizer.pad_token_id, trust=trust)
+    model = load_model(recipe.model, "causal_lm", tokenizer.pad_token_id,
+                       trust=Trust(recipe.trust_remote_code, recipe.allow_pickle))
     if hasattr(model, "peft_config"):
         raise InputError(f"{recipe.model}: a PEFT adapter; slim a full checkpoint (merge the adapter first)")
-    return model, tokenizer
+    return model
 
 
 def stored_dtype(recipe: SlimRecipe) -> torch.dtype:
@@ -319,20 +318,24 @@ def weight_bytes(folder: Path) -> int:
 
 def slim(recipe: SlimRecipe, out: str | Path, force: bool = False, progress: bool = True) -> dict:
     """Slim the recipe's model with its method; write the checkpoint and the report to `out`."""
-    from malleable.data.corpus import random_windows
-    from malleable.models.checkpoints import checkpoint_base
+    from malleable.data.corpus import consecutive_windows, random_windows, tokens
+    from malleable.models.checkpoints import Trust, checkpoint_base, load_tokenizer
 
     method = check_recipe(recipe)
     check_output(out, force, inputs=[recipe.model])
     the_plan = plan(recipe, method)
     start = time.perf_counter()
     torch.manual_seed(recipe.seed)
-    model, tokenizer = load(recipe)
-    dtype = stored_dtype(recipe)
-    c = recipe.calibration
-    seconds = {"load": round(time.perf_counter() - start, 3)}
+    tokenizer = load_tokenizer(recipe.model, Trust(recipe.trust_remote_code, recipe.allow_pickle))
+    c, ev = recipe.calibration, recipe.evaluate
     needs_data = not (isinstance(method, WeightPruner) and method.stats is None)
     windows = random_windows(tokenizer, c.source, c.n_samples, c.seq_len, recipe.seed) if needs_data else None
+    held_out = consecutive_windows(tokenizer, ev.source, ev.seq_len, ev.max_windows) if ev is not None else None
+    if ev is not None and ev.speed:
+        tokens(tokenizer, ev.source, ev.prompt_tokens)
+    model = load(recipe, tokenizer)
+    dtype = stored_dtype(recipe)
+    seconds = {"load": round(time.perf_counter() - start, 3)}
     dense = copy.deepcopy(model) if recipe.evaluate is not None else None
     before = counts(model)
     t = time.perf_counter()
@@ -368,7 +371,7 @@ def slim(recipe: SlimRecipe, out: str | Path, force: bool = False, progress: boo
         t = time.perf_counter()
         if recipe.evaluate is not None:
             dense.to(dtype).float()  # the dense side sees the stored precision too
-            report["evaluation"] = evaluate(dense, model, tokenizer, recipe)
+            report["evaluation"] = evaluate(dense, model, tokenizer, recipe, held_out)
         seconds["evaluate"] = round(time.perf_counter() - t, 3)
         report |= {"seconds": seconds, "wall_time_s": round(time.perf_counter() - start, 3),
                    "peak_rss_mb": peak_rss_mb(), "environment": environment()}
@@ -377,13 +380,12 @@ def slim(recipe: SlimRecipe, out: str | Path, force: bool = False, progress: boo
     return report
 
 
-def evaluate(dense, slimmed, tokenizer, recipe: SlimRecipe) -> dict:
-    """Perplexity on held-out text and prefill / decode speed, dense and slimmed, in this run."""
-    from malleable.data.corpus import consecutive_windows, tokens
+def evaluate(dense, slimmed, tokenizer, recipe: SlimRecipe, windows: torch.Tensor) -> dict:
+    """Perplexity on the held-out windows and prefill / decode speed, dense and slimmed, in this run."""
+    from malleable.data.corpus import tokens
     from malleable.evaluate.perplexity import perplexity, speeds
 
     ev = recipe.evaluate
-    windows = consecutive_windows(tokenizer, ev.source, ev.seq_len, ev.max_windows)
     ppl = {"dense": perplexity(dense, windows), "slim": perplexity(slimmed, windows)}
     out = {"source": ev.source, "seq_len": ev.seq_len, "windows": len(windows), "tokens": int(windows.numel()),
            "perplexity": ppl | {"ratio": ppl["slim"] / ppl["dense"]}}
