@@ -9,31 +9,24 @@ import time
 import torch
 
 
-def perplexity_of(nll_sum: float, tokens: int) -> float:
-    """exp of the mean negative log-likelihood per predicted token."""
-    return math.exp(nll_sum / tokens)
-
-
 @torch.no_grad()
-def window_nll(model, windows: torch.Tensor, batch_size: int = 8) -> tuple[float, int]:
-    """(summed NLL, predicted tokens) over (windows, seq_len) ids, each window on its own (no context carried
-    over): every token but a window's first is predicted. Summed in float64."""
-    total, count = 0.0, 0
+def window_nll(model, windows: torch.Tensor, batch_size: int = 8) -> list[float]:
+    """Per window of (windows, seq_len) ids, each on its own (no context carried over): the summed NLL of its
+    predicted tokens (every token but the first), in float64."""
+    out: list[float] = []
     device = next(model.parameters()).device
     for a in range(0, len(windows), batch_size):
         ids = windows[a:a + batch_size].to(device)
         logits = model(input_ids=ids, use_cache=False).logits[:, :-1].float()
-        target = ids[:, 1:]
-        nll = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), target.reshape(-1),
-                                                reduction="none")
-        total += float(nll.double().sum())
-        count += target.numel()
-    return total, count
+        nll = torch.nn.functional.cross_entropy(logits.transpose(1, 2), ids[:, 1:], reduction="none")
+        out += nll.double().sum(1).tolist()
+    return out
 
 
-def perplexity(model, windows: torch.Tensor, batch_size: int = 8) -> float:
-    """Perplexity over the windows (token-weighted: exp of the mean NLL of all predicted tokens)."""
-    return perplexity_of(*window_nll(model, windows, batch_size))
+def perplexity(nll: list[float], seq_len: int) -> float:
+    """Perplexity over windows of `seq_len` tokens from their summed NLLs (`window_nll`): exp of the mean NLL of
+    every predicted token."""
+    return math.exp(sum(nll) / (len(nll) * (seq_len - 1)))
 
 
 @torch.no_grad()

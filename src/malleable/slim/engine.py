@@ -383,12 +383,13 @@ def slim(recipe: SlimRecipe, out: str | Path, force: bool = False, progress: boo
 def evaluate(dense, slimmed, tokenizer, recipe: SlimRecipe, windows: torch.Tensor) -> dict:
     """Perplexity on the held-out windows and prefill / decode speed, dense and slimmed, in this run."""
     from malleable.data.corpus import tokens
-    from malleable.evaluate.perplexity import perplexity, speeds
+    from malleable.evaluate.perplexity import perplexity, speeds, window_nll
 
     ev = recipe.evaluate
-    ppl = {"dense": perplexity(dense, windows), "slim": perplexity(slimmed, windows)}
+    nll = {"dense": window_nll(dense, windows), "slim": window_nll(slimmed, windows)}
+    ppl = {k: perplexity(v, ev.seq_len) for k, v in nll.items()}
     out = {"source": ev.source, "seq_len": ev.seq_len, "windows": len(windows), "tokens": int(windows.numel()),
-           "perplexity": ppl | {"ratio": ppl["slim"] / ppl["dense"]}}
+           "perplexity": ppl | {"ratio": ppl["slim"] / ppl["dense"]}, "window_nll": nll}
     if ev.speed:
         prompt = tokens(tokenizer, ev.source, ev.prompt_tokens)[:ev.prompt_tokens].unsqueeze(0)
         load = os.getloadavg()
