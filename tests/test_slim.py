@@ -297,3 +297,18 @@ def test_recovery_fine_tuning_keeps_the_pruned_weights_at_zero(setup, tmp_path, 
             assert (t.reshape(t.shape[0], -1, 4) == 0).sum(-1).eq(2).all(), name
     else:
         assert (after[key][zero] != 0).all()
+
+
+def test_text_files_are_found_beside_the_recipe(setup, tmp_path):
+    from malleable.api import slim_plan
+
+    for name in ("cal.txt", "held.txt"):
+        (tmp_path / name).write_text((setup / name).read_text())
+    data = recipe(setup, method="shortgpt", parameters={"remove": 1})
+    data["calibration"]["source"], data["evaluate"]["source"] = "cal.txt", "held.txt"
+    (tmp_path / "r.yaml").write_text(yaml.safe_dump(data))
+    assert "remove 1 of 4" in slim_plan(tmp_path / "r.yaml")
+    res = cli("slim", tmp_path / "r.yaml", tmp_path / "out", "-q")
+    assert res.exit_code == 0, res.output
+    report = json.loads((tmp_path / "out" / "report.json").read_text())
+    assert report["recipe"]["calibration"]["source"] == str(tmp_path / "cal.txt")
