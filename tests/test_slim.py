@@ -312,3 +312,14 @@ def test_text_files_are_found_beside_the_recipe(setup, tmp_path):
     assert res.exit_code == 0, res.output
     report = json.loads((tmp_path / "out" / "report.json").read_text())
     assert report["recipe"]["calibration"]["source"] == str(tmp_path / "cal.txt")
+
+
+def test_output_keeps_the_inputs_dtype(setup, tmp_path):
+    model = AutoModelForCausalLM.from_pretrained(setup / "model").to(torch.bfloat16)
+    model.save_pretrained(tmp_path / "bf16")
+    tiny_tokenizer().save_pretrained(tmp_path / "bf16")
+    data = recipe(setup, method="magnitude", evaluate=None) | {"model": str(tmp_path / "bf16")}
+    report = slim(parse_slim_recipe(data), tmp_path / "out", progress=False)
+    w = load_file(tmp_path / "out" / "model.safetensors")
+    assert report["dtype"] == "bfloat16" and all(t.dtype == torch.bfloat16 for t in w.values())
+    assert report["bytes"]["slim"] == report["bytes"]["dense"]

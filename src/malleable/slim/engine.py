@@ -16,6 +16,7 @@ from __future__ import annotations
 import copy
 import fnmatch
 import json
+import math
 import os
 import time
 from pathlib import Path
@@ -303,7 +304,7 @@ def stored_dtype(recipe: SlimRecipe) -> torch.dtype:
     counts: dict[torch.dtype, int] = {}
     for m in Checkpoint(checkpoint_base(recipe.model)[0], allow_pickle=recipe.allow_pickle).meta.values():
         if m.dtype.is_floating_point:
-            counts[m.dtype] = counts.get(m.dtype, 0) + m.dtype.itemsize * max(1, len(m.shape))
+            counts[m.dtype] = counts.get(m.dtype, 0) + m.dtype.itemsize * math.prod(m.shape)
     return max(counts, key=counts.get) if counts else torch.float32
 
 
@@ -370,7 +371,6 @@ def slim(recipe: SlimRecipe, out: str | Path, force: bool = False, progress: boo
         report["bytes"] = {"dense": weight_bytes(checkpoint_base(recipe.model)[0]), "slim": weight_bytes(tmp)}
         t = time.perf_counter()
         if recipe.evaluate is not None:
-            dense.to(dtype).float()  # the dense side sees the stored precision too
             report["evaluation"] = evaluate(dense, model, tokenizer, recipe, held_out)
         seconds["evaluate"] = round(time.perf_counter() - t, 3)
         report |= {"seconds": seconds, "wall_time_s": round(time.perf_counter() - start, 3),
