@@ -26,6 +26,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _common import fmt, loadavg, machine, write_results  # noqa: E402
 
+from transformers import AutoModelForCausalLM  # noqa: E402
+
 from malleable.api import slim  # noqa: E402
 from malleable.models.checkpoints import default_cache_dir  # noqa: E402
 from malleable.models.smollm2 import smollm2_checkpoint  # noqa: E402
@@ -64,7 +66,12 @@ def main() -> None:
     ap.add_argument("--eval-windows", type=int, default=16, help="evaluation windows, at most")
     ap.add_argument("--prompt-tokens", type=int, default=64)
     ap.add_argument("--new-tokens", type=int, default=16)
+    ap.add_argument("--speed-check", type=int, default=0, metavar="REPEATS",
+                    help="instead: time the dense model against ShortGPT-25 with this many interleaved repeats "
+                    "(32 new tokens) and add it to the existing results")
     args = ap.parse_args()
+    if args.speed_check:
+        return speed_check(args)
     names = args.only.split(",") if args.only else list(CONFIGS)
     model = smollm2_checkpoint()
     work = default_cache_dir("slim-bench")
@@ -103,6 +110,42 @@ def main() -> None:
         write_results("slim_smollm2", data, markdown(data))  # after every run: a stopped run keeps the first
 
 
+def speed_check(args) -> None:
+    """A longer speed comparison of the one configuration that should be faster: dense against ShortGPT at a
+    quarter of the layers removed, loaded from checkpoints, repeats interleaved, added to the results."""
+    import json
+
+    import torch
+
+    from malleable.data.corpus import tokens
+    from malleable.evaluate.perplexity import speeds
+    from malleable.models.checkpoints import load_tokenizer
+
+    model = smollm2_checkpoint()
+    out = default_cache_dir("slim-bench") / "shortgpt-25-speed"
+    recipe = {"model": str(model), "method": "shortgpt", "parameters": {"ratio": 0.25}, "seed": 0, "evaluate": None,
+              "calibration": {"source": "lee_background", "n_samples": args.n_samples, "seq_len": args.seq_len}}
+    report = slim(recipe, out, force=True, progress=False)
+    tokenizer = load_tokenizer(model)
+    prompt = tokens(tokenizer, "lee", args.prompt_tokens)[:args.prompt_tokens].unsqueeze(0)
+    models = {k: AutoModelForCausalLM.from_pretrained(p, dtype=torch.float32).eval() for k, p in
+              (("dense", model), ("shortgpt-25", out))}
+    before = loadavg()
+    s = speeds(models, prompt, 32, args.speed_check)
+    check = {"removed_layers": report["layers"]["removed"], "repeats": args.speed_check, "new_tokens": 32,
+             "prompt_tokens": args.prompt_tokens, "threads": torch.get_num_threads(), "loadavg_before": before,
+             "loadavg_after": loadavg(), "speeds": s,
+             "decode_ratio": s["shortgpt-25"]["decode_tokens_per_s"] / s["dense"]["decode_tokens_per_s"],
+             "prefill_ratio": s["shortgpt-25"]["prefill_tokens_per_s"] / s["dense"]["prefill_tokens_per_s"]}
+    shutil.rmtree(out, ignore_errors=True)
+    from _common import RESULTS_DIR
+
+    data = json.loads((RESULTS_DIR / "slim_smollm2.json").read_text())
+    data["speed_check"] = check
+    write_results("slim_smollm2", data, markdown(data))
+    print(f"speed check: decode x{check['decode_ratio']:.3f}, prefill x{check['prefill_ratio']:.3f}")
+
+
 def markdown(d: dict) -> str:
     c, e = d["calibration"], d["evaluation"]
     lines = ["# slim on SmolLM2-135M-Instruct", "",
@@ -124,10 +167,21 @@ def markdown(d: dict) -> str:
                      f"{fmt(s['dense']['decode_tokens_per_s'], 1)} / {fmt(s['slim']['decode_tokens_per_s'], 1)} | "
                      f"{b['dense'] / 1e6:.0f} / {b['slim'] / 1e6:.0f} | {fmt(r['slim_seconds'], 1)} | "
                      f"{r['loadavg_before'][0]} -> {r['loadavg_after'][0]} |")
-    m = d["machine"]
+    m, sc = d["machine"], d.get("speed_check")
+    if sc:
+        dn, sg = sc["speeds"]["dense"], sc["speeds"]["shortgpt-25"]
+        lines += ["", f"Speed check, dense against ShortGPT-25 (layers {sc['removed_layers']} removed) loaded from "
+                  f"checkpoints, {sc['repeats']} interleaved repeats of a {sc['prompt_tokens']}-token prompt and "
+                  f"{sc['new_tokens']} greedy tokens, {sc['threads']} threads, load {sc['loadavg_before'][0]} -> "
+                  f"{sc['loadavg_after'][0]}: decode {fmt(dn['decode_tokens_per_s'], 1)} -> "
+                  f"{fmt(sg['decode_tokens_per_s'], 1)} tokens/s (x{fmt(sc['decode_ratio'])}), prefill "
+                  f"{fmt(dn['prefill_tokens_per_s'], 1)} -> {fmt(sg['prefill_tokens_per_s'], 1)} tokens/s "
+                  f"(x{fmt(sc['prefill_ratio'])}). Per repeat (decode tokens/s): dense "
+                  f"{[round(x, 1) for x in dn['decode_repeats']]}, ShortGPT {[round(x, 1) for x in sg['decode_repeats']]}."]
     lines += ["", "Unstructured and N:M zeros are stored and multiplied densely: no size or speed change is "
               "expected from them on this CPU (N:M needs sparse kernels, e.g. 2:4 sparse tensor cores on NVIDIA "
-              "GPUs); only ShortGPT's removed layers are really smaller and faster.", "",
+              "GPUs); only ShortGPT's removed layers are really smaller and faster. The pruned runs' speed ratios, which "
+              "should all be 1, show how noisy a speed measurement is at the load shown.", "",
               f"Machine: {m['cpu']}, {m['cores']} cores, {m['ram_gib']} GiB; load average (1 min) before -> after "
               "each run in the table (other jobs shared the machine)."]
     return "\n".join(lines) + "\n"
