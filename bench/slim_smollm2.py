@@ -16,8 +16,10 @@ step.
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import random
+import statistics
 import shutil
 import sys
 from pathlib import Path
@@ -69,9 +71,15 @@ def main() -> None:
     ap.add_argument("--speed-check", type=int, default=0, metavar="REPEATS",
                     help="instead: time the dense model against ShortGPT-25 with this many interleaved repeats "
                     "(32 new tokens) and add it to the existing results")
+    ap.add_argument("--rewrite", action="store_true", help="only rewrite the .md from the .json")
     args = ap.parse_args()
     if args.speed_check:
         return speed_check(args)
+    if args.rewrite:
+        from _common import RESULTS_DIR
+
+        data = json.loads((RESULTS_DIR / "slim_smollm2.json").read_text())
+        return write_results("slim_smollm2", data, markdown(data))
     names = args.only.split(",") if args.only else list(CONFIGS)
     model = smollm2_checkpoint()
     work = default_cache_dir("slim-bench")
@@ -113,8 +121,6 @@ def main() -> None:
 def speed_check(args) -> None:
     """A longer speed comparison of the one configuration that should be faster: dense against ShortGPT at a
     quarter of the layers removed, loaded from checkpoints, repeats interleaved, added to the results."""
-    import json
-
     import torch
 
     from malleable.data.corpus import tokens
@@ -146,6 +152,12 @@ def speed_check(args) -> None:
     print(f"speed check: decode x{check['decode_ratio']:.3f}, prefill x{check['prefill_ratio']:.3f}")
 
 
+def paired(dense: dict, slim_: dict, key: str) -> float:
+    """Median over repeats of slim / dense in the same repeat (interleaved): steadier than the ratio of the
+    medians when the machine's load drifts between repeats."""
+    return statistics.median(b / a for a, b in zip(dense[f"{key}_repeats"], slim_[f"{key}_repeats"]))
+
+
 def markdown(d: dict) -> str:
     c, e = d["calibration"], d["evaluation"]
     lines = ["# slim on SmolLM2-135M-Instruct", "",
@@ -155,28 +167,33 @@ def markdown(d: dict) -> str:
              "interval of the ratio by paired bootstrap over windows. Speed: batch 1, a "
              f"{e['prompt_tokens']}-token prompt then {e['new_tokens']} greedy tokens, median of "
              f"{e['speed_repeats']} repeats interleaved with the dense model in the same run.", "",
-             "| run | sparsity / layers removed | perplexity dense -> slim | ratio [95% CI] | prefill x | decode x | "
+             "| run | sparsity / layers removed | perplexity dense -> slim | ratio [95% CI] | prefill x* | decode x* | "
              "decode tok/s dense / slim | size MB dense / slim | prune s | load avg |",
              "|---|---|---|---|---|---|---|---|---|---|"]
+    notes = ["", "x*: median over repeats of slim / dense tokens/s in the same repeat."]
     for name, r in d["runs"].items():
         p, s, b = r["perplexity"], r["speed"], r["bytes"]
         what = fmt(r["sparsity"], 3) if r["sparsity"] is not None else f"{len(r['removed_layers'])} layers"
         lo, hi = r["perplexity_ratio_ci95"]
         lines.append(f"| {name} | {what} | {fmt(p['dense'])} -> {fmt(p['slim'])} | {fmt(p['ratio'], 3)} "
-                     f"[{fmt(lo, 3)}, {fmt(hi, 3)}] | {fmt(s['prefill_ratio'])} | {fmt(s['decode_ratio'])} | "
+                     f"[{fmt(lo, 3)}, {fmt(hi, 3)}] | {fmt(paired(s['dense'], s['slim'], 'prefill'))} | "
+                     f"{fmt(paired(s['dense'], s['slim'], 'decode'))} | "
                      f"{fmt(s['dense']['decode_tokens_per_s'], 1)} / {fmt(s['slim']['decode_tokens_per_s'], 1)} | "
                      f"{b['dense'] / 1e6:.0f} / {b['slim'] / 1e6:.0f} | {fmt(r['slim_seconds'], 1)} | "
                      f"{r['loadavg_before'][0]} -> {r['loadavg_after'][0]} |")
+    lines += notes
     m, sc = d["machine"], d.get("speed_check")
     if sc:
         dn, sg = sc["speeds"]["dense"], sc["speeds"]["shortgpt-25"]
         lines += ["", f"Speed check, dense against ShortGPT-25 (layers {sc['removed_layers']} removed) loaded from "
                   f"checkpoints, {sc['repeats']} interleaved repeats of a {sc['prompt_tokens']}-token prompt and "
                   f"{sc['new_tokens']} greedy tokens, {sc['threads']} threads, load {sc['loadavg_before'][0]} -> "
-                  f"{sc['loadavg_after'][0]}: decode {fmt(dn['decode_tokens_per_s'], 1)} -> "
-                  f"{fmt(sg['decode_tokens_per_s'], 1)} tokens/s (x{fmt(sc['decode_ratio'])}), prefill "
+                  f"{sc['loadavg_after'][0]}: median decode {fmt(dn['decode_tokens_per_s'], 1)} -> "
+                  f"{fmt(sg['decode_tokens_per_s'], 1)} tokens/s (ratio of medians x{fmt(sc['decode_ratio'])}, "
+                  f"median paired ratio x{fmt(paired(dn, sg, 'decode'))}), prefill "
                   f"{fmt(dn['prefill_tokens_per_s'], 1)} -> {fmt(sg['prefill_tokens_per_s'], 1)} tokens/s "
-                  f"(x{fmt(sc['prefill_ratio'])}). Per repeat (decode tokens/s): dense "
+                  f"(x{fmt(sc['prefill_ratio'])}, paired x{fmt(paired(dn, sg, 'prefill'))}). Per repeat "
+                  "(decode tokens/s): dense "
                   f"{[round(x, 1) for x in dn['decode_repeats']]}, ShortGPT {[round(x, 1) for x in sg['decode_repeats']]}."]
     lines += ["", "Unstructured and N:M zeros are stored and multiplied densely: no size or speed change is "
               "expected from them on this CPU (N:M needs sparse kernels, e.g. 2:4 sparse tensor cores on NVIDIA "
