@@ -1,0 +1,11 @@
+"""`slim`: make a model cheaper to run: prune weights (magnitude, Wanda, SparseGPT; unstructured or N:M) or
+remove whole decoder layers (ShortGPT), and measure what it cost in quality and what it saved.
+
+Methods register by name in registry.py (one file each); the engine (engine.py) calibrates, applies the method,
+writes a checkpoint that loads with `from_pretrained`, and reports the dense and slimmed model side by side.
+"""
+
+from malleable.slim import magnitude, shortgpt, sparsegpt, wanda  # noqa: F401  (registers the methods)
+from malleable.slim.registry import METHODS, LayerRemover, Pattern, WeightPruner, get_method, slim_method
+
+__all__ = ["METHODS", "LayerRemover", "Pattern", "WeightPruner", "get_method", "slim_method"]
