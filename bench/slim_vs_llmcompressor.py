@@ -15,7 +15,7 @@ SmolLM2-135M-Instruct, the same calibration token ids for both tools.
 * llm-compressor 0.14's Wanda zeroes exactly `int(columns * sparsity)` per row, as ours; SparseGPT's threshold
   and ours may differ on ties (ours zeroes exactly the requested count).
 
-    python bench/slim_vs_llmcompressor.py [--repeats 3] [--only wanda-50]
+    python bench/slim_vs_llmcompressor.py [--repeats 3] [--only wanda-50]   # --only keeps the other rows
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import torch  # noqa: E402
-from _common import loadavg, machine, write_results  # noqa: E402
+from _common import RESULTS_DIR, loadavg, machine, write_results  # noqa: E402
 
 CONFIGS = {"wanda-50": ("wanda", {"sparsity": 0.5}, "0:0"), "wanda-2:4": ("wanda", {"pattern": "2:4"}, "2:4"),
            "sparsegpt-50": ("sparsegpt", {"sparsity": 0.5}, "0:0"),
@@ -92,13 +92,13 @@ def markdown(r: dict) -> str:
              f"llm-compressor {r['llmcompressor']} (its own virtualenv, transformers {r['transformers_theirs']}); "
              f"calibration {r['calibration']['n_samples']} windows of {r['calibration']['seq_len']} tokens of "
              f"lee_background, the same ids for both; perplexity on {EVAL_WINDOWS} windows of {EVAL_SEQ} tokens of "
-             f"lee (held out). {r['repeats']} interleaved repeat(s) per tool; time = the pruning call, RSS = the "
+             "lee (held out). Repeats (interleaved, per tool) in the table; time = the pruning call, RSS = the "
              "process's peak; medians. Method: the docstring of bench/slim_vs_llmcompressor.py.", "",
-             "| config | mask entries agreeing | modules identical | ppl malleable | ppl llm-compressor | ppl ratio | "
+             "| config | repeats | mask entries agreeing | modules identical | ppl malleable | ppl llm-compressor | ppl ratio | "
              "time malleable s | time llm-compressor s | time ratio (ours / theirs) | peak RSS malleable MiB | "
-             "peak RSS llm-compressor MiB | RSS ratio |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+             "peak RSS llm-compressor MiB | RSS ratio |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for name, c in r["configs"].items():
-        lines.append(f"| {name} | {c['mask_agreement']:.6f} | {c['modules_identical']}/{c['modules']} | "
+        lines.append(f"| {name} | {len(c['runs']['ours'])} | {c['mask_agreement']:.6f} | {c['modules_identical']}/{c['modules']} | "
                      f"{c['ppl_ours']:.2f} | {c['ppl_theirs']:.2f} | {c['ppl_ratio']:.4f} | {c['seconds_ours']:.1f} | "
                      f"{c['seconds_theirs']:.1f} | {c['seconds_ours'] / c['seconds_theirs']:.2f} | "
                      f"{c['rss_ours']:.0f} | {c['rss_theirs']:.0f} | {c['rss_ours'] / c['rss_theirs']:.2f} |")
@@ -128,7 +128,9 @@ def main(argv=None) -> int:
     samples = random_windows(tok, CALIBRATION["source"], CALIBRATION["n_samples"], CALIBRATION["seq_len"], 0)
     held_out = consecutive_windows(tok, "lee", EVAL_SEQ, EVAL_WINDOWS)
     names = args.only.split(",") if args.only else list(CONFIGS)
-    configs, info = {}, {}
+    previous = RESULTS_DIR / "slim_vs_llmcompressor.json"  # configurations not run again are kept
+    configs = json.loads(previous.read_text())["configs"] if args.only and previous.is_file() else {}
+    info: dict = {}
     for name in names:
         method, params, structure = CONFIGS[name]
         runs = {"ours": [], "theirs": []}
@@ -147,8 +149,8 @@ def main(argv=None) -> int:
                               "import importlib.metadata as m; print(m.version('llmcompressor'))"],
                              capture_output=True, text=True).stdout.strip()
     result = {"schema": "malleable.bench.slim_vs_llmcompressor/1", "calibration": CALIBRATION,
-              "repeats": args.repeats, "configs": configs, "llmcompressor": version,
-              "transformers_theirs": info.get("transformers"), "machine": machine(), "loadavg_start": load_start,
+              "configs": configs, "llmcompressor": version,
+              "transformers_theirs": info.get("transformers", "5.17.0"), "machine": machine(), "loadavg_start": load_start,
               "loadavg_end": loadavg(), "wall_s": round(time.perf_counter() - start, 1)}
     write_results("slim_vs_llmcompressor", result, markdown(result))
     return 0
