@@ -7,7 +7,8 @@ writes a checkpoint that loads with `from_pretrained`, and reports the dense and
 Eviction policies register in evict.py's own registry (they change no weight: they act on a generation's cache).
 """
 
-from malleable.slim import magnitude, shortgpt, sparsegpt, wanda  # noqa: F401  (registers the methods)
+from malleable.slim import h2o, knorm, magnitude, shortgpt, snapkv, sparsegpt, streaming_llm, wanda  # noqa: F401
+# (importing them registers the methods and the eviction policies)
 from malleable.slim.registry import METHODS, LayerRemover, Pattern, WeightPruner, get_method, slim_method
 
 __all__ = ["METHODS", "LayerRemover", "Pattern", "WeightPruner", "get_method", "slim_method"]
