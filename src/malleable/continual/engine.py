@@ -202,11 +202,13 @@ def continual(recipe: ContinualRecipe, out: str | Path, *, force: bool = False, 
                                          "accuracy": round(accuracy(model, _seen_tests(tasks, k + 1)), 4)})
                 model.train()
         check_finite_weights(params, accelerator)
+        trained = time.perf_counter()
         model.eval()
         state["matrix"].append(_scores(model, tasks))
         state["steps"].append({"step": k + 1, "classes": task.classes, "examples": len(examples), "passes": passes,
                                "batches": len(batches), "mean_loss": round(sum(losses) / max(1, len(losses)), 6),
-                               "seconds": round(time.perf_counter() - step_start, 3)})
+                               "seconds": round(trained - step_start, 3),  # training (anytime evaluations included)
+                               "eval_seconds": round(time.perf_counter() - trained, 3)})
         _checkpoint(run_dir, k + 1, model, optimizer, scheduler, buffer, method, state, keep=len(tasks) + 1)
 
     model.eval()
