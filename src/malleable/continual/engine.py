@@ -9,7 +9,10 @@ transfer has its baseline) and the whole state is checkpointed.
 
 What is learn's and what is not:
 * the optimiser step is learn's `optimizer_step` (loss, backward, finite-loss check; called with one unit, as
-  a method's loss is already a mean), and the accelerator its `make_accelerator`;
+  a method's loss is already a mean), and the accelerator its `make_accelerator`. The optimiser is plain SGD
+  (`training.lr`, `training.momentum`, default 0), not a learn method's AdamW: the online continual-learning
+  codes (mammoth, which the LAS authors build on, and Caccia et al.'s) train with SGD, and their step sizes
+  mean SGD's. No augmentation is applied, so the buffer stores the stream's images as they came;
 * checkpoints are learn's `save_checkpoint` / `load_checkpoint` (weights, optimiser, scheduler, RNG, no
   pickle), one per stream step, all kept while the stream runs. The stream's own state (the buffer and its
   generator, the method's running numbers, the matrix rows so far) goes into `OUT.run/stream-<step>/`, written
