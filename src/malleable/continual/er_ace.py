@@ -5,7 +5,9 @@ The incoming batch's cross-entropy is taken over the classes present in that bat
 left out of its softmax), so new classes do not push the old ones' logits down; the replayed batch's
 cross-entropy is over every output. This follows Avalanche's `ACECriterion` (avalanche/training/regularization.py):
 the two terms are averaged, ``(ce_replay + ce_incoming) / 2``, and without a replayed batch (an empty buffer) the
-loss is the plain cross-entropy of the incoming batch.
+loss is the plain cross-entropy of the incoming batch. Replay starts as soon as the buffer holds anything (the
+authors' task-free rule); Avalanche's ER_ACE fills a class-balanced buffer at the start of each experience and
+replays from the second experience on.
 
 Where the authors' code (pclucas14/AML, methods/er_ace.py) differs: it also keeps every class above the largest
 one seen so far in the incoming softmax (masks only seen-but-absent classes, with -1e9), masks only from the
