@@ -18,7 +18,7 @@ LAYERS = [
     {"data", "models", "recipes"},
     {"learn"},
     {"evaluate"},
-    {"merge", "forget", "route", "steer"},
+    {"merge", "forget", "continual", "route", "steer"},
     {"inspect", "protocols"},
     {"api"},
     {"cli", "__main__"},

@@ -40,7 +40,6 @@ from malleable.continual.stream import Task, load_tasks, stream_classes
 from malleable.errors import InputError, OutputError, RecipeError, reason
 from malleable.evaluate.classification import accuracy
 from malleable.evaluate.continual import summary
-from malleable.forget.data import collate_classification
 from malleable.io.atomic import atomic_dir, check_output, replaceable
 from malleable.learn.checkpoint import PREFIX, latest_checkpoint, load_checkpoint, save_checkpoint
 from malleable.learn.engine import check_finite_weights, make_accelerator, optimizer_step
@@ -191,7 +190,8 @@ def continual(recipe: ContinualRecipe, out: str | Path, *, force: bool = False, 
         model.train()
         for b, idx in enumerate(tqdm(batches, disable=not progress, desc=f"step {k + 1}/{len(tasks)} {recipe.method}",
                                      unit="batch", dynamic_ncols=True, leave=False)):
-            incoming = collate_classification([examples[i] for i in idx])
+            incoming = {"x": torch.stack([examples[i][0] for i in idx]),
+                        "labels": torch.tensor([examples[i][1] for i in idx])}
             replay = buffer.sample(t.replay_batch_size) if method.replay else None
             batch = {name: None if part is None else {n: v.to(device) for n, v in part.items()}
                      for name, part in (("stream", incoming), ("replay", replay))}

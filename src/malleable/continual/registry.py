@@ -10,9 +10,9 @@ registers itself by name:
         def loss(self, model, batch):
             ...
 
-`batch` is ``{"stream": part, "replay": part or None}``; a part is ``{"x": images, "labels": class indices}``
-(forget.data.collate_classification). `replay` is None for methods that do not replay and while the buffer is
-empty. The loss is a MEAN over the batch, as the papers write it (learn's optimizer_step is called with one unit).
+`batch` is ``{"stream": part, "replay": part or None}``; a part is ``{"x": images, "labels": class indices}``.
+`replay` is None for methods that do not replay and while the buffer is empty. The loss is a MEAN over the
+batch, as the papers write it (learn's optimizer_step is called with one unit).
 
 Hooks, in the order the engine calls them: ``setup(num_classes)`` once; ``examples(current, seen)`` per stream
 step (which examples the step walks, and how many passes: online methods one pass over the step's own data);
