@@ -261,3 +261,17 @@ def test_an_existing_output_needs_force_and_an_old_run_needs_resume_or_force(tmp
     result = invoke("continual", path, tmp_path / "new", "-q")
     assert result.exit_code == 2 and "pass --resume to continue it" in result.stderr
     assert not (tmp_path / "new").exists()
+
+
+def test_the_python_api_takes_a_dict_or_a_file_and_never_writes_over_the_recipe(tmp_path):
+    from malleable import api
+    from malleable.errors import OutputError
+
+    report = api.continual(recipe(method="finetune"), tmp_path / "out", progress=False)
+    assert report["method"] == "finetune" and (tmp_path / "out" / "model.safetensors").is_file()
+    path = tmp_path / "r.yaml"
+    path.write_text(yaml.safe_dump(recipe(method="finetune")))
+    with pytest.raises(OutputError, match="would overwrite input"):
+        api.continual(path, path, force=True, progress=False)
+    again = api.continual(path, tmp_path / "out", force=True, progress=False)
+    assert again["accuracy_matrix"] == report["accuracy_matrix"]  # same recipe and seed, same run
