@@ -47,6 +47,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from _common import fmt, loadavg, machine, paired_t, write_results
+from malleable.forget.stopping import VERSION as STOP_RULE
 from malleable.forget.stopping import side
 from malleable.io.atomic import write_text_atomic
 from malleable.protocols.forget_classifier import (SCENARIOS, make_split, membership, score, train_model,
@@ -244,7 +245,7 @@ def run(args, *, make_model, pool, validation, test, recipe, methods, spec) -> N
                 method = spec(objective, mask, h["lr"], h["steps"], args.batch_size)
                 key = _key({**settings, "recipe": recipe, "seed": seed, "scenario": scenario, "method": method,
                             "tolerances": TOLERANCES, "check_every": CHECK_EVERY, "calibration": len(calibration),
-                            "verdict": len(verdict), "max_shadow": args.max_shadow})
+                            "verdict": len(verdict), "max_shadow": args.max_shadow, "stop_rule": STOP_RULE})
                 path = CACHE / "rows" / f"{key}.json"
                 if path.exists():
                     rows[name][(seed, scenario)] = json.loads(path.read_text())

@@ -387,6 +387,7 @@ def main() -> None:
     from malleable.evaluate.llm_forget import METRIC_DEFINITIONS
     from malleable.protocols.forget_llm import RELEARN, RETAIN_OF, Protocol
     from malleable.models.smollm2 import smollm2_checkpoint
+    from malleable.forget.stopping import VERSION as STOP_RULE
 
     splits = args.forget.split(",")
     unknown = sorted(set(splits) - set(RETAIN_OF))
@@ -401,6 +402,8 @@ def main() -> None:
     result.update({"schema": "malleable.bench.forget_llm/2", "protocol": asdict(settings),
                    "machine": {**machine(), "gpu": gpu_name()}, "relearn_settings": RELEARN})
     runs = result.setdefault("runs", [])
+    # calibrated runs of an earlier stopping rule are not comparable: dropped, and run again below
+    runs[:] = [r for r in runs if "calibrate" not in r or r.get("stop_rule", 1) == STOP_RULE]
     for forget in splits:
         proto = Protocol(smollm2_checkpoint(), settings, forget, relearning=RELEARN,
                          eval_batch_size=args.eval_batch_size)
@@ -417,7 +420,7 @@ def main() -> None:
             for seed, calibrate in ((int(s), a) for s in args.seeds.split(",") for a in arms):
                 run = {"forget": forget, "objective": objective, "seed": seed, "settings": kwargs}
                 if calibrate is not None:
-                    run["calibrate"] = calibrate
+                    run.update(calibrate=calibrate, stop_rule=STOP_RULE)
                 if run_key(run) in done:
                     continue
                 out = proto.unlearn(objective, seed, calibrate, **kwargs)

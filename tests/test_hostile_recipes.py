@@ -325,15 +325,19 @@ def test_readme_example_recipes_validate():
     from malleable.recipes.forget import parse_forget_recipe
     from malleable.recipes.learn import parse_learn_recipe
     from malleable.recipes.merge import parse_recipe
+    from malleable.recipes.slim import parse_slim_recipe
+    from malleable.slim.engine import check_recipe as check_slim_recipe
 
     readme = (Path(__file__).parents[1] / "README.md").read_text()
     blocks = [yaml.safe_load(b) for b in re.findall(r"```yaml\n(.*?)```", readme, re.S)]
-    kinds = {"inputs": parse_recipe, "stream": parse_continual_recipe, "method": parse_learn_recipe,
-             "objective": parse_forget_recipe}
+    kinds = {"inputs": parse_recipe, "calibration": parse_slim_recipe, "stream": parse_continual_recipe,
+             "method": parse_learn_recipe, "objective": parse_forget_recipe}
     parsed = [next(parse for key, parse in kinds.items() if key in b)(b, "README") for b in blocks]
-    assert len(parsed) == 4
+    assert len(parsed) == 5
     for recipe in parsed:
-        if hasattr(recipe, "stream"):
+        if hasattr(recipe, "calibration"):
+            check_slim_recipe(recipe)
+        elif hasattr(recipe, "stream"):
             check_continual_recipe(recipe)
         elif hasattr(recipe, "objective"):
             check_recipe(recipe)

@@ -143,6 +143,14 @@ def test_build_writes_arrow_scores_and_the_router_picks_their_argmax(recipe, lib
     routers, _, _ = load_routers(tmp_path / "f")
     m = read_matrices(tmp_path / "m")
     assert (routers["arrow"].choose(m, None) == 2 + want.argmax(axis=1)).all()
+    # served: RoutedModel computes the scores of the same prompts itself, through the pool's one PeftModel with
+    # its adapters disabled, with the build's top_k, and routes as the fitted router did on the build's scores
+    from malleable.route import RoutedModel
+
+    served = RoutedModel.from_fitted(tmp_path / "f", "arrow")
+    prompts = [r["prompt"] for r in toy_records(12)]
+    assert served.arrow.top_k == 2 and np.allclose(served.arrow_scores(prompts), A, atol=1e-6, equal_nan=True)
+    assert served.route(prompts) == [f"lora{j}" for j in want.argmax(axis=1)]
 
 
 def test_default_library_is_every_adapter_on_the_commonest_base(recipe, tmp_path):
@@ -186,3 +194,14 @@ def test_the_arrow_router_refuses_matrices_without_arrow_scores(tmp_path):
     np.save(m / "arrow.npy", np.full((30, 3), np.inf))
     result = invoke("route", "fit", m, tmp_path / "f", "--recipe", tmp_path / "fit.yaml", "-q")
     assert result.exit_code == 2 and "Arrow scores (arrow.npy) must be finite" in result.stderr, result.output
+
+
+def test_serving_arrow_over_a_library_that_is_not_adapters_on_one_base_is_refused(library):
+    from malleable.errors import InputError
+    from malleable.route import ROUTERS, RoutedModel
+
+    arrow = ROUTERS["arrow"]()
+    arrow.info["adapters"] = [0, 1]  # 'base' is the base model itself, not an adapter
+    served = RoutedModel({"base": library["base"], "lora0": library["adapters"][0]}, arrow)
+    with pytest.raises(InputError, match="router 'arrow': its library \\(base, lora0\\) is not a set of PEFT"):
+        served.route(["copy: w1"])

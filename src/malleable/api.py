@@ -10,6 +10,7 @@ from malleable.recipes.forget import ForgetRecipe, parse_forget_recipe
 from malleable.recipes.learn import LearnRecipe, parse_learn_recipe
 from malleable.recipes.merge import MergeRecipe, load_recipe, parse_recipe
 from malleable.recipes.route import RouteRecipe, load_route_recipe, parse_route_recipe
+from malleable.recipes.slim import SlimRecipe
 from malleable.recipes.steer import SteerRecipe, load_steer_recipe, parse_steer_recipe
 
 
@@ -161,6 +162,27 @@ def steer(recipe: SteerRecipe | dict | str | Path, out: str | Path, force: bool 
     _not_over_recipe(out, recipe)
     r = _as_recipe(recipe, SteerRecipe, parse_steer_recipe, lambda p: load_steer_recipe(p, check_recipe))
     return run(r, out, force=force, strengths=strengths, progress=progress)
+
+
+def slim(recipe: SlimRecipe | dict | str | Path, out: str | Path, force: bool = False, progress: bool = True) -> dict:
+    """Prune or shorten the recipe's model with its method; writes `out/` (a checkpoint that loads with
+    `from_pretrained`) with the report (what was pruned or removed; perplexity, speed and size, dense and slim)."""
+    from malleable.recipes.slim import load_slim_recipe, parse_slim_recipe
+    from malleable.slim.engine import check_recipe
+    from malleable.slim.engine import slim as run
+
+    _not_over_recipe(out, recipe)
+    return run(_as_recipe(recipe, SlimRecipe, parse_slim_recipe, lambda p: load_slim_recipe(p, check_recipe)), out,
+               force=force, progress=progress)
+
+
+def slim_plan(recipe: SlimRecipe | dict | str | Path) -> str:
+    """What `slim` would do (the `--dry-run` text), after validating everything."""
+    from malleable.recipes.slim import load_slim_recipe, parse_slim_recipe
+    from malleable.slim.engine import check_recipe, describe, plan
+
+    return describe(plan(_as_recipe(recipe, SlimRecipe, parse_slim_recipe,
+                                    lambda p: load_slim_recipe(p, check_recipe))))
 
 
 def audit(model: str | Path, *, forget: str | Path, retain: str | Path | None = None,

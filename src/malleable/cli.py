@@ -280,6 +280,44 @@ def steer(
     typer.echo(f"report: {Path(report['output']['path']) / 'report.json'}")
 
 
+@app.command()
+@_user_errors
+def slim(
+    recipe: Path = typer.Argument(..., help="YAML slim recipe"),
+    out: Path = typer.Argument(..., help="output checkpoint folder (loads with from_pretrained) with its report"),
+    force: bool = typer.Option(False, "--force", help="replace an existing output"),
+    dry_run: bool = typer.Option(False, "--dry-run", help="validate the recipe and print the plan; write nothing"),
+    allow_pickle: bool = typer.Option(False, "--allow-pickle", help=PICKLE_HELP),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="no progress bar"),
+) -> None:
+    """Make a model cheaper: prune weights (magnitude, Wanda, SparseGPT; unstructured or N:M) or remove decoder
+    layers (ShortGPT); report perplexity, speed and size against the dense model."""
+    from malleable.recipes.slim import load_slim_recipe
+    from malleable.slim.engine import check_recipe, describe, plan
+    from malleable.slim.engine import slim as run
+
+    check_not_input(out, [recipe])
+    r = load_slim_recipe(recipe, check_recipe)
+    r.allow_pickle = r.allow_pickle or allow_pickle
+    if dry_run:
+        typer.echo(describe(plan(r)))
+        return
+    report = run(r, out, force=force, progress=not quiet)
+    if "pruned" in report:
+        p = report["pruned"]
+        typer.echo(f"{report['method']}: {p['modules']} modules pruned ({p['pattern']}), sparsity "
+                   f"{p['achieved_sparsity']:.4f}; {report['wall_time_s']} s")
+    else:
+        lay = report["layers"]
+        typer.echo(f"{report['method']}: removed layers {lay['removed']} of {lay['of']}; {report['wall_time_s']} s")
+    e = report.get("evaluation")
+    if e:
+        typer.echo(f"perplexity on {e['source']}: {e['perplexity']['dense']:.4g} -> {e['perplexity']['slim']:.4g}"
+                   + (f"; decode tokens/s x{e['speed']['decode_ratio']:.2f}" if "speed" in e else ""))
+    typer.echo(f"output: {report['output']['path']}")
+    typer.echo(f"report: {Path(report['output']['path']) / 'report.json'}")
+
+
 @app.command("steer-bake")
 @_user_errors
 def steer_bake(
@@ -399,6 +437,12 @@ def methods() -> None:
     for name in sorted(STEERING):
         cls = STEERING[name]
         _describe(f"{name}  [read {cls.read}, add at {cls.intervene}]", cls.__doc__ or "", cls.params)
+    from malleable.slim import METHODS as SLIMMING
+
+    typer.echo("\nslim methods:")
+    for name in sorted(SLIMMING):
+        cls = SLIMMING[name]
+        _describe(f"{name}  [{cls.kind}]", cls.__doc__ or "", cls.params)
 
 
 def _membership(row: dict) -> str:

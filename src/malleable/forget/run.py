@@ -144,8 +144,8 @@ def forget(recipe: ForgetRecipe, out: str | Path, *, force: bool = False, refere
                          steps=t.steps, epochs=t.epochs, batch_size=t.batch_size, lr=lr, optimizer=t.optimizer,
                          schedule=t.schedule, warmup_steps=t.warmup_steps, weight_decay=t.weight_decay,
                          max_grad_norm=t.max_grad_norm, seed=recipe.seed, progress=progress, stop=stop)
-        reached = stop is None or stop.stopped_at is not None
-        distance = abs(stop.distance(stop.curve[-1])) if stop is not None else 0.0
+        reached = stop is None or stop.reached
+        distance = abs(stop.distance(stop.kept())) if stop is not None else 0.0
         if stop is not None:
             tried.append({"lr": lr, "steps": result.steps, "stopped_at": stop.stopped_at,
                           "restored_to": stop.restored_to, "distance": round(distance, 6)})

@@ -8,15 +8,22 @@ like unseen ones, so the target is a membership attack that cannot tell them apa
 `StopRule` is checked every `check_every` steps on data the objective never trains on:
 
 * ``indistinguishable``: the loss attack's AUC of the forget rows against a calibration part of the holdout
-  (never trained on, never in the final evidence) reaches 0.5 + tolerance;
-* ``reference``: the forget rows' mean loss reaches the reference (retrained) model's.
+  (never trained on, never in the final evidence) comes to 0.5;
+* ``reference``: the forget rows' mean loss comes to the reference (retrained) model's.
+
+The rule aims at the target itself, not at the edge of the tolerance band: short of the target it keeps going
+while the checks close in on it (outside the band it keeps going regardless), and it stops at the first check
+that reaches or passes the target, or that no longer comes closer once inside the band. It then goes back to
+the closest check so far if that one was as close or closer (a copy of its trainable weights is kept; on a
+tie the earlier check wins, having moved the weights less). The first
+version stopped at the first check inside the band; since unlearning closes in from one side, that landed on
+the band's near edge (the LLM protocol's calibrated runs ended at AUC ~0.6 with a tolerance of 0.1, judged
+under-unlearned). The tolerance now only says when a run counts as calibrated (`side`), and how near the
+target the rule starts stopping at a check that does not improve.
 
 Where the issue asked for a held-out part of the *forget* set, this rule measures the rows being unlearned
 against held-out *unseen* rows instead: the rows that were not trained on cannot show over-unlearning, which
 is exactly what the rule has to catch, and the holdout part it looks at is kept out of the final evidence.
-If one check lands past the target (the attack now sees the forget rows as worse than unseen ones) and the
-previous check was closer to it, the model goes back to that check's weights (a copy of the trainable
-weights is kept between checks).
 """
 
 from __future__ import annotations
@@ -30,6 +37,8 @@ from malleable.evaluate.mia import membership_auc
 from malleable.evaluate.unlearning import example_scores
 
 MIN_ROWS = 2  # fewer forget or calibration rows leave the attack's AUC without any resolution
+VERSION = 3  # of the stopping decision (1: first check inside the band; 2: closest check, ties to the later one);
+# reports and benchmark caches carry it
 
 
 def side(auc: float, tolerance: float) -> str:
@@ -64,7 +73,7 @@ class StopRule:
         self.curve: list[dict] = []
         self.stopped_at: int | None = None
         self.restored_to: int | None = None
-        self._previous: tuple[float, dict[str, torch.Tensor]] | None = None
+        self._best: tuple[float, int, dict[str, torch.Tensor]] | None = None  # |gap|, step, weights
 
     def measure(self, model) -> dict:
         forget = example_scores(model, self.forget, self.collate, self.batch_size)["loss"]
@@ -87,22 +96,37 @@ class StopRule:
         row = {"step": step, **self.measure(model)}
         self.curve.append(row)
         gap = self.distance(row)
-        if gap > self.tolerance:  # not there yet: remember these weights in case the next check overshoots
-            self._previous = (gap, {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad})
+        best = self._best[0] if self._best is not None else float("inf")
+        closing = gap > 0 and (gap > self.tolerance or gap < best)  # short of the target and still closing in
+        if closing and gap < best:
+            self._best = (gap, step, {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad})
+        if closing and not last:
             return False
-        if gap < -self.tolerance and self._previous is not None and self._previous[0] < -gap:
-            with torch.no_grad():  # the earlier check was closer to the target than this overshoot
+        # an earlier check was as close or closer: go back to it (on a tie, it moved the weights less; AUCs on
+        # a few rows take few distinct values, so ties are common)
+        if self._best is not None and self._best[0] <= abs(gap) and self._best[1] != step:
+            with torch.no_grad():
                 for n, p in model.named_parameters():
-                    if n in self._previous[1]:
-                        p.copy_(self._previous[1][n])
-            self.restored_to = self.curve[-2]["step"]
-        self.stopped_at = step
+                    if n in self._best[2]:
+                        p.copy_(self._best[2][n])
+            self.restored_to = self._best[1]
+        if not closing:
+            self.stopped_at = step
         return True
 
+    def kept(self) -> dict:
+        """The check whose weights the model ends with: the one gone back to, else the last."""
+        return next(r for r in reversed(self.curve) if self.restored_to in (None, r["step"]))
+
+    @property
+    def reached(self) -> bool:
+        """Stopped at the target, or ended (budget spent) on a check within the tolerance of it."""
+        return self.stopped_at is not None or (bool(self.curve) and abs(self.distance(self.kept())) <= self.tolerance)
+
     def report(self) -> dict:
-        final = next(r for r in reversed(self.curve) if self.restored_to in (None, r["step"]))
+        final = self.kept()
         verdict = (side(final["membership_auc"], self.tolerance) if self.mode == "indistinguishable" else
                    loss_side(final["forget_loss"], self.reference_loss, self.tolerance))
-        return {"rule": self.mode, "tolerance": self.tolerance, "check_every": self.check_every,
+        return {"rule": self.mode, "version": VERSION, "tolerance": self.tolerance, "check_every": self.check_every,
                 "stopped_at": self.stopped_at, "restored_to": self.restored_to, "reference_loss": self.reference_loss,
                 "calibration_rows": len(self.calibration), "verdict": verdict, "curve": self.curve}

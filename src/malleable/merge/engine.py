@@ -149,6 +149,9 @@ def plan_merge(recipe: MergeRecipe) -> MergePlan:
     if rule.inner and not isinstance(inner, str):
         raise RecipeError("parameters.inner: expected the name of a full-space merge rule")
     params = rule_params(rule, inner)
+    if (rule.space == "learned") != (recipe.data is not None):
+        raise RecipeError(f"data: method '{rule.name}' learns from data and needs a data section" if recipe.data is None
+                          else f"data: method '{rule.name}' does not learn from data; remove the data section")
     for p in ([recipe.base] if recipe.base else []) + [i.path for i in recipe.inputs]:
         if not p.exists():
             raise InputError(f"{p}: no such file or directory")
@@ -530,6 +533,8 @@ def _merge_batched(plan: MergePlan) -> dict[str, LowRankDelta]:
 
 def run_merge(plan: MergePlan, out: str | Path, force: bool = False, progress: bool = True) -> dict:
     """Execute a validated plan into `out` (atomically); returns the report dict."""
+    if plan.rule.space == "learned":  # the rule trains and writes its own output (see registry)
+        return plan.rule.fn(plan, out, force=force, progress=progress)
     start = time.perf_counter()
     _keep_tensor_buffers_mmapped()
     recipe = plan.recipe
@@ -746,6 +751,8 @@ def describe(plan: MergePlan) -> str:
         own = f", {spec.model_dump(mode='json')['parameters']}" if spec.parameters else ""
         lines.append(f"input:  {spec.path} (weight {spec.weight}{own}; {desc})")
     lines.append(f"parameters: {r.model_dump(mode='json')['parameters'] or 'defaults'}")
+    if r.data is not None:
+        lines.append(f"data: train {r.data.train}" + (f", validation {r.data.validation}" if r.data.validation else ""))
     if plan.layer_map is not None:
         for n, sl in enumerate(r.slices):
             srcs = ", ".join(f"inputs.{s.input} layers {list(s.layers)}" for s in sl.all_sources())

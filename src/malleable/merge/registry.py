@@ -26,6 +26,11 @@ Two kinds of rule:
   It must equal ``[fn(j.deltas, j.weights, j.generator, j.rank, **j.params) for j in jobs]`` up to float
   round-off, and bound its own memory (the inputs are in memory already; its outputs are adapter-sized).
 
+* ``space="learned"``: a merge that trains on data (TWA): ``fn(plan, out, force, progress) -> report``. The
+  engine validates the inputs as for a full-space merge (architectures, tensor sets, shapes, parameters) and
+  requires the recipe's ``data``; then, instead of streaming, it hands the plan to ``fn``, which loads the
+  checkpoints, trains what it learns, and writes the output atomically with its report.
+
 Parameters are declared with `Param`; the engine validates recipes against them before any work starts,
 resolves per-tensor values (name filters, per-layer gradients) and passes plain values. A parameter with
 ``per_input=True`` may be set on each input (mergekit style); the rule then receives a list, one per input.
@@ -56,7 +61,7 @@ class LoraJob:
 class Rule:
     name: str
     fn: Callable[..., Any]
-    space: str
+    space: str  # "full", "lora" or "learned"
     params: dict[str, Param]
     uses_base: bool | str  # True: task vectors; False: raw weights; "raw": base's raw weight, then the inputs';
     # "optional": task vectors with a base, raw weights without one
@@ -78,6 +83,8 @@ def merge_rule(name: str, *, space: str = "full", params: dict[str, Param] | Non
     `batch` (LoRA rules only): the same merge over a list of `LoraJob`, see the module doc."""
 
     def register(fn: Callable) -> Callable:
+        if space not in ("full", "lora", "learned"):
+            raise ValueError(f"merge rule '{name}': space must be full, lora or learned")
         if uses_base not in (True, False, "raw", "optional"):
             raise ValueError(f"merge rule '{name}': uses_base must be True, False, 'raw' or 'optional'")
         if name in RULES:

@@ -25,6 +25,10 @@ tokenizer:                   # vocabulary merging (mergekit's): embedding and lm
   pad_to_multiple_of: 64     #   extra rows: each model's mean row
 seed: 0
 ```
+Merges that learn from data (method twa, twa_v, twa_t) read a `data` section, learn's (`recipes.learn.DataSpec`):
+```yaml
+data: {train: train.jsonl, validation: val.jsonl, format: text_label}   # twa_v trains on validation
+```
 Frankenmerges stack layer ranges of the inputs into a deeper model (method passthrough, one input per slice):
 ```yaml
 slices:
@@ -42,6 +46,7 @@ from typing import Literal, Union
 from pydantic import Field, field_validator, model_validator
 
 from malleable.recipes.common import Seed, Strict, load_recipe_file, validate
+from malleable.recipes.learn import DataSpec
 from malleable.recipes.param_spec import ParamSpec
 
 
@@ -160,6 +165,7 @@ class MergeRecipe(Strict):
     read_dtype: str | None = None
     chat_template: str | None = None
     tokenizer: TokenizerSpec | None = None
+    data: DataSpec | None = None  # merges that learn from data (space "learned": TWA)
     seed: Seed = 0
     allow_nonfinite: bool = False
     allow_pickle: bool = False

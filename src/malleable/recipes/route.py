@@ -54,9 +54,9 @@ batch_size: 16
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Callable, Literal, Union
+from typing import Annotated, Any, Callable, Literal, Union
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import BeforeValidator, Field, field_validator, model_validator
 
 from malleable.recipes.common import Seed, Strict, load_recipe_file, validate
 
@@ -117,18 +117,17 @@ class ArrowSpec(Strict):
     adapters: list[str] | None = Field(default=None, min_length=2)  # candidate names forming the library
 
 
+# `arrow: true` is ArrowSpec(), `false` (or absent) None
+ArrowFlag = Annotated[ArrowSpec | None, BeforeValidator(lambda v: {} if v is True else None if v is False else v)]
+
+
 class RouteBuildRecipe(Strict):
     candidates: list[Candidate] = Field(min_length=1)
     tasks: list[Task] = Field(min_length=1)
     cost: Literal["tokens", "latency"] = "tokens"
     metric: Literal["generate", "forced", "choice", "choice_norm"] = "generate"
     chat_template: Literal["auto", "on", "off"] = "auto"
-    arrow: ArrowSpec | None = None  # `true` is ArrowSpec(), `false` None
-
-    @field_validator("arrow", mode="before")
-    @classmethod
-    def _arrow(cls, value):
-        return {} if value is True else None if value is False else value
+    arrow: ArrowFlag = None
     encoder: Path | None = None
     max_new_tokens: int = Field(default=8, gt=0, le=4096)
     batch_size: int = Field(default=16, gt=0)
@@ -160,6 +159,7 @@ class RouteRunRecipe(Strict):
     max_new_tokens: int = Field(default=8, gt=0, le=4096)
     batch_size: int = Field(default=16, gt=0)
     chat_template: Literal["auto", "on", "off"] = "auto"  # as the build rendered its prompts
+    arrow: ArrowFlag = None  # the build's Arrow settings, for the `arrow` router (PEFT's defaults when absent)
     trust_remote_code: bool = False
     allow_pickle: bool = False
 

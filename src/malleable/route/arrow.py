@@ -114,7 +114,10 @@ def query_scores(model, tokenizer, prompts: list[str], protos: dict, *, top_k: i
 class Arrow(Router):
     """Zero-shot: each query to the LoRA adapter with the highest Arrow score (the `A` matrix that `route build`
     writes as arrow.npy with `arrow: true`; NaN for candidates outside the adapter library). No trade-off knob
-    and nothing learned; matrices without Arrow scores are refused."""
+    and nothing learned; matrices without Arrow scores are refused. `RoutedModel` computes the scores of new
+    queries itself (route/serve.py), with the build's top_k and temperature."""
+
+    needs_arrow = True
 
     def fit(self, train, seed):
         scores = self._scores(train)

@@ -34,6 +34,7 @@ class Router:
     params: ClassVar[dict[str, Param]] = {}
     knob: ClassVar[str | None] = None
     needs_embeddings: ClassVar[bool] = False
+    needs_arrow: ClassVar[bool] = False  # reads Arrow scores (batch.A): the build's, or computed by RoutedModel
 
     def __init__(self, **p: Any) -> None:
         self.p = p

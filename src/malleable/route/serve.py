@@ -13,6 +13,9 @@ and answers its own queries. Prompts are rendered and decoded as `route build` m
 (evaluate/generation.py, with the build's `chat_template` setting: greedy, left padding), and embedded with the
 encoder the build used (route/build.py's `load_encoder`), so the router sees the features it was fitted on.
 
+The `arrow` router is served too: the Arrow scores of new prompts come from one forward of the adapters'
+PeftModel with its adapters disabled (the base's module inputs), with the build's top_k and temperature.
+
 The tokenizer of an adapter group is its base's: all adapters on one base share a batch, hence a tokenizer.
 The encoder loads once, at the first batch that needs it; `embedder` (prompts -> unit-length embeddings)
 replaces it.
@@ -29,7 +32,7 @@ from pathlib import Path
 import numpy as np
 
 from malleable.errors import InputError, reason
-from malleable.recipes.route import RouteRunRecipe, load_route_run_recipe
+from malleable.recipes.route import ArrowSpec, RouteRunRecipe, load_route_run_recipe
 from malleable.route.registry import Router
 
 BASE = "__base__"  # PEFT's name for "no adapter" in a mixed batch
@@ -45,10 +48,12 @@ class Answer:
 
 @dataclass
 class Queries:
-    """What a router's `choose` reads of a batch: the embeddings and the task names (may be unknown, '')."""
+    """What a router's `choose` reads of a batch: the embeddings, the task names (may be unknown, '') and, for
+    Arrow, its scores."""
 
     X: np.ndarray | None
     task: np.ndarray
+    A: np.ndarray | None = None  # Arrow scores (queries x candidates), for the `arrow` router
 
     def __len__(self) -> int:
         return len(self.task)
@@ -131,14 +136,16 @@ class RoutedModel:
     `pool` maps every candidate the router routes to (`candidates`, in the router's column order; default
     the pool's) to its model folder. `value` is the router's trade-off (willingness to pay, ...), by default
     the one chosen on validation. `embedder` (prompts -> L2-normalised embeddings) replaces the
-    sentence-transformers `encoder`. Without a router, `generate(prompts, candidates)` serves a given routing.
+    sentence-transformers `encoder`. `arrow` (top_k, temperature) is the `arrow` router's setting, the build's
+    when loaded from a fit. Without a router, `generate(prompts, candidates)` serves a given routing.
     """
 
     def __init__(self, pool: dict[str, str | Path], router: Router | None = None,
                  candidates: Sequence[str] | None = None, *,
                  value: float | None = None, encoder: str | Path | None = None,
                  embedder: Callable[[list[str]], np.ndarray] | None = None, max_new_tokens: int = 8,
-                 batch_size: int = 16, chat_template: str = "auto", trust=None, progress: bool = False):
+                 batch_size: int = 16, chat_template: str = "auto", arrow: ArrowSpec | None = None, trust=None,
+                 progress: bool = False):
         candidates = list(pool) if candidates is None else candidates
         missing = [c for c in candidates if c not in pool]
         if missing:
@@ -150,7 +157,9 @@ class RoutedModel:
         self.encoder, self.embedder = encoder, embedder
         self.max_new_tokens, self.batch_size, self.progress = max_new_tokens, batch_size, progress
         self.chat_template = chat_template
-        self.groups = load_pool({c: Path(pool[c]) for c in self.candidates}, trust)
+        self.arrow, self._arrow = arrow or ArrowSpec(), None
+        self.pool = {c: Path(pool[c]) for c in self.candidates}
+        self.groups = load_pool(self.pool, trust)
         self.group_of = {c: g for g in self.groups.values() for c in g.members}
 
     @classmethod
@@ -168,7 +177,7 @@ class RoutedModel:
         from malleable.models.checkpoints import Trust
 
         settings = {"encoder": recipe.encoder, "max_new_tokens": recipe.max_new_tokens,
-                    "batch_size": recipe.batch_size, "chat_template": recipe.chat_template,
+                    "batch_size": recipe.batch_size, "chat_template": recipe.chat_template, "arrow": recipe.arrow,
                     "trust": Trust(remote_code=recipe.trust_remote_code, pickle=recipe.allow_pickle)}
         return cls({c.name: c.model for c in recipe.candidates}, router, candidates, **(settings | options))
 
@@ -184,9 +193,37 @@ class RoutedModel:
         if self.router is None:
             raise InputError("this RoutedModel has no router: give each prompt's candidate to generate()")
         X = self.embed(prompts) if self.router.needs_embeddings else None
+        A = self.arrow_scores(prompts) if self.router.needs_arrow else None
         task = np.array(tasks if tasks is not None else [""] * len(prompts), dtype=object)
-        picks = self.router.choose(Queries(X, task), self.value)
+        picks = self.router.choose(Queries(X, task, A), self.value)
         return [self.candidates[int(i)] for i in picks]
+
+    def arrow_scores(self, prompts: list[str]) -> np.ndarray:
+        """(prompts x candidates) Arrow scores, NaN outside the router's adapter library, as `route build` computes
+        them (route/arrow.py): the module inputs are read in one forward of the library's PeftModel with its
+        adapters disabled, i.e. of the base, so no second copy of the base is loaded. The prototypes are
+        computed at the first call."""
+        from malleable.learn.data import uses_chat_template
+        from malleable.route.arrow import prototypes, query_scores
+
+        if self._arrow is None:
+            library = [self.candidates[j] for j in self.router.info.get("adapters", [])]
+            group = self.group_of.get(library[0]) if library else None
+            if group is None or any(self.group_of.get(c) is not group or group.members[c] in (None, BASE)
+                                    for c in library):
+                raise InputError(f"router 'arrow': its library ({', '.join(library) or 'none'}) is not a set of "
+                                 "PEFT adapters on one base in this pool")
+            self._arrow = group, [self.candidates.index(c) for c in library], prototypes(
+                [self.pool[c] for c in library])
+        group, idx, protos = self._arrow
+        with group.model.disable_adapter():
+            scores = query_scores(group.model.get_base_model(), group.tokenizer, prompts, protos,
+                                  top_k=self.arrow.top_k, temperature=self.arrow.temperature,
+                                  batch_size=self.batch_size, chat=uses_chat_template(group.tokenizer,
+                                                                                     self.chat_template))
+        A = np.full((len(prompts), len(self.candidates)), np.nan)
+        A[:, idx] = scores
+        return A
 
     def generate(self, prompts: list[str], candidates: list[str]) -> list[str]:
         """Each prompt answered by its candidate: one mixed-adapter generation per batch for the candidates of

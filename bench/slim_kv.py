@@ -1,0 +1,210 @@
+"""KV-cache eviction on SmolLM2-135M-Instruct (issue 16), malleable's policies beside kvpress's on the same
+prefills.
+
+* Quality after a long prefill: 3 windows of gensim's `lee_background.cor` (1,024 context tokens each, the next
+  64 tokens as the continuation, windows 1,200 tokens apart), teacher-forced one token at a time at the original
+  positions (slim/evict.py). Per policy and ratio (the share of the cache removed after the prefill): the
+  continuation's NLL beside the full cache's, and the mean KL divergence of the next-token distributions from
+  the full cache's (evaluate/kv_cache.py).
+* Retrieval: a needle ("The secret number is NNNN.", 4 random digits) put at 10%, 50% and 90% of an ~900-token
+  haystack of the same text, then "What is the secret number? The secret number is"; 5 greedy tokens; found
+  when the digits are in the answer (4 numbers per depth). The context (haystack with needle) is evicted, the
+  question is not (kvpress's pipeline does the same).
+* KV memory kept: 2 (keys, values) x layers x KV heads x kept positions x head_dim x 4 bytes (float32).
+* kvpress 0.5.5 (its own virtualenv: it pins transformers < 5.3), when bench/setup_kvpress.sh has made it: its
+  StreamingLLMPress, KnormPress and SnapKVPress on the same context ids; compared are the kept positions of every
+  layer and KV head (kvpress's recovered by matching its compressed keys to the full ones) and the continuation
+  NLL decoded the same way. H2O has no kvpress counterpart (its ObservedAttentionPress is a different rule).
+
+    python bench/slim_kv.py            # writes bench/results/slim_kv.{json,md}
+    python bench/slim_kv.py --smoke    # one window, one ratio, nothing written
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import torch  # noqa: E402
+from _common import loadavg, machine, write_results  # noqa: E402
+
+POLICIES = {"streaming_llm": {}, "knorm": {}, "snapkv": {}, "h2o": {}}
+RATIOS = (0.25, 0.5, 0.75)
+CONTEXT, CONTINUATION, WINDOWS, STRIDE = 1024, 64, 3, 1200
+HAYSTACK, DEPTHS, NEEDLES = 900, (0.1, 0.5, 0.9), 4
+VENV = Path(os.environ.get("KVPRESS_VENV", "/work/kvpress-venv"))
+
+
+def windows(ids: list[int], n: int) -> list[tuple[list[int], list[int]]]:
+    return [(ids[i * STRIDE:i * STRIDE + CONTEXT], ids[i * STRIDE + CONTEXT:i * STRIDE + CONTEXT + CONTINUATION])
+            for i in range(n)]
+
+
+def quality(model, cases, ratios) -> tuple[list[dict], dict]:
+    from malleable.evaluate.kv_cache import continuation_nll, mean_kl
+    from malleable.slim.evict import continuation_logits, get_policy
+
+    rows, kept_all = [], {}
+    for w, (ctx, cont) in enumerate(cases):
+        c, t = torch.tensor([ctx]), torch.tensor([cont])
+        start = time.perf_counter()
+        full = continuation_logits(model, c, t)
+        rows.append({"window": w, "policy": "full", "ratio": 0.0, "nll": continuation_nll(full, t), "kl": 0.0,
+                     "seconds": time.perf_counter() - start})
+        for name, params in POLICIES.items():
+            for ratio in ratios:
+                kept: dict = {}
+                start = time.perf_counter()
+                logits = continuation_logits(model, c, t, get_policy(name, params), ratio=ratio, kept=kept)
+                rows.append({"window": w, "policy": name, "ratio": ratio, "nll": continuation_nll(logits, t),
+                             "kl": mean_kl(full, logits), "seconds": time.perf_counter() - start})
+                kept_all[(w, name, ratio)] = {i: k[0].tolist() for i, k in kept.items()}
+    return rows, kept_all
+
+
+def needles(model, tok, ids: list[int], ratios, n: int) -> list[dict]:
+    from malleable.evaluate.kv_cache import needle_found
+    from malleable.slim.evict import get_policy, greedy_answer
+
+    rng = random.Random(0)
+    question = tok(" What is the secret number? The secret number is", add_special_tokens=False).input_ids
+    eos = {tok.eos_token_id} if tok.eos_token_id is not None else set()
+    rows = []
+    for depth in DEPTHS:
+        for k in range(n):
+            number = f"{rng.randrange(1000, 10000)}"
+            needle = tok(f" The secret number is {number}.", add_special_tokens=False).input_ids
+            cut = int(depth * HAYSTACK)
+            hay = ids[k * STRIDE:k * STRIDE + HAYSTACK]
+            context = torch.tensor([hay[:cut] + needle + hay[cut:]])
+            for name, params in [("full", None)] + list(POLICIES.items()):
+                for ratio in ([0.0] if name == "full" else ratios):
+                    policy = get_policy(name, params) if params is not None else None
+                    size = {"ratio": ratio} if policy is not None else {}
+                    answer = tok.decode(greedy_answer(model, context, torch.tensor([question]), 5, eos, policy,
+                                                      **size))
+                    rows.append({"depth": depth, "number": number, "policy": name, "ratio": ratio,
+                                 "answer": answer, "found": needle_found(answer, number)})
+    return rows
+
+
+def kvpress_side(model_dir: Path, cases, ratios, ours: dict, our_rows: list[dict]) -> dict:
+    """kvpress on the same cases in its virtualenv; agreement of kept positions and NLL."""
+    if not (VENV / "bin" / "python").is_file():
+        return {"ran": False, "why": f"no kvpress virtualenv at {VENV} (bench/setup_kvpress.sh makes it)"}
+    job = {"model": str(model_dir), "threads": torch.get_num_threads(), "cases": []}
+    keys = []
+    for w, (ctx, cont) in enumerate(cases):
+        for name in ("streaming_llm", "knorm", "snapkv"):
+            for ratio in ratios:
+                job["cases"].append({"policy": name, "ratio": ratio, "parameters": POLICIES[name],
+                                     "context": ctx, "continuation": cont})
+                keys.append((w, name, ratio))
+    start = time.perf_counter()
+    out = subprocess.run([str(VENV / "bin" / "python"), str(Path(__file__).with_name("_kvpress_worker.py"))],
+                         input=json.dumps(job), capture_output=True, text=True, check=True)
+    theirs = json.loads(out.stdout)["results"]
+    nll = {(r["window"], r["policy"], r["ratio"]): r["nll"] for r in our_rows}
+    per = {}
+    for key, t in zip(keys, theirs):
+        same = [ours[key][i][h] == t["kept"][i][h] for i in range(len(t["kept"])) for h in range(len(t["kept"][i]))]
+        per.setdefault(key[1:], []).append({"same_heads": sum(same), "heads": len(same),
+                                            "nll_diff": abs(nll[key] - t["nll"]), "nll_kvpress": t["nll"]})
+    summary = {f"{p} {r}": {"layer_heads_identical": f"{sum(x['same_heads'] for x in v)}/{sum(x['heads'] for x in v)}",
+                            "max_abs_nll_diff": max(x["nll_diff"] for x in v),
+                            "mean_nll_kvpress": statistics.mean(x["nll_kvpress"] for x in v)}
+               for (p, r), v in per.items()}
+    return {"ran": True, "seconds": round(time.perf_counter() - start, 1), "per_setting": summary}
+
+
+def kv_mib(config, kept: int) -> float:
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    return 2 * config.num_hidden_layers * config.num_key_value_heads * kept * head_dim * 4 / 2**20
+
+
+def summarise(rows: list[dict], needle_rows: list[dict], config) -> list[dict]:
+    from malleable.slim.evict import n_kept
+
+    out = []
+    for name in ["full"] + list(POLICIES):
+        for ratio in sorted({r["ratio"] for r in rows if r["policy"] == name}):
+            q = [r for r in rows if r["policy"] == name and r["ratio"] == ratio]
+            nd = [r for r in needle_rows if r["policy"] == name and r["ratio"] == ratio]
+            out.append({"policy": name, "ratio": ratio, "nll": statistics.mean(r["nll"] for r in q),
+                        "kl": statistics.mean(r["kl"] for r in q),
+                        "seconds": statistics.median(r["seconds"] for r in q),
+                        "needle": sum(r["found"] for r in nd) / len(nd) if nd else None, "needles": len(nd),
+                        "kv_mib": kv_mib(config, n_kept(CONTEXT, ratio=ratio))})
+    return out
+
+
+def markdown(r: dict) -> str:
+    lines = ["# KV-cache eviction: quality against KV memory on SmolLM2-135M-Instruct", "",
+             f"{r['windows']} windows of lee_background.cor: {CONTEXT} context tokens evicted after the prefill, "
+             f"the next {CONTINUATION} tokens teacher forced at their original positions; needle retrieval over "
+             f"{len(DEPTHS)} depths x {r['needles_per_depth']} numbers in a ~{HAYSTACK}-token haystack. Ratio = the "
+             "share of the cache removed. Method and caveats: the docstring of bench/slim_kv.py.", "",
+             "| policy | ratio | KV MiB (1,024 ctx) | NLL | KL from full | needle found | seconds / window |",
+             "|---|---:|---:|---:|---:|---:|---:|"]
+    for s in r["summary"]:
+        needle = f"{s['needle']:.2f} ({s['needles']})" if s["needle"] is not None else "-"
+        lines.append(f"| {s['policy']} | {s['ratio']:.2f} | {s['kv_mib']:.1f} | {s['nll']:.3f} | {s['kl']:.4f} | "
+                     f"{needle} | {s['seconds']:.2f} |")
+    k = r["kvpress"]
+    lines += ["", "## Against kvpress 0.5.5 (same context ids, its own presses)", ""]
+    if not k["ran"]:
+        lines.append(f"Not run: {k['why']}.")
+    else:
+        lines += ["| policy ratio | (layer, KV head) kept sets identical | max abs NLL difference | kvpress NLL |",
+                  "|---|---:|---:|---:|"]
+        for name, v in k["per_setting"].items():
+            lines.append(f"| {name} | {v['layer_heads_identical']} | {v['max_abs_nll_diff']:.2e} | "
+                         f"{v['mean_nll_kvpress']:.3f} |")
+        lines.append(f"\nkvpress run: {k['seconds']} s in its virtualenv.")
+    m = r["machine"]
+    lines += ["", f"Machine: {m['cpu']}, {m['cores']} cores, shared; load average {r['loadavg_start']} at the start, "
+              f"{r['loadavg_end']} at the end; wall time {r['wall_s']} s; torch threads {r['threads']}."]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--smoke", action="store_true", help="one window, ratio 0.5, one needle per depth; nothing written")
+    args = ap.parse_args(argv)
+    from malleable.data.files import gensim_file
+    from malleable.models.checkpoints import load_model, load_tokenizer
+    from malleable.models.smollm2 import smollm2_checkpoint
+
+    start, load_start = time.perf_counter(), loadavg()
+    model_dir = smollm2_checkpoint()
+    tok = load_tokenizer(model_dir)
+    model = load_model(model_dir, "causal_lm", tok.pad_token_id)
+    ids = tok(gensim_file("lee_background.cor").read_text(encoding="latin-1"), add_special_tokens=False).input_ids
+    ratios = (0.5,) if args.smoke else RATIOS
+    cases = windows(ids, 1 if args.smoke else WINDOWS)
+    rows, kept = quality(model, cases, ratios)
+    needle_rows = needles(model, tok, ids, ratios, 1 if args.smoke else NEEDLES)
+    result = {"schema": "malleable.bench.slim_kv/1", "model": str(model_dir), "windows": len(cases),
+              "needles_per_depth": 1 if args.smoke else NEEDLES, "ratios": list(ratios), "policies": POLICIES,
+              "rows": rows, "needle_rows": needle_rows, "summary": summarise(rows, needle_rows, model.config),
+              "kvpress": kvpress_side(model_dir, cases, ratios, kept, rows), "threads": torch.get_num_threads(),
+              "machine": machine(), "loadavg_start": load_start, "loadavg_end": loadavg(),
+              "wall_s": round(time.perf_counter() - start, 1)}
+    if args.smoke:
+        print(markdown(result))
+        return 0
+    write_results("slim_kv", result, markdown(result))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,158 @@
+"""`malleable slim` against llm-compressor (issue 16): Wanda and SparseGPT at 50% unstructured and 2:4 on
+SmolLM2-135M-Instruct, the same calibration token ids for both tools.
+
+* Calibration: `data/corpus.random_windows` of gensim's lee_background (the windows `malleable slim` draws from
+  its recipe), handed to llm-compressor as a tokenised dataset, unshuffled, so both tools calibrate on the same
+  ids. Both prune the Linear modules of the decoder layers, layer after layer on the already pruned layers'
+  outputs (llm-compressor's sequential pipeline), embeddings and lm_head dense (llm-compressor: `ignore:
+  [lm_head]`).
+* Compared: the zero masks of every pruned module (share of mask entries that agree, and modules whose masks are
+  identical); perplexity on held-out text (gensim's lee, consecutive 128-token windows) of both outputs, as a
+  ratio; the pruning call's seconds (malleable: the report's `seconds.slim`; llm-compressor: its `oneshot` call)
+  and the peak RSS of each tool's process (each runs in a fresh process: `python -m malleable slim` and
+  bench/_llmcompressor_worker.py in llm-compressor's own virtualenv, bench/setup_llmcompressor.sh; it pins
+  transformers <= 5.17). Repeats run interleaved (ours, theirs, ours, ...); time and RSS are medians.
+* llm-compressor 0.14's Wanda zeroes exactly `int(columns * sparsity)` per row, as ours; SparseGPT's threshold
+  and ours may differ on ties (ours zeroes exactly the requested count).
+
+    python bench/slim_vs_llmcompressor.py [--repeats 3] [--only wanda-50]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import torch  # noqa: E402
+from _common import loadavg, machine, write_results  # noqa: E402
+
+CONFIGS = {"wanda-50": ("wanda", {"sparsity": 0.5}, "0:0"), "wanda-2:4": ("wanda", {"pattern": "2:4"}, "2:4"),
+           "sparsegpt-50": ("sparsegpt", {"sparsity": 0.5}, "0:0"),
+           "sparsegpt-2:4": ("sparsegpt", {"pattern": "2:4"}, "2:4")}
+CALIBRATION = {"source": "lee_background", "n_samples": 16, "seq_len": 128, "batch_size": 8}
+EVAL_SEQ, EVAL_WINDOWS = 128, 16
+VENV = Path(os.environ.get("LLMCOMPRESSOR_VENV", "/work/llmcompressor-venv"))
+WORK = Path(os.environ.get("MALLEABLE_BENCH_CACHE", "/work/bench-cache")) / "slim_vs_llmcompressor"
+
+
+def ours(model_dir: Path, method: str, params: dict, out: Path) -> dict:
+    recipe = WORK / f"{out.name}.yaml"
+    recipe.write_text(json.dumps({"model": str(model_dir), "method": method, "parameters": params,
+                                  "calibration": CALIBRATION, "evaluate": None, "seed": 0}))
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1] / "src")}
+    subprocess.run([sys.executable, "-m", "malleable", "slim", str(recipe), str(out), "--force", "-q"], env=env,
+                   check=True, capture_output=True, text=True)
+    report = json.loads((out / "report.json").read_text())
+    return {"seconds": report["seconds"]["slim"], "peak_rss_mib": report["peak_rss_mb"]}
+
+
+def theirs(model_dir: Path, method: str, structure: str, sparsity: float, samples: list, out: Path) -> dict:
+    job = {"model": str(model_dir), "method": method, "sparsity": sparsity, "mask_structure": structure,
+           "samples": samples, "out": str(out), "threads": torch.get_num_threads(),
+           "parameters": {"ignore": ["lm_head"]}}
+    done = subprocess.run([str(VENV / "bin" / "python"), str(Path(__file__).with_name("_llmcompressor_worker.py"))],
+                          input=json.dumps(job), capture_output=True, text=True, check=True)
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def compare(model_dir: Path, ours_dir: Path, theirs_file: Path, held_out: torch.Tensor) -> dict:
+    from safetensors.torch import load_file
+
+    from malleable.evaluate.perplexity import perplexity, window_nll
+    from malleable.models.checkpoints import load_model
+
+    mine = load_model(ours_dir, "causal_lm", None)
+    pruned = load_file(theirs_file)
+    agree = total = same_modules = 0
+    state = mine.state_dict()
+    for name, w in pruned.items():
+        a, b = state[name] == 0, w == 0
+        agree += int((a == b).sum())
+        total += a.numel()
+        same_modules += int(bool((a == b).all()))
+    ppl_ours = perplexity(window_nll(mine, held_out), EVAL_SEQ)
+    theirs_model = load_model(model_dir, "causal_lm", None)
+    theirs_model.load_state_dict({**theirs_model.state_dict(), **pruned})
+    ppl_theirs = perplexity(window_nll(theirs_model, held_out), EVAL_SEQ)
+    zeros = sum(int((w == 0).sum()) for w in pruned.values()) / sum(w.numel() for w in pruned.values())
+    return {"mask_agreement": agree / total, "modules": len(pruned), "modules_identical": same_modules,
+            "sparsity_theirs": zeros, "ppl_ours": ppl_ours, "ppl_theirs": ppl_theirs,
+            "ppl_ratio": ppl_ours / ppl_theirs}
+
+
+def markdown(r: dict) -> str:
+    lines = ["# slim against llm-compressor: Wanda and SparseGPT on SmolLM2-135M-Instruct", "",
+             f"llm-compressor {r['llmcompressor']} (its own virtualenv, transformers {r['transformers_theirs']}); "
+             f"calibration {r['calibration']['n_samples']} windows of {r['calibration']['seq_len']} tokens of "
+             f"lee_background, the same ids for both; perplexity on {EVAL_WINDOWS} windows of {EVAL_SEQ} tokens of "
+             f"lee (held out). {r['repeats']} interleaved repeat(s) per tool; time = the pruning call, RSS = the "
+             "process's peak; medians. Method: the docstring of bench/slim_vs_llmcompressor.py.", "",
+             "| config | mask entries agreeing | modules identical | ppl malleable | ppl llm-compressor | ppl ratio | "
+             "time malleable s | time llm-compressor s | time ratio (ours / theirs) | peak RSS malleable MiB | "
+             "peak RSS llm-compressor MiB | RSS ratio |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for name, c in r["configs"].items():
+        lines.append(f"| {name} | {c['mask_agreement']:.6f} | {c['modules_identical']}/{c['modules']} | "
+                     f"{c['ppl_ours']:.2f} | {c['ppl_theirs']:.2f} | {c['ppl_ratio']:.4f} | {c['seconds_ours']:.1f} | "
+                     f"{c['seconds_theirs']:.1f} | {c['seconds_ours'] / c['seconds_theirs']:.2f} | "
+                     f"{c['rss_ours']:.0f} | {c['rss_theirs']:.0f} | {c['rss_ours'] / c['rss_theirs']:.2f} |")
+    m = r["machine"]
+    lines += ["", "Targets (issue 16): Wanda masks equal, SparseGPT perplexity within 1%, malleable's time and peak "
+              "RSS <= 1.0x llm-compressor's.", "",
+              f"Machine: {m['cpu']}, {m['cores']} cores, shared; load average {r['loadavg_start']} at the start, "
+              f"{r['loadavg_end']} at the end; wall {r['wall_s']} s."]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--only", default=None, help="comma-separated configuration names")
+    args = ap.parse_args(argv)
+    if not (VENV / "bin" / "python").is_file():
+        sys.exit(f"no llm-compressor virtualenv at {VENV}: run bench/setup_llmcompressor.sh")
+    from malleable.data.corpus import consecutive_windows, random_windows
+    from malleable.models.checkpoints import load_tokenizer
+    from malleable.models.smollm2 import smollm2_checkpoint
+
+    start, load_start = time.perf_counter(), loadavg()
+    WORK.mkdir(parents=True, exist_ok=True)
+    model_dir = smollm2_checkpoint()
+    tok = load_tokenizer(model_dir)
+    samples = random_windows(tok, CALIBRATION["source"], CALIBRATION["n_samples"], CALIBRATION["seq_len"], 0)
+    held_out = consecutive_windows(tok, "lee", EVAL_SEQ, EVAL_WINDOWS)
+    names = args.only.split(",") if args.only else list(CONFIGS)
+    configs, info = {}, {}
+    for name in names:
+        method, params, structure = CONFIGS[name]
+        runs = {"ours": [], "theirs": []}
+        for rep in range(args.repeats):
+            runs["ours"].append(ours(model_dir, method, params, WORK / f"ours-{name}"))
+            info = theirs(model_dir, method, structure, params.get("sparsity", 0.5), samples.tolist(),
+                          WORK / f"theirs-{name}.safetensors")
+            runs["theirs"].append(info)
+            print(f"{name} repeat {rep}: ours {runs['ours'][-1]}, theirs {info}", flush=True)
+        configs[name] = {**compare(model_dir, WORK / f"ours-{name}", WORK / f"theirs-{name}.safetensors", held_out),
+                         "seconds_ours": statistics.median(x["seconds"] for x in runs["ours"]),
+                         "seconds_theirs": statistics.median(x["seconds"] for x in runs["theirs"]),
+                         "rss_ours": statistics.median(x["peak_rss_mib"] for x in runs["ours"]),
+                         "rss_theirs": statistics.median(x["peak_rss_mib"] for x in runs["theirs"]), "runs": runs}
+    version = subprocess.run([str(VENV / "bin" / "python"), "-c",
+                              "import importlib.metadata as m; print(m.version('llmcompressor'))"],
+                             capture_output=True, text=True).stdout.strip()
+    result = {"schema": "malleable.bench.slim_vs_llmcompressor/1", "calibration": CALIBRATION,
+              "repeats": args.repeats, "configs": configs, "llmcompressor": version,
+              "transformers_theirs": info.get("transformers"), "machine": machine(), "loadavg_start": load_start,
+              "loadavg_end": loadavg(), "wall_s": round(time.perf_counter() - start, 1)}
+    write_results("slim_vs_llmcompressor", result, markdown(result))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

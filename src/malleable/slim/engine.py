@@ -1,0 +1,452 @@
+"""The slim engine, written once for every method: load the model, cut calibration windows from local text, run
+the decoder layers one after another on them, let the method prune each layer's linear modules (or score each
+layer and remove the least influential), write a checkpoint that loads with `from_pretrained`, and measure the
+dense and the slimmed model side by side in the same run.
+
+Calibration text is plain text (no chat template, also for instruct models): windows of `seq_len` tokens at
+random starts of the source, as the Wanda / SparseGPT code draws wikitext2, without special tokens.
+
+Output folder:
+    config.json, model.safetensors, tokenizer files    the slimmed checkpoint (the input's dtype)
+    report.json, report.md                              what was pruned or removed, and what it cost and saved
+"""
+
+from __future__ import annotations
+
+import copy
+import fnmatch
+import json
+import math
+import os
+import time
+from pathlib import Path
+
+import torch
+
+from malleable.errors import InputError, RecipeError
+from malleable.io.atomic import atomic_dir, check_output
+from malleable.io.quiet import quiet_transformers
+from malleable.recipes.slim import SlimRecipe
+from malleable.report import environment, peak_rss_mb, trusted, trusted_lines, write_report
+from malleable.slim.registry import LayerRemover, SlimMethod, WeightPruner, get_method
+
+SCHEMA = "malleable.slim/1"
+UNSTRUCTURED_NOTE = ("Unstructured zeros are stored densely and multiplied densely: they save neither disk "
+                     "space, memory nor time here; only a sparse storage format or sparse kernels would.")
+NM_NOTE = ("N:M zeros are stored densely too: a speed-up needs kernels for the pattern (2:4 on NVIDIA Ampere "
+           "or newer sparse tensor cores, with the weights packed); on this CPU they save nothing.")
+
+
+def check_recipe(recipe: SlimRecipe) -> SlimMethod:
+    """The recipe's method built with checked parameters, and the evaluation text checked to differ from the
+    calibration text."""
+    method = get_method(recipe.method, recipe.parameters)
+    if recipe.evaluate is not None and recipe.evaluate.source == recipe.calibration.source:
+        raise RecipeError(f"evaluate.source: '{recipe.evaluate.source}' is also the calibration text; evaluate on "
+                          "held-out text (lee, when calibrating on lee_background)")
+    return method
+
+
+# -- the model's structure ---------------------------------------------------------------------------------
+def text_config(model):
+    cfg = model.config
+    return cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
+
+
+def decoder_path(model) -> str:
+    """The name of the module list that holds the decoder layers: the first list of config.num_hidden_layers
+    modules in the model."""
+    n = getattr(text_config(model), "num_hidden_layers", None)
+    for name, module in model.named_modules():
+        if isinstance(module, torch.nn.ModuleList) and len(module) == n:
+            return name
+    raise InputError(f"{type(model).__name__}: no list of {n} decoder layers found (config num_hidden_layers)")
+
+
+def matches(name: str, pattern: str) -> bool:
+    """A keep_dense entry names a module by its full name, a trailing part of it, or a glob."""
+    return name == pattern or name.endswith("." + pattern) or fnmatch.fnmatchcase(name, pattern)
+
+
+def targets(model, keep_dense: list[str]) -> dict[int, dict[str, torch.nn.Linear]]:
+    """{layer index: {module name: linear}}: the decoder layers' linear modules that keep_dense does not name.
+    A keep_dense entry that names no module of the model is an error (a typo would silently prune it)."""
+    names = [n for n, _ in model.named_modules()]
+    for pattern in keep_dense:
+        if not any(matches(n, pattern) for n in names):
+            raise RecipeError(f"keep_dense: '{pattern}' names no module of the model (e.g. "
+                              f"{', '.join(n for n in names if n.endswith(('embed_tokens', 'down_proj')))[:120]})")
+    path = decoder_path(model)
+    out: dict[int, dict[str, torch.nn.Linear]] = {}
+    for i, layer in enumerate(model.get_submodule(path)):
+        out[i] = {f"{path}.{i}.{n}": m for n, m in layer.named_modules() if isinstance(m, torch.nn.Linear)
+                  and not any(matches(f"{path}.{i}.{n}", p) for p in keep_dense)}
+    return out
+
+
+def check_fits(method: SlimMethod, model, chosen: dict[int, dict[str, torch.nn.Linear]]) -> None:
+    """What the parameters need of the model: an N:M pattern dividing every pruned module's input width, and a
+    layer count that leaves at least one layer."""
+    if isinstance(method, WeightPruner):
+        m = method.pattern.m
+        for modules in chosen.values():
+            for name, lin in modules.items():
+                if m and lin.in_features % m:
+                    raise RecipeError(f"parameters.pattern: {method.pattern.name} does not divide the input width "
+                                      f"{lin.in_features} of {name}")
+        if not any(chosen.values()):
+            raise RecipeError("keep_dense: keeps every linear module of the decoder layers dense; nothing to prune")
+    else:
+        n = len(chosen)
+        k = method.count(n)
+        if k >= n:
+            raise RecipeError(f"parameters: removing {k} of the model's {n} decoder layers would leave none")
+        if k < 1:
+            raise RecipeError(f"parameters.ratio: {method.p['ratio']} of {n} layers rounds to 0 layers to remove")
+
+
+# -- calibration -----------------------------------------------------------------------------------------------
+class _Caught(Exception):
+    """Raised by the pre-hook on the first decoder layer once its inputs are caught."""
+
+
+@torch.no_grad()
+def first_inputs(model, layers, windows: torch.Tensor, batch_size: int) -> list[tuple]:
+    """Per batch of windows: (hidden states, other positional args, keyword args) with which the model calls its
+    first decoder layer (masks, rotary embeddings, ...), caught by a pre-hook that stops the forward there."""
+    caught = []
+
+    def hook(module, args, kwargs):
+        kwargs = dict(kwargs)
+        hidden = args[0] if args else kwargs.pop("hidden_states")
+        caught.append((hidden, tuple(args[1:]), kwargs))
+        raise _Caught
+
+    handle = layers[0].register_forward_pre_hook(hook, with_kwargs=True)
+    try:
+        device = next(model.parameters()).device
+        for chunk in windows.split(batch_size):
+            try:
+                model(input_ids=chunk.to(device), use_cache=False)
+            except _Caught:
+                pass
+    finally:
+        handle.remove()
+    return caught
+
+
+@torch.no_grad()
+def run_layer(layer, inputs: list[tuple]) -> list[tuple]:
+    """The layer's outputs for every caught batch, packed as the next layer's inputs (same masks and
+    embeddings)."""
+    out = []
+    for hidden, args, kwargs in inputs:
+        h = layer(hidden, *args, **kwargs)
+        out.append((h[0] if isinstance(h, tuple) else h, args, kwargs))
+    return out
+
+
+@torch.no_grad()
+def input_stats(layer, modules: dict[str, torch.nn.Linear], kind: str, inputs: list[tuple], samples: int
+                ) -> dict[str, torch.Tensor]:
+    """Per linear module, from one pass of the layer over the inputs: "norms", sum over tokens of x^2 per input
+    feature / samples (Wanda's scaler_row); "hessian", 2 X^T X / samples (SparseGPT's H). Float32, as both."""
+    sums: dict[str, torch.Tensor] = {}
+
+    def hook(name):
+        def add(module, args, output):
+            x = args[0].detach().reshape(-1, args[0].shape[-1]).float()
+            part = (x * x).sum(0) if kind == "norms" else x.T @ x
+            sums[name] = part if name not in sums else sums[name] + part
+        return add
+
+    handles = [m.register_forward_hook(hook(n)) for n, m in modules.items()]
+    try:
+        run_layer(layer, inputs)
+    finally:
+        for h in handles:
+            h.remove()
+    return {n: s / samples if kind == "norms" else 2 * s / samples for n, s in sums.items()}
+
+
+def prune_layers(method: WeightPruner, model, chosen, windows, batch_size: int, progress: bool) -> list[dict]:
+    """Prune every chosen module, layer after layer; a method with `stats` calibrates each layer on the outputs
+    of the already pruned layers before it. One row per module: name, shape, zeros."""
+    from tqdm import tqdm
+
+    layers = model.get_submodule(decoder_path(model))
+    inputs = first_inputs(model, layers, windows, batch_size) if method.stats else []
+    rows = []
+    for i in tqdm(range(len(layers)), desc="pruning layers", disable=not progress, leave=False):
+        modules = chosen[i]
+        stats = input_stats(layers[i], modules, method.stats, inputs, len(windows)) if method.stats else {}
+        for name, lin in modules.items():
+            with torch.no_grad():
+                new = method.prune(lin.weight.detach().float(), stats.get(name), method.pattern)
+                lin.weight.copy_(new.to(lin.weight.dtype))
+            rows.append({"module": name, "shape": list(lin.weight.shape),
+                         "zeros": int((lin.weight == 0).sum()), "sparsity": float((lin.weight == 0).float().mean())})
+        if method.stats and i + 1 < len(layers):
+            inputs = run_layer(layers[i], inputs)
+    return rows
+
+
+def layer_influence(method: LayerRemover, model, windows, batch_size: int, progress: bool) -> list[float]:
+    """Each decoder layer's score, averaged over every calibration token (one pass through the layers)."""
+    from tqdm import tqdm
+
+    layers = model.get_submodule(decoder_path(model))
+    inputs = first_inputs(model, layers, windows, batch_size)
+    scores = []
+    for layer in tqdm(layers, desc="scoring layers", disable=not progress, leave=False):
+        outputs = run_layer(layer, inputs)
+        parts = [method.influence(a[0].reshape(-1, a[0].shape[-1]), b[0].reshape(-1, b[0].shape[-1]))
+                 for a, b in zip(inputs, outputs)]
+        scores.append(float(torch.cat(parts).mean()))
+        inputs = outputs
+    return scores
+
+
+def remove_layers(model, drop: list[int]) -> None:
+    """Remove decoder layers `drop` in place: the rest renumbered (their attention's layer_idx, which indexes the
+    KV cache), config num_hidden_layers and layer_types updated; save_pretrained then writes the smaller model."""
+    path = decoder_path(model)
+    kept = [layer for i, layer in enumerate(model.get_submodule(path)) if i not in set(drop)]
+    for new, layer in enumerate(kept):
+        for module in layer.modules():
+            if isinstance(getattr(module, "layer_idx", None), int):
+                module.layer_idx = new
+    parent, _, attr = path.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, attr, torch.nn.ModuleList(kept))
+    cfg = text_config(model)
+    if isinstance(getattr(cfg, "layer_types", None), list):
+        cfg.layer_types = [t for i, t in enumerate(cfg.layer_types) if i not in set(drop)]
+    cfg.num_hidden_layers = len(kept)
+
+
+# -- the run ---------------------------------------------------------------------------------------------------
+def skeleton(recipe: SlimRecipe):
+    """The model built from its config on the meta device (no weights read): names and shapes for the plan."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from malleable.models.checkpoints import Trust, check_model_folder
+
+    base, _ = check_model_folder(recipe.model, Trust(recipe.trust_remote_code, recipe.allow_pickle))
+    try:
+        cfg = AutoConfig.from_pretrained(base, trust_remote_code=recipe.trust_remote_code, local_files_only=True)
+        with torch.device("meta"):
+            return AutoModelForCausalLM.from_config(cfg, trust_remote_code=recipe.trust_remote_code)
+    except Exception as e:  # an unknown architecture or a config transformers rejects
+        from malleable.errors import reason
+
+        raise InputError(f"{base}: cannot build the model from its config ({reason(e, typed=True)})") from None
+
+
+def plan(recipe: SlimRecipe, method: SlimMethod | None = None) -> dict:
+    """What the run will do, from the config and weight headers alone; every check that needs the model's
+    shapes runs here, before any weight is read."""
+    from malleable.io.checkpoint import Checkpoint
+    from malleable.models.checkpoints import checkpoint_base
+
+    method = method or check_recipe(recipe)
+    model = skeleton(recipe)
+    chosen = targets(model, recipe.keep_dense)
+    check_fits(method, model, chosen)
+    ckpt = Checkpoint(checkpoint_base(recipe.model)[0], allow_pickle=recipe.allow_pickle)
+    params = sum(p.numel() for p in model.parameters())
+    out = {"model": str(recipe.model), "method": recipe.method, "parameters": method.p, "layers": len(chosen),
+           "parameters_total": params, "checkpoint_bytes": ckpt.nbytes}
+    if isinstance(method, WeightPruner):
+        modules = [(n, lin.weight.numel()) for mods in chosen.values() for n, lin in mods.items()]
+        out |= {"pattern": method.pattern.name, "sparsity": method.pattern.sparsity, "modules": len(modules),
+                "module_names": [n for n, _ in modules],
+                "parameters_zeroed": sum(int(k * method.pattern.sparsity) for _, k in modules),
+                "bytes_saved": 0}
+    else:
+        per_layer = [sum(p.numel() for p in layer.parameters()) for layer in
+                     model.get_submodule(decoder_path(model))]
+        k = method.count(len(chosen))
+        removed = sorted(per_layer)[:k]  # layers differ in size only in unusual models: the smallest k, a bound
+        share = sum(removed) / params
+        out |= {"remove_layers": k, "parameters_removed": sum(removed), "bytes_saved": int(ckpt.nbytes * share)}
+    return out
+
+
+def describe(p: dict) -> str:
+    """The dry-run text."""
+    head = f"slim {p['model']} with {p['method']} {json.dumps(p['parameters'])}: "
+    if "pattern" in p:
+        return (head + f"{p['pattern']} at sparsity {p['sparsity']:g} in {p['modules']} linear modules of "
+                f"{p['layers']} decoder layers (e.g. {', '.join(p['module_names'][:3])}); about "
+                f"{p['parameters_zeroed']:,} of {p['parameters_total']:,} parameters set to zero; checkpoint size "
+                f"unchanged ({p['checkpoint_bytes'] / 1e6:.1f} MB: zeros are stored densely)")
+    return (head + f"remove {p['remove_layers']} of {p['layers']} decoder layers (those of lowest Block Influence "
+            f"on the calibration text): {p['parameters_removed']:,} of {p['parameters_total']:,} parameters, "
+            f"checkpoint {p['checkpoint_bytes'] / 1e6:.1f} MB -> about "
+            f"{(p['checkpoint_bytes'] - p['bytes_saved']) / 1e6:.1f} MB")
+
+
+def load(recipe: SlimRecipe, tokenizer):
+    from malleable.models.checkpoints import Trust, load_model
+
+    model = load_model(recipe.model, "causal_lm", tokenizer.pad_token_id,
+                       trust=Trust(recipe.trust_remote_code, recipe.allow_pickle))
+    if hasattr(model, "peft_config"):
+        raise InputError(f"{recipe.model}: a PEFT adapter; slim a full checkpoint (merge the adapter first)")
+    return model
+
+
+def stored_dtype(recipe: SlimRecipe) -> torch.dtype:
+    """The floating dtype most of the input's weight bytes are stored in (the output is written in it)."""
+    from malleable.io.checkpoint import Checkpoint
+    from malleable.models.checkpoints import checkpoint_base
+
+    counts: dict[torch.dtype, int] = {}
+    for m in Checkpoint(checkpoint_base(recipe.model)[0], allow_pickle=recipe.allow_pickle).meta.values():
+        if m.dtype.is_floating_point:
+            counts[m.dtype] = counts.get(m.dtype, 0) + m.dtype.itemsize * math.prod(m.shape)
+    return max(counts, key=counts.get) if counts else torch.float32
+
+
+def counts(model) -> dict:
+    params = list(model.parameters())
+    return {"parameters": sum(p.numel() for p in params), "nonzero": sum(int(torch.count_nonzero(p)) for p in params)}
+
+
+def weight_bytes(folder: Path) -> int:
+    return sum(f.stat().st_size for f in Path(folder).glob("*.safetensors"))
+
+
+def slim(recipe: SlimRecipe, out: str | Path, force: bool = False, progress: bool = True) -> dict:
+    """Slim the recipe's model with its method; write the checkpoint and the report to `out`."""
+    from malleable.data.corpus import consecutive_windows, random_windows, tokens
+    from malleable.models.checkpoints import Trust, checkpoint_base, load_tokenizer
+
+    method = check_recipe(recipe)
+    check_output(out, force, inputs=[recipe.model])
+    the_plan = plan(recipe, method)
+    start = time.perf_counter()
+    torch.manual_seed(recipe.seed)
+    tokenizer = load_tokenizer(recipe.model, Trust(recipe.trust_remote_code, recipe.allow_pickle))
+    c, ev = recipe.calibration, recipe.evaluate
+    needs_data = not (isinstance(method, WeightPruner) and method.stats is None)
+    windows = random_windows(tokenizer, c.source, c.n_samples, c.seq_len, recipe.seed) if needs_data else None
+    held_out = consecutive_windows(tokenizer, ev.source, ev.seq_len, ev.max_windows) if ev is not None else None
+    if ev is not None and ev.speed:
+        tokens(tokenizer, ev.source, ev.prompt_tokens)
+    model = load(recipe, tokenizer)
+    dtype = stored_dtype(recipe)
+    seconds = {"load": round(time.perf_counter() - start, 3)}
+    dense = copy.deepcopy(model) if recipe.evaluate is not None else None
+    before = counts(model)
+    t = time.perf_counter()
+    chosen = targets(model, recipe.keep_dense)
+    result: dict = {}
+    if isinstance(method, WeightPruner):
+        rows = prune_layers(method, model, chosen, windows, c.batch_size, progress)
+        result["modules"] = rows
+        zeros, size = sum(r["zeros"] for r in rows), sum(r["shape"][0] * r["shape"][1] for r in rows)
+        result["pruned"] = {"pattern": method.pattern.name, "requested_sparsity": method.pattern.sparsity,
+                            "achieved_sparsity": zeros / size, "modules": len(rows), "zeros": zeros,
+                            "min_module_sparsity": min(r["sparsity"] for r in rows),
+                            "max_module_sparsity": max(r["sparsity"] for r in rows)}
+    else:
+        scores = layer_influence(method, model, windows, c.batch_size, progress)
+        k = method.count(len(scores))
+        drop = sorted(sorted(range(len(scores)), key=lambda i: (scores[i], i))[:k])
+        remove_layers(model, drop)
+        result["layers"] = {"influence": scores, "removed": drop, "kept": len(scores) - k, "of": len(scores)}
+    seconds["slim"] = round(time.perf_counter() - t, 3)
+    after = counts(model)
+    report = {"schema": SCHEMA, "recipe": recipe.model_dump(mode="json"), "method": recipe.method,
+              "parameters": method.p, "calibration": {**c.model_dump(), "tokens": 0 if windows is None else
+                                                      int(windows.numel()), "chat_template": False},
+              **result, "counts": {"dense": before, "slim": after}, "dtype": str(dtype).removeprefix("torch."),
+              "trusted": trusted(recipe), "plan": the_plan}
+    with atomic_dir(out, force, inputs=[recipe.model]) as tmp:
+        with quiet_transformers():
+            model.to(dtype).save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+        model.float()
+        report["bytes"] = {"dense": weight_bytes(checkpoint_base(recipe.model)[0]), "slim": weight_bytes(tmp)}
+        t = time.perf_counter()
+        if recipe.evaluate is not None:
+            report["evaluation"] = evaluate(dense, model, tokenizer, recipe, held_out)
+        seconds["evaluate"] = round(time.perf_counter() - t, 3)
+        report |= {"seconds": seconds, "wall_time_s": round(time.perf_counter() - start, 3),
+                   "peak_rss_mb": peak_rss_mb(), "environment": environment()}
+        write_report(tmp, report, markdown(report))
+    report["output"] = {"path": str(Path(out).absolute())}
+    return report
+
+
+def evaluate(dense, slimmed, tokenizer, recipe: SlimRecipe, windows: torch.Tensor) -> dict:
+    """Perplexity on the held-out windows and prefill / decode speed, dense and slimmed, in this run."""
+    from malleable.data.corpus import tokens
+    from malleable.evaluate.perplexity import perplexity, speeds, window_nll
+
+    ev = recipe.evaluate
+    nll = {"dense": window_nll(dense, windows), "slim": window_nll(slimmed, windows)}
+    ppl = {k: perplexity(v, ev.seq_len) for k, v in nll.items()}
+    out = {"source": ev.source, "seq_len": ev.seq_len, "windows": len(windows), "tokens": int(windows.numel()),
+           "perplexity": ppl | {"ratio": ppl["slim"] / ppl["dense"]}, "window_nll": nll}
+    if ev.speed:
+        prompt = tokens(tokenizer, ev.source, ev.prompt_tokens)[:ev.prompt_tokens].unsqueeze(0)
+        load = os.getloadavg()
+        s = speeds({"dense": dense, "slim": slimmed}, prompt, ev.new_tokens, ev.repeats)
+        out["speed"] = {**s, "prompt_tokens": ev.prompt_tokens, "new_tokens": ev.new_tokens, "repeats": ev.repeats,
+                        "threads": torch.get_num_threads(), "loadavg_before": list(load),
+                        "loadavg_after": list(os.getloadavg()),
+                        "decode_ratio": s["slim"]["decode_tokens_per_s"] / s["dense"]["decode_tokens_per_s"],
+                        "prefill_ratio": s["slim"]["prefill_tokens_per_s"] / s["dense"]["prefill_tokens_per_s"]}
+    return out
+
+
+def _n(x, digits: int = 4) -> str:
+    return "—" if x is None else f"{x:.{digits}g}"
+
+
+def markdown(report: dict) -> str:
+    r = report["recipe"]
+    lines = [f"# slim: {report['method']}", "", f"- model: `{r['model']}`", f"- parameters: "
+             f"`{json.dumps(report['parameters'])}`", f"- calibration: {r['calibration']['n_samples']} windows of "
+             f"{r['calibration']['seq_len']} tokens from `{r['calibration']['source']}` (plain text, seed "
+             f"{r['seed']})" if report["calibration"]["tokens"] else "- calibration: none (the method reads no data)",
+             *trusted_lines(report["trusted"])]
+    if "pruned" in report:
+        p = report["pruned"]
+        lines += [f"- pruned {p['modules']} linear modules ({p['pattern']}): {p['zeros']:,} weights set to zero, "
+                  f"sparsity {p['achieved_sparsity']:.4f} (requested {p['requested_sparsity']:g}; per module "
+                  f"{p['min_module_sparsity']:.4f}..{p['max_module_sparsity']:.4f})",
+                  f"- kept dense: {', '.join(r['keep_dense'])} and everything outside the decoder layers", "",
+                  UNSTRUCTURED_NOTE if p["pattern"] == "unstructured" else NM_NOTE]
+    else:
+        lay = report["layers"]
+        lines += [f"- removed decoder layers {lay['removed']} of {lay['of']} (lowest Block Influence); "
+                  f"{lay['kept']} remain", "", "| layer | Block Influence |", "|---|---|"]
+        lines += [f"| {i}{' (removed)' if i in lay['removed'] else ''} | {_n(b)} |"
+                  for i, b in enumerate(lay["influence"])]
+    c, b = report["counts"], report["bytes"]
+    lines += ["", "## Cost", "", "| | dense | slim | ratio |", "|---|---|---|---|",
+              f"| parameters | {c['dense']['parameters']:,} | {c['slim']['parameters']:,} | "
+              f"{c['slim']['parameters'] / c['dense']['parameters']:.3f} |",
+              f"| non-zero parameters | {c['dense']['nonzero']:,} | {c['slim']['nonzero']:,} | "
+              f"{c['slim']['nonzero'] / c['dense']['nonzero']:.3f} |",
+              f"| weights on disk (MB, {report['dtype']}) | {b['dense'] / 1e6:.1f} | {b['slim'] / 1e6:.1f} | "
+              f"{b['slim'] / b['dense']:.3f} |"]
+    e = report.get("evaluation")
+    if e:
+        pp = e["perplexity"]
+        lines.append(f"| perplexity on `{e['source']}` ({e['windows']} windows of {e['seq_len']} tokens) | "
+                     f"{_n(pp['dense'])} | {_n(pp['slim'])} | {pp['ratio']:.3f} |")
+        s = e.get("speed")
+        if s:
+            for k, what in (("prefill", f"prefill tokens/s ({s['prompt_tokens']}-token prompt)"),
+                            ("decode", f"decode tokens/s ({s['new_tokens']} new tokens)")):
+                lines.append(f"| {what} | {_n(s['dense'][f'{k}_tokens_per_s'])} | {_n(s['slim'][f'{k}_tokens_per_s'])}"
+                             f" | {s[f'{k}_ratio']:.3f} |")
+            lines += ["", f"Speed: medians of {s['repeats']} interleaved repeats after a warm-up, batch 1, "
+                      f"{s['threads']} torch threads, load average {s['loadavg_before'][0]:.2f} before and "
+                      f"{s['loadavg_after'][0]:.2f} after."]
+    lines += ["", f"Wall time {report['wall_time_s']} s, peak RSS {report['peak_rss_mb']} MB."]
+    return "\n".join(lines) + "\n"

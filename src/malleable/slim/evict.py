@@ -1,0 +1,238 @@
+"""KV-cache eviction at generation time: after the prompt's prefill, every attention layer keeps, per KV head,
+the cached positions an eviction policy scores highest, and decoding goes on over the smaller cache.
+
+    @eviction_policy("knorm")
+    class KNorm(EvictionPolicy):
+        def score(self, layer):                 # (batch, kv_heads, positions): higher is kept
+            return -layer.keys.norm(dim=-1)
+
+    with evicting(model, get_policy("snapkv", {}), ratio=0.5):
+        out = model(context_ids, cache=DynamicCache(config=model.config))
+
+The shape follows kvpress (NVIDIA's kvpress, `ScorerPress`): a forward hook on each decoder layer's attention
+module runs once the prefill has written the layer's keys and values, scores the positions and gathers the
+`n_kept` best per KV head (so heads may keep different positions, the same number each). The keys keep the
+rotary embedding of their original positions, so what follows the context must be fed with its original
+position ids (`continuation_logits`, `greedy_answer`: one token per forward, which needs no attention mask
+over a cache with holes in it). `n_kept` is kvpress's `compute_n_kept` for a ratio (the share removed) and the
+budget itself for a token budget. Where kvpress takes the top-k in the order torch returns it, the kept
+positions are sorted here: attention does not depend on the order, and sorted indices can be compared and
+reported.
+
+Written by hand because transformers has no per-head eviction of a DynamicCache and kvpress pins an older
+transformers (its attention hooks read `past_key_values`, which transformers 5.3 renamed `cache`); kvpress is
+this code's oracle in bench/slim_kv.py, in its own virtualenv.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import torch
+
+from malleable.errors import InputError, RecipeError
+from malleable.params import Param, check_params
+
+
+@dataclass
+class LayerState:
+    """What a policy may read of one attention layer right after the prefill: its module (for the projections and
+    the config), its input hidden states (batch, positions, hidden), the cached keys and values (batch, kv_heads,
+    positions, head_dim; keys with the rotary embedding applied), the rotary (cos, sin) of the positions, and
+    how many positions each KV head keeps."""
+
+    module: Any
+    hidden_states: torch.Tensor
+    keys: torch.Tensor
+    values: torch.Tensor
+    position_embeddings: tuple[torch.Tensor, torch.Tensor]
+    kept: int
+
+
+class EvictionPolicy:
+    """Base of every policy: `score(layer)` -> (batch, kv_heads, positions), the highest kept."""
+
+    name: ClassVar[str] = ""
+    params: ClassVar[dict[str, Param]] = {}
+
+    def __init__(self, **p: Any) -> None:
+        self.p = p
+
+    def check(self, length: int, kept: int) -> None:
+        """Refuse a prompt this policy cannot score (one line naming the parameter)."""
+
+    def score(self, layer: LayerState) -> torch.Tensor:
+        raise NotImplementedError
+
+
+POLICIES: dict[str, type[EvictionPolicy]] = {}
+
+
+def eviction_policy(name: str, *, params: dict[str, Param] | None = None
+                    ) -> Callable[[type[EvictionPolicy]], type[EvictionPolicy]]:
+    """Register an `EvictionPolicy` subclass as `name`; its docstring is the policy's documentation."""
+
+    def register(cls: type[EvictionPolicy]) -> type[EvictionPolicy]:
+        if name in POLICIES:
+            raise ValueError(f"eviction policy '{name}' registered twice")
+        cls.name, cls.params = name, dict(params or {})
+        POLICIES[name] = cls
+        return cls
+
+    return register
+
+
+def get_policy(name: str, given: dict[str, Any] | None = None, key: str = "parameters") -> EvictionPolicy:
+    """The registered policy `name` built with checked parameters (defaults filled in)."""
+    from malleable.slim import h2o, knorm, snapkv, streaming_llm  # noqa: F401  (registers the policies)
+
+    if name not in POLICIES:
+        raise RecipeError(f"kv.method: unknown eviction policy '{name}' (known: {', '.join(sorted(POLICIES))})")
+    cls = POLICIES[name]
+    return cls(**check_params(cls.params, given or {}, prefix=key))
+
+
+def n_kept(length: int, ratio: float | None = None, budget: int | None = None) -> int:
+    """How many of `length` cached positions each KV head keeps: the budget, or kvpress's rule for a ratio (the
+    share removed; at least one position)."""
+    if (ratio is None) == (budget is None):
+        raise RecipeError("kv: give exactly one of ratio (the share of the cache removed) and budget (tokens kept)")
+    if budget is not None:
+        if budget < 1:
+            raise RecipeError(f"kv.budget: {budget} must be at least 1")
+        if budget > length:
+            raise InputError(f"kv.budget: {budget} tokens is more than the prompt's {length}")
+        return budget
+    if not 0 <= ratio < 1:
+        raise RecipeError(f"kv.ratio: {ratio} must be in [0, 1)")
+    return max(1, int(length * (1 - ratio)))
+
+
+def _layers(model) -> list:
+    inner = getattr(model, "model", model)
+    layers = getattr(inner, "layers", None)
+    if layers is None or not all(hasattr(layer, "self_attn") for layer in layers):
+        raise InputError(f"{type(model).__name__}: KV eviction needs a decoder whose layers have self_attn "
+                         "(Llama, Mistral, Qwen, Gemma)")
+    return list(layers)
+
+
+@contextmanager
+def evicting(model, policy: EvictionPolicy, *, ratio: float | None = None, budget: int | None = None,
+             kept: dict[int, torch.Tensor] | None = None) -> Iterator[None]:
+    """Inside the block, a prefill (the first forward over an empty cache) leaves each layer's cache with the
+    positions `policy` keeps; later forwards (decoding) are untouched. `kept`, when given, receives each layer's
+    kept positions (batch, kv_heads, n) in increasing order."""
+
+    def hook(module, args, kwargs, output):
+        cache = kwargs.get("cache")
+        hidden = kwargs.get("hidden_states", args[0] if args else None)
+        if cache is None or hidden is None:
+            raise InputError("kv eviction: the attention layer was called without a cache (use_cache=False?)")
+        layer = cache.layers[module.layer_idx]
+        length = layer.keys.shape[-2]
+        if length != hidden.shape[1]:  # not the prefill of an empty cache: decoding, left alone
+            return output
+        n = n_kept(length, ratio, budget)
+        policy.check(length, n)
+        scores = policy.score(LayerState(module, hidden, layer.keys, layer.values, kwargs["position_embeddings"], n))
+        index = scores.topk(n, dim=-1).indices.sort(dim=-1).values
+        gather = index.unsqueeze(-1).expand(-1, -1, -1, layer.keys.shape[-1])
+        layer.keys = layer.keys.gather(2, gather).contiguous()
+        layer.values = layer.values.gather(2, gather).contiguous()
+        if kept is not None:
+            kept[module.layer_idx] = index
+        return output
+
+    handles = [layer.self_attn.register_forward_hook(hook, with_kwargs=True) for layer in _layers(model)]
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def prefill(model, context_ids: torch.Tensor, policy: EvictionPolicy | None = None, *, ratio: float | None = None,
+            budget: int | None = None, kept: dict | None = None):
+    """(the cache after the context's prefill, evicted by `policy` unless None; the logits of the context's last
+    position). `context_ids`: (1, positions)."""
+    from transformers import DynamicCache
+
+    cache = DynamicCache(config=model.config)
+    with torch.no_grad():
+        if policy is None:
+            out = model(context_ids, cache=cache, use_cache=True)
+        else:
+            with evicting(model, policy, ratio=ratio, budget=budget, kept=kept):
+                out = model(context_ids, cache=cache, use_cache=True)
+    return cache, out.logits[:, -1]
+
+
+def step(model, cache, token: torch.Tensor, position: int) -> torch.Tensor:
+    """One decoding forward of `token` (1, 1) at its original `position`; the logits (1, vocab)."""
+    with torch.no_grad():
+        out = model(token, cache=cache, use_cache=True, position_ids=torch.tensor([[position]]))
+    return out.logits[:, -1]
+
+
+def continuation_logits(model, context_ids: torch.Tensor, continuation_ids: torch.Tensor,
+                        policy: EvictionPolicy | None = None, **size) -> torch.Tensor:
+    """(continuation positions, vocab): the logits predicting each continuation token after the context, whose
+    cache `policy` evicted (None: the full cache), teacher forced one token at a time."""
+    cache, logits = prefill(model, context_ids, policy, **size)
+    rows, start = [logits], context_ids.shape[1]
+    for i in range(continuation_ids.shape[1] - 1):
+        rows.append(step(model, cache, continuation_ids[:, i:i + 1], start + i))
+    return torch.cat(rows).float()
+
+
+def greedy_answer(model, context_ids: torch.Tensor, question_ids: torch.Tensor, max_new_tokens: int,
+                  eos: set[int], policy: EvictionPolicy | None = None, **size) -> list[int]:
+    """Greedy token ids answering `question_ids` after the context, whose cache `policy` evicted at its prefill
+    (kvpress's pipeline: the context is compressed, the question is not)."""
+    cache, logits = prefill(model, context_ids, policy, **size)
+    position = context_ids.shape[1]
+    for i in range(question_ids.shape[1]):
+        logits = step(model, cache, question_ids[:, i:i + 1], position)
+        position += 1
+    answer: list[int] = []
+    for _ in range(max_new_tokens):
+        token = int(logits.argmax(dim=-1))
+        answer.append(token)
+        if token in eos:
+            break
+        logits = step(model, cache, torch.tensor([[token]]), position)
+        position += 1
+    return answer
+
+
+def window_attention(layer: LayerState, window: int) -> torch.Tensor:
+    """(batch, heads, window, positions): the attention weights of the last `window` positions' queries
+    (recomputed from the layer's input, with its rotary embedding and q_norm where the model has one) over every
+    position, softmax in float32, causal (0 on the keys after each query), as kvpress's
+    `SnapKVPress.compute_window_attention` before its slice (scaled by 1/sqrt(head_dim) as there)."""
+    import math
+
+    from transformers.models.llama.modeling_llama import repeat_kv, rotate_half
+
+    module, hidden, keys = layer.module, layer.hidden_states, layer.keys
+    batch, kv_heads, length, head_dim = keys.shape
+    heads = module.config.num_attention_heads
+    q = module.q_proj(hidden[:, -window:]).view(batch, window, heads, head_dim).transpose(1, 2)
+    if hasattr(module, "q_norm"):
+        q = module.q_norm(q)
+    cos, sin = (t[:, -window:].unsqueeze(1) for t in layer.position_embeddings)
+    q = q * cos + rotate_half(q) * sin
+    weights = q @ repeat_kv(keys, heads // kv_heads).transpose(2, 3) / math.sqrt(head_dim)
+    weights = weights + torch.triu(torch.full_like(weights, float("-inf")), diagonal=length - window + 1)
+    return torch.softmax(weights, dim=-1, dtype=torch.float32)
+
+
+def per_kv_head(scores: torch.Tensor, kv_heads: int) -> torch.Tensor:
+    """(batch, heads, positions) -> (batch, kv_heads, positions): the mean over the query heads sharing a KV head
+    (grouped-query attention; SnapKV's issue #22 as kvpress does)."""
+    batch, heads, length = scores.shape
+    return scores.view(batch, kv_heads, heads // kv_heads, length).mean(dim=2)
