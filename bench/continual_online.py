@@ -148,6 +148,7 @@ def main() -> None:
     p.add_argument("--test-per-class", type=int, default=None)
     p.add_argument("--work", type=Path, default=Path("/work/bench-cache/continual_online"))
     p.add_argument("--out", type=Path, default=RESULTS_DIR)
+    p.add_argument("--name", default=NAME, help="results file name (bench/results/<name>.{json,md})")
     args = p.parse_args()
     planned = arms(args.buffers, args.methods)
     settings = {"seeds": list(range(args.seeds)), "buffers": args.buffers, "methods": args.methods,
@@ -166,7 +167,7 @@ def main() -> None:
                   flush=True)
             data = {"settings": settings, "partial": len(runs) < total, "machine": machine(), "runs": runs,
                     "summary": aggregate(runs, planned)}
-            write_results(NAME, data, markdown(data), args.out)
+            write_results(args.name, data, markdown(data), args.out)
 
 
 if __name__ == "__main__":
