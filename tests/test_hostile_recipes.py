@@ -177,7 +177,7 @@ def test_yaml(models, tmp_path, text, mentions):
     assert time.perf_counter() - start < 10
 
 
-@pytest.mark.parametrize("verb", ["merge", "learn", "forget"])
+@pytest.mark.parametrize("verb", ["merge", "learn", "forget", "continual"])
 def test_recipe_that_is_a_fifo_does_not_block(tmp_path, verb):
     fifo = tmp_path / "recipe.yml"
     os.mkfifo(fifo)
@@ -318,8 +318,10 @@ parameters: {{density: 0.7, scale: &s 1.0}}
 
 
 def test_readme_example_recipes_validate():
+    from malleable.continual.engine import check_recipe as check_continual_recipe
     from malleable.forget.run import check_recipe
     from malleable.learn.registry import get_method
+    from malleable.recipes.continual import parse_continual_recipe
     from malleable.recipes.forget import parse_forget_recipe
     from malleable.recipes.learn import parse_learn_recipe
     from malleable.recipes.merge import parse_recipe
@@ -328,13 +330,15 @@ def test_readme_example_recipes_validate():
 
     readme = (Path(__file__).parents[1] / "README.md").read_text()
     blocks = [yaml.safe_load(b) for b in re.findall(r"```yaml\n(.*?)```", readme, re.S)]
-    kinds = {"inputs": parse_recipe, "calibration": parse_slim_recipe, "method": parse_learn_recipe,
-             "objective": parse_forget_recipe}
+    kinds = {"inputs": parse_recipe, "calibration": parse_slim_recipe, "stream": parse_continual_recipe,
+             "method": parse_learn_recipe, "objective": parse_forget_recipe}
     parsed = [next(parse for key, parse in kinds.items() if key in b)(b, "README") for b in blocks]
-    assert len(parsed) == 4
+    assert len(parsed) == 5
     for recipe in parsed:
         if hasattr(recipe, "calibration"):
             check_slim_recipe(recipe)
+        elif hasattr(recipe, "stream"):
+            check_continual_recipe(recipe)
         elif hasattr(recipe, "objective"):
             check_recipe(recipe)
         elif hasattr(recipe, "training"):

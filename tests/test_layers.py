@@ -18,7 +18,7 @@ LAYERS = [
     {"data", "models", "recipes"},
     {"learn"},
     {"evaluate"},
-    {"merge", "forget", "route", "steer", "slim"},
+    {"merge", "forget", "continual", "route", "steer", "slim"},
     {"inspect", "protocols"},
     {"api"},
     {"cli", "__main__"},

@@ -174,6 +174,34 @@ def forget(
 
 @app.command()
 @_user_errors
+def continual(
+    recipe: Path = typer.Argument(..., help="YAML continual recipe (a method and a stream of steps or a scenario)"),
+    out: Path = typer.Argument(..., help="output folder: final model, one weights file per step, report, plots"),
+    force: bool = typer.Option(False, "--force", help="replace an existing output and discard old checkpoints"),
+    resume: bool = typer.Option(False, "--resume", help="continue an interrupted stream from OUT.run/"),
+    dry_run: bool = typer.Option(False, "--dry-run", help="validate the recipe and print the plan; write nothing"),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="no progress bar"),
+) -> None:
+    """Learn over a stream, online (finetune, ER, ER-ACE, LAS; joint as the upper bound); report the accuracy matrix."""
+    from malleable.continual.engine import continual as run
+    from malleable.continual.engine import plan, read_recipe
+
+    check_not_input(out, [recipe])
+    r = read_recipe(recipe)
+    if dry_run:
+        typer.echo(plan(r))
+        return
+    report = run(r, out, force=force, resume=resume, progress=not quiet)
+    m = report["metrics"]
+    typer.echo(f"{report['method']}: {len(report['steps'])} steps in {report['train_seconds']} s; average accuracy "
+               f"{m['average_accuracy']:.2f}%, forgetting "
+               + ("-" if m["forgetting"] is None else f"{m['forgetting']:.2f}") + " points")
+    typer.echo(f"output: {report['output']['path']}")
+    typer.echo(f"report: {Path(report['output']['path']) / 'report.json'}")
+
+
+@app.command()
+@_user_errors
 def audit(
     model: Path = typer.Argument(..., help="the model (checkpoint or PEFT adapter) that should have forgotten"),
     forget: Path = typer.Option(..., "--forget", help="the rows it should have forgotten"),
@@ -371,7 +399,7 @@ def import_gguf(
 
 @app.command()
 def methods() -> None:
-    """List the merge, learn and forget methods, the routers and the steering methods, with their parameters."""
+    """List the merge, learn, forget and continual methods, the routers and the steering methods, with parameters."""
     from malleable.forget import MASKS, OBJECTIVES
     from malleable.learn import METHODS
     from malleable.merge import RULES, get_rule
@@ -392,6 +420,11 @@ def methods() -> None:
     for name in sorted(MASKS):
         _, params, doc = MASKS[name]
         _describe(name, doc, params)
+    from malleable.continual import METHODS as CONTINUAL
+
+    typer.echo("\ncontinual methods:")
+    for name in sorted(CONTINUAL):
+        _describe(name, CONTINUAL[name].__doc__ or "", CONTINUAL[name].params)
     from malleable.route import ROUTERS
 
     typer.echo("\nrouters:")

@@ -1,0 +1,285 @@
+"""The stream runner: one pass over each step's data in fixed-size batches, a method's loss, and a checkpoint per step.
+
+Read top to bottom: check the recipe and the output, load the stream's data, build the model from the seed;
+then for every step walk the step's examples (a seeded order that depends only on the seed and the step) in
+batches of `training.batch_size`, each with a batch drawn from the reservoir buffer for replay methods, take one
+SGD step, and offer the incoming batch to the buffer AFTER the step (ER's rule). After every step the model is
+scored on every task's test images (row i of the accuracy matrix; row 0 is the starting model, so forward
+transfer has its baseline) and the whole state is checkpointed.
+
+What is learn's and what is not:
+* the optimiser step is learn's `optimizer_step` (loss, backward, finite-loss check; called with one unit, as
+  a method's loss is already a mean), and the accelerator its `make_accelerator`. The optimiser is plain SGD
+  (`training.lr`, `training.momentum`, default 0), not a learn method's AdamW: the online continual-learning
+  codes (mammoth, which the LAS authors build on, and Caccia et al.'s) train with SGD, and their step sizes
+  mean SGD's. No augmentation is applied, so the buffer stores the stream's images as they came;
+* checkpoints are learn's `save_checkpoint` / `load_checkpoint` (weights, optimiser, scheduler, RNG, no
+  pickle), one per stream step, all kept while the stream runs. The stream's own state (the buffer and its
+  generator, the method's running numbers, the matrix rows so far) goes into `OUT.run/stream-<step>/`, written
+  atomically BEFORE learn's checkpoint, which is the commit point: `--resume` restarts after the newest learn
+  checkpoint and reads the stream state of the same step, so a killed stream ends identical to an unbroken one;
+* learn's loop itself (`learn.engine.learn`) is not reused: it walks one dataset of tokenised examples for a
+  number of optimiser steps with a global batch split over processes; a stream needs per-step data, a replay
+  batch per step drawn from state that changes after every step, and evaluation between steps. The stream
+  runs in ONE process (online learning is sequential); `accelerate launch` with several is refused.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from malleable.continual.buffer import Reservoir
+from malleable.continual.registry import ContinualMethod, get_method
+from malleable.continual.stream import Task, load_tasks, stream_classes
+from malleable.errors import InputError, OutputError, RecipeError, reason
+from malleable.evaluate.classification import accuracy
+from malleable.evaluate.continual import summary
+from malleable.io.atomic import atomic_dir, check_output, replaceable
+from malleable.learn.checkpoint import PREFIX, latest_checkpoint, load_checkpoint, save_checkpoint
+from malleable.learn.engine import check_finite_weights, make_accelerator, optimizer_step
+from malleable.recipes.continual import ContinualRecipe, load_continual_recipe
+from malleable.report import environment, peak_rss_mb, write_report
+
+SCHEMA = "malleable.continual/1"
+STREAM = "stream-"
+
+
+def check_recipe(recipe: ContinualRecipe) -> tuple[ContinualMethod, list[list[int]]]:
+    """Everything that can be checked without data: the method, its parameters, the stream's steps."""
+    method = get_method(recipe.method, recipe.parameters)
+    steps = stream_classes(recipe)
+    t = recipe.training
+    if method.replay and (t.buffer_size == 0 or t.replay_batch_size == 0):
+        key = "buffer_size" if t.buffer_size == 0 else "replay_batch_size"
+        raise RecipeError(f"training.{key}: {recipe.method} replays from a buffer; set it above 0 (finetune is "
+                          "the method without replay)")
+    return method, steps
+
+
+def read_recipe(path: str | Path) -> ContinualRecipe:
+    """A continual recipe file, validated, its method and stream included (problems name the file)."""
+    return load_continual_recipe(path, check_recipe)
+
+
+def plan(recipe: ContinualRecipe) -> str:
+    """The `--dry-run` text."""
+    method, steps = check_recipe(recipe)
+    t = recipe.training
+    replay = f", replay {t.replay_batch_size} from a reservoir of {t.buffer_size}" if method.replay else ""
+    return (f"continual {recipe.method} {json.dumps(method.p)} on {recipe.model} (width {recipe.width}), "
+            f"{recipe.dataset}: {len(steps)} steps " + " ".join(str(s) for s in steps)
+            + f"; batch {t.batch_size}{replay}; SGD lr {t.lr}; seed {recipe.seed}")
+
+
+def _order(n: int, seed: int, step: int, passes: int) -> list[int]:
+    """The step's example order: one seeded permutation per pass, a function of (seed, step, pass) only."""
+    out: list[int] = []
+    for p in range(passes):
+        g = torch.Generator().manual_seed(seed * 1_000_003 + step * 1_009 + p)
+        out += torch.randperm(n, generator=g).tolist()
+    return out
+
+
+def _scores(model: torch.nn.Module, tasks: list[Task]) -> list[float]:
+    return [round(accuracy(model, task.test), 4) for task in tasks]
+
+
+def _seen_tests(tasks: list[Task], upto: int) -> list:
+    return [ex for task in tasks[:upto] for ex in task.test]
+
+
+def _resume_state(run_dir: Path, recipe_json: dict, model, optimizer, scheduler, buffer, method,
+                  total: int) -> tuple[int, dict]:
+    """Restore the newest finished step; returns (step, the stream's JSON state at it)."""
+    found = latest_checkpoint(run_dir)
+    if found is None:
+        return 0, {}
+    try:
+        saved = json.loads((run_dir / "recipe.json").read_text())
+    except (OSError, ValueError):
+        saved = None
+    if saved != recipe_json:
+        raise RecipeError(f"{run_dir}: its checkpoints come from a different recipe (--force starts over)")
+    try:  # our own files, but a crash, a full disk or a user's edit can leave anything in them
+        step, rng = load_checkpoint(found, model, optimizer, scheduler, 0)
+        if not isinstance(step, int) or not 0 < step <= total:
+            raise ValueError(f"step {step!r} outside 1..{total}")
+        own = run_dir / f"{STREAM}{step:06d}"
+        tensors = load_file(own / "state.safetensors")
+        buffer.load_state(tensors)
+        method.load_state(tensors)
+        state = json.loads((own / "state.json").read_text())
+        if rng is not None:
+            torch.set_rng_state(rng)
+    except Exception as e:  # safetensors, json, torch and the optimizer each raise their own types
+        raise InputError(f"{found}: damaged checkpoint, cannot resume ({reason(e, typed=True)}); "
+                         "--force starts over") from None
+    return step, state
+
+
+def _checkpoint(run_dir: Path, step: int, model, optimizer, scheduler, buffer: Reservoir, method: ContinualMethod,
+                state: dict, keep: int) -> None:
+    """The stream's state first (atomic), then learn's checkpoint of the same step (the commit point)."""
+    with atomic_dir(run_dir / f"{STREAM}{step:06d}", force=True) as tmp:
+        save_file({k: v.contiguous() for k, v in (buffer.state() | method.state()).items()},
+                  tmp / "state.safetensors")
+        (tmp / "state.json").write_text(json.dumps(state))
+    save_checkpoint(run_dir, step, model, optimizer, scheduler, [torch.get_rng_state()], write=True, keep=keep)
+
+
+def continual(recipe: ContinualRecipe, out: str | Path, *, force: bool = False, resume: bool = False,
+              progress: bool = True) -> dict:
+    """Run the recipe's stream; write the final model, one weights file per step and the report to `out`."""
+    from tqdm.auto import tqdm
+
+    from malleable.models.vision import small_cnn
+
+    start = time.perf_counter()
+    method, steps = check_recipe(recipe)
+    t = recipe.training
+    out = check_output(out, force=force)
+    run_dir = out.with_name(out.name + ".run")
+    if run_dir.exists() and not (resume or force):
+        raise OutputError(f"{run_dir}: an earlier run's checkpoints (pass --resume to continue it, --force to "
+                          "start over)")
+    if force and not resume and run_dir.exists() and not ((run_dir / "recipe.json").is_file()
+                                                           or replaceable(run_dir)):
+        raise OutputError(f"{run_dir}: exists and is not an earlier run's folder; --force deletes only those")
+    tasks, num_classes, shape = load_tasks(recipe, steps)
+    stream_size = sum(len(task.train) for task in tasks)
+    if method.replay and t.buffer_size > stream_size:
+        raise RecipeError(f"training.buffer_size: {t.buffer_size} is larger than the whole stream ({stream_size} "
+                          "examples); the buffer would hold every example, which is not replay but joint training")
+    accelerator = make_accelerator()
+    if accelerator.num_processes > 1:
+        raise RecipeError("continual: an online stream runs in one process; launch it without accelerate's "
+                          f"{accelerator.num_processes} processes")
+    device = accelerator.device
+
+    torch.manual_seed(recipe.seed)
+    model = small_cnn(shape[0], num_classes, shape[1], recipe.width).to(device)
+    method.setup(num_classes)
+    model = method.prepare(model, "classification")
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.SGD(params, lr=t.lr, momentum=t.momentum)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0)
+    buffer = Reservoir(t.buffer_size if method.replay else 0, recipe.seed + 1)
+
+    recipe_json = json.loads(recipe.model_dump_json())
+    if force and not resume and run_dir.exists():
+        shutil.rmtree(run_dir)
+    done, state = (_resume_state(run_dir, recipe_json, model, optimizer, scheduler, buffer, method, len(tasks))
+                   if resume and run_dir.exists() else (0, {}))
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "recipe.json").write_text(json.dumps(recipe_json))
+    if not state:
+        state = {"matrix": [_scores(model, tasks)], "anytime": [], "steps": []}
+
+    for k in range(done, len(tasks)):
+        task = tasks[k]
+        examples, passes = method.examples(task.train, [ex for old in tasks[:k] for ex in old.train])
+        order = _order(len(examples), recipe.seed, k, passes)
+        batches = [order[i:i + t.batch_size] for i in range(0, len(order), t.batch_size)]
+        step_start, losses = time.perf_counter(), []
+        model.train()
+        for b, idx in enumerate(tqdm(batches, disable=not progress, desc=f"step {k + 1}/{len(tasks)} {recipe.method}",
+                                     unit="batch", dynamic_ncols=True, leave=False)):
+            incoming = {"x": torch.stack([examples[i][0] for i in idx]),
+                        "labels": torch.tensor([examples[i][1] for i in idx])}
+            replay = buffer.sample(t.replay_batch_size) if method.replay else None
+            batch = {name: None if part is None else {n: v.to(device) for n, v in part.items()}
+                     for name, part in (("stream", incoming), ("replay", replay))}
+            loss, _ = optimizer_step(method, model, optimizer, params, [batch], 1, accelerator, None)
+            optimizer.zero_grad(set_to_none=True)
+            if method.replay:
+                buffer.add(incoming["x"], incoming["labels"])
+            losses.append(loss)
+            if t.eval_every and (b + 1) % t.eval_every == 0:
+                state["anytime"].append({"step": k + 1, "batch": b + 1,
+                                         "accuracy": round(accuracy(model, _seen_tests(tasks, k + 1)), 4)})
+                model.train()
+        check_finite_weights(params, accelerator)
+        trained = time.perf_counter()
+        model.eval()
+        state["matrix"].append(_scores(model, tasks))
+        state["steps"].append({"step": k + 1, "classes": task.classes, "examples": len(examples), "passes": passes,
+                               "batches": len(batches), "mean_loss": round(sum(losses) / max(1, len(losses)), 6),
+                               "seconds": round(trained - step_start, 3),  # training (anytime evaluations included)
+                               "eval_seconds": round(time.perf_counter() - trained, 3)})
+        _checkpoint(run_dir, k + 1, model, optimizer, scheduler, buffer, method, state, keep=len(tasks) + 1)
+
+    model.eval()
+    R = state["matrix"]
+    report = {
+        "schema": SCHEMA,
+        "method": recipe.method,
+        "parameters": method.p,
+        "recipe": recipe_json,
+        "stream": {"scenario": recipe.stream if isinstance(recipe.stream, str) else None, "dataset": recipe.dataset,
+                   "steps": [task.classes for task in tasks], "train_examples": [len(task.train) for task in tasks],
+                   "test_examples": [len(task.test) for task in tasks],
+                   "batches": sum(s["batches"] for s in state["steps"])},
+        "model": {"name": recipe.model, "in_channels": shape[0], "num_classes": num_classes,
+                  "image_size": shape[1], "width": recipe.width, "parameters": sum(p.numel() for p in params)},
+        "buffer": {"size": t.buffer_size, "filled": len(buffer), "seen": buffer.seen} if method.replay else None,
+        "accuracy_matrix": R,
+        "metrics": summary(R),
+        "anytime": state["anytime"],
+        "steps": state["steps"],
+        "resumed_from_step": done or None,
+        "train_seconds": round(sum(s["seconds"] for s in state["steps"]), 2),
+        "device": str(device),
+        "wall_time_s": round(time.perf_counter() - start, 1),
+        "peak_rss_mb": peak_rss_mb(),
+        "environment": environment(),
+        "output": {"path": str(out)},
+    }
+    with atomic_dir(out, force=force) as tmp:
+        save_file({n: p.detach().cpu().contiguous() for n, p in model.state_dict().items()},
+                  tmp / "model.safetensors")
+        (tmp / "model.json").write_text(json.dumps(report["model"], indent=2) + "\n")
+        (tmp / "steps").mkdir()
+        for k in range(1, len(tasks) + 1):
+            shutil.copy(run_dir / f"{PREFIX}{k:06d}" / "trainable.safetensors", tmp / "steps" / f"step-{k}.safetensors")
+        write_report(tmp, report, markdown(report))
+        from malleable.continual.plots import plot_matrix, plot_stream
+
+        plot_matrix(tmp / "accuracy_matrix.png", R, [task.classes for task in tasks], recipe.method)
+        plot_stream(tmp / "accuracy_stream.png", R, state["anytime"], state["steps"], recipe.method)
+    if not recipe.keep_checkpoints:
+        shutil.rmtree(run_dir, ignore_errors=True)
+    return report
+
+
+def markdown(r: dict) -> str:
+    R, m = r["accuracy_matrix"], r["metrics"]
+    T = len(R[0])
+    s = r["stream"]
+    lines = [f"# continual: {r['method']}", "",
+             f"- stream: {s['scenario'] or 'custom'} on {s['dataset']}, {T} steps of classes "
+             + ", ".join(str(c) for c in s["steps"]) + f" ({sum(s['train_examples'])} training images, one pass "
+             f"for online methods)",
+             f"- method: {r['method']} {json.dumps(r['parameters'])}; model {r['model']['name']} "
+             f"({r['model']['parameters']:,} parameters)",
+             f"- recipe training: {json.dumps(r['recipe']['training'])}; seed {r['recipe']['seed']}"]
+    if r["buffer"]:
+        lines.append(f"- buffer: {r['buffer']['filled']} of {r['buffer']['size']} slots filled, "
+                     f"{r['buffer']['seen']} examples offered")
+    lines += ["", "Accuracy matrix (%; row i = after step i, row 0 = the starting model; column j = task j's test "
+              "images):", "", "| after | " + " | ".join(f"task {j + 1}" for j in range(T)) + " |",
+              "|---" * (T + 1) + "|"]
+    for i, row in enumerate(R):
+        lines.append(f"| {'start' if i == 0 else f'step {i}'} | " + " | ".join(f"{v:.2f}" for v in row) + " |")
+    lines += ["", "| metric | value |", "|---|---|"]
+    lines += [f"| {k.replace('_', ' ')} | {'-' if v is None else f'{v:.2f}'} |" for k, v in m.items()]
+    lines += ["", f"- training {r['train_seconds']} s, wall time {r['wall_time_s']} s, peak RSS {r['peak_rss_mb']} MB, "
+                  f"device {r['device']}" + (f"; resumed after step {r['resumed_from_step']}"
+                                            if r["resumed_from_step"] else ""),
+              "- plots: accuracy_matrix.png (heat map), accuracy_stream.png (accuracy over the stream)", ""]
+    return "\n".join(lines)
