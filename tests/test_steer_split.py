@@ -235,3 +235,30 @@ def test_a_lora_artefact_on_another_width_is_refused(trained, tiny_lm):
 def test_unknown_parameter_names_the_key():
     with pytest.raises(RecipeError, match="parameters.rank: unknown parameter"):
         get_method("split_vector", {"rank": 3})
+
+
+def test_cli_split_run_then_bake(tiny_lm, data, tmp_path):
+    path = tmp_path / "r.yaml"
+    path.write_text(yaml.safe_dump({"model": str(tiny_lm), "method": "split_lora", "layers": "auto",
+                                    "parameters": FAST | {"epochs": 1},
+                                    "data": {"train": str(data / "train.jsonl"),
+                                             "validation": str(data / "val.jsonl")}}))
+    runner = CliRunner()
+    res = runner.invoke(app, ["steer", str(path), str(tmp_path / "out"), "--dry-run"])
+    assert res.exit_code == 0 and "split_lora" in res.output and not (tmp_path / "out").exists()
+    res = runner.invoke(app, ["steer", str(path), str(tmp_path / "out"), "-q"])
+    assert res.exit_code == 0, res.output
+    assert "trained through learn's engine: 4 steps" in res.output
+    config = json.loads((tmp_path / "out" / "steering.json").read_text())
+    assert config["form"] == "lora" and config["module"] == "mlp.down_proj"
+    res = runner.invoke(app, ["steer-bake", str(tmp_path / "out"), str(tiny_lm), str(tmp_path / "baked"),
+                              "--strength", "1.5"])
+    assert res.exit_code == 0, res.output
+    baked = AutoModelForCausalLM.from_pretrained(tmp_path / "baked", dtype=torch.float32).eval()
+    m, tok = model(tiny_lm), tiny_tokenizer()
+    batch = tok(["w11 w12 w13 w14"], return_tensors="pt")
+    with applied(m, tmp_path / "out", strength=1.5):
+        assert torch.allclose(m(**batch).logits, baked(**batch).logits, atol=1e-5)
+    # the LoRA form is not a control vector
+    res = runner.invoke(app, ["steer-gguf", str(tmp_path / "out"), str(tmp_path / "cv.gguf")])
+    assert res.exit_code == 2 and not (tmp_path / "cv.gguf").exists()
