@@ -245,7 +245,7 @@ def test_cli_split_run_then_bake(tiny_lm, data, tmp_path):
                                              "validation": str(data / "val.jsonl")}}))
     runner = CliRunner()
     res = runner.invoke(app, ["steer", str(path), str(tmp_path / "out"), "--dry-run"])
-    assert res.exit_code == 0 and "split_lora" in res.output and not (tmp_path / "out").exists()
+    assert res.exit_code == 0 and "train its lora intervention" in res.output and not (tmp_path / "out").exists()
     res = runner.invoke(app, ["steer", str(path), str(tmp_path / "out"), "-q"])
     assert res.exit_code == 0, res.output
     assert "trained through learn's engine: 4 steps" in res.output

@@ -211,6 +211,11 @@ def load(recipe: SteerRecipe):
 
 def plan(recipe: SteerRecipe, method: SteeringMethod) -> str:
     read = method.read if recipe.read_position is None else recipe.read_position
+    if isinstance(method, SplitMethod):
+        return (f"steer {recipe.model} with {recipe.method} {json.dumps(method.p)}: train its {method.form} "
+                f"intervention through learn's engine on pairs {recipe.data.train} (validation "
+                f"{recipe.data.validation}); layers {recipe.layers} (auto: chosen by the probe, read at {read}); "
+                f"strength {recipe.strength if recipe.strength is not None else 'default'}")
     return (f"steer {recipe.model} with {recipe.method} {json.dumps(method.p)}: pairs {recipe.data.train} "
             f"(validation {recipe.data.validation}); layers {recipe.layers}; read at {read}, add at "
             f"{recipe.intervene or method.intervene} positions; strength "

@@ -27,6 +27,8 @@ Where ours differs, and why:
 - The vector form trains h + m v; the authors' vector carries a trainable scalar b (h + (m + b) v in training)
   that their applier drops (h + m v). We train what is applied.
 - The intervention covers every text position, BOS included, as `steer.applied` does; the authors skip BOS.
+- The artefact's default strength is 1 (a recipe's `strength` sets another), as the authors' apply config's
+  multiplier; the vector form trains at 2..20, so give it a strength in that range.
 - A plain-text pair (empty prompt) is read after the BOS token (EOS where there is none), as the sweep scores it;
   the completions carry no EOS, as the authors' labels.
 """
