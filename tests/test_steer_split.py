@@ -201,6 +201,7 @@ def test_defaults_are_the_authors():
     ("split_lora", {"gamma": -1}, "parameters.gamma: -1 is below the minimum 0"),
     ("split_weight", {"m_min": 3.0}, "parameters.m_min: 3.0 is above m_max"),
     ("split_lora", {"module": "mlp.nowhere"}, "parameters.module: layer 0"),
+    ("split_vector", {"micro_batch_size": 3}, "parameters.micro_batch_size: 3 does not divide batch_size (4)"),
 ])
 def test_cli_bad_recipe_is_one_line_exit_2(tiny_lm, data, tmp_path, method, params, needle):
     path = tmp_path / "r.yaml"

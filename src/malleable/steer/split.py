@@ -186,6 +186,9 @@ class SplitMethod(SteeringMethod, Method):
         super().__init__(**p)
         if p["m_min"] > p["m_max"]:
             raise RecipeError(f"parameters.m_min: {p['m_min']} is above m_max ({p['m_max']})")
+        if p["micro_batch_size"] and p["batch_size"] % p["micro_batch_size"]:
+            raise RecipeError(f"parameters.micro_batch_size: {p['micro_batch_size']} does not divide batch_size "
+                              f"({p['batch_size']})")
 
     def check_model(self, model) -> None:
         """Refuse, before any work, a model whose layers lack the module the intervention reads."""
@@ -247,8 +250,7 @@ class SplitMethod(SteeringMethod, Method):
         from malleable.recipes.learn import TrainingSpec
 
         return TrainingSpec(epochs=self.p["epochs"], batch_size=self.p["batch_size"],
-                            micro_batch_size=min(self.p["micro_batch_size"] or self.p["batch_size"],
-                                                 self.p["batch_size"]),
+                            micro_batch_size=self.p["micro_batch_size"] or self.p["batch_size"],
                             lr=self.p["lr"], schedule="linear", warmup_steps=0, weight_decay=0.0, max_grad_norm=1.0,
                             log_every=10)
 
