@@ -65,6 +65,7 @@ def main() -> None:
     ap.add_argument("--methods", default="caa,split_vector,split_lora", help=f"of {','.join(METHODS)}")
     ap.add_argument("--gains", default="1,2,4")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--name", default=NAME, help="results file name (two runs side by side on a busy machine)")
     args = ap.parse_args()
     fractions = [float(x) for x in args.fractions.split(",")]
     gains = [float(x) for x in args.gains.split(",")]
@@ -120,7 +121,7 @@ def main() -> None:
             "pairs": {"train": n_train, "validation": len(val)},
             "fractions": fractions, "gains": gains, "methods": results, "machine": machine(),
             "loadavg_before": load_before, "loadavg_after": loadavg()}
-    write_results(NAME, data, markdown(data))
+    write_results(args.name, data, markdown(data))
 
 
 def markdown(d: dict) -> str:
