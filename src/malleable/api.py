@@ -153,7 +153,8 @@ def route_run(fitted: str | Path, router: str, queries: str | Path, out: str | P
 
 def steer(recipe: SteerRecipe | dict | str | Path, out: str | Path, force: bool = False,
           strengths: list[float] | None = None, progress: bool = True) -> dict:
-    """Extract the recipe's steering vector from its contrast pairs; writes `out/` with the artefact
+    """Extract the recipe's steering vector from its contrast pairs (or train SPLIT's intervention on them through
+    learn's engine); writes `out/` with the artefact
     (steering.safetensors + steering.json) and the report (probe accuracy per layer; samples at `strengths`).
     Apply it with `malleable.steer.applied(model, out, strength=m)`."""
     from malleable.steer.engine import check_recipe

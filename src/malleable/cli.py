@@ -258,7 +258,8 @@ def steer(
     allow_pickle: bool = typer.Option(False, "--allow-pickle", help=PICKLE_HELP),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="no progress bar"),
 ) -> None:
-    """Extract a steering vector (CAA, ActAdd, PCA, logistic) from contrast pairs; report the probe per layer."""
+    """Extract a steering vector (CAA, ActAdd, PCA, logistic) from contrast pairs, or train a SPLIT intervention
+    (split_vector, split_lora, split_weight) on them through learn's engine; report the probe per layer."""
     from malleable.recipes.steer import load_steer_recipe
     from malleable.steer.engine import check_recipe, plan
     from malleable.steer.engine import steer as run
@@ -276,6 +277,10 @@ def steer(
     best = max(report["probe_accuracy"].items(), key=lambda kv: kv[1])
     typer.echo(f"{a['method']} on layers {a['layers']} (default strength {a['default_strength']:.4g}); best probe "
                f"layer {best[0]} at {best[1]:.3f} validation accuracy; {report['wall_time_s']} s")
+    if report.get("training"):
+        first, last = report["training"][0], report["training"][-1]
+        typer.echo(f"trained through learn's engine: {last['step']} steps, loss {first['loss']:.4g} -> "
+                   f"{last['loss']:.4g}")
     typer.echo(f"output: {report['output']['path']}")
     typer.echo(f"report: {Path(report['output']['path']) / 'report.json'}")
 
@@ -327,7 +332,8 @@ def steer_bake(
     strength: float = typer.Option(None, "--strength", help="default: the artefact's default strength"),
     force: bool = typer.Option(False, "--force", help="replace an existing output"),
 ) -> None:
-    """Bake a steering vector into a plain transformers checkpoint (a bias on the layer's MLP output)."""
+    """Bake a steering artefact into a plain transformers checkpoint (a vector: a bias on the layer's MLP output;
+    SPLIT's LoRA and local weight: a delta on its mlp.down_proj)."""
     from malleable.steer.apply import bake
 
     check_not_input(out, [artefact, model])

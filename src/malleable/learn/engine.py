@@ -168,6 +168,53 @@ def check_finite_weights(params, accelerator) -> None:
                           "rate); nothing was written")
 
 
+def _to(batch, device):
+    """`batch` (tensors, possibly in nested dicts) on `device`."""
+    if isinstance(batch, dict):
+        return {k: _to(v, device) for k, v in batch.items()}
+    return batch.to(device) if isinstance(batch, torch.Tensor) else batch
+
+
+def fit(model: torch.nn.Module, method: Method, items: list, collate, units: list[int], training, seed: int,
+        progress: bool = False, desc: str = "train") -> list[dict]:
+    """Train `model` (already `method.prepare`d) in memory on `items` through this engine's step: the seeded
+    order of `batch_indices`, `BatchPlan`'s micro-batches, the method's optimiser, `lr_factor`'s schedule,
+    clipping and the finite-weights check. For a verb that holds its model and brings examples of its own shape
+    (steer's SPLIT pairs): `collate(items)` makes a micro-batch for `method.loss` and `units[i]` counts item i's
+    loss units. One process; no checkpoints. Returns the logged steps (every `training.log_every` and the last).
+    """
+    from tqdm.auto import tqdm
+
+    accelerator = make_accelerator(training.mixed_precision)
+    if accelerator.num_processes > 1:
+        raise RecipeError("fit: in-memory training runs in one process (launch without accelerate)")
+    params = [p for p in model.parameters() if p.requires_grad]
+    if not params:
+        raise RecipeError(f"method: {method.name} leaves no parameter to train")
+    plan = BatchPlan(training, 1, len(items))
+    optimizer = method.optimizer(params, training)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: lr_factor(s, plan.steps, training.warmup_steps, training.schedule))
+    model, optimizer = accelerator.prepare(model, optimizer)
+    history, start = [], time.perf_counter()
+    model.train()
+    for step in tqdm(range(plan.steps), disable=not progress, desc=desc, unit="step", dynamic_ncols=True):
+        idx = batch_indices(step, plan.batch_size, len(items), seed)
+        micro = [_to(collate([items[i] for i in idx[j:j + plan.micro]]), accelerator.device)
+                 for j in range(0, len(idx), plan.micro)]
+        loss, grad_norm = optimizer_step(method, model, optimizer, params, micro, sum(units[i] for i in idx),
+                                         accelerator, training.max_grad_norm)
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        if (step + 1) % training.log_every == 0 or step + 1 == plan.steps:
+            history.append({"step": step + 1, "loss": round(loss, 6), "lr": scheduler.get_last_lr()[0],
+                            "elapsed_s": round(time.perf_counter() - start, 3), **method.metrics()}
+                           | ({"grad_norm": round(grad_norm, 4)} if grad_norm is not None else {}))
+    model.eval()
+    check_finite_weights(params, accelerator)
+    return history
+
+
 def make_accelerator(mixed_precision: str = "no"):
     """An Accelerator for one run (shared by learn and forget): the processes, the device, DDP.
 

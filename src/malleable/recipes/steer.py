@@ -2,7 +2,8 @@
 
 ```yaml
 model: path/to/checkpoint          # a local transformers checkpoint (a folder with config.json)
-method: caa                        # caa, actadd, pca_diff, pca_center, logistic (`malleable methods`)
+method: caa                        # caa, actadd, pca_diff, pca_center, logistic; trained: split_vector,
+                                   # split_lora, split_weight (`malleable methods`)
 parameters: {}                     # the method's declared parameters
 data:
   train: pairs.train.jsonl         # rows {prompt, positive, negative}; prompt may be "" for plain-text pairs

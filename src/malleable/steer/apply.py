@@ -2,8 +2,8 @@
 plain transformers checkpoint, and a llama.cpp control-vector GGUF.
 
 Each artefact form (steering.json `form`) has its applier in FORMS: the hooks it installs for `applied()` and
-the weights it changes for `bake()`. The vector form is here; a new form (SPLIT's LoRA or local weight edit)
-adds one entry from its own file and leaves this machinery alone.
+the weights it changes for `bake()`. The vector form is here; SPLIT's LoRA and local weight forms add their
+entries from their own files (split_lora.py, split_weight.py).
 """
 
 from __future__ import annotations
@@ -194,7 +194,9 @@ def bake(artefact: Artefact | str | Path, model_dir: str | Path, out: str | Path
     report = {"schema": "malleable.steer.bake/1", "artefact": artefact.where(), "model": str(model_dir),
               "strength": strength, "layers": sorted(artefact.vectors), "method": artefact.config["method"],
               "how": "a bias on each steered layer's mlp.down_proj (config mlp_bias: true; the other MLP "
-                     "biases are zero)"}
+                     "biases are zero)" if artefact.form == "vector" else
+                     f"the {artefact.form} intervention folded into each steered layer's mlp.down_proj weight"
+                     " (its bias, if any, as mlp_bias)"}
     with atomic_dir(out, force, inputs=inputs) as tmp:
         model.save_pretrained(tmp)
         if tokenizer is not None:
@@ -217,6 +219,9 @@ def export_gguf(artefact: Artefact | str | Path, out: str | Path, strength: floa
     artefact = _artefact(artefact)
     strength = check_strength(artefact.default_strength if strength is None else strength)
     out = check_output_file(out, force, [artefact.path] if artefact.path is not None else [])
+    if artefact.form != "vector":
+        raise InputError(f"{artefact.where()}: a {artefact.form}-form intervention is not a control vector (only "
+                         "vectors export to llama.cpp; bake it into a checkpoint instead)")
     if 0 in artefact.vectors:
         raise InputError(f"{artefact.where()}: steers layer 0, which a llama.cpp control vector cannot hold")
     if any(v.dim() != 1 for v in artefact.vectors.values()):

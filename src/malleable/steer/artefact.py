@@ -4,7 +4,9 @@
 steering.json: schema, form ("vector"; SPLIT's LoRA and local-weight forms come with their own), method and
 its parameters, the model it was read from (path, architecture, model_type, hidden_size, num_hidden_layers),
 layers, default_strength, read_position and intervene. A vector is (hidden,) for an addition at every position
-or (positions, hidden) for ActAdd's addition over the first positions.
+or (positions, hidden) for ActAdd's addition over the first positions. Another form keeps several named tensors
+per layer, `layers.<i>.<name>` (SPLIT's LoRA: A and B; its local weight edit: weight and bias); the form's
+applier checks their shapes against the model.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ CONFIG = "steering.json"
 
 @dataclass
 class Artefact:
-    vectors: dict[int, torch.Tensor]
+    vectors: dict[int, torch.Tensor | dict[str, torch.Tensor]]  # per layer: a vector, or a form's named tensors
     config: dict
     path: Path | None = field(default=None)
 
@@ -53,7 +55,10 @@ def model_identity(model) -> dict:
 def write_artefact(folder: Path, artefact: Artefact) -> None:
     from safetensors.torch import save_file
 
-    tensors = {f"layers.{i}": v.detach().to(torch.float32).contiguous() for i, v in sorted(artefact.vectors.items())}
+    tensors = {}
+    for i, v in sorted(artefact.vectors.items()):
+        for name, t in (v.items() if isinstance(v, dict) else [("", v)]):
+            tensors[f"layers.{i}{'.' + name if name else ''}"] = t.detach().to(torch.float32).contiguous()
     save_file(tensors, str(folder / WEIGHTS), metadata={"schema": SCHEMA})
     (folder / CONFIG).write_text(json.dumps({"schema": SCHEMA, **artefact.config}, indent=2) + "\n")
 
@@ -82,6 +87,8 @@ def load_artefact(path: str | Path) -> Artefact:
     strength = config["default_strength"]
     if not isinstance(strength, (int, float)) or not math.isfinite(strength):
         raise InputError(f"{cfg_file}: default_strength must be a finite number")
+    if config.get("form", "vector") != "vector":
+        return Artefact(_named_tensors(config, tensors, weights), config, path)
     vectors = {}
     for i in config["layers"]:
         t = tensors.get(f"layers.{i}")
@@ -92,6 +99,21 @@ def load_artefact(path: str | Path) -> Artefact:
                              f"finite (…, {hidden})")
         vectors[i] = t
     return Artefact(vectors, config, path)
+
+
+def _named_tensors(config: dict, tensors: dict, weights: Path) -> dict[int, dict[str, torch.Tensor]]:
+    """A non-vector form's tensors by layer, `layers.<i>.<name>`: each layer has some, all finite."""
+    out = {}
+    for i in config["layers"]:
+        prefix = f"layers.{i}."
+        named = {k[len(prefix):]: t for k, t in tensors.items() if k.startswith(prefix)} if isinstance(i, int) else {}
+        if not named:
+            raise InputError(f"{weights}: no tensors layers.{i}.* for layer {i!r} of {CONFIG}")
+        for name, t in named.items():
+            if not torch.isfinite(t).all():
+                raise InputError(f"{weights}: {prefix}{name} has non-finite values")
+        out[i] = named
+    return out
 
 
 def check_compatible(artefact: Artefact, model) -> None:

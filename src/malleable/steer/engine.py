@@ -25,6 +25,7 @@ from malleable.report import environment, peak_rss_mb, trusted, trusted_lines, w
 from malleable.steer.apply import applied, check_strength, decoder_layers
 from malleable.steer.artefact import Artefact, model_identity, write_artefact
 from malleable.steer.registry import SteeringMethod, get_method
+from malleable.steer.split import SplitMethod
 from malleable.steer.sweep import markdown as sweep_markdown
 from malleable.steer.sweep import number
 from malleable.steer.sweep import plot as sweep_plot
@@ -210,6 +211,11 @@ def load(recipe: SteerRecipe):
 
 def plan(recipe: SteerRecipe, method: SteeringMethod) -> str:
     read = method.read if recipe.read_position is None else recipe.read_position
+    if isinstance(method, SplitMethod):
+        return (f"steer {recipe.model} with {recipe.method} {json.dumps(method.p)}: train its {method.form} "
+                f"intervention through learn's engine on pairs {recipe.data.train} (validation "
+                f"{recipe.data.validation}); layers {recipe.layers} (auto: chosen by the probe, read at {read}); "
+                f"strength {recipe.strength if recipe.strength is not None else 'default'}")
     return (f"steer {recipe.model} with {recipe.method} {json.dumps(method.p)}: pairs {recipe.data.train} "
             f"(validation {recipe.data.validation}); layers {recipe.layers}; read at {read}, add at "
             f"{recipe.intervene or method.intervene} positions; strength "
@@ -230,6 +236,8 @@ def steer(recipe: SteerRecipe, out: str | Path, force: bool = False, strengths: 
     if recipe.layers != "auto" and max(recipe.layers) >= n_layers:
         raise RecipeError(f"layers: {max(recipe.layers)} is out of range; the model has {n_layers} decoder layers "
                           f"(0..{n_layers - 1})")
+    if isinstance(method, SplitMethod):
+        method.check_model(model)
     read = method.read if recipe.read_position is None else recipe.read_position
     intervene = recipe.intervene or method.intervene
     probe_read = "last" if read == "all" else read
@@ -242,10 +250,18 @@ def steer(recipe: SteerRecipe, out: str | Path, force: bool = False, strengths: 
     seconds["read_and_probe"] = round(time.perf_counter() - t, 3)
     layers = [choose_layer(accuracy)] if recipe.layers == "auto" else list(recipe.layers)
     used = method.pairs(train)
-    src = acts["train"] if read == probe_read and used is train else collect(model, tokenizer, used, read,
-                                                                             recipe.batch_size)
-    directions = {i: np.asarray(method.direction(src["positive"][i], src["negative"][i]), dtype=np.float64)
-                  for i in layers}
+    training = None
+    if isinstance(method, SplitMethod):  # trained through learn's engine, not read off the activations
+        t = time.perf_counter()
+        tensors, training = method.train(model, tokenizer, used, layers, recipe.seed, progress)
+        seconds["train"] = round(time.perf_counter() - t, 3)
+        directions = {i: v.double().numpy() for i, v in tensors.items() if isinstance(v, torch.Tensor)}
+    else:
+        src = acts["train"] if read == probe_read and used is train else collect(model, tokenizer, used, read,
+                                                                                 recipe.batch_size)
+        directions = {i: np.asarray(method.direction(src["positive"][i], src["negative"][i]), dtype=np.float64)
+                      for i in layers}
+        tensors = {i: torch.from_numpy(d).float() for i, d in directions.items()}
     for i, d in directions.items():
         if not np.isfinite(d).all() or not np.any(d):
             raise InputError(f"{recipe.data.train}: the {recipe.method} direction at layer {i} is zero or not "
@@ -258,11 +274,13 @@ def steer(recipe: SteerRecipe, out: str | Path, force: bool = False, strengths: 
         strength = 1.0
     direction_acc = {i: direction_accuracy(d, acts["validation"]["positive"][i], acts["validation"]["negative"][i])
                      for i, d in directions.items()}
-    config = {"form": "vector", "method": recipe.method, "parameters": method.p,
+    config = {"form": getattr(method, "form", "vector"), "method": recipe.method, "parameters": method.p,
               "model": {"path": str(recipe.model), **model_identity(model)}, "layers": layers,
               "default_strength": strength, "read_position": read, "intervene": intervene,
               "pairs": {"train": len(used), "validation": len(val)}}
-    artefact = Artefact({i: torch.from_numpy(d).float() for i, d in directions.items()}, config)
+    if isinstance(method, SplitMethod) and method.input_module() is not None:
+        config["module"] = method.input_module()
+    artefact = Artefact(tensors, config)
     t = time.perf_counter()
     samples = generate_samples(model, tokenizer, artefact, recipe, val, strengths) if strengths else []
     seconds["samples"] = round(time.perf_counter() - t, 3)
@@ -274,6 +292,7 @@ def steer(recipe: SteerRecipe, out: str | Path, force: bool = False, strengths: 
               "probe_accuracy": {str(i): a for i, a in accuracy.items()},
               "direction_accuracy": {str(i): a for i, a in direction_acc.items()},
               "direction_norm": {str(i): float(np.linalg.norm(d)) for i, d in directions.items()},
+              "training": training,
               "strengths": strengths, "samples": samples, "preference": preference, "trusted": trusted(recipe),
               "seconds": seconds, "wall_time_s": round(time.perf_counter() - start, 3), "peak_rss_mb": peak_rss_mb(),
               "environment": environment()}
@@ -311,6 +330,15 @@ def generate_samples(model, tokenizer, artefact: Artefact, recipe: SteerRecipe, 
     return out
 
 
+def _training_lines(history: list[dict] | None) -> list[str]:
+    """A trained method's (SPLIT's) training in one line: steps, first and last logged loss."""
+    if not history:
+        return []
+    first, last = history[0], history[-1]
+    return [f"- trained through learn's engine: {last['step']} steps, loss {number(first['loss'])} (step "
+            f"{first['step']}) -> {number(last['loss'])}; every logged step in report.json `training`"]
+
+
 def markdown(report: dict) -> str:
     a = report["artefact"]
     lines = [f"# steer: {a['method']}", "",
@@ -318,7 +346,7 @@ def markdown(report: dict) -> str:
              f"- layers: {a['layers']} ({report['layer_choice']}); read at {a['read_position']}, added at "
              f"{a['intervene']} positions", f"- default strength: {number(a['default_strength'])}",
              f"- pairs: {a['pairs']['train']} train, {a['pairs']['validation']} validation",
-             *trusted_lines(report["trusted"]),
+             *trusted_lines(report["trusted"]), *_training_lines(report.get("training")),
              "", "## Linear probe per layer (validation pair accuracy)", "",
              "| layer | probe accuracy | direction accuracy | direction norm |", "|---|---|---|---|"]
     for i, acc in report["probe_accuracy"].items():

@@ -13,8 +13,9 @@ mean over the completion's tokens), a negative index counted from the end (-2: C
 vector is added by default: "all" positions, or the "first" positions of the text (ActAdd). `unit_norm` says
 that the direction has norm 1 (PCA, logistic): its default strength is then measured, not 1 (engine.py).
 
-A method that is not a vector (SPLIT's LoRA or local weight edit, next) brings its own artefact form and
-applier in steer/apply.py's FORMS; the vector methods share the "vector" form.
+A trained method (SPLIT, steer/split.py) is also a learn Method: the engine trains it through learn's engine
+instead of calling `direction`. A form that is not a vector (SPLIT's LoRA or local weight edit) brings its own
+artefact form and applier in steer/apply.py's FORMS; the vector methods, split_vector too, share "vector".
 """
 
 from __future__ import annotations

@@ -21,7 +21,7 @@ from malleable.steer.apply import applied
 from malleable.steer.artefact import Artefact
 
 
-def _context(tokenizer, prompt: str) -> str:
+def context(tokenizer, prompt: str) -> str:
     return prompt or tokenizer.bos_token or tokenizer.eos_token
 
 
@@ -30,7 +30,7 @@ def pair_nll(model, tokenizer, rows: list[dict], batch_size: int = 16) -> tuple[
     are installed on `model`."""
     out = []
     for member in ("positive", "negative"):
-        scored = score_pairs(model, tokenizer, [(_context(tokenizer, r["prompt"]), r[member]) for r in rows],
+        scored = score_pairs(model, tokenizer, [(context(tokenizer, r["prompt"]), r[member]) for r in rows],
                              batch_size=batch_size, chat=False)
         out.append(np.array([-float(np.sum(s["logprobs"], dtype=np.float64)) for s in scored]))
     return out[0], out[1]
@@ -39,7 +39,7 @@ def pair_nll(model, tokenizer, rows: list[dict], batch_size: int = 16) -> tuple[
 def perplexity(model, tokenizer, prompts: list[str], texts: list[str]) -> float | None:
     """exp of the mean token NLL of the texts after their prompts (tokens pooled; the appended EOS left out);
     None when every text is empty."""
-    keep = [(_context(tokenizer, p), t) for p, t in zip(prompts, texts) if t.strip()]
+    keep = [(context(tokenizer, p), t) for p, t in zip(prompts, texts) if t.strip()]
     if not keep:
         return None
     lps = np.concatenate([without_eos(s)["logprobs"] for s in score_pairs(model, tokenizer, keep, chat=False)])
