@@ -10,7 +10,16 @@ from pathlib import Path
 
 
 def peak_rss_mb() -> float:
-    """Peak resident memory of this process so far (Linux reports KiB)."""
+    """Peak resident memory of this process so far, in MiB: the kernel's VmHWM where there is one (Linux), else
+    getrusage's ru_maxrss. Not ru_maxrss on Linux: it survives exec, so a process started by a large parent
+    reports at least the parent's size at the fork (a benchmark that had loaded two models saw its children
+    all report its 2.5 GB)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return round(int(line.split()[1]) / 1024, 1)
+    except OSError:
+        pass
     return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
 
 
