@@ -41,7 +41,8 @@ from malleable.errors import InputError, OutputError, RecipeError, reason
 from malleable.evaluate.classification import accuracy
 from malleable.evaluate.continual import summary
 from malleable.io.atomic import atomic_dir, check_output, replaceable
-from malleable.learn.checkpoint import PREFIX, latest_checkpoint, load_checkpoint, save_checkpoint
+from malleable.learn.checkpoint import (PREFIX, check_same_recipe, latest_checkpoint, load_checkpoint,
+                                       save_checkpoint)
 from malleable.learn.engine import check_finite_weights, make_accelerator, optimizer_step
 from malleable.recipes.continual import ContinualRecipe, load_continual_recipe
 from malleable.report import environment, peak_rss_mb, write_report
@@ -100,12 +101,7 @@ def _resume_state(run_dir: Path, recipe_json: dict, model, optimizer, scheduler,
     found = latest_checkpoint(run_dir)
     if found is None:
         return 0, {}
-    try:
-        saved = json.loads((run_dir / "recipe.json").read_text())
-    except (OSError, ValueError):
-        saved = None
-    if saved != recipe_json:
-        raise RecipeError(f"{run_dir}: its checkpoints come from a different recipe (--force starts over)")
+    check_same_recipe(run_dir, recipe_json)
     try:  # our own files, but a crash, a full disk or a user's edit can leave anything in them
         step, rng = load_checkpoint(found, model, optimizer, scheduler, 0)
         if not isinstance(step, int) or not 0 < step <= total:

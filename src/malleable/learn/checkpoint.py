@@ -20,6 +20,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch.distributed.tensor import DTensor, distribute_tensor
 
+from malleable.errors import RecipeError
 from malleable.io.atomic import atomic_dir
 
 PREFIX = "step-"
@@ -91,6 +92,16 @@ def save_checkpoint(directory: Path, step: int, model, optimizer, scheduler, rng
         (tmp / "state.json").write_text(json.dumps({"step": step, "optimizer": meta, "scheduler": sched}))
     for old in sorted(directory.glob(f"{PREFIX}*"))[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
+
+
+def check_same_recipe(run_dir: Path, recipe_json: dict) -> None:
+    """Refuse to resume checkpoints written under another recipe (run_dir/recipe.json, saved beside them)."""
+    try:
+        saved = json.loads((run_dir / "recipe.json").read_text())
+    except (OSError, ValueError):
+        saved = None
+    if saved != recipe_json:
+        raise RecipeError(f"{run_dir}: its checkpoints come from a different recipe (--force starts over)")
 
 
 def latest_checkpoint(directory: Path) -> Path | None:

@@ -35,7 +35,8 @@ import torch
 from malleable.errors import InputError, MalleableError, OutputError, RecipeError, reason
 from malleable.io.atomic import atomic_dir, check_not_input, check_output, replaceable
 from malleable.io.hashing import sha256_file
-from malleable.learn.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint, trainable_state, whole
+from malleable.learn.checkpoint import (check_same_recipe, latest_checkpoint, load_checkpoint, save_checkpoint,
+                                       trainable_state, whole)
 from malleable.learn.data import Examples, collate, load_examples
 from malleable.learn.loss import task_loss
 from malleable.learn.registry import Method, get_method
@@ -336,12 +337,7 @@ def learn(recipe: LearnRecipe, out: str | Path, *, force: bool = False, resume: 
     accelerator.wait_for_everyone()
     found = latest_checkpoint(run_dir) if resume and run_dir.exists() else None
     if found is not None:
-        try:
-            saved = json.loads((run_dir / "recipe.json").read_text())
-        except (OSError, ValueError):
-            saved = None
-        if saved != recipe_json:
-            raise RecipeError(f"{run_dir}: its checkpoints come from a different recipe (--force starts over)")
+        check_same_recipe(run_dir, recipe_json)
         try:  # our own files, but a crash, a full disk or a user's edit can leave anything in them
             step, rng = load_checkpoint(found, accelerator.unwrap_model(model), optimizer, scheduler,
                                         accelerator.process_index)
