@@ -2,7 +2,8 @@
 
 ```yaml
 model: path/to/checkpoint          # a local transformers checkpoint (a folder with config.json)
-method: wanda                      # magnitude, wanda, sparsegpt, shortgpt (`malleable methods`)
+method: wanda                      # magnitude, wanda, sparsegpt, shortgpt (`malleable methods`); may be left
+                                   # out when `kv` is given (eviction only: no weight changes)
 parameters: {sparsity: 0.5, pattern: unstructured}   # the method's declared parameters (pattern 2:4, 4:8, ...)
 calibration:
   source: lee_background           # lee_background (gensim), lee (gensim), fortunes (Debian), or a .txt file
@@ -19,6 +20,19 @@ evaluate:                          # measured on the dense and the slimmed model
   prompt_tokens: 128
   new_tokens: 32
   repeats: 3
+kv:                                # optional: KV-cache eviction at generation, measured against the full cache
+  policy: snapkv                   # streaming_llm, snapkv, h2o, knorm (`malleable methods`)
+  parameters: {window_size: 64}
+  ratio: 0.5                       # the share of the prompt's cache removed after its prefill; or
+  # budget: 512                    # the positions each KV head keeps
+  decode_interval: null            # N: also while decoding, back to that size every N new tokens
+  evaluate:                        # held-out text: NLL and KL of the next tokens after a long prefill, needles
+    source: lee
+    context: 1024
+    continuation: 64
+    windows: 3
+    needles: 4                     # per depth (10%, 50%, 90% of the haystack); 0: no retrieval test
+    haystack: 900
 seed: 0
 ```
 """
@@ -49,13 +63,32 @@ class Evaluate(Strict):
     repeats: int = Field(default=3, gt=0, le=1000)
 
 
+class KVEvaluate(Strict):
+    source: str = Field(default="lee", min_length=1)
+    context: int = Field(default=1024, gt=1, le=1_000_000)
+    continuation: int = Field(default=64, gt=0, le=100_000)
+    windows: int = Field(default=3, gt=0, le=10_000)
+    needles: int = Field(default=4, ge=0, le=10_000)
+    haystack: int = Field(default=900, gt=1, le=1_000_000)
+
+
+class KV(Strict):
+    policy: str = Field(min_length=1)
+    parameters: dict[str, Any] = Field(default_factory=dict)
+    ratio: float | None = None
+    budget: int | None = None
+    decode_interval: int | None = Field(default=None, gt=0)
+    evaluate: KVEvaluate = Field(default_factory=KVEvaluate)
+
+
 class SlimRecipe(Strict):
     model: Path
-    method: str = Field(min_length=1)
+    method: str | None = Field(default=None, min_length=1)
     parameters: dict[str, Any] = Field(default_factory=dict)
     calibration: Calibration = Field(default_factory=Calibration)
     keep_dense: list[str] = Field(default_factory=lambda: ["embed_tokens", "lm_head"])
     evaluate: Evaluate | None = Field(default_factory=Evaluate)
+    kv: KV | None = None
     seed: Seed = 0
     trust_remote_code: bool = False
     allow_pickle: bool = False
@@ -71,7 +104,7 @@ def load_slim_recipe(path: str | Path, check: Callable[[SlimRecipe], Any] | None
     A calibration or evaluation source that names a file is taken relative to the recipe's folder."""
     recipe = load_recipe_file(path, parse_slim_recipe, check)
     root = Path(path).parent
-    for section in (recipe.calibration, recipe.evaluate):
+    for section in (recipe.calibration, recipe.evaluate, recipe.kv and recipe.kv.evaluate):
         if section is not None and section.source.endswith(".txt") and not Path(section.source).is_absolute() \
                 and (root / section.source).exists():
             section.source = str(root / section.source)

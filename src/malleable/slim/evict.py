@@ -9,17 +9,16 @@ the cached positions an eviction policy scores highest, and decoding goes on ove
     with evicting(model, get_policy("snapkv", {}), ratio=0.5):
         out = model(context_ids, cache=DynamicCache(config=model.config))
 
-The shape follows kvpress (NVIDIA's kvpress, `ScorerPress`): a forward hook on each decoder layer's attention
-module runs once the prefill has written the layer's keys and values, scores the positions and gathers the
-`n_kept` best per KV head (so heads may keep different positions, the same number each). The keys keep the
-rotary embedding of their original positions, so what follows the context must be fed with its original
-position ids (`continuation_logits`, `greedy_answer`: one token per forward, which needs no attention mask
-over a cache with holes in it). With `decode_interval` the cache stays bounded while decoding too: every
-`decode_interval` new tokens each layer compresses back to its prefill's budget, scored with the queries of
-the tokens since its last compression (kvpress's `DecodingPress`). `n_kept` is kvpress's `compute_n_kept` for a ratio (the share removed) and the
-budget itself for a token budget. Where kvpress takes the top-k in the order torch returns it, the kept
-positions are sorted here: attention does not depend on the order, and sorted indices can be compared and
-reported.
+The shape follows kvpress (NVIDIA's kvpress, `ScorerPress`): a forward hook on each decoder layer's attention module
+runs once the prefill has written the layer's keys and values, scores the positions and gathers the `n_kept` best
+per KV head (so heads may keep different positions, the same number each). The keys keep the rotary embedding of
+their original positions, so what follows the context must be fed with its original position ids
+(`continuation_logits`, `greedy_answer`: one token per forward, which needs no attention mask over a cache with
+holes in it). With `decode_interval` the cache stays bounded while decoding too: every `decode_interval` new tokens
+each layer compresses back to its prefill's budget, scored with the queries of the tokens since its last compression
+(kvpress's `DecodingPress`). `n_kept` is kvpress's `compute_n_kept` for a ratio (the share removed) and the budget
+itself for a token budget. Where kvpress takes the top-k in the order torch returns it, the kept positions are
+sorted here: attention does not depend on the order, and sorted indices can be compared and reported.
 
 Written by hand because transformers has no per-head eviction of a DynamicCache and kvpress pins an older
 transformers (its attention hooks read `past_key_values`, which transformers 5.3 renamed `cache`); kvpress is
