@@ -19,7 +19,7 @@ from malleable.cli import app
 from malleable.recipes.slim import parse_slim_recipe
 from malleable.slim.engine import remove_layers, slim
 
-QUICK = {"source": None, "seq_len": 16, "max_windows": 4, "speed": False}
+QUICK = {"source": None, "seq_len": 16, "max_windows": 4, "speed": False, "tasks": None}
 
 
 def text(seed: int, n: int = 1500) -> str:
@@ -226,6 +226,7 @@ BAD = [
     ({"calibration": {"source": "nowhere"}}, "not a text source"),
     ({"evaluate": {"source": "CAL"}}, "evaluate.source"),
     ({"calibration": {"n_sample": 3}}, "calibration.n_sample: unknown key"),
+    ({"evaluate": {"tasks": ["capital-world", "capitals"]}}, "evaluate.tasks: unknown word relation 'capitals'"),
 ]
 
 
@@ -235,7 +236,7 @@ def test_bad_input_is_one_line_exit_2_and_nothing_written(setup, tmp_path, chang
     swap = {"EMPTY": str(setup / "empty.txt"), "SHORT": str(setup / "cal.txt"), "CAL": str(setup / "cal.txt")}
     for key, value in change.items():
         if isinstance(value, dict):
-            value = {k: swap.get(v, v) for k, v in value.items()}
+            value = {k: swap.get(v, v) if isinstance(v, str) else v for k, v in value.items()}
             data[key] = (data.get(key) or {}) | value if key != "parameters" else value
         else:
             data[key] = value
@@ -323,3 +324,24 @@ def test_output_keeps_the_inputs_dtype(setup, tmp_path):
     w = load_file(tmp_path / "out" / "model.safetensors")
     assert report["dtype"] == "bfloat16" and all(t.dtype == torch.bfloat16 for t in w.values())
     assert report["bytes"]["slim"] == report["bytes"]["dense"]
+
+
+def test_word_relation_exact_match_is_measured_on_both_models(setup, tmp_path):
+    """The report's exact match is evaluate.generation's on the test split's first items, for the dense model
+    (the input) and the slimmed one (the output), as each loads from disk."""
+    from malleable.data.word_relations import word_relations
+    from malleable.evaluate.generation import exact_match
+    from malleable.models.checkpoints import load_model, load_tokenizer
+
+    data = recipe(setup, method="magnitude", parameters={"sparsity": 0.5})
+    data["evaluate"] |= {"tasks": ["capital-world", "currency"], "task_items": 5}
+    report = slim(parse_slim_recipe(data), tmp_path / "out", progress=False)
+    t = report["evaluation"]["tasks"]
+    assert t["items"] == {"capital-world": 5, "currency": 5} and set(t["mean"]) == {"dense", "slim"}
+    tok = load_tokenizer(setup / "model")
+    for key, folder in (("dense", setup / "model"), ("slim", tmp_path / "out")):
+        model = load_model(folder, "causal_lm", tok.pad_token_id)
+        for name in t["relations"]:
+            recs = word_relations(name)["test"][:5]
+            assert t["relations"][name][key] == exact_match(model, tok, recs, max_new_tokens=6, chat=False)[0]
+    assert "exact match, mean of 2 word relations" in (tmp_path / "out" / "report.md").read_text()

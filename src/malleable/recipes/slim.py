@@ -20,6 +20,9 @@ evaluate:                          # measured on the dense and the slimmed model
   prompt_tokens: 128
   new_tokens: 32
   repeats: 3
+  tasks: [capital-world, ...]      # exact match on word relations (questions-words.txt, test split, seed 0):
+                                   # the adapter zoo's eight by default; null or []: skip
+  task_items: 20                   # test items per relation (greedy, up to 6 new tokens, chat template if any)
 kv:                                # optional: KV-cache eviction at generation, measured against the full cache
   policy: snapkv                   # streaming_llm, snapkv, h2o, knorm (`malleable methods`)
   parameters: {window_size: 64}
@@ -44,6 +47,7 @@ from typing import Any, Callable
 
 from pydantic import Field
 
+from malleable.data.word_relations import ZOO_RELATIONS
 from malleable.recipes.common import Seed, Strict, load_recipe_file, validate
 
 class Calibration(Strict):
@@ -61,6 +65,8 @@ class Evaluate(Strict):
     prompt_tokens: int = Field(default=128, gt=0, le=1_000_000)
     new_tokens: int = Field(default=32, gt=0, le=100_000)
     repeats: int = Field(default=3, gt=0, le=1000)
+    tasks: list[str] | None = Field(default_factory=lambda: list(ZOO_RELATIONS))
+    task_items: int = Field(default=20, gt=0, le=100_000)
 
 
 class KVEvaluate(Strict):

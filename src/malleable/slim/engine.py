@@ -23,6 +23,7 @@ from pathlib import Path
 
 import torch
 
+from malleable.data.word_relations import RELATIONS
 from malleable.errors import InputError, RecipeError
 from malleable.io.atomic import atomic_dir, check_output
 from malleable.io.quiet import quiet_transformers
@@ -46,6 +47,9 @@ def check_recipe(recipe: SlimRecipe) -> SlimMethod | None:
     method = get_method(recipe.method, recipe.parameters) if recipe.method is not None else None
     if recipe.kv is not None:
         kv_policy(recipe.kv)
+    unknown = sorted(set(recipe.evaluate.tasks or []) - set(RELATIONS)) if recipe.evaluate is not None else []
+    if unknown:
+        raise RecipeError(f"evaluate.tasks: unknown word relation '{unknown[0]}' (known: {', '.join(RELATIONS)})")
     held_out = [("evaluate.source", recipe.evaluate), ("kv.evaluate.source", recipe.kv and recipe.kv.evaluate)]
     for key, section in held_out if method is not None else []:
         if section is not None and section.source == recipe.calibration.source:
@@ -381,6 +385,7 @@ def slim(recipe: SlimRecipe, out: str | Path, force: bool = False, progress: boo
     held_out = consecutive_windows(tokenizer, ev.source, ev.seq_len, ev.max_windows) if ev is not None else None
     if ev is not None and ev.speed:
         tokens(tokenizer, ev.source, ev.prompt_tokens)
+    task_records = relation_records(ev) if ev is not None else {}
     model = load(recipe, tokenizer)
     dtype = stored_dtype(recipe)
     seconds = {"load": round(time.perf_counter() - start, 3)}
@@ -418,7 +423,7 @@ def slim(recipe: SlimRecipe, out: str | Path, force: bool = False, progress: boo
         report["bytes"] = {"dense": weight_bytes(checkpoint_base(recipe.model)[0]), "slim": weight_bytes(tmp)}
         t = time.perf_counter()
         if recipe.evaluate is not None:
-            report["evaluation"] = evaluate(dense, model, tokenizer, recipe, held_out)
+            report["evaluation"] = evaluate(dense, model, tokenizer, recipe, held_out, task_records)
         seconds["evaluate"] = round(time.perf_counter() - t, 3)
         if recipe.kv is not None:
             t = time.perf_counter()
@@ -470,8 +475,32 @@ def evict_only(recipe: SlimRecipe, out, force: bool, the_plan: dict, tokenizer, 
     return report
 
 
-def evaluate(dense, slimmed, tokenizer, recipe: SlimRecipe, windows: torch.Tensor) -> dict:
-    """Perplexity on the held-out windows and prefill / decode speed, dense and slimmed, in this run."""
+def relation_records(ev) -> dict[str, list[dict]]:
+    """{relation: the first `task_items` records of its test split} (word_relations, seed 0), read before the
+    model loads so that a missing questions-words.txt fails first."""
+    from malleable.data.word_relations import word_relations
+
+    return {name: word_relations(name)["test"][:ev.task_items] for name in ev.tasks or []}
+
+
+def task_accuracy(models: dict, tokenizer, records: dict[str, list[dict]]) -> dict:
+    """Exact match per relation and its mean, per model; greedy with up to 6 new tokens as the adapter zoo
+    scores (through the chat template when the tokenizer has one)."""
+    from malleable.evaluate.generation import exact_match
+    from malleable.learn.data import uses_chat_template
+
+    chat = uses_chat_template(tokenizer, "auto")
+    per = {name: {k: exact_match(m, tokenizer, recs, max_new_tokens=6, chat=chat)[0] for k, m in models.items()}
+           for name, recs in records.items()}
+    mean = {k: sum(per[name][k] for name in per) / len(per) for k in models}
+    return {"relations": per, "items": {name: len(recs) for name, recs in records.items()}, "mean": mean,
+            "chat_template": chat}
+
+
+def evaluate(dense, slimmed, tokenizer, recipe: SlimRecipe, windows: torch.Tensor,
+             task_records: dict[str, list[dict]]) -> dict:
+    """Perplexity on the held-out windows, exact match on word relations, and prefill / decode speed, dense and
+    slimmed, in this run."""
     from malleable.data.corpus import tokens
     from malleable.evaluate.perplexity import perplexity, speeds, window_nll
 
@@ -480,6 +509,8 @@ def evaluate(dense, slimmed, tokenizer, recipe: SlimRecipe, windows: torch.Tenso
     ppl = {k: perplexity(v, ev.seq_len) for k, v in nll.items()}
     out = {"source": ev.source, "seq_len": ev.seq_len, "windows": len(windows), "tokens": int(windows.numel()),
            "perplexity": ppl | {"ratio": ppl["slim"] / ppl["dense"]}, "window_nll": nll}
+    if task_records:
+        out["tasks"] = task_accuracy({"dense": dense, "slim": slimmed}, tokenizer, task_records)
     if ev.speed:
         prompt = tokens(tokenizer, ev.source, ev.prompt_tokens)[:ev.prompt_tokens].unsqueeze(0)
         load = os.getloadavg()
@@ -556,6 +587,13 @@ def markdown(report: dict) -> str:
         pp = e["perplexity"]
         lines.append(f"| perplexity on `{e['source']}` ({e['windows']} windows of {e['seq_len']} tokens) | "
                      f"{_n(pp['dense'])} | {_n(pp['slim'])} | {pp['ratio']:.3f} |")
+        t = e.get("tasks")
+        if t:
+            m = t["mean"]
+            ratio = f"{m['slim'] / m['dense']:.3f}" if m["dense"] else "—"
+            lines.append(f"| exact match, mean of {len(t['relations'])} word relations (test items: "
+                         f"{', '.join(str(n) for n in t['items'].values())}) | {m['dense']:.3f} | {m['slim']:.3f} | "
+                         f"{ratio} |")
         s = e.get("speed")
         if s:
             for k, what in (("prefill", f"prefill tokens/s ({s['prompt_tokens']}-token prompt)"),
