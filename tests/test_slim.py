@@ -16,6 +16,7 @@ from typer.testing import CliRunner
 
 from conftest import TINY, WORDS, tiny_tokenizer, tree_digest
 from malleable.cli import app
+from malleable.errors import RecipeError
 from malleable.recipes.slim import parse_slim_recipe
 from malleable.slim.engine import remove_layers, slim
 
@@ -148,12 +149,12 @@ def hidden_pairs(model, ids):
 
 
 def test_shortgpt_block_influence_and_smaller_checkpoint(setup):
-    from malleable.data.corpus import random_windows
+    from malleable.data.corpus import chat_windows, random_windows
 
     report, w = run(setup, "short", method="shortgpt", parameters={"ratio": 0.5})
     lay = report["layers"]
     original = AutoModelForCausalLM.from_pretrained(setup / "model").eval()
-    ids = random_windows(tiny_tokenizer(), str(setup / "cal.txt"), 6, 24, 0)
+    ids = chat_windows(tiny_tokenizer(), random_windows(tiny_tokenizer(), str(setup / "cal.txt"), 6, 24, 0))
     pairs = hidden_pairs(original, ids)
     bi = [float(1 - torch.nn.functional.cosine_similarity(a.double(), b.double(), dim=-1).mean())
           for a, b in (pairs[i] for i in range(4))]
@@ -345,3 +346,32 @@ def test_word_relation_exact_match_is_measured_on_both_models(setup, tmp_path):
             recs = word_relations(name)["test"][:5]
             assert t["relations"][name][key] == exact_match(model, tok, recs, max_new_tokens=6, chat=False)[0]
     assert "exact match, mean of 2 word relations" in (tmp_path / "out" / "report.md").read_text()
+
+
+def test_calibration_windows_are_chat_turns_for_a_model_with_a_template(setup, tmp_path):
+    """auto (the default) frames each window as a user turn of the template: the same template tokens around
+    the window's first tokens, the length kept; off keeps the plain windows; on without a template is refused."""
+    from malleable.data.corpus import chat_windows, random_windows
+    from malleable.learn.data import uses_chat_template
+    from malleable.models.chat import render_user_turn
+
+    tok = tiny_tokenizer()
+    plain = random_windows(tok, str(setup / "cal.txt"), 6, 24, 0)
+    framed = chat_windows(tok, plain)
+    before, _, after = render_user_turn(tok, "\x00").partition("\x00")
+    head, tail = (tok(x, add_special_tokens=False)["input_ids"] for x in (before, after))
+    room = 24 - len(head) - len(tail)
+    assert framed.shape == plain.shape and room > 0
+    assert (framed[:, :len(head)] == torch.tensor(head)).all()
+    assert (framed[:, 24 - len(tail):] == torch.tensor(tail)).all()
+    assert torch.equal(framed[:, len(head):len(head) + room], plain[:, :room])
+    report, _ = run(setup, "chat", method="wanda")
+    assert report["calibration"]["chat_template"] is True
+    plain_calibration = {**recipe(setup)["calibration"], "chat_template": "off"}
+    report, _ = run(setup, "plain", method="wanda", calibration=plain_calibration)
+    assert report["calibration"]["chat_template"] is False
+    with pytest.raises(RecipeError, match="calibration.seq_len: 2 tokens leave no room"):
+        chat_windows(tok, plain[:, :len(head) + len(tail)])
+    tok.chat_template = None
+    with pytest.raises(RecipeError, match="calibration.chat_template: on, but"):
+        uses_chat_template(tok, "on", "calibration.chat_template")

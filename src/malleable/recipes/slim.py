@@ -10,6 +10,8 @@ calibration:
   n_samples: 32                    # windows of seq_len tokens drawn from the text with the seed
   seq_len: 256
   batch_size: 8                    # windows run through a layer together
+  chat_template: auto              # auto: each window as a user turn of the model's chat template when it has
+                                   # one (an instruct model's input), on (required), off (plain text)
 keep_dense: [embed_tokens, lm_head]   # module names (or globs) never pruned; the decoder layers' linear
                                    # modules are what is pruned, everything outside them stays dense anyway
 evaluate:                          # measured on the dense and the slimmed model in the same run; null: skip
@@ -43,7 +45,7 @@ seed: 0
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Literal
 
 from pydantic import Field
 
@@ -55,6 +57,7 @@ class Calibration(Strict):
     n_samples: int = Field(default=32, gt=0, le=100_000)
     seq_len: int = Field(default=256, gt=1, le=1_000_000)
     batch_size: int = Field(default=8, gt=0, le=4096)
+    chat_template: Literal["auto", "on", "off"] = "auto"
 
 
 class Evaluate(Strict):

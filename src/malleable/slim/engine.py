@@ -3,8 +3,10 @@ the decoder layers one after another on them, let the method prune each layer's 
 layer and remove the least influential), write a checkpoint that loads with `from_pretrained`, and measure the
 dense and the slimmed model side by side in the same run.
 
-Calibration text is plain text (no chat template, also for instruct models): windows of `seq_len` tokens at
-random starts of the source, as the Wanda / SparseGPT code draws wikitext2, without special tokens.
+Calibration windows: `seq_len` tokens at random starts of the source, as the Wanda / SparseGPT code draws
+wikitext2, without special tokens; for a model with a chat template (an instruct model) each window is then framed
+as a user turn of that template, as llm-compressor's examples calibrate instruct models on chat-rendered data
+(`calibration.chat_template`: auto, on, off).
 
 Output folder:
     config.json, model.safetensors, tokenizer files    the slimmed checkpoint (the input's dtype)
@@ -367,7 +369,8 @@ def weight_bytes(folder: Path) -> int:
 
 def slim(recipe: SlimRecipe, out: str | Path, force: bool = False, progress: bool = True) -> dict:
     """Slim the recipe's model with its method; write the checkpoint and the report to `out`."""
-    from malleable.data.corpus import consecutive_windows, random_windows, tokens
+    from malleable.data.corpus import chat_windows, consecutive_windows, random_windows, tokens
+    from malleable.learn.data import uses_chat_template
     from malleable.models.checkpoints import Trust, checkpoint_base, load_tokenizer
 
     method = check_recipe(recipe)
@@ -382,6 +385,9 @@ def slim(recipe: SlimRecipe, out: str | Path, force: bool = False, progress: boo
     c, ev = recipe.calibration, recipe.evaluate
     needs_data = not (isinstance(method, WeightPruner) and method.stats is None)
     windows = random_windows(tokenizer, c.source, c.n_samples, c.seq_len, recipe.seed) if needs_data else None
+    chat = needs_data and uses_chat_template(tokenizer, c.chat_template, "calibration.chat_template")
+    if chat:
+        windows = chat_windows(tokenizer, windows)
     held_out = consecutive_windows(tokenizer, ev.source, ev.seq_len, ev.max_windows) if ev is not None else None
     if ev is not None and ev.speed:
         tokens(tokenizer, ev.source, ev.prompt_tokens)
@@ -412,7 +418,7 @@ def slim(recipe: SlimRecipe, out: str | Path, force: bool = False, progress: boo
     after = counts(model)
     report = {"schema": SCHEMA, "recipe": recipe.model_dump(mode="json"), "method": recipe.method,
               "parameters": method.p, "calibration": {**c.model_dump(), "tokens": 0 if windows is None else
-                                                      int(windows.numel()), "chat_template": False},
+                                                      int(windows.numel()), "chat_template": chat},
               **result, "counts": {"dense": before, "slim": after}, "dtype": str(dtype).removeprefix("torch."),
               "trusted": trusted(recipe), "plan": the_plan}
     with atomic_dir(out, force, inputs=[recipe.model]) as tmp:
@@ -556,10 +562,11 @@ def markdown(report: dict) -> str:
         return "\n".join([f"# slim: KV-cache eviction ({report['kv']['policy']})", "", f"- model: `{r['model']}` "
                           "(no weight changes)", *trusted_lines(report["trusted"]), *kv_markdown(report["kv"]), "",
                           f"Wall time {report['wall_time_s']} s, peak RSS {report['peak_rss_mb']} MB."]) + "\n"
+    framed = "each a user turn of the chat template" if report["calibration"]["chat_template"] else "plain text"
     lines = [f"# slim: {report['method']}", "", f"- model: `{r['model']}`", f"- parameters: "
              f"`{json.dumps(report['parameters'])}`", f"- calibration: {r['calibration']['n_samples']} windows of "
-             f"{r['calibration']['seq_len']} tokens from `{r['calibration']['source']}` (plain text, seed "
-             f"{r['seed']})" if report["calibration"]["tokens"] else "- calibration: none (the method reads no data)",
+             f"{r['calibration']['seq_len']} tokens from `{r['calibration']['source']}` ({framed}, seed {r['seed']})"
+             if report["calibration"]["tokens"] else "- calibration: none (the method reads no data)",
              *trusted_lines(report["trusted"])]
     if "pruned" in report:
         p = report["pruned"]
