@@ -331,7 +331,7 @@ def test_word_relation_exact_match_is_measured_on_both_models(setup, tmp_path):
     """The report's exact match is evaluate.generation's on the test split's first items, for the dense model
     (the input) and the slimmed one (the output), as each loads from disk."""
     from malleable.data.word_relations import word_relations
-    from malleable.evaluate.generation import exact_match
+    from malleable.evaluate.generation import generate, is_match, mentions
     from malleable.models.checkpoints import load_model, load_tokenizer
 
     data = recipe(setup, method="magnitude", parameters={"sparsity": 0.5})
@@ -344,7 +344,9 @@ def test_word_relation_exact_match_is_measured_on_both_models(setup, tmp_path):
         model = load_model(folder, "causal_lm", tok.pad_token_id)
         for name in t["relations"]:
             recs = word_relations(name)["test"][:5]
-            assert t["relations"][name][key] == exact_match(model, tok, recs, max_new_tokens=6, chat=False)[0]
+            answers = generate(model, tok, [r["prompt"] for r in recs], max_new_tokens=16, chat=True)
+            assert t["relations"][name][key] == sum(map(is_match, answers, [r["completion"] for r in recs])) / 5
+            assert t["mention"][name][key] == sum(map(mentions, answers, [r["completion"] for r in recs])) / 5
     assert "exact match, mean of 2 word relations" in (tmp_path / "out" / "report.md").read_text()
 
 

@@ -490,17 +490,24 @@ def relation_records(ev) -> dict[str, list[dict]]:
 
 
 def task_accuracy(models: dict, tokenizer, records: dict[str, list[dict]]) -> dict:
-    """Exact match per relation and its mean, per model; greedy with up to 6 new tokens as the adapter zoo
-    scores (through the chat template when the tokenizer has one)."""
-    from malleable.evaluate.generation import exact_match
+    """Per relation and its mean, per model, from greedy answers of up to 16 new tokens (through the chat template
+    when the tokenizer has one): exact match as the adapter zoo scores (the answer starts with the gold word; an
+    untuned instruct model, which answers in a sentence, scores near 0) and `mention` (the gold word anywhere in
+    the answer, the informative score for such a model)."""
+    from malleable.evaluate.generation import generate, is_match, mentions
     from malleable.learn.data import uses_chat_template
 
     chat = uses_chat_template(tokenizer, "auto")
-    per = {name: {k: exact_match(m, tokenizer, recs, max_new_tokens=6, chat=chat)[0] for k, m in models.items()}
-           for name, recs in records.items()}
-    mean = {k: sum(per[name][k] for name in per) / len(per) for k in models}
-    return {"relations": per, "items": {name: len(recs) for name, recs in records.items()}, "mean": mean,
-            "chat_template": chat}
+    out = {"exact": {}, "mention": {}}
+    for name, recs in records.items():
+        for k, m in models.items():
+            answers = generate(m.eval(), tokenizer, [r["prompt"] for r in recs], max_new_tokens=16, chat=chat)
+            for score, match in (("exact", is_match), ("mention", mentions)):
+                hits = sum(match(a, r["completion"]) for a, r in zip(answers, recs, strict=True))
+                out[score].setdefault(name, {})[k] = hits / len(recs)
+    mean = {score: {k: sum(per[name][k] for name in per) / len(per) for k in models} for score, per in out.items()}
+    return {"relations": out["exact"], "mention": out["mention"], "items": {n: len(r) for n, r in records.items()},
+            "mean": mean["exact"], "mean_mention": mean["mention"], "chat_template": chat, "max_new_tokens": 16}
 
 
 def evaluate(dense, slimmed, tokenizer, recipe: SlimRecipe, windows: torch.Tensor,
@@ -600,6 +607,10 @@ def markdown(report: dict) -> str:
             ratio = f"{m['slim'] / m['dense']:.3f}" if m["dense"] else "—"
             lines.append(f"| exact match, mean of {len(t['relations'])} word relations (test items: "
                          f"{', '.join(str(n) for n in t['items'].values())}) | {m['dense']:.3f} | {m['slim']:.3f} | "
+                         f"{ratio} |")
+            m = t["mean_mention"]
+            ratio = f"{m['slim'] / m['dense']:.3f}" if m["dense"] else "—"
+            lines.append(f"| answer mentions the gold word, same items | {m['dense']:.3f} | {m['slim']:.3f} | "
                          f"{ratio} |")
         s = e.get("speed")
         if s:
