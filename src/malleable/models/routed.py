@@ -65,6 +65,23 @@ class LayerRouters(nn.Module):
         self.attention = TokenRouter(hidden)
         self.mlp = TokenRouter(hidden)
 
+    def decide(self, x: torch.Tensor) -> torch.Tensor:
+        """(..., 2) booleans, [attention, MLP] per token: True = execute (the argmax, a tie executing). Frozen
+        routers run fused (one d -> d/2 product and one block-diagonal d/2 -> 4), which at one token per forward
+        halves their calls; trainable ones run as two."""
+        if any(p.requires_grad for p in self.parameters()):
+            logits = torch.cat([self.attention(x), self.mlp(x)], -1)
+        else:
+            fused = self.__dict__.get("_fused")
+            if fused is None:
+                a, m = self.attention, self.mlp
+                fused = self.__dict__["_fused"] = (
+                    torch.cat([a.hidden.weight, m.hidden.weight]), torch.cat([a.hidden.bias, m.hidden.bias]),
+                    torch.block_diag(a.out.weight, m.out.weight), torch.cat([a.out.bias, m.out.bias]))
+            w1, b1, w2, b2 = fused
+            logits = nn.functional.linear(torch.relu(nn.functional.linear(x.to(w1.dtype), w1, b1)), w2, b2)
+        return logits[..., 0::2] >= logits[..., 1::2]
+
 
 @dataclass
 class Routing:
@@ -142,10 +159,10 @@ def _routed_forward(layer, routers: LayerRouters, routing: Routing):
             return original(hidden_states, attention_mask=attention_mask, position_ids=position_ids, cache=cache,
                             use_cache=use_cache, position_embeddings=position_embeddings, **kwargs)
         x = hidden_states
-        la, lm = routers.attention(x), routers.mlp(x)
         attn_kw = dict(attention_mask=attention_mask, position_ids=position_ids, cache=cache, use_cache=use_cache,
                        position_embeddings=position_embeddings, **kwargs)
         if routing.mode == "train":
+            la, lm = routers.attention(x), routers.mlp(x)
             ga = nn.functional.gumbel_softmax(la.float(), tau=routing.tau, hard=True, dim=-1)[..., 0]
             gm = nn.functional.gumbel_softmax(lm.float(), tau=routing.tau, hard=True, dim=-1)[..., 0]
             routing.gates.append((ga, gm))
@@ -153,33 +170,36 @@ def _routed_forward(layer, routers: LayerRouters, routing: Routing):
             x = x + h * ga.unsqueeze(-1).to(h.dtype)
             m = layer.mlp(layer.post_attention_layernorm(x))
             return x + m * gm.unsqueeze(-1).to(m.dtype)
-        keep_a, keep_m = la[..., 0] >= la[..., 1], lm[..., 0] >= lm[..., 1]
-        routing.tokens += keep_a.numel()
-        routing.skipped["attention"] += int((~keep_a).sum())
-        routing.skipped["mlp"] += int((~keep_m).sum())
-        x = attention_part(layer, x, keep_a, attn_kw)
-        return mlp_part(layer, x, keep_m)
+        keep = routers.decide(x)
+        kept = keep.sum(tuple(range(keep.dim() - 1))).tolist()  # [attention, MLP] tokens executed
+        n = keep.numel() // 2
+        routing.tokens += n
+        routing.skipped["attention"] += n - kept[0]
+        routing.skipped["mlp"] += n - kept[1]
+        if kept[0] or attn_kw.get("cache") is not None:  # no query runs and nothing is cached: nothing to do
+            x = attention_part(layer, x, keep[..., 0], attn_kw, kept[0], n)
+        return mlp_part(layer, x, keep[..., 1], kept[1] == n) if kept[1] else x
 
     return forward
 
 
-def mlp_part(layer, x: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
-    """x + mlp(norm(x)) for the kept tokens, x for the others; only the kept tokens go through the MLP."""
-    if bool(keep.all()):
+def mlp_part(layer, x: torch.Tensor, keep: torch.Tensor, every: bool) -> torch.Tensor:
+    """x + mlp(norm(x)) for the kept tokens (`every`: all of them), x for the others; only the kept tokens go
+    through the MLP."""
+    if every:
         return x + layer.mlp(layer.post_attention_layernorm(x))
-    if not bool(keep.any()):
-        return x
     flat = x.reshape(-1, x.shape[-1])
     idx = keep.reshape(-1).nonzero().squeeze(1)
     out = layer.mlp(layer.post_attention_layernorm(flat.index_select(0, idx)))
     return flat.index_add(0, idx, out.to(flat.dtype)).view_as(x)
 
 
-def attention_part(layer, x: torch.Tensor, keep: torch.Tensor, kw: dict) -> torch.Tensor:
-    """x + attention(norm(x)) for the kept tokens, x for the others. Every token's key and value are computed and
-    cached (see the module docstring); queries, attention and the output projection only for the kept ones."""
+def attention_part(layer, x: torch.Tensor, keep: torch.Tensor, kw: dict, kept: int, n: int) -> torch.Tensor:
+    """x + attention(norm(x)) for the `kept` of the `n` tokens `keep` marks, x for the others. Every token's key
+    and value are computed and cached (see the module docstring); queries, attention and the output projection
+    only for the kept ones."""
     attn = layer.self_attn
-    if bool(keep.all()):
+    if kept == n:
         return x + attn(hidden_states=layer.input_layernorm(x), **kw)[0]
     rope = sys.modules[type(attn).__module__].apply_rotary_pos_emb
     b, s, _ = x.shape
@@ -194,7 +214,7 @@ def attention_part(layer, x: torch.Tensor, keep: torch.Tensor, kw: dict) -> torc
         extra = {k_: v_ for k_, v_ in kw.items() if k_ not in ("attention_mask", "position_ids", "cache",
                                                                "use_cache", "position_embeddings")}
         k, v = cache.update(k, v, attn.layer_idx, kwargs=extra)
-    if not bool(keep.any()):
+    if not kept:
         return x
     mask = kw.get("attention_mask")
     total = k.shape[2]

@@ -255,7 +255,7 @@ class RouterStage(Method):
         units = int((batch["labels"] != -100).sum())
         self.last = {"keep_attention": shown["attention"], "keep_mlp": shown["mlp"],
                      "target_keep": round(target, 4), "temperature": round(self.routing.tau, 4),
-                     "lm_loss": round(float(nll) / max(1, units), 4)}
+                     "lm_loss": round(float(nll.detach()) / max(1, units), 4)}
         self.routing.gates.clear()
         return nll + units * self.skip.p["penalty"] * (target - gate).abs()
 
