@@ -99,6 +99,38 @@ def test_skipped_path_equals_the_layer_without_the_module_for_those_tokens():
     assert torch.equal(model(input_ids=ids).logits, model.lm_head(model.model.norm(x)))
 
 
+@torch.no_grad()
+def test_a_left_padded_batch_and_generate_match_each_row_alone():
+    model = tiny_llama(0)
+    install(model, routers_for(model, seed=5), "hard")
+    a = torch.randint(3, 128, (1, 10), generator=torch.Generator().manual_seed(0))
+    b = torch.randint(3, 128, (1, 6), generator=torch.Generator().manual_seed(1))
+    ids = torch.cat([a, torch.cat([torch.zeros(1, 4, dtype=torch.long), b], 1)])
+    mask = torch.cat([torch.ones(1, 10), torch.cat([torch.zeros(1, 4), torch.ones(1, 6)], 1)]).long()
+    out = model(input_ids=ids, attention_mask=mask, position_ids=(mask.cumsum(1) - 1).clamp(min=0)).logits
+    torch.testing.assert_close(out[:1], model(input_ids=a).logits, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(out[1:, 4:], model(input_ids=b).logits, rtol=1e-5, atol=1e-5)
+    both = model.generate(ids, attention_mask=mask, max_new_tokens=5, do_sample=False)[:, 10:]
+    assert both[0].tolist() == model.generate(a, max_new_tokens=5, do_sample=False)[0, 10:].tolist()
+    assert both[1].tolist() == model.generate(b, max_new_tokens=5, do_sample=False)[0, 6:].tolist()
+
+
+@torch.no_grad()
+def test_a_deep_copy_routes_through_its_own_layers():
+    import copy
+
+    model = tiny_llama(0)
+    install(model, routers_for(model, seed=5), "hard")
+    twin = copy.deepcopy(model)
+    ids = torch.randint(0, 128, (1, 12), generator=torch.Generator().manual_seed(2))
+    want = model(input_ids=ids).logits
+    assert torch.equal(twin(input_ids=ids).logits, want)
+    assert routing_of(twin) is not routing_of(model) and routing_of(twin).tokens == 2 * 12
+    with torch.no_grad():
+        twin.model.layers[1].mlp.down_proj.weight.zero_()
+    assert torch.equal(model(input_ids=ids).logits, want)
+
+
 def test_router_file_round_trips_and_rejects_a_foreign_model(tmp_path):
     model = tiny_llama(0)
     routers = routers_for(model, seed=9)
@@ -173,6 +205,15 @@ def test_stage_two_lora_merges_into_the_weights(trained, tmp_path):
     assert set(before) == set(after)
     changed = {k for k in before if not torch.equal(before[k], after[k])}
     assert changed and all(k.endswith(("q_proj.weight", "v_proj.weight", "gate_proj.weight")) for k in changed)
+
+
+def test_dry_run_says_what_it_will_train(trained, tmp_path):
+    root, _ = trained
+    path = tmp_path / "r.yaml"
+    path.write_text(yaml.safe_dump(recipe(root, method="skipgpt", parameters={"lora_steps": 5})))
+    res = cli("slim", path, tmp_path / "out", "--dry-run")
+    assert res.exit_code == 0 and "train 8 routers" in res.output and "5 LoRA steps" in res.output, res.output
+    assert not (tmp_path / "out").exists()
 
 
 def cli(*args):

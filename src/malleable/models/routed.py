@@ -133,7 +133,7 @@ def install(model, routers: nn.ModuleList, mode: str = "hard") -> Routing:
         check_layer(layer, f"decoder layer {i}")
     routing = Routing(routers, mode)
     for layer, r in zip(layers, routers):
-        layer.forward = _routed_forward(layer, r, routing)
+        layer.forward = _RoutedLayer(layer, r, routing).forward
     model._malleable_routing = routing
     return routing
 
@@ -148,19 +148,23 @@ def routing_of(model) -> Routing | None:
     return getattr(model, "_malleable_routing", None)
 
 
-def _routed_forward(layer, routers: LayerRouters, routing: Routing):
-    original = type(layer).forward.__get__(layer)
+class _RoutedLayer:
+    """A decoder layer's routed forward, installed as the layer's `forward` (a bound method, so that deepcopy of
+    the model copies it with the layer, its routers and the shared Routing)."""
 
-    def forward(hidden_states, attention_mask=None, position_ids=None, cache=None, use_cache=False,
+    def __init__(self, layer, routers: LayerRouters, routing: Routing):
+        self.layer, self.routers, self.routing = layer, routers, routing
+
+    def forward(self, hidden_states, attention_mask=None, position_ids=None, cache=None, use_cache=False,
                 position_embeddings=None, **kwargs):
+        layer, routers, routing = self.layer, self.routers, self.routing
         if "past_key_values" in kwargs:
             cache = kwargs.pop("past_key_values")
-        if routing.mode == "open":
-            return original(hidden_states, attention_mask=attention_mask, position_ids=position_ids, cache=cache,
-                            use_cache=use_cache, position_embeddings=position_embeddings, **kwargs)
-        x = hidden_states
         attn_kw = dict(attention_mask=attention_mask, position_ids=position_ids, cache=cache, use_cache=use_cache,
                        position_embeddings=position_embeddings, **kwargs)
+        if routing.mode == "open":
+            return type(layer).forward(layer, hidden_states, **attn_kw)
+        x = hidden_states
         if routing.mode == "train":
             la, lm = routers.attention(x), routers.mlp(x)
             ga = nn.functional.gumbel_softmax(la.float(), tau=routing.tau, hard=True, dim=-1)[..., 0]
@@ -176,11 +180,9 @@ def _routed_forward(layer, routers: LayerRouters, routing: Routing):
         routing.tokens += n
         routing.skipped["attention"] += n - kept[0]
         routing.skipped["mlp"] += n - kept[1]
-        if kept[0] or attn_kw.get("cache") is not None:  # no query runs and nothing is cached: nothing to do
+        if kept[0] or cache is not None:  # no query runs and nothing is cached: nothing to do
             x = attention_part(layer, x, keep[..., 0], attn_kw, kept[0], n)
         return mlp_part(layer, x, keep[..., 1], kept[1] == n) if kept[1] else x
-
-    return forward
 
 
 def mlp_part(layer, x: torch.Tensor, keep: torch.Tensor, every: bool) -> torch.Tensor:
