@@ -243,6 +243,10 @@ def test_bad_input_is_one_line_exit_2_and_nothing_written(trained, tmp_path, par
 
 def test_a_skipgpt_checkpoint_without_its_router_file_is_refused(trained, tmp_path):
     root, _ = trained
+    path = tmp_path / "again.yaml"  # and one with its routers is not slimmed again (its output would lose them)
+    path.write_text(yaml.safe_dump(recipe(root, method="magnitude") | {"model": str(root / "out"), "evaluate": None}))
+    res = cli("slim", path, tmp_path / "out", "-q")
+    assert res.exit_code == 2 and "a SkipGPT checkpoint" in res.output, res.output
     broken = tmp_path / "broken"
     shutil.copytree(root / "out", broken)
     (broken / ROUTERS_FILE).unlink()

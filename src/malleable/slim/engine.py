@@ -297,6 +297,9 @@ def load(recipe: SlimRecipe, tokenizer):
                        trust=Trust(recipe.trust_remote_code, recipe.allow_pickle))
     if hasattr(model, "peft_config"):
         raise InputError(f"{recipe.model}: a PEFT adapter; slim a full checkpoint (merge the adapter first)")
+    if getattr(model, "_malleable_routing", None) is not None:
+        raise InputError(f"{recipe.model}: a SkipGPT checkpoint (routers beside the weights); slim the dense model "
+                         "it came from")
     return model
 
 
