@@ -257,3 +257,22 @@ def test_a_skipgpt_checkpoint_without_its_router_file_is_refused(trained, tmp_pa
     res = cli("slim", path, tmp_path / "out", "-q")
     assert res.exit_code == 2 and "is missing" in res.output and len(res.output.strip().splitlines()) == 1, res.output
     assert not (tmp_path / "out").exists()
+
+
+def test_temperature_and_curriculum_schedules_follow_the_authors():
+    from malleable.models.routed import Routing
+    from malleable.slim.registry import get_method
+    from malleable.slim.skipgpt import RouterStage
+
+    method = get_method("skipgpt", {"sparsity": 0.3, "steps": 10, "curriculum_every": 2})
+    stage = RouterStage(method, Routing(nn.ModuleList()))
+    seen = []
+    for step in range(10):
+        stage.step = step
+        stage.set_temperature()
+        seen.append((round(stage.routing.tau, 6), round(stage.target(), 6)))
+    # tau = 5 - 4 * step / steps (their per-optimiser-step linear anneal); keep target 1.0, 0.9, ... floored at 0.7
+    assert [t for t, _ in seen] == [round(5 - 0.4 * i, 6) for i in range(10)]
+    assert [k for _, k in seen] == [1.0, 1.0, 0.9, 0.9, 0.8, 0.8, 0.7, 0.7, 0.7, 0.7]
+    fixed = RouterStage(get_method("skipgpt", {"sparsity": 0.3}), Routing(nn.ModuleList()))
+    assert fixed.target() == pytest.approx(0.7)
