@@ -40,7 +40,7 @@ from slim_smollm2 import ratio_ci  # noqa: E402
 
 from malleable.api import slim  # noqa: E402
 from malleable.models.checkpoints import default_cache_dir, load_model, load_tokenizer  # noqa: E402
-from malleable.models.routed import routing_of  # noqa: E402
+from malleable.models.routed import attach, routing_of  # noqa: E402
 from malleable.models.smollm2 import smollm2_checkpoint  # noqa: E402
 
 CAL = {"source": "lee_background", "n_samples": 256, "seq_len": 128, "batch_size": 4}
@@ -48,10 +48,16 @@ CAL = {"source": "lee_background", "n_samples": 256, "seq_len": 128, "batch_size
 
 def configs(args) -> dict[str, tuple[str, dict]]:
     out = {"shortgpt-25": ("shortgpt", {"ratio": 0.25}),
-           "skipgpt-25": ("skipgpt", {"sparsity": 0.25, "steps": args.steps, "batch_size": args.batch})}
+           "skipgpt-25": ("skipgpt", {"sparsity": 0.25, "steps": 120, "batch_size": 4})}
+    skip = {"sparsity": 0.25, "steps": args.steps, "batch_size": args.batch, "lr": args.lr,
+            "curriculum_every": args.curriculum}
+    tag = ("" if args.lr == 2e-3 else f"-lr{args.lr:g}") + (f"-cur{args.curriculum}" if args.curriculum else "")
+    if tag or args.steps != 120 or args.batch != 4:
+        out[f"skipgpt-25{tag}"] = ("skipgpt", skip)
     if args.lora_steps:
-        out["skipgpt-25-lora"] = ("skipgpt", {"sparsity": 0.25, "steps": args.steps, "batch_size": args.batch,
-                                              "lora_steps": args.lora_steps})
+        out[f"skipgpt-25{tag}-lora"] = ("skipgpt", skip | {"lora_steps": args.lora_steps})
+    if args.only_lora:
+        out.pop(f"skipgpt-25{tag}", None)
     return out
 
 
@@ -80,6 +86,9 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--steps", type=int, default=120, help="SkipGPT stage-1 optimiser steps")
     ap.add_argument("--batch", type=int, default=4, help="SkipGPT windows per optimiser step")
+    ap.add_argument("--lr", type=float, default=2e-3, help="SkipGPT stage-1 learning rate (the authors': 2e-3)")
+    ap.add_argument("--only-lora", action="store_true", help="with --lora-steps: no run without stage 2")
+    ap.add_argument("--curriculum", type=int, default=0, help="SkipGPT curriculum_every (0: fixed target)")
     ap.add_argument("--lora-steps", type=int, default=0, help="SkipGPT stage-2 LoRA steps (0: none)")
     ap.add_argument("--repeats", type=int, default=7)
     ap.add_argument("--eval-windows", type=int, default=24)
@@ -102,8 +111,15 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     tok = load_tokenizer(base)
     models = {"dense": load_model(base, "causal_lm", tok.pad_token_id)}
-    for name in reports:
+    for name in list(reports):
         models[name] = load_model(work / name, "causal_lm", tok.pad_token_id)
+        if name.endswith("-lora"):  # its stage 1 alone: the same routers (frozen in stage 2) on the base weights
+            alone = name.removesuffix("-lora") + "-stage1"
+            models[alone] = load_model(base, "causal_lm", tok.pad_token_id)
+            attach(models[alone], work / name)
+            reports[alone] = {**reports[name], "routing": {k: v for k, v in reports[name]["routing"].items()
+                                                           if k != "budget"} | {"budget": {"stage1": reports[name][
+                                                               "routing"]["budget"]["stage1"]}}}
     windows = consecutive_windows(tok, "lee", 256, args.eval_windows)
     load_ppl = loadavg()
     nll, skip_eval = {}, {}
