@@ -2,9 +2,11 @@
 
 ```yaml
 model: path/to/checkpoint          # a local transformers checkpoint (a folder with config.json)
-method: wanda                      # magnitude, wanda, sparsegpt, shortgpt (`malleable methods`); may be left
-                                   # out when `kv` is given (eviction only: no weight changes)
+method: wanda                      # magnitude, wanda, sparsegpt, shortgpt, skipgpt (`malleable methods`); may
+                                   # be left out when `kv` is given (eviction only: no weight changes)
 parameters: {sparsity: 0.5, pattern: unstructured}   # the method's declared parameters (pattern 2:4, 4:8, ...)
+                                   # skipgpt: {sparsity: 0.25, steps: 200, lr: 2e-3, lora_steps: 0, ...}; its
+                                   # routers train on the calibration windows and ship beside the weights
 calibration:
   source: lee_background           # lee_background (gensim), lee (gensim), fortunes (Debian), or a .txt file
   n_samples: 32                    # windows of seq_len tokens drawn from the text with the seed

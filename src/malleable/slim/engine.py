@@ -32,7 +32,7 @@ from malleable.io.quiet import quiet_transformers
 from malleable.recipes.slim import KV, SlimRecipe
 from malleable.report import environment, peak_rss_mb, trusted, trusted_lines, write_report
 from malleable.slim.evict import EvictionPolicy, get_policy, n_kept
-from malleable.slim.registry import LayerRemover, SlimMethod, WeightPruner, get_method
+from malleable.slim.registry import LayerRemover, ModuleSkipper, SlimMethod, WeightPruner, get_method
 
 SCHEMA = "malleable.slim/1"
 UNSTRUCTURED_NOTE = ("Unstructured zeros are stored densely and multiplied densely: they save neither disk "
@@ -123,7 +123,7 @@ def check_fits(method: SlimMethod, model, chosen: dict[int, dict[str, torch.nn.L
                                       f"{lin.in_features} of {name}")
         if not any(chosen.values()):
             raise RecipeError("keep_dense: keeps every linear module of the decoder layers dense; nothing to prune")
-    else:
+    elif isinstance(method, LayerRemover):
         n = len(chosen)
         k = method.count(n)
         if k >= n:
@@ -301,6 +301,8 @@ def plan(recipe: SlimRecipe, method: SlimMethod | None = None) -> dict:
                 "module_names": [n for n, _ in modules],
                 "parameters_zeroed": sum(int(k * method.pattern.sparsity) for _, k in modules),
                 "bytes_saved": 0}
+    elif isinstance(method, ModuleSkipper):
+        out |= method.plan(model)
     else:
         per_layer = [sum(p.numel() for p in layer.parameters()) for layer in
                      model.get_submodule(decoder_path(model))]
@@ -315,6 +317,8 @@ def describe(p: dict) -> str:
     """The dry-run text."""
     lines = []
     head = f"slim {p['model']} with {p['method']} {json.dumps(p['parameters'])}: "
+    if "summary" in p:
+        return head + p["summary"]
     if "pattern" in p:
         lines.append(head + f"{p['pattern']} at sparsity {p['sparsity']:g} in {p['modules']} linear modules of "
                      f"{p['layers']} decoder layers (e.g. {', '.join(p['module_names'][:3])}); about "
@@ -343,6 +347,9 @@ def load(recipe: SlimRecipe, tokenizer):
                        trust=Trust(recipe.trust_remote_code, recipe.allow_pickle))
     if hasattr(model, "peft_config"):
         raise InputError(f"{recipe.model}: a PEFT adapter; slim a full checkpoint (merge the adapter first)")
+    if getattr(model, "_malleable_routing", None) is not None:
+        raise InputError(f"{recipe.model}: a SkipGPT checkpoint (routers beside the weights); slim the dense model "
+                         "it came from")
     return model
 
 
@@ -408,6 +415,8 @@ def slim(recipe: SlimRecipe, out: str | Path, force: bool = False, progress: boo
                             "achieved_sparsity": zeros / size, "modules": len(rows), "zeros": zeros,
                             "min_module_sparsity": min(r["sparsity"] for r in rows),
                             "max_module_sparsity": max(r["sparsity"] for r in rows)}
+    elif isinstance(method, ModuleSkipper):
+        result["routing"] = method.train(model, windows, c, recipe.seed, progress)
     else:
         scores = layer_influence(method, model, windows, c.batch_size, progress)
         k = method.count(len(scores))
@@ -425,11 +434,15 @@ def slim(recipe: SlimRecipe, out: str | Path, force: bool = False, progress: boo
         with quiet_transformers():
             model.to(dtype).save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
+        if isinstance(method, ModuleSkipper):
+            method.write(model, tmp)
         model.float()
         report["bytes"] = {"dense": weight_bytes(checkpoint_base(recipe.model)[0]), "slim": weight_bytes(tmp)}
         t = time.perf_counter()
         if recipe.evaluate is not None:
             report["evaluation"] = evaluate(dense, model, tokenizer, recipe, held_out, task_records)
+            if isinstance(method, ModuleSkipper):
+                report["routing"] |= method.finish(model)
         seconds["evaluate"] = round(time.perf_counter() - t, 3)
         if recipe.kv is not None:
             t = time.perf_counter()
@@ -582,6 +595,10 @@ def markdown(report: dict) -> str:
                   f"{p['min_module_sparsity']:.4f}..{p['max_module_sparsity']:.4f})",
                   f"- kept dense: {', '.join(r['keep_dense'])} and everything outside the decoder layers", "",
                   UNSTRUCTURED_NOTE if p["pattern"] == "unstructured" else NM_NOTE]
+    elif "routing" in report:
+        from malleable.slim.skipgpt import routing_lines
+
+        lines += routing_lines(report["routing"], report["parameters"])
     else:
         lay = report["layers"]
         lines += [f"- removed decoder layers {lay['removed']} of {lay['of']} (lowest Block Influence); "
