@@ -110,25 +110,24 @@ def _logits(model, ids, pairs):
     return torch.stack([torch.stack([f["q"][h, i] @ f["k"][g[h], j] for i, j in pairs]) for h in range(heads)])
 
 
-@pytest.mark.parametrize("mapping", ["ours", "authors"])
-def test_gqa_constraints_reach_the_kv_head_each_query_head_reads(work, mapping, monkeypatch):
+@pytest.mark.parametrize("proj, mapping", [("k", "ours"), ("k", "authors"), ("q", "ours")])
+def test_gqa_constraints_reach_the_kv_head_each_query_head_reads(work, proj, mapping, monkeypatch):
     from transformers import AutoModelForCausalLM
 
     tok = tokenizer()
     spec = type("Spec", (), {"text_field": "text", "max_length": 64})
     samples = ns.reasoning_samples(work / "reasoning.jsonl", tok, spec, P, random.Random(0))
     model = AutoModelForCausalLM.from_pretrained(work / "reasoning", attn_implementation="eager").eval()
-    kv = TINY["num_key_value_heads"]
     with monkeypatch.context() as m:
         if mapping == "authors":  # query head h constrains KV head h % kv (their code)
             m.setattr(ns, "kv_head", lambda h, heads, kv: h % kv)
-        rows = ns.layer_rows(model, samples, [0], P, "k", seed=0)[0]
-    w = model.model.layers[0].self_attn.k_proj.weight
+        rows = ns.layer_rows(model, samples, [0], P, proj, seed=0)[0]
+    w = model.model.layers[0].self_attn.get_submodule(f"{proj}_proj").weight
     hd = model.model.layers[0].self_attn.head_dim
     tau = torch.randn(w.shape, generator=torch.Generator().manual_seed(3)) * 0.1
     projected = tau.clone()
-    for g in range(kv):
-        projected[g * hd:(g + 1) * hd], _, _ = ns.project(tau[g * hd:(g + 1) * hd], rows[f"k.{g}"], 1e-4)
+    for g in range(w.shape[0] // hd):  # KV heads for k, query heads for q
+        projected[g * hd:(g + 1) * hd], _, _ = ns.project(tau[g * hd:(g + 1) * hd], rows[f"{proj}.{g}"], 1e-4)
     s = samples[0]
     before = _logits(model, s.ids, s.pairs[:8])
     with torch.no_grad():

@@ -241,9 +241,9 @@ class Rows:
     v: list[torch.Tensor] = field(default_factory=list)
     s: list[float] = field(default_factory=list)
 
-    def add(self, u: torch.Tensor, v: torch.Tensor, s: float) -> None:
-        self.u.append(u.double())
-        self.v.append(v.double())
+    def add(self, u: torch.Tensor, v: torch.Tensor, s: float) -> None:  # copies: a view would keep its features
+        self.u.append(u.detach().to(torch.float32, copy=True))
+        self.v.append(v.detach().to(torch.float32, copy=True))
         self.s.append(s)
 
     def __len__(self) -> int:
@@ -329,8 +329,8 @@ def project(tau: torch.Tensor, rows: Rows | None, lam: float) -> tuple[torch.Ten
     if rows is None or not len(rows):
         return tau, 0.0, 0.0
     t = tau.double()
-    U = torch.stack(rows.u) * torch.tensor(rows.s, dtype=torch.float64).unsqueeze(1)
-    V = torch.stack(rows.v)
+    U = torch.stack(rows.u).double() * torch.tensor(rows.s, dtype=torch.float64).unsqueeze(1)
+    V = torch.stack(rows.v).double()
     a = ((U @ t) * V).sum(1)
     gram = (U @ U.T) * (V @ V.T)
     gram.diagonal().add_(lam)
