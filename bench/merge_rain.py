@@ -11,9 +11,9 @@ Per seed (the generated data, LoRA initialisation and data order follow it):
 * Merges of the reasoning model with the instruction model (base: SmolLM2): task arithmetic (reasoning +
   (instruction - base)), TIES (density 0.5, both task vectors), RAIN null-space projection only (rain with
   coefficients: false, alpha 1) and full RAIN (the authors' defaults; every layer). RAIN's calibration sets
-  are held-out generated texts: CALIB reasoning texts, CALIB instruction texts whose constraint sentence is the
+  are held-out generated texts (`calib` of each, sizes in the results): reasoning texts, instruction texts whose constraint sentence is the
   instruction span, the response its related span and the task sentence the unrelated span.
-* Held-out evaluation, greedy decoding (max MAX_NEW tokens): (A) arithmetic + a constraint (capital letters,
+* Held-out evaluation, greedy decoding (`max_new` tokens at most): (A) arithmetic + a constraint (capital letters,
   ends with a phrase, JSON), (B) plain arithmetic. Metrics: thinking-format validity (exactly one
   <think>...</think> block first, then a non-empty answer), constraint compliance (programmatic, IFEval-style,
   on the text after </think> or the whole output without one), answer accuracy (the right number in the
@@ -260,7 +260,7 @@ def wilson(xs: list[int]) -> tuple[float, float, float]:
     p = k / n
     c = (p + z * z / (2 * n)) / (1 + z * z / n)
     h = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
-    return p, c - h, c + h
+    return p, max(0.0, c - h), min(1.0, c + h)
 
 
 def paired_diff(a: list[int], b: list[int], seed: int = 0, n: int = 2000) -> tuple[float, float, float]:
@@ -341,9 +341,14 @@ def main() -> None:
     seeds = [int(s) for s in args.seeds.split(",")]
     load0, t = loadavg(), time.perf_counter()
     runs = []
-    for seed in seeds:
+    for seed in seeds:  # a finished seed's results are kept beside its models and reused
         root = CACHE / ("smoke" if args.smoke else "runs") / f"seed{seed}"
+        done = root / "run.json"
+        if done.is_file() and json.loads(done.read_text()).get("sizes") == sz:
+            runs.append(json.loads(done.read_text())["run"])
+            continue
         runs.append(run_seed(seed, sz, root))
+        done.write_text(json.dumps({"sizes": sz, "run": runs[-1]}))
     summary, table = summarise(runs)
     data = {"machine": machine(), "loadavg_before": load0, "loadavg_after": loadavg(),
             "wall_s": round(time.perf_counter() - t, 1), "seeds": seeds, "sizes": sz, "runs": runs, **summary}

@@ -11,7 +11,7 @@ Recipe: `base` is the common base, `inputs[0]` the reasoning model, `inputs[1]` 
    and their neighbourhoods (`radius` tokens after the opening marker and before the closing one). Constraint
    rows: Q/K, the attention logits between a boundary and its neighbours (`q_rows`, `k_rows` pairs a text);
    V/O, the head's output at `v_rows` / `o_rows` positions read along `readout_dirs` random unit directions;
-   gate/up/down, the projections at `ffn_rows` positions along random directions. Each rows' scale is the
+   gate/up/down, the projections at `ffn_rows` positions along random directions. Each row's scale is the
    authors' (1/sqrt(head_dim), 1/sqrt(d_ff)). tau' = tau - A^T (A A^T + lambda I)^-1 A tau (Cholesky), and the
    report gives ||A tau'|| / ||A tau|| per module block.
 2. Coefficients (the authors' two-pass variant). On the instruction calibration set, per head, the attention
@@ -44,6 +44,7 @@ Where ours differs from the authors' code, and why:
 * The down projection's task vector is added in pass 2 too (the authors' pass 2 looks it up under a key their
   stage 1 never writes, so it is left out there).
 * The authors' per-row weights w_q ... w_ffn (all 1 in their scripts) are not exposed.
+* Every layer by default (`layers_tail: 0`); the authors' script takes the last 27 of Qwen2.5-7B's 28.
 Note, kept as the authors compute it: with causal attention, instruction tokens in the prompt give no
 attention to response tokens, so a and u count only the spans that occur in or before the prompt.
 """
