@@ -52,6 +52,7 @@ attention to response tokens, so a and u count only the spans that occur in or b
 from __future__ import annotations
 
 import json
+import math
 import random
 import time
 
@@ -210,6 +211,11 @@ def describe(plan) -> list[str]:
     if p["coefficients"]:
         lines.append(f"instruction calibration: {len(ns.instruction_samples(r.data.validation, tokenizer, r.data))} "
                      "texts (two passes)")
+    meta = plan.models[0].meta
+    model = sum(math.prod(m.shape) for m in meta.values())
+    taus = sum(math.prod(meta[f"model.layers.{li}.{path}.weight"].shape) for li in layers for path in ns.PROJ.values())
+    lines.append(f"rain holds the reasoning model in float32 and tau' of the chosen layers, about "
+                 f"{4 * (model + taus) / 1e6:.0f} MB, plus the constraint rows (not the streaming estimate above)")
     return lines
 
 
