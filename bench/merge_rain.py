@@ -336,6 +336,7 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--seeds", default="0")
     ap.add_argument("--smoke", action="store_true")
+    ap.add_argument("--note", default="", help="a line for the results (e.g. the load while cached seeds ran)")
     args = ap.parse_args()
     sz = SMOKE if args.smoke else SIZES
     seeds = [int(s) for s in args.seeds.split(",")]
@@ -351,7 +352,8 @@ def main() -> None:
         done.write_text(json.dumps({"sizes": sz, "run": runs[-1]}))
     summary, table = summarise(runs)
     data = {"machine": machine(), "loadavg_before": load0, "loadavg_after": loadavg(),
-            "wall_s": round(time.perf_counter() - t, 1), "seeds": seeds, "sizes": sz, "runs": runs, **summary}
+            "wall_s": round(time.perf_counter() - t, 1), "seeds": seeds, "sizes": sz, "runs": runs, "note": args.note,
+            **summary}
     print(table)
     if args.smoke:
         return
@@ -360,7 +362,8 @@ def main() -> None:
         "# merge_rain: RAIN-Merging on SmolLM2-135M-Instruct", "",
         __doc__.split("\n\n    python")[0], "",
         f"Seeds {seeds}; sizes {json.dumps(sz)}; machine {data['machine']['cpu']} ({data['machine']['cores']} cores), "
-        f"load average before {load0}, after {data['loadavg_after']}; wall {data['wall_s']} s.", "",
+        f"load average before {load0}, after {data['loadavg_after']}; wall {data['wall_s']} s (this invocation; "
+        f"seeds whose results were cached ran earlier: per seed train_s / eval_s in the .json). {args.note}", "",
         "A: arithmetic + a constraint (capital letters / ends with a phrase / JSON, in turn); B: plain arithmetic. "
         "Rates with Wilson 95% CIs, prompts pooled over seeds.", "", table, "",
         "RAIN: max ||A tau'|| / ||A tau|| per seed " + ", ".join(f"{x['residual_ratio_max']:.2e}" for x in rain)
