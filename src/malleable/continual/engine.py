@@ -188,7 +188,7 @@ def continual(recipe: ContinualRecipe, out: str | Path, *, force: bool = False, 
                                      unit="batch", dynamic_ncols=True, leave=False)):
             incoming = {"x": torch.stack([examples[i][0] for i in idx]),
                         "labels": torch.tensor([examples[i][1] for i in idx])}
-            replay = buffer.sample(t.replay_batch_size) if method.replay else None
+            replay = method.retrieve(model, incoming, buffer, t.replay_batch_size, t.lr) if method.replay else None
             batch = {name: None if part is None else {n: v.to(device) for n, v in part.items()}
                      for name, part in (("stream", incoming), ("replay", replay))}
             loss, _ = optimizer_step(method, model, optimizer, params, [batch], 1, accelerator, None)
