@@ -112,7 +112,7 @@ def main() -> None:
             matrix.append(scores(model, tests))
     json.dump({"accuracy_matrix": matrix, "train_seconds": round(train_seconds, 2),
                "wall_s": round(time.perf_counter() - START, 2), "peak_rss_mb": vm_hwm_mb(),
-               "versions": {"avalanche": avalanche.__version__, "torch": torch.__version__}}, sys.stdout)
+               "threads": torch.get_num_threads(), "versions": {"avalanche": avalanche.__version__, "torch": torch.__version__}}, sys.stdout)
 
 
 if __name__ == "__main__":

@@ -76,6 +76,8 @@ def stream_job(seed: int, max_per_class: int | None, test_per_class: int | None)
 def run_malleable(job: dict) -> dict:
     """--worker: one `malleable continual` run in this process; JSON on stdout."""
     start = time.perf_counter()
+    import torch
+
     from malleable.continual.engine import continual
     from malleable.recipes.continual import parse_continual_recipe
     from malleable.report import peak_rss_mb
@@ -87,7 +89,8 @@ def run_malleable(job: dict) -> dict:
                                      "training": {k: v for k, v in training.items() if v is not None}})
     report = continual(recipe, job["out"], force=True, progress=False)
     return {"accuracy_matrix": report["accuracy_matrix"], "train_seconds": report["train_seconds"],
-            "wall_s": round(time.perf_counter() - start, 2), "peak_rss_mb": peak_rss_mb()}
+            "wall_s": round(time.perf_counter() - start, 2), "peak_rss_mb": peak_rss_mb(),
+            "threads": torch.get_num_threads()}
 
 
 def run_one(tool: str, method: str, buffer: int | None, seed: int, args) -> dict:
@@ -102,7 +105,8 @@ def run_one(tool: str, method: str, buffer: int | None, seed: int, args) -> dict
     else:
         cmd = [str(AVALANCHE_PY), str(HERE / "_avalanche_worker.py")]
         job["tasks"] = stream_job(seed, args.max_per_class, args.test_per_class)
-    env = dict(os.environ, PYTHONPATH=str(HERE.parent / "src"), PYTHONWARNINGS="ignore")
+    env = dict(os.environ, PYTHONPATH=str(HERE.parent / "src"), PYTHONWARNINGS="ignore",
+               OMP_NUM_THREADS=str(args.threads), MKL_NUM_THREADS=str(args.threads))
     load = loadavg()
     out = subprocess.run(cmd, input=json.dumps(job), capture_output=True, text=True, env=env)
     if tool == "malleable":
@@ -179,7 +183,8 @@ def markdown(data: dict) -> str:
     lines = [f"# malleable vs Avalanche {data['avalanche_version']}: online split Fashion-MNIST"
              + (" (partial)" if data["partial"] else ""), "",
              f"5 tasks of 2 classes, {stream}, one pass, batch {s['batch_size']} + {s['batch_size']} replayed, SGD lr "
-             f"{s['lr']}, small_cnn (width 16) with the same initial weights in both tools, scored on {tests}. Seeds "
+             f"{s['lr']}, small_cnn (width 16) with the same initial weights in both tools, scored on {tests}; "
+             f"{s['threads']} torch thread(s) per run in both tools. Seeds "
              f"{s['seeds']}; runs interleaved (seed outer, the two tools alternately); every run its own process. "
              "Mean and 95% t-interval over seeds; accuracy in %.", "",
              "| arm | final avg. accuracy | forgetting | train s (median) | wall s (median) | peak RSS MB (median) | seeds |",
@@ -224,16 +229,15 @@ def main() -> None:
     p.add_argument("--lr", type=float, default=0.03)
     p.add_argument("--max-per-class", type=int, default=None)
     p.add_argument("--test-per-class", type=int, default=None)
-    p.add_argument("--threads", type=int, default=None, help="torch threads in Avalanche's worker (default: as ours)")
+    p.add_argument("--threads", type=int, default=1,
+                   help="torch threads of every run, both tools (default 1: on a loaded 2-core machine two threads "
+                        "spin-wait for each other; measured 35x slower for our ER at load 11)")
     p.add_argument("--work", type=Path, default=Path("/work/bench-cache/continual_vs_avalanche"))
     p.add_argument("--out", type=Path, default=RESULTS_DIR)
     args = p.parse_args()
     if args.worker:
         json.dump(run_malleable(json.load(sys.stdin)), sys.stdout)
         return
-    import torch
-
-    args.threads = args.threads or torch.get_num_threads()
     check = subprocess.run([str(AVALANCHE_PY), str(HERE / "_avalanche_worker.py")], input='{"check": true}',
                            capture_output=True, text=True, env=dict(os.environ, PYTHONWARNINGS="ignore"))
     if check.returncode != 0:

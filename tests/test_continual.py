@@ -317,3 +317,30 @@ def test_the_python_api_takes_a_dict_or_a_file_and_never_writes_over_the_recipe(
         api.continual(path, path, force=True, progress=False)
     again = api.continual(path, tmp_path / "out", force=True, progress=False)
     assert again["accuracy_matrix"] == report["accuracy_matrix"]  # same recipe and seed, same run
+
+
+def test_blurry_stream_puts_m_percent_of_each_task_from_the_other_tasks_classes():
+    from malleable.continual.stream import blurred, load_tasks, stream_classes
+
+    labels = torch.arange(10).repeat_interleave(40)  # 40 images per class, class c at 40c .. 40c + 39
+    split = [[i for i in range(400) if labels[i] in (2 * t, 2 * t + 1)] for t in range(5)]
+    tasks = blurred(split, labels, 0.10, seed=3)
+    assert sorted(i for t in tasks for i in t) == list(range(400))  # every image exactly once
+    for t, task in enumerate(tasks):
+        own = [i for i in task if labels[i] in (2 * t, 2 * t + 1)]
+        assert len(task) == 80 and len(own) == 72  # 10% of the task from other tasks' classes
+        minor = torch.bincount(labels[[i for i in task if i not in own]], minlength=10)
+        assert minor[2 * t] == minor[2 * t + 1] == 0
+        assert sorted(minor.tolist()) == [0, 0] + [1] * 8  # 4 moved per class, one to each other task
+    assert tasks == blurred(split, labels, 0.10, seed=3) and tasks != blurred(split, labels, 0.10, seed=4)
+    assert blurred(split[:1], labels, 0.10, seed=3) == [split[0]]  # one task: nothing to blur with
+    # the scenario through the recipe: the same classes per step as the split stream, blurred training data
+    r = parse_continual_recipe({**recipe(), "stream": "blurry_digits"})
+    assert stream_classes(r) == [[0, 1], [2, 3], [4, 5], [6, 7], [8, 9]]
+    loaded, _, _ = load_tasks(r, stream_classes(r))
+    plain, _, _ = load_tasks(parse_continual_recipe({**recipe(), "stream": "split_digits"}), stream_classes(r))
+    assert sum(len(t.train) for t in loaded) == sum(len(t.train) for t in plain) == 300
+    assert all(torch.equal(torch.stack([x for x, _ in t.test]), torch.stack([x for x, _ in p.test]))
+               for t, p in zip(loaded, plain))
+    minor = [sum(y not in t.classes for _, y in t.train) for t in loaded]
+    assert sum(minor) == 30 and all(m > 0 for m in minor)  # 3 of each class's 30 moved to other tasks
