@@ -74,7 +74,8 @@ def plan(recipe: ContinualRecipe) -> str:
     t = recipe.training
     replay = f", replay {t.replay_batch_size} from a reservoir of {t.buffer_size}" if method.replay else ""
     return (f"continual {recipe.method} {json.dumps(method.p)} on {recipe.model} (width {recipe.width}), "
-            f"{recipe.dataset}: {len(steps)} steps " + " ".join(str(s) for s in steps)
+            f"{recipe.dataset}" + (f" ({recipe.stream})" if isinstance(recipe.stream, str) else "")
+            + f": {len(steps)} steps " + " ".join(str(s) for s in steps)
             + f"; batch {t.batch_size}{replay}; SGD lr {t.lr}; seed {recipe.seed}")
 
 
