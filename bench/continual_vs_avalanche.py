@@ -223,6 +223,10 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--worker", action="store_true", help="internal: run one malleable job from stdin")
     p.add_argument("--seeds", type=int, default=5)
+    p.add_argument("--seed-from", type=int, default=0, help="first seed (seeds seed-from .. seed-from + seeds - 1)")
+    p.add_argument("--name", default=NAME, help="results file name (bench/results/<name>.{json,md})")
+    p.add_argument("--merge", nargs="+", default=None, metavar="NAME",
+                   help="combine the runs of these results files (e.g. seeds run as separate processes) into --name")
     p.add_argument("--buffers", type=int, nargs="+", default=[200, 500])
     p.add_argument("--no-joint", action="store_true")
     p.add_argument("--batch-size", type=int, default=10)
@@ -238,18 +242,27 @@ def main() -> None:
     if args.worker:
         json.dump(run_malleable(json.load(sys.stdin)), sys.stdout)
         return
+    if args.merge:
+        parts = [json.loads((args.out / f"{n}.json").read_text()) for n in args.merge]
+        runs = [r for part in parts for r in part["runs"]]
+        settings = {**parts[0]["settings"], "seeds": sorted({r["seed"] for r in runs})}
+        data = {**parts[0], "settings": settings, "partial": any(part["partial"] for part in parts), "runs": runs,
+                "merged_from": args.merge, "summary": aggregate(runs, settings["buffers"])}
+        write_results(args.name, data, markdown(data), args.out)
+        return
     check = subprocess.run([str(AVALANCHE_PY), str(HERE / "_avalanche_worker.py")], input='{"check": true}',
                            capture_output=True, text=True, env=dict(os.environ, PYTHONWARNINGS="ignore"))
     if check.returncode != 0:
         raise SystemExit(f"Avalanche's virtualenv is not ready (bash bench/setup_avalanche.sh):\n{check.stderr[-2000:]}")
     versions = json.loads(check.stdout)
     args.work.mkdir(parents=True, exist_ok=True)
-    settings = {"seeds": list(range(args.seeds)), "buffers": args.buffers, "batch_size": args.batch_size,
+    seeds = list(range(args.seed_from, args.seed_from + args.seeds))
+    settings = {"seeds": seeds, "buffers": args.buffers, "batch_size": args.batch_size,
                 "lr": args.lr, "max_per_class": args.max_per_class, "test_per_class": args.test_per_class,
                 "threads": args.threads}
     runs: list[dict] = []
-    total = sum(len(plan(s, args.buffers, not args.no_joint)) for s in range(args.seeds))
-    for seed in range(args.seeds):
+    total = sum(len(plan(s, args.buffers, not args.no_joint)) for s in seeds)
+    for seed in seeds:
         for tool, method, buffer in plan(seed, args.buffers, not args.no_joint):
             runs.append(run_one(tool, method, buffer, seed, args))
             r = runs[-1]
@@ -259,7 +272,7 @@ def main() -> None:
             data = {"settings": settings, "partial": len(runs) < total, "avalanche_version": versions["avalanche"],
                     "machine": machine({"avalanche": versions["avalanche"]}), "runs": runs,
                     "summary": aggregate(runs, args.buffers)}
-            write_results(NAME, data, markdown(data), args.out)
+            write_results(args.name, data, markdown(data), args.out)
 
 
 if __name__ == "__main__":
