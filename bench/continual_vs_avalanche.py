@@ -229,6 +229,8 @@ def main() -> None:
                    help="combine the runs of these results files (e.g. seeds run as separate processes) into --name")
     p.add_argument("--buffers", type=int, nargs="+", default=[200, 500])
     p.add_argument("--no-joint", action="store_true")
+    p.add_argument("--skip", nargs="+", default=[], choices=OURS, help="leave these of our methods out")
+    p.add_argument("--resume", action="store_true", help="keep the runs already in the results file, run the rest")
     p.add_argument("--batch-size", type=int, default=10)
     p.add_argument("--lr", type=float, default=0.03)
     p.add_argument("--max-per-class", type=int, default=None)
@@ -259,20 +261,25 @@ def main() -> None:
     seeds = list(range(args.seed_from, args.seed_from + args.seeds))
     settings = {"seeds": seeds, "buffers": args.buffers, "batch_size": args.batch_size,
                 "lr": args.lr, "max_per_class": args.max_per_class, "test_per_class": args.test_per_class,
-                "threads": args.threads}
-    runs: list[dict] = []
-    total = sum(len(plan(s, args.buffers, not args.no_joint)) for s in seeds)
-    for seed in seeds:
-        for tool, method, buffer in plan(seed, args.buffers, not args.no_joint):
-            runs.append(run_one(tool, method, buffer, seed, args))
-            r = runs[-1]
-            print(f"[{len(runs)}/{total}] seed {seed} {label(tool, method, buffer)}: avg acc "
-                  f"{r['metrics']['average_accuracy']:.2f}, train {r['train_seconds']:.0f} s, wall {r['wall_s']:.0f} s, "
-                  f"load {r['loadavg_after'][0]}", flush=True)
-            data = {"settings": settings, "partial": len(runs) < total, "avalanche_version": versions["avalanche"],
-                    "machine": machine({"avalanche": versions["avalanche"]}), "runs": runs,
-                    "summary": aggregate(runs, args.buffers)}
-            write_results(args.name, data, markdown(data), args.out)
+                "threads": args.threads, "skipped": args.skip}
+    previous = args.out / f"{args.name}.json"
+    runs: list[dict] = json.loads(previous.read_text())["runs"] if args.resume and previous.is_file() else []
+    done = {(r["tool"], r["method"], r["buffer"], r["seed"]) for r in runs}
+    todo = [(seed, arm) for seed in seeds for arm in plan(seed, args.buffers, not args.no_joint)
+            if arm[1] not in args.skip]
+    total = len(todo)
+    for seed, (tool, method, buffer) in todo:
+        if (tool, method, buffer, seed) in done:
+            continue
+        runs.append(run_one(tool, method, buffer, seed, args))
+        r = runs[-1]
+        print(f"[{len(runs)}/{total}] seed {seed} {label(tool, method, buffer)}: avg acc "
+              f"{r['metrics']['average_accuracy']:.2f}, train {r['train_seconds']:.0f} s, wall {r['wall_s']:.0f} s, "
+              f"load {r['loadavg_after'][0]}", flush=True)
+        data = {"settings": settings, "partial": len(runs) < total, "avalanche_version": versions["avalanche"],
+                "machine": machine({"avalanche": versions["avalanche"]}), "runs": runs,
+                "summary": aggregate(runs, args.buffers)}
+        write_results(args.name, data, markdown(data), args.out)
 
 
 if __name__ == "__main__":
