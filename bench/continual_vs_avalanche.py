@@ -230,6 +230,8 @@ def main() -> None:
     p.add_argument("--buffers", type=int, nargs="+", default=[200, 500])
     p.add_argument("--no-joint", action="store_true")
     p.add_argument("--skip", nargs="+", default=[], choices=OURS, help="leave these of our methods out")
+    p.add_argument("--only", nargs="+", default=None, choices=PEERED + OURS + ("joint",),
+                   help="run only these methods' arms")
     p.add_argument("--resume", action="store_true", help="keep the runs already in the results file, run the rest")
     p.add_argument("--batch-size", type=int, default=10)
     p.add_argument("--lr", type=float, default=0.03)
@@ -266,7 +268,7 @@ def main() -> None:
     runs: list[dict] = json.loads(previous.read_text())["runs"] if args.resume and previous.is_file() else []
     done = {(r["tool"], r["method"], r["buffer"], r["seed"]) for r in runs}
     todo = [(seed, arm) for seed in seeds for arm in plan(seed, args.buffers, not args.no_joint)
-            if arm[1] not in args.skip]
+            if arm[1] not in args.skip and (args.only is None or arm[1] in args.only)]
     total = len(todo)
     for seed, (tool, method, buffer) in todo:
         if (tool, method, buffer, seed) in done:
