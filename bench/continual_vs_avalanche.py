@@ -210,6 +210,11 @@ def markdown(data: dict) -> str:
         lines += ["", "las and mir_las (ours) against the replay baselines, paired by seed (final average accuracy, "
                       "difference and 95% t-interval):", "", "| comparison | difference | seeds |", "|---|---|---|"]
         lines += [f"| {k} | {fmt(d['mean'])} [{fmt(d['lo'])}, {fmt(d['hi'])}] | {d['n']} |" for k, d in summ["ours"].items()]
+    if data.get("merged_from"):
+        skipped = sorted({m for part in data.get("part_settings", []) for m in part.get("skipped", [])})
+        lines += ["", f"Merged from {', '.join(data['merged_from'])}: seeds run as separate processes side by side "
+                      "(each interleaving its two tools as above); an arm's seed count is in the table"
+                      + (f"; {', '.join(skipped)} left out of some of them" if skipped else "") + "."]
     loads = [x for r in data["runs"] for x in (r["loadavg_before"][0], r["loadavg_after"][0])]
     m = data["machine"]
     lines += ["", f"Machine: {m['cpu']}, {m['cores']} cores, torch {m['versions']['torch']} (both tools), Avalanche "
@@ -251,7 +256,8 @@ def main() -> None:
         runs = [r for part in parts for r in part["runs"]]
         settings = {**parts[0]["settings"], "seeds": sorted({r["seed"] for r in runs})}
         data = {**parts[0], "settings": settings, "partial": any(part["partial"] for part in parts), "runs": runs,
-                "merged_from": args.merge, "summary": aggregate(runs, settings["buffers"])}
+                "merged_from": args.merge, "part_settings": [part["settings"] for part in parts],
+                "summary": aggregate(runs, settings["buffers"])}
         write_results(args.name, data, markdown(data), args.out)
         return
     check = subprocess.run([str(AVALANCHE_PY), str(HERE / "_avalanche_worker.py")], input='{"check": true}',
