@@ -4,9 +4,9 @@ SmolLM2-135M-Instruct (30 layers x 9 heads = 270 heads), sentiment contrast pair
 defaults (K = 48 of 1024 heads, alpha 15) land on a 135M model, and what `iti`'s defaults should be.
 
 Per seed: data.steering's sentiment pairs (the seed shuffles them; 80 training / 20 validation pairs of the 100),
-`malleable steer` with method iti once at the largest K (every layer's heads are candidates; the probes are fitted
-on 80% of the training pairs and ranked on the other 20%, as the authors; a smaller K keeps the first K heads of
-that ranking, which is what a fit at that K gives), then PrefOdds = L_neg - L_pos and UtilOdds on the
+ITI's fit (what `malleable steer` runs for method iti) once at the largest K (every layer's heads are candidates;
+the probes are fitted on 80% of the training pairs and ranked on the other 20%, as the authors; a smaller K keeps
+the first K heads of that ranking, which is what a fit at that K gives), then PrefOdds = L_neg - L_pos and UtilOdds on the
 20 validation pairs (whole-sequence NLLs, steer.sweep.pair_nll) through `steer.applied` at each alpha. Reported:
 per (K, alpha), the mean over seeds of the change from the unsteered model (alpha 0) of mean PrefOdds and mean
 UtilOdds, with a 95% t interval over seeds, and the share of validation pairs whose positive is the likelier.
@@ -49,57 +49,59 @@ def main() -> None:
     from malleable.evaluate.preference import pref_odds, util_odds
     from malleable.models.smollm2 import smollm2_checkpoint
     from malleable.recipes.steer import parse_steer_recipe
-    from malleable.steer import applied, load_artefact
-    from malleable.steer.engine import load, read_pairs, steer
+    from malleable.steer import applied
+    from malleable.steer.apply import decoder_layers
+    from malleable.steer.artefact import Artefact, model_identity
+    from malleable.steer.engine import load, read_pairs
     from malleable.steer.iti import head_count
+    from malleable.steer.registry import get_method
     from malleable.steer.sweep import pair_nll
 
     checkpoint = smollm2_checkpoint()
     load_before = loadavg()
     runs = []  # one per (seed, K): the chosen heads and the rows per alpha
-    model = tokenizer = None
     start = time.perf_counter()
+    recipe = parse_steer_recipe({"model": str(checkpoint), "method": "iti", "data": {"train": ".", "validation": "."}})
+    model, tokenizer = load(recipe)
     for seed in seeds:
         with tempfile.TemporaryDirectory() as tmp:
             files = write_contrast_pairs("sentiment", tmp, seed=seed, limit=args.limit)
-            val = read_pairs(files["validation"])
-            # one fit at the largest K: the top-K heads of a smaller K are its first K (the ranking, the directions
-            # and the stds do not depend on K), so each K's artefact keeps the first K heads' slices
-            recipe = parse_steer_recipe({"model": str(checkpoint), "method": "iti", "seed": seed,
-                                         "parameters": {"heads": max(ks)},
-                                         "data": {"train": str(files["train"]), "validation": str(files["validation"])}})
-            t = time.perf_counter()
-            report = steer(recipe, Path(tmp) / "iti", progress=False)
-            build_s = round(time.perf_counter() - t, 1)
-            if model is None:
-                model, tokenizer = load(recipe)
-            full = load_artefact(Path(tmp) / "iti")
-            ranked = [(c["layer"], c["head"]) for c in report["training"]["heads"]]
+            train, val = read_pairs(files["train"]), read_pairs(files["validation"])
+        # one fit at the largest K, every layer's heads candidates (ITI's own `fit`, what `malleable steer` runs,
+        # without the engine's residual-stream probes): the top-K heads of a smaller K are the first K of that
+        # ranking, and the directions and stds do not depend on K, so each K keeps the first K heads' slices
+        method = get_method("iti", {"heads": max(ks)})
+        t = time.perf_counter()
+        tensors, log = method.fit(model, tokenizer, train, list(range(len(decoder_layers(model)))), seed)
+        build_s = round(time.perf_counter() - t, 1)
+        full = Artefact(tensors, {"form": "head_offsets", "method": "iti", "model": model_identity(model),
+                                  "layers": sorted(tensors), "default_strength": 8.0})
+        ranked = [(c["layer"], c["head"]) for c in log["heads"]]
 
-            def score(artefact, a):
-                with applied(model, artefact, strength=a):
-                    l_pos, l_neg = pair_nll(model, tokenizer, val)
-                return {"alpha": a, "pref_odds": float(np.mean(pref_odds(l_pos, l_neg))),
-                        "util_odds": float(np.mean(util_odds(l_pos, l_neg))),
-                        "positive_preferred": float(np.mean(l_pos < l_neg))}
+        def score(artefact, a):
+            with applied(model, artefact, strength=a):
+                l_pos, l_neg = pair_nll(model, tokenizer, val)
+            return {"alpha": a, "pref_odds": float(np.mean(pref_odds(l_pos, l_neg))),
+                    "util_odds": float(np.mean(util_odds(l_pos, l_neg))),
+                    "positive_preferred": float(np.mean(l_pos < l_neg))}
 
-            base = score(full, 0.0)
-            for k in ks:
-                artefact = first_heads(full, ranked[:k], head_count(model))
-                rows = [base if a == 0 else score(artefact, a) for a in alphas]
-                runs.append({"seed": seed, "heads": k, "build_s": build_s,
-                             "chosen": [(c["layer"], c["head"], c["accuracy"]) for c in report["training"]["heads"][:k]],
-                             "rows": rows})
-                print(f"seed {seed} K {k}: swept ({build_s} s to fit K = {max(ks)})", flush=True)
-    summary = summarise(runs, ks, alphas, seeds)
-    ok = [s for s in summary if s["alpha"] > 0 and s["util"]["mean"] > -args.util_loss]
-    best = max(ok, key=lambda s: s["pref"]["mean"]) if ok else None
-    data = {"benchmark": NAME, "model": "SmolLM2-135M-Instruct", "seeds": seeds, "heads": ks, "alphas": alphas,
-            "pairs": {"train": args.limit - round(args.limit * 0.2), "validation": round(args.limit * 0.2)},
-            "rule": f"largest mean PrefOdds gain with mean UtilOdds loss < {args.util_loss} nats, alpha > 0",
-            "best": best, "summary": summary, "runs": runs, "wall_s": round(time.perf_counter() - start, 1),
-            "machine": machine(), "loadavg_before": load_before, "loadavg_after": loadavg()}
-    write_results(NAME, data, markdown(data))
+        base = score(full, 0.0)
+        for k in ks:
+            artefact = first_heads(full, ranked[:k], head_count(model))
+            rows = [base if a == 0 else score(artefact, a) for a in alphas]
+            runs.append({"seed": seed, "heads": k, "build_s": build_s,
+                         "chosen": [(c["layer"], c["head"], c["accuracy"]) for c in log["heads"][:k]], "rows": rows})
+            print(f"seed {seed} K {k}: swept ({build_s} s to fit K = {max(ks)})", flush=True)
+        done = sorted({r["seed"] for r in runs})  # written after every seed: a cut-short run keeps what it has
+        summary = summarise(runs, ks, alphas, done)
+        ok = [s for s in summary if s["alpha"] > 0 and s["util"]["mean"] > -args.util_loss]
+        best = max(ok, key=lambda s: s["pref"]["mean"]) if ok else None
+        data = {"benchmark": NAME, "model": "SmolLM2-135M-Instruct", "seeds": done, "heads": ks, "alphas": alphas,
+                "pairs": {"train": len(train), "validation": len(val)},
+                "rule": f"largest mean PrefOdds gain with mean UtilOdds loss < {args.util_loss} nats, alpha > 0",
+                "best": best, "summary": summary, "runs": runs, "wall_s": round(time.perf_counter() - start, 1),
+                "machine": machine(), "loadavg_before": load_before, "loadavg_after": loadavg()}
+        write_results(NAME, data, markdown(data))
 
 
 def first_heads(full, heads: list[tuple[int, int]], n_heads: int):

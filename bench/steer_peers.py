@@ -10,13 +10,13 @@ hidden_states' last entry is after the final norm), batch 16 for every tool, and
 - the mean difference: ours `caa` (read_position last) against steering-vectors' mean_aggregator;
 - the PCA vector: ours `pca_diff` against repeng's pca_diff (its default) and steering-vectors' pca_aggregator
   (an uncentred PCA of the +/- differences: a different formula, its cosine is reported, not expected to be 1).
-`ours` is the extraction itself (steer.engine.collect + the method's formula); `ours_steer` the whole
-`malleable steer` command, which also reads the validation pairs, fits a probe on every layer and writes the
-report. Reported per run: the process's wall time (start to exit, as the driver sees it), the extraction's own
+`ours` is the extraction itself (steer.engine.collect + the method's formula); with --with-steer also
+`ours_steer`, the whole `malleable steer` command, which also reads the validation pairs, fits a probe on every
+layer and writes the report. Reported per run: the process's wall time (start to exit, as the driver sees it), the extraction's own
 time, and the process's peak RSS (VmHWM from /proc/self/status at exit); medians over the repeats, and the
 ratios ours / peer per repeat (paired by repeat: median and range).
 
-Generation: one process per tool, batch 1, greedy, exactly --new-tokens tokens, the unsteered model and the
+Generation (after the first repeat): one process per tool, batch 1, greedy, exactly --new-tokens tokens, the unsteered model and the
 steered one (ours: also the baked checkpoint) interleaved over --rounds rounds after a warm-up, all steering the
 same vectors (ours' mean difference, layers --gen-layers, strength --strength). Tokens/s and the per-round ratio
 steered / unsteered, median.
@@ -45,11 +45,11 @@ from _common import fmt, loadavg, machine, thread_env, write_results  # noqa: E4
 
 NAME = "steer_peers"
 WORKER = HERE / "_steer_peers_worker.py"
-RUNS = [("ours", "mean"), ("sv", "mean"), ("ours", "pca"), ("repeng", "pca"), ("sv", "pca"),
-        ("ours_steer", "mean"), ("ours_steer", "pca")]
+RUNS = [("ours", "mean"), ("sv", "mean"), ("ours", "pca"), ("repeng", "pca"), ("sv", "pca")]
+STEER_RUNS = [("ours_steer", "mean"), ("ours_steer", "pca")]  # with --with-steer
 # (ours, peer) pairs compared: the vector each reads
-VERSUS = [("mean", "ours", "sv"), ("pca", "ours", "repeng"), ("pca", "ours", "sv"), ("mean", "ours_steer", "sv"),
-          ("pca", "ours_steer", "repeng")]
+VERSUS = [("mean", "ours", "sv"), ("pca", "ours", "repeng"), ("pca", "ours", "sv")]
+STEER_VERSUS = [("mean", "ours_steer", "sv"), ("pca", "ours_steer", "repeng")]
 PROMPT = "Review of the film:"
 
 
@@ -89,6 +89,7 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--skip-generation", action="store_true")
+    ap.add_argument("--with-steer", action="store_true", help="also time the whole `malleable steer` command")
     ap.add_argument("--threads", type=int, default=1, help="intra-op threads of every tool's process (the same for "
                     "all; 1 keeps a shared, oversubscribed machine from making the timings meaningless)")
     args = ap.parse_args()
@@ -106,11 +107,18 @@ def main() -> None:
     load_before = loadavg()
     runs: list[dict] = []
     vectors: dict[tuple[str, str], dict] = {}
+    generation: dict = {}
+    configs = RUNS + (STEER_RUNS if args.with_steer else [])
+    versus = VERSUS + (STEER_VERSUS if args.with_steer else [])
+    same = [("mean", "ours", "ours_steer"), ("pca", "ours", "ours_steer")] if args.with_steer else []
+    peers = {"repeng": _peer_version("repeng", peer_python),
+             "steering-vectors": _peer_version("steering-vectors", peer_python),
+             "transformers (peers)": _peer_version("transformers", peer_python)}
     with tempfile.TemporaryDirectory() as tmp:
         files = write_contrast_pairs("sentiment", tmp, seed=args.seed, limit=args.limit)
         n_train = sum(1 for _ in open(files["train"]))
         for r in range(args.repeats):
-            order = RUNS[r % len(RUNS):] + RUNS[:r % len(RUNS)]
+            order = configs[r % len(configs):] + configs[:r % len(configs)]
             for tool, method in order:
                 out = f"{tmp}/{tool}.{method}.{r}"
                 info = run_worker(tool, ["extract", method, checkpoint, tmp, layers, out], out, peer_python,
@@ -119,28 +127,24 @@ def main() -> None:
                 vectors.setdefault((tool, method), {int(k.split(".")[1]): v
                                                     for k, v in load_file(out + ".safetensors").items()})
                 print(f"repeat {r}: {tool} {method}: {info['process_wall_s']} s, {info['vmhwm_mb']} MB", flush=True)
-        generation = {}
-        if not args.skip_generation:
-            for tool in ("ours", "repeng", "sv"):
-                out = f"{tmp}/gen.{tool}"
-                generation[tool] = run_worker(tool, ["generate", f"{tmp}/ours.mean.0.safetensors", checkpoint, PROMPT,
-                                                     ",".join(map(str, span(args.gen_layers))), out,
-                                                     str(args.strength), str(args.new_tokens), str(args.rounds)],
-                                              out, peer_python, args.threads)
-                print(f"generation {tool}: {generation[tool]['tokens_per_s']}", flush=True)
-    cos = {f"{m}: {a} vs {b}": cosines(vectors[(a, m)], vectors[(b, m)])
-           for m, a, b in VERSUS + [("mean", "ours", "ours_steer"), ("pca", "ours", "ours_steer")]}
-    data = {"benchmark": NAME, "model": "SmolLM2-135M-Instruct", "pairs": {"train": n_train}, "seed": args.seed,
-            "layers": span(args.layers), "repeats": args.repeats, "threads": args.threads, "runs": runs,
-            "summary": summarise(runs), "ratios": ratios(runs), "cosine": cos,
-            "generation": generation_summary(generation), "generation_settings": {
-                "layers": span(args.gen_layers), "strength": args.strength, "new_tokens": args.new_tokens,
-                "rounds": args.rounds, "prompt": PROMPT, "batch": 1},
-            "machine": machine({"repeng": _peer_version("repeng", peer_python),
-                                "steering-vectors": _peer_version("steering-vectors", peer_python),
-                                "transformers (peers)": _peer_version("transformers", peer_python)}),
-            "loadavg_before": load_before, "loadavg_after": loadavg()}
-    write_results(NAME, data, markdown(data))
+            if r == 0 and not args.skip_generation:  # early, so that a run cut short still has it
+                for tool in ("ours", "repeng", "sv"):
+                    out = f"{tmp}/gen.{tool}"
+                    generation[tool] = run_worker(tool, ["generate", f"{tmp}/ours.mean.0.safetensors", checkpoint,
+                                                         PROMPT, ",".join(map(str, span(args.gen_layers))), out,
+                                                         str(args.strength), str(args.new_tokens), str(args.rounds)],
+                                                  out, peer_python, args.threads)
+                    print(f"generation {tool}: {generation[tool]['tokens_per_s']}", flush=True)
+            # written after every repeat: a run cut short keeps the repeats it finished
+            cos = {f"{m}: {a} vs {b}": cosines(vectors[(a, m)], vectors[(b, m)]) for m, a, b in versus + same}
+            data = {"benchmark": NAME, "model": "SmolLM2-135M-Instruct", "pairs": {"train": n_train},
+                    "seed": args.seed, "layers": span(args.layers), "repeats": r + 1, "threads": args.threads,
+                    "runs": runs, "summary": summarise(runs, configs), "ratios": ratios(runs, versus),
+                    "cosine": cos, "generation": generation_summary(generation), "generation_settings": {
+                        "layers": span(args.gen_layers), "strength": args.strength, "new_tokens": args.new_tokens,
+                        "rounds": args.rounds, "prompt": PROMPT, "batch": 1},
+                    "machine": machine(peers), "loadavg_before": load_before, "loadavg_after": loadavg()}
+            write_results(NAME, data, markdown(data))
 
 
 def _peer_version(dist: str, python: str) -> str | None:
@@ -152,20 +156,20 @@ def _peer_version(dist: str, python: str) -> str | None:
 KEYS = ("process_wall_s", "extract_s", "vmhwm_mb")
 
 
-def summarise(runs: list[dict]) -> dict:
+def summarise(runs: list[dict], configs: list[tuple[str, str]]) -> dict:
     out = {}
-    for tool, method in RUNS:
+    for tool, method in configs:
         mine = [r for r in runs if r["tool"] == tool and r["vector"] == method]
         out[f"{tool} {method}"] = {k: statistics.median(r[k] for r in mine) for k in KEYS} | {"n": len(mine)}
     return out
 
 
-def ratios(runs: list[dict]) -> dict:
+def ratios(runs: list[dict], versus: list[tuple[str, str, str]]) -> dict:
     """ours / peer per repeat (paired by repeat), for each compared pair and measure: median, min, max."""
     by = {(r["repeat"], r["tool"], r["vector"]): r for r in runs}
     repeats = sorted({r["repeat"] for r in runs})
     out = {}
-    for m, a, b in VERSUS:
+    for m, a, b in versus:
         out[f"{m}: {a} / {b}"] = {}
         for k in KEYS:
             xs = [by[(r, a, m)][k] / by[(r, b, m)][k] for r in repeats]
