@@ -32,10 +32,18 @@ def hf_model(model_dir: str):
     import torch
     from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
 
+    from transformers import AutoConfig
+
     cfg = json.load(open(f"{model_dir}/tokenizer_config.json"))
     tok = PreTrainedTokenizerFast(tokenizer_file=f"{model_dir}/tokenizer.json",
                                   **{k: cfg[k] for k in ("bos_token", "eos_token", "pad_token", "unk_token")})
-    model = AutoModelForCausalLM.from_pretrained(model_dir, torch_dtype=torch.float32).eval()
+    # transformers 5 writes rope_theta inside `rope_parameters`, which transformers 4 does not read (it would
+    # fall back to 10000 where SmolLM2 has 100000): hand it over, so that both sides run the same model
+    config = AutoConfig.from_pretrained(model_dir)
+    rope = json.load(open(f"{model_dir}/config.json")).get("rope_parameters") or {}
+    if "rope_theta" in rope:
+        config.rope_theta = rope["rope_theta"]
+    model = AutoModelForCausalLM.from_pretrained(model_dir, config=config, torch_dtype=torch.float32).eval()
     return model, tok
 
 

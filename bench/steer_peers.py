@@ -8,8 +8,11 @@ and their order rotated each repeat: load the checkpoint, read the last token of
 training pairs on decoder layers 0..28 (repeng's hidden_states[layer + 1]; the last layer is left out because
 hidden_states' last entry is after the final norm), batch 16 for every tool, and compute
 - the mean difference: ours `caa` (read_position last) against steering-vectors' mean_aggregator;
-- the PCA vector: ours `pca_diff` against repeng's pca_diff (its default) and steering-vectors' pca_aggregator
-  (an uncentred PCA of the +/- differences: a different formula, its cosine is reported, not expected to be 1).
+- the PCA vector: ours `pca_diff` against repeng's pca_diff (its default); with --with-sv-pca also
+  steering-vectors' pca_aggregator (an uncentred PCA of the +/- differences: a different formula, its cosine is
+  reported, not expected to be 1).
+The peers run transformers 4, which does not read the `rope_parameters` that transformers 5 writes into the
+checkpoint's config; the worker hands them rope_theta (100000 for SmolLM2), else they would run another model.
 `ours` is the extraction itself (steer.engine.collect + the method's formula); with --with-steer also
 `ours_steer`, the whole `malleable steer` command, which also reads the validation pairs, fits a probe on every
 layer and writes the report. Reported per run: the process's wall time (start to exit, as the driver sees it), the extraction's own
@@ -45,10 +48,12 @@ from _common import fmt, loadavg, machine, thread_env, write_results  # noqa: E4
 
 NAME = "steer_peers"
 WORKER = HERE / "_steer_peers_worker.py"
-RUNS = [("ours", "mean"), ("sv", "mean"), ("ours", "pca"), ("repeng", "pca"), ("sv", "pca")]
+RUNS = [("ours", "mean"), ("sv", "mean"), ("ours", "pca"), ("repeng", "pca")]
+SV_PCA_RUNS = [("sv", "pca")]  # with --with-sv-pca: another formula (uncentred PCA), its cosine for information
 STEER_RUNS = [("ours_steer", "mean"), ("ours_steer", "pca")]  # with --with-steer
 # (ours, peer) pairs compared: the vector each reads
-VERSUS = [("mean", "ours", "sv"), ("pca", "ours", "repeng"), ("pca", "ours", "sv")]
+VERSUS = [("mean", "ours", "sv"), ("pca", "ours", "repeng")]
+SV_PCA_VERSUS = [("pca", "ours", "sv")]
 STEER_VERSUS = [("mean", "ours_steer", "sv"), ("pca", "ours_steer", "repeng")]
 PROMPT = "Review of the film:"
 
@@ -81,15 +86,16 @@ def cosines(a: dict, b: dict) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--repeats", type=int, default=5)
-    ap.add_argument("--limit", type=int, default=100, help="pairs in all (a fifth held out for validation)")
+    ap.add_argument("--limit", type=int, default=40, help="pairs in all (a fifth held out for validation)")
     ap.add_argument("--layers", default="0-28")
     ap.add_argument("--gen-layers", default="10-19")
     ap.add_argument("--strength", type=float, default=2.0)
-    ap.add_argument("--new-tokens", type=int, default=24)
+    ap.add_argument("--new-tokens", type=int, default=16)
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--skip-generation", action="store_true")
     ap.add_argument("--with-steer", action="store_true", help="also time the whole `malleable steer` command")
+    ap.add_argument("--with-sv-pca", action="store_true", help="also steering-vectors' pca_aggregator")
     ap.add_argument("--threads", type=int, default=1, help="intra-op threads of every tool's process (the same for "
                     "all; 1 keeps a shared, oversubscribed machine from making the timings meaningless)")
     args = ap.parse_args()
@@ -108,8 +114,8 @@ def main() -> None:
     runs: list[dict] = []
     vectors: dict[tuple[str, str], dict] = {}
     generation: dict = {}
-    configs = RUNS + (STEER_RUNS if args.with_steer else [])
-    versus = VERSUS + (STEER_VERSUS if args.with_steer else [])
+    configs = RUNS + (SV_PCA_RUNS if args.with_sv_pca else []) + (STEER_RUNS if args.with_steer else [])
+    versus = VERSUS + (SV_PCA_VERSUS if args.with_sv_pca else []) + (STEER_VERSUS if args.with_steer else [])
     same = [("mean", "ours", "ours_steer"), ("pca", "ours", "ours_steer")] if args.with_steer else []
     peers = {"repeng": _peer_version("repeng", peer_python),
              "steering-vectors": _peer_version("steering-vectors", peer_python),
@@ -193,12 +199,13 @@ def generation_summary(gen: dict) -> dict:
 
 def markdown(d: dict) -> str:
     mc = d["machine"]
+    v = mc["versions"]
     lines = [f"# steer vs repeng and steering-vectors on {d['model']} (CPU)", "",
              f"{d['pairs']['train']} training sentiment pairs (data.steering, seed {d['seed']}); layers "
              f"{d['layers'][0]}..{d['layers'][-1]}, last token, batch 16, {d['threads']} thread(s) per process; "
              f"{d['repeats']} repeats, each tool in its own fresh process, interleaved with the order rotated per repeat. repeng "
-             f"{mc.get('repeng')}, steering-vectors {mc.get('steering-vectors')} (transformers "
-             f"{mc.get('transformers (peers)')}).", "",
+             f"{v.get('repeng')}, steering-vectors {v.get('steering-vectors')} (transformers "
+             f"{v.get('transformers (peers)')}; ours {v.get('transformers')}).", "",
              f"Machine: {mc.get('cpu', mc)}; load average {d['loadavg_before']} before, {d['loadavg_after']} after "
              "(the machine is shared: other jobs ran beside this one).", "",
              "## Extraction: medians over repeats", "",
