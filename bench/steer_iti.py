@@ -75,7 +75,7 @@ def main() -> None:
         tensors, log = method.fit(model, tokenizer, train, list(range(len(decoder_layers(model)))), seed)
         build_s = round(time.perf_counter() - t, 1)
         full = Artefact(tensors, {"form": "head_offsets", "method": "iti", "model": model_identity(model),
-                                  "layers": sorted(tensors), "default_strength": 8.0})
+                                  "layers": sorted(tensors), "default_strength": 4.0})
         ranked = [(c["layer"], c["head"]) for c in log["heads"]]
 
         def score(artefact, a):
@@ -96,7 +96,8 @@ def main() -> None:
         summary = summarise(runs, ks, alphas, done)
         ok = [s for s in summary if s["alpha"] > 0 and s["util"]["mean"] > -args.util_loss]
         best = max(ok, key=lambda s: s["pref"]["mean"]) if ok else None
-        data = {"benchmark": NAME, "model": "SmolLM2-135M-Instruct", "seeds": done, "heads": ks, "alphas": alphas,
+        data = {"benchmark": NAME, "model": "SmolLM2-135M-Instruct", "seeds": done, "seeds_planned": len(seeds),
+                "heads": ks, "alphas": alphas,
                 "pairs": {"train": len(train), "validation": len(val)},
                 "rule": f"largest mean PrefOdds gain with mean UtilOdds loss < {args.util_loss} nats, alpha > 0",
                 "best": best, "summary": summary, "runs": runs, "wall_s": round(time.perf_counter() - start, 1),
@@ -159,8 +160,9 @@ def markdown(d: dict) -> str:
     for r in d["runs"]:
         if r["heads"] == top:
             lines.append(f"- seed {r['seed']}: " + ", ".join(f"{la}.{h} ({a:.2f})" for la, h, a in r["chosen"]))
-    lines += ["", "Three seeds, one concept, 20 validation pairs per seed: a reading of where the strength scale "
-              "lies on this model, not a quality claim."]
+    lines += ["", f"{len(d['seeds'])} seed(s) of {d.get('seeds_planned', len(d['seeds']))} planned, one concept, "
+              f"{d['pairs']['validation']} validation pairs per seed: a reading of where the strength scale lies on "
+              "this model, not a quality claim."]
     return "\n".join(lines) + "\n"
 
 

@@ -74,7 +74,7 @@ def test_scaled_direction_is_the_std_along_the_unit_direction():
 def test_artefact_holds_the_mass_mean_of_the_chosen_heads(artefact, tiny_lm, data):
     a = load_artefact(artefact)
     cfg = a.config
-    assert a.form == "head_offsets" and cfg["module"] == "self_attn.o_proj" and cfg["default_strength"] == 8.0
+    assert a.form == "head_offsets" and cfg["module"] == "self_attn.o_proj" and cfg["default_strength"] == 4.0
     chosen = [(int(i), h) for i, hs in cfg["heads"].items() for h in hs]
     assert len(chosen) == 3 and sorted(a.vectors) == sorted({i for i, _ in chosen}) == cfg["layers"]
     report = json.loads((artefact / "report.json").read_text())
