@@ -223,8 +223,11 @@ def markdown(d: dict) -> str:
               "| vectors | min | median |", "|---|---|---|"]
     for key, c in d["cosine"].items():
         lines.append(f"| {key} | {c['min']:.6f} | {c['median']:.6f} |")
-    lines += ["", "steering-vectors' pca_aggregator is an uncentred PCA of the +/- pair differences; ours and "
-              "repeng's pca_diff centre the differences first, so that row measures two formulas, not one."]
+    if any("ours vs sv" in k and k.startswith("pca") for k in d["cosine"]):
+        lines += ["", "steering-vectors' pca_aggregator is an uncentred PCA of the +/- pair differences; ours and "
+                  "repeng's pca_diff centre the differences first, so that row measures two formulas, not one."]
+    if not d["generation"]:
+        lines += ["", "Generation throughput: not measured in this run (--skip-generation)."]
     if d["generation"]:
         g = d["generation_settings"]
         lines += ["", f"## Generation throughput (batch 1, greedy, {g['new_tokens']} new tokens, layers "
