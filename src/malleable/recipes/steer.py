@@ -13,8 +13,8 @@ layers: auto                       # a list of decoder-layer indices, or auto: t
 read_position: null                # null: the method's own (last token; CAA -2; ActAdd every position);
                                    # last, mean (over the completion's tokens), or a negative index
 intervene: null                    # null: the method's own (all positions; ActAdd the first ones); all, first
-strength: null                     # the artefact's default strength; null: 1, or for unit-norm directions the
-                                   # pairs' mean separation along the direction
+strength: null                     # the artefact's default strength; null: 1, for unit-norm directions the
+                                   # pairs' mean separation along the direction, for iti its alpha
 batch_size: 16
 generation: {prompts: null, max_new_tokens: 20}   # samples at each --strengths value (default: validation prompts)
 ```
