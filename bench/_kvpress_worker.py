@@ -2,13 +2,16 @@
 JSON job on stdin (a policy, a ratio, the context and continuation token ids), kvpress's own press compresses the
 context's prefill, and the worker reports which positions each layer and KV head kept (found by matching the
 compressed keys to the uncompressed ones) and the continuation's logits-derived NLL, decoded one token at a time
-at the original positions as bench/slim_kv.py decodes ours. Writes JSON to stdout."""
+at the original positions as bench/slim_kv.py decodes ours. A case with a `decode_interval` also compresses while
+decoding (kvpress's PrefillDecodingPress over a DecodingPress of the same scorer, back to the prefill's kept count
+every `decode_interval` steps) and reports layer 0's positions at the end (layer 0's keys depend only on the token
+and its position, so they match the full cache's). Writes JSON to stdout."""
 
 import json
 import sys
 
 import torch
-from kvpress import KnormPress, SnapKVPress, StreamingLLMPress
+from kvpress import DecodingPress, KnormPress, PrefillDecodingPress, SnapKVPress, StreamingLLMPress
 from transformers import AutoModelForCausalLM, DynamicCache
 
 PRESSES = {"streaming_llm": lambda r, p: StreamingLLMPress(compression_ratio=r, **p),
@@ -37,16 +40,26 @@ def main() -> None:
             full = DynamicCache()
             model(context, past_key_values=full, use_cache=True)
             cache = DynamicCache()
-            with PRESSES[case["policy"]](case["ratio"], case.get("parameters", {}))(model):
+            press = PRESSES[case["policy"]](case["ratio"], case.get("parameters", {}))
+            if case.get("decode_interval"):
+                press = PrefillDecodingPress(press, DecodingPress(
+                    PRESSES[case["policy"]](0.0, case.get("parameters", {})),
+                    compression_interval=case["decode_interval"], target_size=case["target"]))
+            with press(model):
                 out = model(context, past_key_values=cache, use_cache=True)
-            kept = [kept_positions(full.layers[i].keys, cache.layers[i].keys) for i in range(len(cache.layers))]
-            logits, position = [out.logits[:, -1]], context.shape[1]
-            for i in range(continuation.shape[1] - 1):
-                step = model(continuation[:, i:i + 1], past_key_values=cache, use_cache=True,
-                             position_ids=torch.tensor([[position + i]]))
-                logits.append(step.logits[:, -1])
+                kept = [kept_positions(full.layers[i].keys, cache.layers[i].keys) for i in range(len(cache.layers))]
+                logits, position = [out.logits[:, -1]], context.shape[1]
+                for i in range(continuation.shape[1] - 1):
+                    step = model(continuation[:, i:i + 1], past_key_values=cache, use_cache=True,
+                                 position_ids=torch.tensor([[position + i]]))
+                    logits.append(step.logits[:, -1])
             nll = torch.nn.functional.cross_entropy(torch.cat(logits).float(), continuation[0])
-        results.append({"kept": kept, "nll": float(nll)})
+            result = {"kept": kept, "nll": float(nll)}
+            if case.get("decode_interval"):
+                whole = DynamicCache()
+                model(torch.cat([context, continuation[:, :-1]], dim=1), past_key_values=whole, use_cache=True)
+                result["final_layer0"] = kept_positions(whole.layers[0].keys, cache.layers[0].keys)
+        results.append(result)
     json.dump({"results": results}, sys.stdout)
 
 

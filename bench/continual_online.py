@@ -12,7 +12,8 @@ t-interval over seeds of the final average accuracy, forgetting, average increme
 the paired differences LAS - ER and LAS - ER-ACE, and the median time of a run's training (evaluations apart). Results are
 written after every run (`--out`), so a run stopped early leaves what it measured, marked partial.
 
-Not in this benchmark (issue 18's later steps): the side-by-side with Avalanche (its own virtualenv) and mir_las.
+The side-by-side with Avalanche (its own virtualenv) is bench/continual_vs_avalanche.py; mir and mir_las run here
+with --methods.
 """
 
 from __future__ import annotations
@@ -38,7 +39,7 @@ METRICS = ("average_accuracy", "forgetting", "average_incremental_accuracy", "pl
 def arms(buffers: list[int], methods: list[str]) -> list[tuple[str, int | None]]:
     out = []
     for m in methods:
-        out += [(m, b) for b in buffers] if m in ("er", "er_ace", "las") else [(m, None)]
+        out += [(m, b) for b in buffers] if m in ("er", "er_ace", "las", "mir", "mir_las") else [(m, None)]
     return out
 
 
@@ -124,7 +125,7 @@ def markdown(data: dict) -> str:
                   f"{m['malleable_git']}; 1-minute load average during the runs {min(loads):.1f} to {max(loads):.1f} "
                   "(the machine is shared: wall times are indicative only). Total "
                   f"{sum(r['wall_s'] for r in data['runs']) / 60:.1f} min for {len(data['runs'])} runs.",
-              "", "Not in this run: the Avalanche side-by-side (own virtualenv; issue 18's next step) and mir_las."]
+              "", "The Avalanche side-by-side is bench/continual_vs_avalanche.py."]
     return "\n".join(lines)
 
 

@@ -36,7 +36,8 @@ from _common import RESULTS_DIR, loadavg, machine, write_results  # noqa: E402
 CONFIGS = {"wanda-50": ("wanda", {"sparsity": 0.5}, "0:0"), "wanda-2:4": ("wanda", {"pattern": "2:4"}, "2:4"),
            "sparsegpt-50": ("sparsegpt", {"sparsity": 0.5}, "0:0"),
            "sparsegpt-2:4": ("sparsegpt", {"pattern": "2:4"}, "2:4")}
-CALIBRATION = {"source": "lee_background", "n_samples": 16, "seq_len": 128, "batch_size": 8}
+CALIBRATION = {"source": "lee_background", "n_samples": 16, "seq_len": 128, "batch_size": 8,
+               "chat_template": "off"}  # plain windows: llm-compressor gets these same ids
 EVAL_SEQ, EVAL_WINDOWS = 128, 16
 VENV = Path(os.environ.get("LLMCOMPRESSOR_VENV", "/work/llmcompressor-venv"))
 WORK = Path(os.environ.get("MALLEABLE_BENCH_CACHE", "/work/bench-cache")) / "slim_vs_llmcompressor"

@@ -106,6 +106,48 @@ def test_las_prior_counts_include_replayed_labels_over_the_window():
     assert loss.item() == pytest.approx(F.cross_entropy(logits, torch.tensor([0, 1, 1, 4])).item(), rel=1e-6)
 
 
+def test_mir_las_at_tau_0_is_mir_bit_for_bit_and_retrieval_changes_las(tmp_path):
+    mir, mir_weights = run(tmp_path, "mir", method="mir", parameters={"subsample": 20})
+    tau0, tau0_weights = run(tmp_path, "mir_las0", method="mir_las", parameters={"subsample": 20, "tau": 0.0})
+    assert all(torch.equal(mir_weights[k], tau0_weights[k]) for k in mir_weights)
+    assert mir["accuracy_matrix"] == tau0["accuracy_matrix"]
+    _, mir_las_weights = run(tmp_path, "mir_las", method="mir_las", parameters={"subsample": 20})
+    _, las_weights = run(tmp_path, "las", method="las")  # the same loss, uniform retrieval: another run
+    assert not all(torch.equal(las_weights[k], mir_las_weights[k]) for k in las_weights)
+
+
+def test_mir_replays_the_stored_examples_whose_loss_the_virtual_step_raises_most():
+    # a linear model without bias: the virtual step on one incoming example e0 of class 0 moves W by
+    # -lr * (softmax - onehot) e0^T, so a stored example a * e0 of class 1 gains loss in proportion to a, and
+    # one of class 0 loses loss; both are computed here from that formula, independently of the method
+    torch.manual_seed(0)
+    model = torch.nn.Linear(3, 4, bias=False)
+    e0 = torch.tensor([[1.0, 0.0, 0.0]])
+    scale = torch.tensor([0.5, 3.0, -1.0, 2.0, 0.2, 1.0, 2.5, -2.0])
+    x = scale.view(-1, 1) * e0 + torch.tensor([0.0, 0.3, 0.0])  # the same second feature for all
+    y = torch.tensor([1, 1, 1, 0, 1, 0, 1, 2])
+    buffer = Reservoir(8, 0)
+    buffer.add(x, y)
+    lr = 0.5
+    W = model.weight.detach()
+    grad = (torch.softmax(e0 @ W.T, 1) - F.one_hot(torch.tensor([0]), 4).float()).T @ e0
+    rise = (F.cross_entropy(x @ (W - lr * grad).T, y, reduction="none") - F.cross_entropy(x @ W.T, y, reduction="none"))
+    method = get_method("mir", {"subsample": 8})
+    method.setup(4)
+    picked = method.retrieve(model, {"x": e0, "labels": torch.tensor([0])}, buffer, 3, lr)
+    expected = torch.argsort(rise, descending=True)[:3]
+    assert rise[expected].min() > rise[[i for i in range(8) if i not in expected.tolist()]].max()  # a clear top 3
+    assert sorted(picked["x"][:, 0].tolist()) == sorted(scale[expected].tolist())
+    assert picked["labels"].tolist() == y[expected].tolist()  # largest rise first
+    assert model.weight.grad is None  # the virtual step leaves no gradient behind
+    assert set(scale[expected].tolist()) == {3.0, 2.5, 0.5}  # the class-1 examples furthest along +e0
+    # with a subsample of 2 only two of the stored examples are scored, and the better of those two is replayed
+    one = get_method("mir_las", {"subsample": 2}).retrieve(model, {"x": e0, "labels": torch.tensor([0])}, buffer, 1,
+                                                          lr)
+    assert len(one["labels"]) == 1
+    assert get_method("mir", {}).retrieve(model, {"x": e0, "labels": torch.tensor([0])}, Reservoir(4, 0), 3, lr) is None
+
+
 def test_er_ace_incoming_softmax_is_over_the_incoming_classes_only():
     method = get_method("er_ace", {})
     model = Fixed(6)
@@ -275,3 +317,30 @@ def test_the_python_api_takes_a_dict_or_a_file_and_never_writes_over_the_recipe(
         api.continual(path, path, force=True, progress=False)
     again = api.continual(path, tmp_path / "out", force=True, progress=False)
     assert again["accuracy_matrix"] == report["accuracy_matrix"]  # same recipe and seed, same run
+
+
+def test_blurry_stream_puts_m_percent_of_each_task_from_the_other_tasks_classes():
+    from malleable.continual.stream import blurred, load_tasks, stream_classes
+
+    labels = torch.arange(10).repeat_interleave(40)  # 40 images per class, class c at 40c .. 40c + 39
+    split = [[i for i in range(400) if labels[i] in (2 * t, 2 * t + 1)] for t in range(5)]
+    tasks = blurred(split, labels, 0.10, seed=3)
+    assert sorted(i for t in tasks for i in t) == list(range(400))  # every image exactly once
+    for t, task in enumerate(tasks):
+        own = [i for i in task if labels[i] in (2 * t, 2 * t + 1)]
+        assert len(task) == 80 and len(own) == 72  # 10% of the task from other tasks' classes
+        minor = torch.bincount(labels[[i for i in task if i not in own]], minlength=10)
+        assert minor[2 * t] == minor[2 * t + 1] == 0
+        assert sorted(minor.tolist()) == [0, 0] + [1] * 8  # 4 moved per class, one to each other task
+    assert tasks == blurred(split, labels, 0.10, seed=3) and tasks != blurred(split, labels, 0.10, seed=4)
+    assert blurred(split[:1], labels, 0.10, seed=3) == [split[0]]  # one task: nothing to blur with
+    # the scenario through the recipe: the same classes per step as the split stream, blurred training data
+    r = parse_continual_recipe({**recipe(), "stream": "blurry_digits"})
+    assert stream_classes(r) == [[0, 1], [2, 3], [4, 5], [6, 7], [8, 9]]
+    loaded, _, _ = load_tasks(r, stream_classes(r))
+    plain, _, _ = load_tasks(parse_continual_recipe({**recipe(), "stream": "split_digits"}), stream_classes(r))
+    assert sum(len(t.train) for t in loaded) == sum(len(t.train) for t in plain) == 300
+    assert all(torch.equal(torch.stack([x for x, _ in t.test]), torch.stack([x for x, _ in p.test]))
+               for t, p in zip(loaded, plain))
+    minor = [sum(y not in t.classes for _, y in t.train) for t in loaded]
+    assert sum(minor) == 30 and all(m > 0 for m in minor)  # 3 of each class's 30 moved to other tasks

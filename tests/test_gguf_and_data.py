@@ -73,6 +73,14 @@ def test_exact_match_normalisation():
     assert not is_match("The capital is Greece", "Greece")
 
 
+def test_mentions_finds_the_gold_word_in_a_sentence():
+    from malleable.evaluate.generation import mentions
+
+    assert mentions("Athens is the capital of Greece.", "Greece")
+    assert mentions("It is in New York, I think", "New York")
+    assert not mentions("The Greeks", "Greece") and not mentions("Yenisei river", "yen")
+
+
 def test_completion_loss_matches_a_per_example_reference():
     """Left-padded batch loss == mean token cross-entropy of each example run alone, completion tokens only."""
     from transformers import LlamaConfig, LlamaForCausalLM

@@ -16,10 +16,11 @@ from typer.testing import CliRunner
 
 from conftest import TINY, WORDS, tiny_tokenizer, tree_digest
 from malleable.cli import app
+from malleable.errors import RecipeError
 from malleable.recipes.slim import parse_slim_recipe
 from malleable.slim.engine import remove_layers, slim
 
-QUICK = {"source": None, "seq_len": 16, "max_windows": 4, "speed": False}
+QUICK = {"source": None, "seq_len": 16, "max_windows": 4, "speed": False, "tasks": None}
 
 
 def text(seed: int, n: int = 1500) -> str:
@@ -148,12 +149,12 @@ def hidden_pairs(model, ids):
 
 
 def test_shortgpt_block_influence_and_smaller_checkpoint(setup):
-    from malleable.data.corpus import random_windows
+    from malleable.data.corpus import chat_windows, random_windows
 
     report, w = run(setup, "short", method="shortgpt", parameters={"ratio": 0.5})
     lay = report["layers"]
     original = AutoModelForCausalLM.from_pretrained(setup / "model").eval()
-    ids = random_windows(tiny_tokenizer(), str(setup / "cal.txt"), 6, 24, 0)
+    ids = chat_windows(tiny_tokenizer(), random_windows(tiny_tokenizer(), str(setup / "cal.txt"), 6, 24, 0))
     pairs = hidden_pairs(original, ids)
     bi = [float(1 - torch.nn.functional.cosine_similarity(a.double(), b.double(), dim=-1).mean())
           for a, b in (pairs[i] for i in range(4))]
@@ -226,6 +227,7 @@ BAD = [
     ({"calibration": {"source": "nowhere"}}, "not a text source"),
     ({"evaluate": {"source": "CAL"}}, "evaluate.source"),
     ({"calibration": {"n_sample": 3}}, "calibration.n_sample: unknown key"),
+    ({"evaluate": {"tasks": ["capital-world", "capitals"]}}, "evaluate.tasks: unknown word relation 'capitals'"),
 ]
 
 
@@ -235,7 +237,7 @@ def test_bad_input_is_one_line_exit_2_and_nothing_written(setup, tmp_path, chang
     swap = {"EMPTY": str(setup / "empty.txt"), "SHORT": str(setup / "cal.txt"), "CAL": str(setup / "cal.txt")}
     for key, value in change.items():
         if isinstance(value, dict):
-            value = {k: swap.get(v, v) for k, v in value.items()}
+            value = {k: swap.get(v, v) if isinstance(v, str) else v for k, v in value.items()}
             data[key] = (data.get(key) or {}) | value if key != "parameters" else value
         else:
             data[key] = value
@@ -323,3 +325,55 @@ def test_output_keeps_the_inputs_dtype(setup, tmp_path):
     w = load_file(tmp_path / "out" / "model.safetensors")
     assert report["dtype"] == "bfloat16" and all(t.dtype == torch.bfloat16 for t in w.values())
     assert report["bytes"]["slim"] == report["bytes"]["dense"]
+
+
+def test_word_relation_exact_match_is_measured_on_both_models(setup, tmp_path):
+    """The report's exact match is evaluate.generation's on the test split's first items, for the dense model
+    (the input) and the slimmed one (the output), as each loads from disk."""
+    from malleable.data.word_relations import word_relations
+    from malleable.evaluate.generation import generate, is_match, mentions
+    from malleable.models.checkpoints import load_model, load_tokenizer
+
+    data = recipe(setup, method="magnitude", parameters={"sparsity": 0.5})
+    data["evaluate"] |= {"tasks": ["capital-world", "currency"], "task_items": 5}
+    report = slim(parse_slim_recipe(data), tmp_path / "out", progress=False)
+    t = report["evaluation"]["tasks"]
+    assert t["items"] == {"capital-world": 5, "currency": 5} and set(t["mean"]) == {"dense", "slim"}
+    tok = load_tokenizer(setup / "model")
+    for key, folder in (("dense", setup / "model"), ("slim", tmp_path / "out")):
+        model = load_model(folder, "causal_lm", tok.pad_token_id)
+        for name in t["relations"]:
+            recs = word_relations(name)["test"][:5]
+            answers = generate(model, tok, [r["prompt"] for r in recs], max_new_tokens=16, chat=True)
+            assert t["relations"][name][key] == sum(map(is_match, answers, [r["completion"] for r in recs])) / 5
+            assert t["mention"][name][key] == sum(map(mentions, answers, [r["completion"] for r in recs])) / 5
+    assert "exact match, mean of 2 word relations" in (tmp_path / "out" / "report.md").read_text()
+
+
+def test_calibration_windows_are_chat_turns_for_a_model_with_a_template(setup, tmp_path):
+    """auto (the default) frames each window as a user turn of the template: the same template tokens around
+    the window's first tokens, the length kept; off keeps the plain windows; on without a template is refused."""
+    from malleable.data.corpus import chat_windows, random_windows
+    from malleable.learn.data import uses_chat_template
+    from malleable.models.chat import render_user_turn
+
+    tok = tiny_tokenizer()
+    plain = random_windows(tok, str(setup / "cal.txt"), 6, 24, 0)
+    framed = chat_windows(tok, plain)
+    before, _, after = render_user_turn(tok, "\x00").partition("\x00")
+    head, tail = (tok(x, add_special_tokens=False)["input_ids"] for x in (before, after))
+    room = 24 - len(head) - len(tail)
+    assert framed.shape == plain.shape and room > 0
+    assert (framed[:, :len(head)] == torch.tensor(head)).all()
+    assert (framed[:, 24 - len(tail):] == torch.tensor(tail)).all()
+    assert torch.equal(framed[:, len(head):len(head) + room], plain[:, :room])
+    report, _ = run(setup, "chat", method="wanda")
+    assert report["calibration"]["chat_template"] is True
+    plain_calibration = {**recipe(setup)["calibration"], "chat_template": "off"}
+    report, _ = run(setup, "plain", method="wanda", calibration=plain_calibration)
+    assert report["calibration"]["chat_template"] is False
+    with pytest.raises(RecipeError, match="calibration.seq_len: 2 tokens leave no room"):
+        chat_windows(tok, plain[:, :len(head) + len(tail)])
+    tok.chat_template = None
+    with pytest.raises(RecipeError, match="calibration.chat_template: on, but"):
+        uses_chat_template(tok, "on", "calibration.chat_template")

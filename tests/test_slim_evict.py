@@ -12,7 +12,7 @@ from conftest import TINY
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from malleable.errors import InputError, RecipeError
-from malleable.slim.evict import continuation_logits, get_policy, greedy_answer, n_kept, prefill
+from malleable.slim.evict import continuation_logits, evicting, get_policy, greedy_answer, n_kept, prefill, step
 
 
 @pytest.fixture(scope="module")
@@ -118,6 +118,62 @@ def test_greedy_answer_without_eviction_equals_generate(model, ids):
 def test_bad_settings_are_one_line(model, ids, size, policy, words):
     with pytest.raises((InputError, RecipeError), match=words):
         prefill(model, ids[:, :30], get_policy(*policy), **size)
+
+
+def decode(model, ids, policy, kept, **size):
+    """Prefill 30 tokens, then feed tokens 30..39 one at a time inside one eviction context; the cache and
+    each layer's cache length after every step."""
+    lengths = []
+    with evicting(model, policy, kept=kept, **size):
+        cache, _ = prefill(model, ids[:, :30])
+        for p in range(30, 40):
+            step(model, cache, ids[:, p:p + 1], p)
+            lengths.append({layer.keys.shape[2] for layer in cache.layers})
+    return cache, lengths
+
+
+def test_decoding_eviction_bounds_the_cache_and_streaming_keeps_sinks_and_the_newest(model, ids):
+    kept = {}
+    cache, lengths = decode(model, ids, get_policy("streaming_llm", {"n_sink": 4}), kept, budget=12,
+                            decode_interval=4)
+    # 30 -> 12 at the prefill; +1 per step, back to 12 after every 4th step (positions 33 and 37)
+    assert lengths == [{13}, {14}, {15}, {12}, {13}, {14}, {15}, {12}, {13}, {14}]
+    want = list(range(4)) + list(range(30, 38))  # at the last compression: the sinks and the newest 8
+    assert all(k[0, h].tolist() == want for k in kept.values() for h in range(2))
+
+
+def test_decoding_eviction_tracks_original_positions(model, ids):
+    """Layer 0's keys depend only on the token and its position, so the evicted cache's layer-0 keys must equal
+    the full cache's at the original positions reported in `kept` (knorm evicts anywhere, even the newest)."""
+    full, _ = decode(model, ids, get_policy("knorm"), {}, ratio=0.0)
+    kept = {}
+    cache, lengths = decode(model, ids, get_policy("knorm"), kept, budget=9, decode_interval=3)
+    assert max(max(n) for n in lengths) <= 9 + 3
+    # compressions after positions 32, 35 and 38, then 39 appended
+    positions = torch.cat([kept[0], torch.full((1, 2, 1), 39)], dim=-1)
+    assert kept[0].shape[-1] == 9 and (kept[0][..., -1] <= 38).all()
+    index = positions.unsqueeze(-1).expand(-1, -1, -1, full.layers[0].keys.shape[-1])
+    assert torch.allclose(cache.layers[0].keys, full.layers[0].keys.gather(2, index), atol=1e-6)
+
+
+@pytest.mark.parametrize("name", ["snapkv", "h2o"])
+def test_decoding_eviction_with_attention_policies_keeps_the_budget(model, ids, name):
+    """SnapKV's window (8) is longer than the 3 steps buffered between compressions: it votes with those."""
+    policy = get_policy(name, {"window_size": 8} if name == "snapkv" else {})
+    kept = {}
+    _, lengths = decode(model, ids, policy, kept, budget=12, decode_interval=3)
+    assert lengths[2] == {12} and lengths[5] == {12} and lengths[-1] == {13}
+    assert all(k.shape[-1] == 12 and len(set(k[0, 0].tolist())) == 12 for k in kept.values())
+    assert any(k.max() > 29 for k in kept.values())  # decoded positions compete for the budget
+
+
+def test_an_interval_never_reached_equals_prefill_only_eviction(model, ids):
+    policy = get_policy("snapkv", {"window_size": 8})
+    once = continuation_logits(model, ids[:, :30], ids[:, 30:40], policy, budget=12)
+    bounded = continuation_logits(model, ids[:, :30], ids[:, 30:40], policy, budget=12, decode_interval=50)
+    assert torch.equal(once, bounded)
+    with pytest.raises(RecipeError, match="kv.decode_interval"):
+        continuation_logits(model, ids[:, :30], ids[:, 30:40], policy, budget=12, decode_interval=0)
 
 
 def test_unknown_policy_or_parameter_is_refused():

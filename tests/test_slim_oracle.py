@@ -12,7 +12,7 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
 from conftest import tiny_tokenizer
-from malleable.data.corpus import random_windows
+from malleable.data.corpus import chat_windows, random_windows
 from malleable.recipes.slim import parse_slim_recipe
 from malleable.slim.engine import input_stats, slim
 from malleable.slim.registry import get_method
@@ -162,7 +162,7 @@ def test_wanda_equals_the_reference_sequential_pruning(setup, pattern):  # noqa:
     ours = slim(parse_slim_recipe(recipe(setup, method="wanda", parameters={"pattern": pattern}, evaluate=None)),
                 setup / f"oracle-wanda-{pattern[0]}", force=True, progress=False)
     got = load_file(setup / f"oracle-wanda-{pattern[0]}" / "model.safetensors")
-    windows = random_windows(tiny_tokenizer(), str(setup / "cal.txt"), 6, 24, 0)
+    windows = chat_windows(tiny_tokenizer(), random_windows(tiny_tokenizer(), str(setup / "cal.txt"), 6, 24, 0))
     model = AutoModelForCausalLM.from_pretrained(setup / "model").eval()
     n, m = (2, 4) if pattern == "2:4" else (0, 0)
     want = ref_prune(model, windows, "wanda", 0.5, n, m).state_dict()
@@ -178,7 +178,7 @@ def test_sparsegpt_equals_the_reference_sequential_pruning(setup, pattern):  # n
     slim(parse_slim_recipe(recipe(setup, method="sparsegpt", parameters=params, evaluate=None)),
          setup / f"oracle-sgpt-{pattern[0]}", force=True, progress=False)
     got = load_file(setup / f"oracle-sgpt-{pattern[0]}" / "model.safetensors")
-    windows = random_windows(tiny_tokenizer(), str(setup / "cal.txt"), 6, 24, 0)
+    windows = chat_windows(tiny_tokenizer(), random_windows(tiny_tokenizer(), str(setup / "cal.txt"), 6, 24, 0))
     model = AutoModelForCausalLM.from_pretrained(setup / "model").eval()
     n, m = (4, 8) if pattern == "4:8" else (0, 0)
     want = ref_prune(model, windows, "sparsegpt", 0.5, n, m, blocksize=32).state_dict()

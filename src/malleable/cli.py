@@ -295,7 +295,8 @@ def slim(
     quiet: bool = typer.Option(False, "--quiet", "-q", help="no progress bar"),
 ) -> None:
     """Make a model cheaper: prune weights (magnitude, Wanda, SparseGPT; unstructured or N:M) or remove decoder
-    layers (ShortGPT); report perplexity, speed and size against the dense model."""
+    layers (ShortGPT), and/or evict KV-cache positions at generation (StreamingLLM, SnapKV, H2O, key norm);
+    report perplexity, speed, size and the KV cache's quality and memory against the dense model."""
     from malleable.recipes.slim import load_slim_recipe
     from malleable.slim.engine import check_recipe, describe, plan
     from malleable.slim.engine import slim as run
@@ -307,7 +308,9 @@ def slim(
         typer.echo(describe(plan(r)))
         return
     report = run(r, out, force=force, progress=not quiet)
-    if "pruned" in report:
+    if report["method"] is None:
+        pass
+    elif "pruned" in report:
         p = report["pruned"]
         typer.echo(f"{report['method']}: {p['modules']} modules pruned ({p['pattern']}), sparsity "
                    f"{p['achieved_sparsity']:.4f}; {report['wall_time_s']} s")
@@ -318,6 +321,13 @@ def slim(
     if e:
         typer.echo(f"perplexity on {e['source']}: {e['perplexity']['dense']:.4g} -> {e['perplexity']['slim']:.4g}"
                    + (f"; decode tokens/s x{e['speed']['decode_ratio']:.2f}" if "speed" in e else ""))
+    if "kv" in report:
+        k, s = report["kv"], report["kv"]["summary"]
+        found = "" if s["evicted"]["needle"] is None else (f"; needles {s['full']['needle']:.2f} -> "
+                                                            f"{s['evicted']['needle']:.2f}")
+        typer.echo(f"kv {k['policy']}: {k['kept_positions']} of {k['context']} positions kept, KV memory "
+                   f"{s['full']['kv_bytes'] / 2**20:.1f} -> {s['evicted']['kv_bytes'] / 2**20:.1f} MiB; next-token "
+                   f"NLL {s['full']['nll']:.3f} -> {s['evicted']['nll']:.3f}, KL {s['evicted']['kl']:.4f}{found}")
     typer.echo(f"output: {report['output']['path']}")
     typer.echo(f"report: {Path(report['output']['path']) / 'report.json'}")
 

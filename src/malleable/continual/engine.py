@@ -74,7 +74,8 @@ def plan(recipe: ContinualRecipe) -> str:
     t = recipe.training
     replay = f", replay {t.replay_batch_size} from a reservoir of {t.buffer_size}" if method.replay else ""
     return (f"continual {recipe.method} {json.dumps(method.p)} on {recipe.model} (width {recipe.width}), "
-            f"{recipe.dataset}: {len(steps)} steps " + " ".join(str(s) for s in steps)
+            f"{recipe.dataset}" + (f" ({recipe.stream})" if isinstance(recipe.stream, str) else "")
+            + f": {len(steps)} steps " + " ".join(str(s) for s in steps)
             + f"; batch {t.batch_size}{replay}; SGD lr {t.lr}; seed {recipe.seed}")
 
 
@@ -188,7 +189,7 @@ def continual(recipe: ContinualRecipe, out: str | Path, *, force: bool = False, 
                                      unit="batch", dynamic_ncols=True, leave=False)):
             incoming = {"x": torch.stack([examples[i][0] for i in idx]),
                         "labels": torch.tensor([examples[i][1] for i in idx])}
-            replay = buffer.sample(t.replay_batch_size) if method.replay else None
+            replay = method.retrieve(model, incoming, buffer, t.replay_batch_size, t.lr) if method.replay else None
             batch = {name: None if part is None else {n: v.to(device) for n, v in part.items()}
                      for name, part in (("stream", incoming), ("replay", replay))}
             loss, _ = optimizer_step(method, model, optimizer, params, [batch], 1, accelerator, None)

@@ -16,7 +16,9 @@ batch, as the papers write it (learn's optimizer_step is called with one unit).
 
 Hooks, in the order the engine calls them: ``setup(num_classes)`` once; ``examples(current, seen)`` per stream
 step (which examples the step walks, and how many passes: online methods one pass over the step's own data);
-``loss(model, batch)`` per optimiser step; ``state()`` / ``load_state(tensors)`` for checkpoints (a method's
+``retrieve(model, incoming, buffer, size, lr)`` per optimiser step of a replay method (which
+stored examples to replay: uniform draws by default, MIR picks them by interference); ``loss(model, batch)`` per
+optimiser step; ``state()`` / ``load_state(tensors)`` for checkpoints (a method's
 own running numbers: LAS's label counts), so a resumed stream ends identical.
 """
 
@@ -45,6 +47,12 @@ class ContinualMethod(Method):
     def examples(self, current: Sequence, seen: Sequence) -> tuple[Sequence, int]:
         """(the examples this step walks, passes over them): online, one pass over the step's own data."""
         return current, 1
+
+    def retrieve(self, model: torch.nn.Module, incoming: dict[str, torch.Tensor], buffer, size: int,
+                 lr: float) -> dict[str, torch.Tensor] | None:
+        """The replayed part of this optimiser step, drawn from `buffer` (a continual.buffer.Reservoir) before the
+        step: `size` stored examples uniformly at random (ER's retrieval); None while the buffer is empty."""
+        return buffer.sample(size)
 
     def state(self) -> dict[str, torch.Tensor]:
         return {}

@@ -71,3 +71,24 @@ def consecutive_windows(tokenizer, source: str, seq_len: int, limit: int | None 
     ids = tokens(tokenizer, source, seq_len)
     count = len(ids) // seq_len if limit is None else min(limit, len(ids) // seq_len)
     return ids[:count * seq_len].reshape(count, seq_len)
+
+
+def chat_windows(tokenizer, windows: torch.Tensor) -> torch.Tensor:
+    """Each window's text as a user turn in the tokenizer's chat template (system prompt, role markers and the
+    assistant header around it, as an instruct model sees its input), cut to keep the windows' length: the
+    template's own tokens, then the first `seq_len - overhead` tokens of the window. The template is rendered
+    once around a marker and tokenised in pieces, so every window has exactly the same frame."""
+    from malleable.errors import RecipeError
+    from malleable.models.chat import render_user_turn
+
+    marker = "\x00WINDOW\x00"
+    before, _, after = render_user_turn(tokenizer, marker).partition(marker)
+    head = tokenizer(before, add_special_tokens=False)["input_ids"]
+    tail = tokenizer(after, add_special_tokens=False)["input_ids"]
+    room = windows.shape[1] - len(head) - len(tail)
+    if room < 1:
+        raise RecipeError(f"calibration.seq_len: {windows.shape[1]} tokens leave no room for text inside the chat "
+                          f"template's {len(head) + len(tail)} (raise seq_len or set chat_template: off)")
+    frame = [torch.tensor(head, dtype=torch.long).expand(len(windows), -1), windows[:, :room],
+             torch.tensor(tail, dtype=torch.long).expand(len(windows), -1)]
+    return torch.cat(frame, dim=1)

@@ -40,6 +40,11 @@ TEMPLATES = {
     "gram9-plural-verbs": "What is the third-person singular present form (he/she/it ...) of the verb '{x}'?",
 }
 RELATIONS = tuple(TEMPLATES)
+# The adapter zoo's eight relations (protocols/zoo.py), the ones with the most pairs (29-116) and the widest spread
+# of skills: world knowledge (capitals, US states, currencies, nationalities) and morphology (comparative, past
+# tense, plural, negative prefix). Fewer pairs would leave too few held-out test pairs to tell models apart.
+ZOO_RELATIONS = ("capital-world", "city-in-state", "currency", "gram6-nationality-adjective", "gram3-comparative",
+                 "gram7-past-tense", "gram8-plural", "gram2-opposite")
 
 
 def read_relations(path: str | Path | None = None) -> dict[str, list[tuple[str, str]]]:

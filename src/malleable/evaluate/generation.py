@@ -23,6 +23,14 @@ def is_match(generated: str, gold: str) -> bool:
     return pred == gold or (pred.startswith(gold) and not pred[len(gold)].isalnum())
 
 
+def mentions(generated: str, gold: str) -> bool:
+    """True when the gold answer appears anywhere in the generated text as a whole word or phrase (case and
+    punctuation aside): the lenient score for a model that answers in a sentence ("Athens is the capital of
+    Greece.") rather than with the word alone."""
+    pred, gold = normalise(generated), normalise(gold)
+    return re.search(rf"(?<![\w]){re.escape(gold)}(?![\w])", pred) is not None
+
+
 @torch.no_grad()
 def generate(model, tokenizer, prompts: list[str], *, max_new_tokens: int | list[int] = 8,
              batch_size: int = 16, chat: bool = True, adapter_names: list[str] | None = None) -> list[str]:

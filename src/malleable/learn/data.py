@@ -44,10 +44,10 @@ def chat_prompt(tokenizer, prompt: str) -> str:
     return render_user_turn(tokenizer, prompt)
 
 
-def uses_chat_template(tokenizer, setting: str) -> bool:
+def uses_chat_template(tokenizer, setting: str, key: str = "data.chat_template") -> bool:
     has = bool(getattr(tokenizer, "chat_template", None))
     if setting == "on" and not has:
-        raise RecipeError("data.chat_template: on, but the model's tokenizer has no chat template")
+        raise RecipeError(f"{key}: on, but the model's tokenizer has no chat template")
     return has and setting != "off"
 
 

@@ -5,7 +5,7 @@ from malleable.merge import core_space, ctm, knots, lora_concat  # noqa: F401
 from malleable.merge import dare, isoc, magnitude, ties, tsv  # noqa: F401
 from malleable.merge import breadcrumbs, della, model_stock, sce, slerp  # noqa: F401
 from malleable.merge import arcee_fusion, karcher, nuslerp, passthrough, ram  # noqa: F401
-from malleable.merge import twa  # noqa: F401
+from malleable.merge import rain, twa  # noqa: F401
 from malleable.merge.registry import RULES, Param, get_rule, merge_rule
 
 __all__ = ["RULES", "Param", "get_rule", "merge_rule"]

@@ -769,4 +769,6 @@ def describe(plan: MergePlan) -> str:
         shards = len(split_shards(plan.tensors, parse_size(r.output.max_shard_size)))
         lines.append(f"shards: {shards} (max {r.output.max_shard_size})")
     lines.append(f"estimated peak working memory: {plan.peak_estimate_bytes / 1e6:.1f} MB (plus the Python process)")
+    if plan.rule.describe is not None:
+        lines += plan.rule.describe(plan)
     return "\n".join(lines)

@@ -70,6 +70,7 @@ class Rule:
     inner: bool = field(default=False)  # LoRA rule that applies a full-space rule to its coordinates
     inputs: tuple[int, int | None] = (1, None)  # how many inputs (besides the base) the rule takes: min, max
     batch: Callable[..., Any] | None = None  # LoRA rule: merges a list of LoraJob at once (see module doc)
+    describe: Callable[..., Any] | None = None  # learned rule: describe(plan) -> extra `--dry-run` lines
 
 
 RULES: dict[str, Rule] = {}
@@ -77,10 +78,12 @@ RULES: dict[str, Rule] = {}
 
 def merge_rule(name: str, *, space: str = "full", params: dict[str, Param] | None = None,
                uses_base: bool | str = True, random: bool = False,
-               inputs: tuple[int, int | None] = (1, None), batch: Callable | None = None) -> Callable:
+               inputs: tuple[int, int | None] = (1, None), batch: Callable | None = None,
+               describe: Callable | None = None) -> Callable:
     """Register `fn` as merge method `name`. Its docstring is the method's documentation. `inputs` bounds the
     number of inputs besides the base (min, max; None: no maximum); the engine checks it before any work.
-    `batch` (LoRA rules only): the same merge over a list of `LoraJob`, see the module doc."""
+    `batch` (LoRA rules only): the same merge over a list of `LoraJob`, see the module doc. `describe` (learned
+    rules only): describe(plan) -> lines `--dry-run` prints after the plan (what the rule will compute)."""
 
     def register(fn: Callable) -> Callable:
         if space not in ("full", "lora", "learned"):
@@ -91,9 +94,11 @@ def merge_rule(name: str, *, space: str = "full", params: dict[str, Param] | Non
             raise ValueError(f"merge rule '{name}' registered twice")
         if batch is not None and space != "lora":
             raise ValueError(f"merge rule '{name}': only LoRA rules merge modules in batches")
+        if describe is not None and space != "learned":
+            raise ValueError(f"merge rule '{name}': only learned rules describe their own plan")
         ps = dict(params or {})
         RULES[name] = Rule(name, fn, space, ps, uses_base, random, (fn.__doc__ or "").strip(),
-                           inner="inner" in ps, inputs=inputs, batch=batch)
+                           inner="inner" in ps, inputs=inputs, batch=batch, describe=describe)
         return fn
 
     return register

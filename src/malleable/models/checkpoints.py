@@ -132,6 +132,10 @@ def load_model(path: Path, task: str, pad_id: int, *, labels: list[str] | None =
     if fresh:
         raise InputError(f"{base}: config.json declares weights the checkpoint does not hold ({len(fresh)}, e.g. "
                          f"'{sorted(fresh)[0]}'); transformers would initialise them at random")
+    if getattr(model.config, "malleable_skipgpt", None):  # slim's SkipGPT: routers in a file beside the weights
+        from malleable.models.routed import attach
+
+        attach(model, base)
     if adapter:
         from peft import PeftModel
 

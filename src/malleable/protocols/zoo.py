@@ -26,14 +26,11 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from malleable.data.files import write_jsonl
+from malleable.data.word_relations import ZOO_RELATIONS
 from malleable.io.atomic import write_text_atomic
 
 SCHEMA = "malleable.protocols.zoo/1"
-# Eight relations with the most pairs (29-116) and the widest spread of skills: world knowledge (capitals,
-# US states, currencies, nationalities) and morphology (comparative, past tense, plural, negative prefix).
-# Fewer pairs would leave too few held-out test pairs to tell adapters apart.
-TASKS = ("capital-world", "city-in-state", "currency", "gram6-nationality-adjective", "gram3-comparative",
-         "gram7-past-tense", "gram8-plural", "gram2-opposite")
+TASKS = ZOO_RELATIONS
 MULTI = "multitask"
 FAMILIES = ("word_relations", "generated")
 

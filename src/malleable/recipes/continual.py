@@ -3,10 +3,10 @@
 ```yaml
 model: small_cnn                 # the small vision CNN of models/vision.py, initialised from `seed`
 width: 16                        # its width (forget's classifier benchmark uses 16)
-method: er                       # finetune | er | er_ace | las | joint (`malleable methods` lists them)
+method: er                       # finetune | er | er_ace | las | mir | mir_las | joint (`malleable methods` lists them)
 parameters: {}                   # the method's parameters, checked against its declarations (las: tau, window)
 dataset: fashion_mnist           # fashion_mnist (Debian dataset-fashion-mnist) | digits (scikit-learn)
-stream: split_fashion_mnist      # a named scenario, or a list of steps:
+stream: split_fashion_mnist      # a named scenario (split_ or blurry_ fashion_mnist / digits), or a list of steps:
 #  - learn: {classes: [0, 1]}    #   each learns the dataset's training images of these classes
 #  - learn: {classes: [2, 3]}
 training:

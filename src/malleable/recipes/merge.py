@@ -29,6 +29,11 @@ Merges that learn from data (method twa, twa_v, twa_t) read a `data` section, le
 ```yaml
 data: {train: train.jsonl, validation: val.jsonl, format: text_label}   # twa_v trains on validation
 ```
+RAIN-Merging (method rain: base, then inputs [reasoning model, instruction model]) reads its two calibration
+files from the same section (formats in `malleable.merge.rain`):
+```yaml
+data: {train: reasoning_calibration.jsonl, validation: instruction_calibration.jsonl}
+```
 Frankenmerges stack layer ranges of the inputs into a deeper model (method passthrough, one input per slice):
 ```yaml
 slices:
@@ -165,7 +170,7 @@ class MergeRecipe(Strict):
     read_dtype: str | None = None
     chat_template: str | None = None
     tokenizer: TokenizerSpec | None = None
-    data: DataSpec | None = None  # merges that learn from data (space "learned": TWA)
+    data: DataSpec | None = None  # merges that learn from data (space "learned": TWA, RAIN)
     seed: Seed = 0
     allow_nonfinite: bool = False
     allow_pickle: bool = False

@@ -17,6 +17,8 @@ A `WeightPruner` sees one linear layer's weight and the statistics of its inputs
 engine runs the decoder layers one after another on the calibration samples, each layer calibrated on the
 outputs of the already pruned layers before it (the Wanda and SparseGPT reference code's order). A
 `LayerRemover` scores every decoder layer; the engine removes the `count` lowest and writes the smaller model.
+A `ModuleSkipper` (SkipGPT) trains token routers on the calibration windows; the engine writes them beside the
+weights.
 """
 
 from __future__ import annotations
@@ -124,6 +126,29 @@ class LayerRemover(SlimMethod):
     def count(self, n_layers: int) -> int:
         """How many of the model's `n_layers` decoder layers to remove."""
         raise NotImplementedError
+
+
+class ModuleSkipper(SlimMethod):
+    """Learns, token by token, which modules to skip (routers trained on the calibration text); the weights are
+    written unchanged (or with a recovery LoRA merged) and the routers beside them."""
+
+    kind: ClassVar[str] = "dynamic"
+
+    def plan(self, model) -> dict:
+        """The plan's entries from the model's skeleton (meta tensors); `summary` is the dry-run text."""
+        raise NotImplementedError
+
+    def train(self, model, windows: torch.Tensor, calibration, seed: int, progress: bool) -> dict:
+        """Train on the calibration windows, leave `model` routed; return the report's `routing` section."""
+        raise NotImplementedError
+
+    def write(self, model, folder) -> None:
+        """Write what the checkpoint needs beside its weights (the routers)."""
+        raise NotImplementedError
+
+    def finish(self, model) -> dict:
+        """The method's own numbers after the evaluation ran."""
+        return {}
 
 
 METHODS: dict[str, type[SlimMethod]] = {}
