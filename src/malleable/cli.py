@@ -259,7 +259,8 @@ def steer(
     quiet: bool = typer.Option(False, "--quiet", "-q", help="no progress bar"),
 ) -> None:
     """Extract a steering vector (CAA, ActAdd, PCA, logistic) from contrast pairs, or train a SPLIT intervention
-    (split_vector, split_lora, split_weight) on them through learn's engine; report the probe per layer."""
+    (split_vector, split_lora, split_weight) on them through learn's engine, or fit ITI's probes per attention head;
+    report the probe per layer."""
     from malleable.recipes.steer import load_steer_recipe
     from malleable.steer.engine import check_recipe, plan
     from malleable.steer.engine import steer as run
@@ -277,10 +278,8 @@ def steer(
     best = max(report["probe_accuracy"].items(), key=lambda kv: kv[1])
     typer.echo(f"{a['method']} on layers {a['layers']} (default strength {a['default_strength']:.4g}); best probe "
                f"layer {best[0]} at {best[1]:.3f} validation accuracy; {report['wall_time_s']} s")
-    if report.get("training"):
-        first, last = report["training"][0], report["training"][-1]
-        typer.echo(f"trained through learn's engine: {last['step']} steps, loss {first['loss']:.4g} -> "
-                   f"{last['loss']:.4g}")
+    for line in report.get("fit_summary", []):  # what a fitted method (SPLIT, ITI) did
+        typer.echo(line.removeprefix("- "))
     typer.echo(f"output: {report['output']['path']}")
     typer.echo(f"report: {Path(report['output']['path']) / 'report.json'}")
 

@@ -2,19 +2,19 @@
 
 ```yaml
 model: path/to/checkpoint          # a local transformers checkpoint (a folder with config.json)
-method: caa                        # caa, actadd, pca_diff, pca_center, logistic; trained: split_vector,
-                                   # split_lora, split_weight (`malleable methods`)
+method: caa                        # caa, actadd, pca_diff, pca_center, logistic, iti (per-head probes);
+                                   # trained: split_vector, split_lora, split_weight (`malleable methods`)
 parameters: {}                     # the method's declared parameters
 data:
   train: pairs.train.jsonl         # rows {prompt, positive, negative}; prompt may be "" for plain-text pairs
   validation: pairs.val.jsonl      # held-out pairs: the probe accuracy per layer, and `layers: auto`
 layers: auto                       # a list of decoder-layer indices, or auto: the layer whose linear probe
-                                   # tells the validation pairs apart best
+                                   # tells the validation pairs apart best (iti: every layer's heads)
 read_position: null                # null: the method's own (last token; CAA -2; ActAdd every position);
                                    # last, mean (over the completion's tokens), or a negative index
 intervene: null                    # null: the method's own (all positions; ActAdd the first ones); all, first
-strength: null                     # the artefact's default strength; null: 1, or for unit-norm directions the
-                                   # pairs' mean separation along the direction
+strength: null                     # the artefact's default strength; null: 1, for unit-norm directions the
+                                   # pairs' mean separation along the direction, for iti its alpha
 batch_size: 16
 generation: {prompts: null, max_new_tokens: 20}   # samples at each --strengths value (default: validation prompts)
 ```

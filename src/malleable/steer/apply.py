@@ -157,12 +157,19 @@ def applied(model, artefact: Artefact | str | Path, strength: float | None = Non
 
 def bake_model(model, artefact: Artefact | str | Path, strength: float | None = None):
     """`model` with the artefact folded into its weights, in place (see the form's baker)."""
-    artefact = _artefact(artefact)
+    _bake_model(model, _artefact(artefact), strength)
+    return model
+
+
+def _bake_model(model, artefact: Artefact, strength: float | None) -> str:
+    """Bake in place; returns where the change went (the form's baker says, or the default words)."""
     strength = check_strength(artefact.default_strength if strength is None else strength)
     check_compatible(artefact, model)
     _, baker = _form(artefact)
-    baker(model, artefact, strength)
-    return model
+    return baker(model, artefact, strength) or (
+        "a bias on each steered layer's mlp.down_proj (config mlp_bias: true; the other MLP biases are zero)"
+        if artefact.form == "vector" else f"the {artefact.form} intervention folded into each steered layer's "
+        "mlp.down_proj weight (its bias, if any, as mlp_bias)")
 
 
 def bake(artefact: Artefact | str | Path, model_dir: str | Path, out: str | Path, strength: float | None = None,
@@ -189,21 +196,17 @@ def bake(artefact: Artefact | str | Path, model_dir: str | Path, out: str | Path
                                                          use_safetensors=None if allow_pickle else True)
     except Exception as e:  # an unknown architecture, a damaged file
         raise InputError(f"{base}: cannot load the model ({type(e).__name__})") from None
-    bake_model(model, artefact, strength)
+    how = _bake_model(model, artefact, strength)
     tokenizer = load_tokenizer(base) if (base / "tokenizer_config.json").is_file() else None
     report = {"schema": "malleable.steer.bake/1", "artefact": artefact.where(), "model": str(model_dir),
               "strength": strength, "layers": sorted(artefact.vectors), "method": artefact.config["method"],
-              "how": "a bias on each steered layer's mlp.down_proj (config mlp_bias: true; the other MLP "
-                     "biases are zero)" if artefact.form == "vector" else
-                     f"the {artefact.form} intervention folded into each steered layer's mlp.down_proj weight"
-                     " (its bias, if any, as mlp_bias)"}
+              "how": how}
     with atomic_dir(out, force, inputs=inputs) as tmp:
         model.save_pretrained(tmp)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
         write_report(tmp, report, f"# steering baked\n\n{artefact.config['method']} at strength {strength} on "
-                                  f"layers {sorted(artefact.vectors)} of {model_dir}, as a bias on "
-                                  "mlp.down_proj (mlp_bias: true).\n")
+                                  f"layers {sorted(artefact.vectors)} of {model_dir}: {how}.\n")
     return Path(out)
 
 

@@ -25,7 +25,6 @@ from malleable.report import environment, peak_rss_mb, trusted, trusted_lines, w
 from malleable.steer.apply import applied, check_strength, decoder_layers
 from malleable.steer.artefact import Artefact, model_identity, write_artefact
 from malleable.steer.registry import SteeringMethod, get_method
-from malleable.steer.split import SplitMethod
 from malleable.steer.sweep import markdown as sweep_markdown
 from malleable.steer.sweep import number
 from malleable.steer.sweep import plot as sweep_plot
@@ -83,11 +82,13 @@ def _read_index(last: int, start: int, read) -> int | tuple[int, int]:
 
 
 def collect(model, tokenizer, rows: list[dict], read, batch_size: int = 16, progress: bool = False,
-            desc: str = "reading") -> dict[str, dict[int, np.ndarray]]:
+            desc: str = "reading", modules: list[torch.nn.Module] | None = None,
+            inputs: bool = False) -> dict[str, dict[int, np.ndarray]]:
     """{"positive": {layer: activations}, "negative": ...} for every decoder layer: (pairs, hidden) at `read`
     ("last", "mean", a negative index), or, for read "all", (positions, hidden) of one pair whose two texts are
-    brought to the same length by padding the shorter with space tokens (ActAdd)."""
-    layers = decoder_layers(model)
+    brought to the same length by padding the shorter with space tokens (ActAdd). `modules` (one per key, in
+    place of the decoder layers) reads other modules' outputs, or with `inputs` their inputs (ITI: o_proj's)."""
+    layers = decoder_layers(model) if modules is None else modules
     n = len(layers)
     if read == "all":
         return _collect_positions(model, tokenizer, rows[0], n)
@@ -107,7 +108,7 @@ def collect(model, tokenizer, rows: list[dict], read, batch_size: int = 16, prog
             for b in range(0, len(order), batch_size):
                 rows_b = order[b:b + batch_size]
                 batch = tokenizer([texts[k] for k in rows_b], return_tensors="pt", padding=True)
-                hidden = _hidden(model, layers, batch)
+                hidden = _hidden(model, layers, batch, inputs)
                 bar.update(1)
                 lasts = (batch["attention_mask"].sum(1) - 1).tolist()
                 for j, (k, last) in enumerate(zip(rows_b, lasts)):
@@ -122,19 +123,21 @@ def collect(model, tokenizer, rows: list[dict], read, batch_size: int = 16, prog
     return out
 
 
-def _hidden(model, layers, batch) -> list[torch.Tensor]:
-    """Every decoder layer's output for `batch`, caught by forward hooks (float32, on the CPU). The decoder stack
-    runs without the language-model head (`base_model`): the vocabulary projection is a fifth of a small
-    model's compute and nothing here reads logits."""
+def _hidden(model, layers, batch, inputs: bool = False) -> list[torch.Tensor]:
+    """Every decoder layer's output (or given modules' outputs, or with `inputs` their first inputs) for `batch`,
+    caught by forward hooks (float32, on the CPU). The decoder stack runs without the language-model head
+    (`base_model`): the vocabulary projection is a fifth of a small model's compute and nothing here reads
+    logits."""
     caught: list[torch.Tensor | None] = [None] * len(layers)
 
     def keep(i):
-        def hook(module, args, output):
-            h = output[0] if isinstance(output, tuple) else output
+        def hook(module, args, output=None):
+            h = args[0] if inputs else output[0] if isinstance(output, tuple) else output
             caught[i] = h.detach().float().cpu()
         return hook
 
-    handles = [layer.register_forward_hook(keep(i)) for i, layer in enumerate(layers)]
+    handles = [layer.register_forward_pre_hook(keep(i)) if inputs else layer.register_forward_hook(keep(i))
+               for i, layer in enumerate(layers)]
     try:
         with torch.no_grad():
             device = next(model.parameters()).device
@@ -211,10 +214,11 @@ def load(recipe: SteerRecipe):
 
 def plan(recipe: SteerRecipe, method: SteeringMethod) -> str:
     read = method.read if recipe.read_position is None else recipe.read_position
-    if isinstance(method, SplitMethod):
-        return (f"steer {recipe.model} with {recipe.method} {json.dumps(method.p)}: train its {method.form} "
-                f"intervention through learn's engine on pairs {recipe.data.train} (validation "
-                f"{recipe.data.validation}); layers {recipe.layers} (auto: chosen by the probe, read at {read}); "
+    if method.fitted:
+        auto = "every layer" if method.every_layer else f"chosen by the probe, read at {read}"
+        return (f"steer {recipe.model} with {recipe.method} {json.dumps(method.p)}: "
+                f"{method.fitting.format(form=method.form)} on pairs {recipe.data.train} (validation "
+                f"{recipe.data.validation}); layers {recipe.layers} (auto: {auto}); "
                 f"strength {recipe.strength if recipe.strength is not None else 'default'}")
     return (f"steer {recipe.model} with {recipe.method} {json.dumps(method.p)}: pairs {recipe.data.train} "
             f"(validation {recipe.data.validation}); layers {recipe.layers}; read at {read}, add at "
@@ -236,8 +240,11 @@ def steer(recipe: SteerRecipe, out: str | Path, force: bool = False, strengths: 
     if recipe.layers != "auto" and max(recipe.layers) >= n_layers:
         raise RecipeError(f"layers: {max(recipe.layers)} is out of range; the model has {n_layers} decoder layers "
                           f"(0..{n_layers - 1})")
-    if isinstance(method, SplitMethod):
-        method.check_model(model)
+    if recipe.layers != "auto":
+        layers = list(recipe.layers)
+    else:
+        layers = list(range(n_layers)) if method.every_layer else None  # None: the probe chooses, below
+    method.check_model(model, method.pairs(train), layers)
     read = method.read if recipe.read_position is None else recipe.read_position
     intervene = recipe.intervene or method.intervene
     probe_read = "last" if read == "all" else read
@@ -248,13 +255,15 @@ def steer(recipe: SteerRecipe, out: str | Path, force: bool = False, strengths: 
     accuracy = {i: probe_accuracy({m: acts["train"][m][i] for m in acts["train"]},
                                   {m: acts["validation"][m][i] for m in acts["validation"]}) for i in range(n_layers)}
     seconds["read_and_probe"] = round(time.perf_counter() - t, 3)
-    layers = [choose_layer(accuracy)] if recipe.layers == "auto" else list(recipe.layers)
+    layers = layers or [choose_layer(accuracy)]
     used = method.pairs(train)
     training = None
-    if isinstance(method, SplitMethod):  # trained through learn's engine, not read off the activations
+    if method.fitted:  # SPLIT trained through learn's engine, ITI's probes per head: not a direction per layer
         t = time.perf_counter()
-        tensors, training = method.train(model, tokenizer, used, layers, recipe.seed, progress)
+        tensors, training = method.fit(model, tokenizer, used, layers, recipe.seed, progress, read,
+                                       recipe.batch_size)
         seconds["train"] = round(time.perf_counter() - t, 3)
+        layers = sorted(tensors)
         directions = {i: v.double().numpy() for i, v in tensors.items() if isinstance(v, torch.Tensor)}
     else:
         src = acts["train"] if read == probe_read and used is train else collect(model, tokenizer, used, read,
@@ -271,15 +280,13 @@ def steer(recipe: SteerRecipe, out: str | Path, force: bool = False, strengths: 
     elif method.unit_norm:
         strength = measured_strength(directions, acts["train"]["positive"], acts["train"]["negative"])
     else:
-        strength = 1.0
+        strength = method.default_strength()
     direction_acc = {i: direction_accuracy(d, acts["validation"]["positive"][i], acts["validation"]["negative"][i])
                      for i, d in directions.items()}
-    config = {"form": getattr(method, "form", "vector"), "method": recipe.method, "parameters": method.p,
+    config = {"form": method.form, "method": recipe.method, "parameters": method.p,
               "model": {"path": str(recipe.model), **model_identity(model)}, "layers": layers,
               "default_strength": strength, "read_position": read, "intervene": intervene,
-              "pairs": {"train": len(used), "validation": len(val)}}
-    if isinstance(method, SplitMethod) and method.input_module() is not None:
-        config["module"] = method.input_module()
+              "pairs": {"train": len(used), "validation": len(val)}, **method.artefact_config()}
     artefact = Artefact(tensors, config)
     t = time.perf_counter()
     samples = generate_samples(model, tokenizer, artefact, recipe, val, strengths) if strengths else []
@@ -292,7 +299,7 @@ def steer(recipe: SteerRecipe, out: str | Path, force: bool = False, strengths: 
               "probe_accuracy": {str(i): a for i, a in accuracy.items()},
               "direction_accuracy": {str(i): a for i, a in direction_acc.items()},
               "direction_norm": {str(i): float(np.linalg.norm(d)) for i, d in directions.items()},
-              "training": training,
+              "training": training, "fit_summary": method.summary(training),
               "strengths": strengths, "samples": samples, "preference": preference, "trusted": trusted(recipe),
               "seconds": seconds, "wall_time_s": round(time.perf_counter() - start, 3), "peak_rss_mb": peak_rss_mb(),
               "environment": environment()}
@@ -330,15 +337,6 @@ def generate_samples(model, tokenizer, artefact: Artefact, recipe: SteerRecipe, 
     return out
 
 
-def _training_lines(history: list[dict] | None) -> list[str]:
-    """A trained method's (SPLIT's) training in one line: steps, first and last logged loss."""
-    if not history:
-        return []
-    first, last = history[0], history[-1]
-    return [f"- trained through learn's engine: {last['step']} steps, loss {number(first['loss'])} (step "
-            f"{first['step']}) -> {number(last['loss'])}; every logged step in report.json `training`"]
-
-
 def markdown(report: dict) -> str:
     a = report["artefact"]
     lines = [f"# steer: {a['method']}", "",
@@ -346,7 +344,7 @@ def markdown(report: dict) -> str:
              f"- layers: {a['layers']} ({report['layer_choice']}); read at {a['read_position']}, added at "
              f"{a['intervene']} positions", f"- default strength: {number(a['default_strength'])}",
              f"- pairs: {a['pairs']['train']} train, {a['pairs']['validation']} validation",
-             *trusted_lines(report["trusted"]), *_training_lines(report.get("training")),
+             *trusted_lines(report["trusted"]), *report.get("fit_summary", []),
              "", "## Linear probe per layer (validation pair accuracy)", "",
              "| layer | probe accuracy | direction accuracy | direction norm |", "|---|---|---|---|"]
     for i, acc in report["probe_accuracy"].items():

@@ -13,9 +13,12 @@ mean over the completion's tokens), a negative index counted from the end (-2: C
 vector is added by default: "all" positions, or the "first" positions of the text (ActAdd). `unit_norm` says
 that the direction has norm 1 (PCA, logistic): its default strength is then measured, not 1 (engine.py).
 
-A trained method (SPLIT, steer/split.py) is also a learn Method: the engine trains it through learn's engine
-instead of calling `direction`. A form that is not a vector (SPLIT's LoRA or local weight edit) brings its own
-artefact form and applier in steer/apply.py's FORMS; the vector methods, split_vector too, share "vector".
+A fitted method (`fitted = True`) builds its artefact itself: the engine calls `fit` instead of `direction`.
+SPLIT (steer/split.py) trains its intervention through learn's engine; ITI (steer/iti.py) fits a probe per
+attention head. `every_layer` hands such a method every layer when the recipe says `layers: auto` (ITI picks its
+heads across the whole model) instead of the one layer the probe chooses. A form that is not a vector (SPLIT's
+LoRA or local weight edit, ITI's per-head offsets) brings its own artefact form and applier in steer/apply.py's
+FORMS; the vector methods, split_vector too, share "vector".
 """
 
 from __future__ import annotations
@@ -41,6 +44,10 @@ class SteeringMethod:
     intervene: ClassVar[str] = "all"
     unit_norm: ClassVar[bool] = False
     pairs_used: ClassVar[int | None] = None  # None: every training pair; ActAdd reads one
+    form: ClassVar[str] = "vector"  # the artefact form (steer/apply.py FORMS)
+    fitted: ClassVar[bool] = False  # True: the engine calls `fit`, not `direction`
+    every_layer: ClassVar[bool] = False  # True: `layers: auto` gives `fit` every layer
+    fitting: ClassVar[str] = ""  # what `fit` does, for --dry-run ("{form}" is filled in)
 
     def __init__(self, **p: Any) -> None:
         self.p = p
@@ -52,6 +59,28 @@ class SteeringMethod:
     def direction(self, pos: np.ndarray, neg: np.ndarray) -> np.ndarray:
         """One layer's direction from the positives' and negatives' activations (float64 arrays)."""
         raise NotImplementedError
+
+    def fit(self, model, tokenizer, rows: list[dict], layers: list[int], seed: int = 0, progress: bool = False,
+            read: str | int = "last", batch_size: int = 16) -> tuple[dict[int, Any], Any]:
+        """A fitted method's artefact from the training pairs `rows` on `layers` (it may steer fewer): (its tensors
+        by layer, a log for report.json `training`). `model` is left as it was."""
+        raise NotImplementedError
+
+    def check_model(self, model, rows: list[dict], layers: list[int] | None) -> None:
+        """Refuse, before any work, a model, training pairs or layers (None: chosen later by the probe) that the
+        method cannot use (one line)."""
+
+    def default_strength(self) -> float:
+        """The artefact's default strength when the recipe gives none and the direction is not unit-norm."""
+        return 1.0
+
+    def artefact_config(self) -> dict[str, Any]:
+        """Keys the method adds to steering.json (where its form is applied)."""
+        return {}
+
+    def summary(self, log: Any) -> list[str]:
+        """report.md lines about the `fit` log."""
+        return []
 
 
 def pair_sign(direction: np.ndarray, pos: np.ndarray, neg: np.ndarray) -> float:

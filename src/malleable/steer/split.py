@@ -179,7 +179,8 @@ class SplitMethod(SteeringMethod, Method):
     """Base of the SPLIT forms: a steering method whose artefact is trained (steer's engine calls `train`), and a
     learn Method (`prepare`, `loss`) driven by learn's engine."""
 
-    form: ClassVar[str] = ""  # the artefact form (steer/apply.py FORMS)
+    fitted = True
+    fitting = "train its {form} intervention through learn's engine"
     module: ClassVar[str | None] = None  # the input the delta reads; a form with a `module` parameter overrides
 
     def __init__(self, **p: Any) -> None:
@@ -190,7 +191,7 @@ class SplitMethod(SteeringMethod, Method):
             raise RecipeError(f"parameters.micro_batch_size: {p['micro_batch_size']} does not divide batch_size "
                               f"({p['batch_size']})")
 
-    def check_model(self, model) -> None:
+    def check_model(self, model, rows: list[dict] | None = None, layers: list[int] | None = None) -> None:
         """Refuse, before any work, a model whose layers lack the module the intervention reads."""
         if self.input_module() is not None:
             for i in range(len(decoder_layers(model))):
@@ -202,6 +203,19 @@ class SplitMethod(SteeringMethod, Method):
 
     def input_module(self) -> str | None:
         return self.p.get("module", self.module)
+
+    def artefact_config(self) -> dict[str, Any]:
+        return {} if self.input_module() is None else {"module": self.input_module()}
+
+    def summary(self, log: list[dict] | None) -> list[str]:
+        """The training in one line: steps, first and last logged loss."""
+        from malleable.steer.sweep import number
+
+        if not log:
+            return []
+        first, last = log[0], log[-1]
+        return [f"- trained through learn's engine: {last['step']} steps, loss {number(first['loss'])} (step "
+                f"{first['step']}) -> {number(last['loss'])}; every logged step in report.json `training`"]
 
     def strengths(self) -> torch.Tensor:
         return torch.linspace(self.p["m_min"], self.p["m_max"], self.p["m_count"], dtype=torch.float64)
@@ -254,10 +268,11 @@ class SplitMethod(SteeringMethod, Method):
                             lr=self.p["lr"], schedule="linear", warmup_steps=0, weight_decay=0.0, max_grad_norm=1.0,
                             log_every=10)
 
-    def train(self, model, tokenizer, rows: list[dict], layers: list[int], seed: int = 0,
-              progress: bool = False) -> tuple[dict[int, Any], list[dict]]:
+    def fit(self, model, tokenizer, rows: list[dict], layers: list[int], seed: int = 0, progress: bool = False,
+            read: str | int = "last", batch_size: int = 16) -> tuple[dict[int, Any], list[dict]]:
         """Train the intervention on `layers` of `model` (left as it was) from the contrast pairs `rows`; returns
-        (the artefact's tensors by layer, the logged training steps)."""
+        (the artefact's tensors by layer, the logged training steps). `read` and `batch_size` are the reading's
+        settings, unused here (the step's size is the `batch_size` parameter)."""
         from malleable.learn.engine import fit
 
         items = [encode(tokenizer, r) for r in rows]
