@@ -44,6 +44,10 @@ def test_methods_lists_every_rule_with_parameters():
     for name in RULES:
         assert f"{name}  [" in out
     assert "density = 1.0 (per input)" in out
+    kv = out.split("KV-cache eviction policies")[1]
+    for name in ("h2o", "knorm", "snapkv", "streaming_llm"):
+        assert f"\n{name}  " in kv
+    assert "window_size = 64" in kv
 
 
 def test_dry_run_prints_the_plan_and_writes_nothing(models, tmp_path):

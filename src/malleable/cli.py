@@ -458,6 +458,13 @@ def methods() -> None:
     for name in sorted(SLIMMING):
         cls = SLIMMING[name]
         _describe(f"{name}  [{cls.kind}]", cls.__doc__ or "", cls.params)
+    import sys
+
+    from malleable.slim.evict import POLICIES
+
+    typer.echo("\nKV-cache eviction policies (a slim recipe's kv.policy):")
+    for name in sorted(POLICIES):
+        _describe(name, sys.modules[POLICIES[name].__module__].__doc__ or "", POLICIES[name].params)
 
 
 def _membership(row: dict) -> str:
