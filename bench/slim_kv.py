@@ -33,7 +33,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import random
 import statistics
 import subprocess
 import sys
@@ -81,28 +80,18 @@ def quality(model, cases, ratios) -> tuple[list[dict], dict]:
 
 
 def needles(model, tok, ids: list[int], ratios, n: int) -> list[dict]:
-    from malleable.evaluate.kv_cache import needle_found
-    from malleable.slim.evict import get_policy, greedy_answer
+    """The verb's retrieval test (slim/kv_eval.needles: the same numbers, from seed 0, for every policy) per
+    policy and ratio, the full cache first."""
+    from malleable.slim.evict import get_policy
+    from malleable.slim.kv_eval import needles as retrieval
 
-    rng = random.Random(0)
-    question = tok(" What is the secret number? The secret number is", add_special_tokens=False).input_ids
-    eos = {tok.eos_token_id} if tok.eos_token_id is not None else set()
-    rows = []
-    for depth in DEPTHS:
-        for k in range(n):
-            number = f"{rng.randrange(1000, 10000)}"
-            needle = tok(f" The secret number is {number}.", add_special_tokens=False).input_ids
-            cut = int(depth * HAYSTACK)
-            hay = ids[k * STRIDE:k * STRIDE + HAYSTACK]
-            context = torch.tensor([hay[:cut] + needle + hay[cut:]])
-            for name, params in [("full", None)] + list(POLICIES.items()):
-                for ratio in ([0.0] if name == "full" else ratios):
-                    policy = get_policy(name, params) if params is not None else None
-                    size = {"ratio": ratio} if policy is not None else {}
-                    answer = tok.decode(greedy_answer(model, context, torch.tensor([question]), 5, eos, policy,
-                                                      **size))
-                    rows.append({"depth": depth, "number": number, "policy": name, "ratio": ratio,
-                                 "answer": answer, "found": needle_found(answer, number)})
+    text, rows = torch.tensor(ids), []
+    for name, params in [("full", None)] + list(POLICIES.items()):
+        for ratio in ([0.0] if name == "full" else ratios):
+            policy = get_policy(name, params) if params is not None else None
+            found = retrieval(model, tok, text, policy, {"ratio": ratio}, haystack=HAYSTACK, per_depth=n,
+                              context=CONTEXT, continuation=CONTINUATION)
+            rows += [{**r, "policy": name, "ratio": ratio} for r in found]
     return rows
 
 
@@ -136,8 +125,9 @@ def kvpress_side(model_dir: Path, cases, ratios, ours: dict, our_rows: list[dict
 
 
 def kv_mib(config, kept: int) -> float:
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-    return 2 * config.num_hidden_layers * config.num_key_value_heads * kept * head_dim * 4 / 2**20
+    from malleable.slim.kv_eval import kv_bytes
+
+    return kv_bytes(config, kept, 4) / 2**20  # float32
 
 
 def summarise(rows: list[dict], needle_rows: list[dict], config) -> list[dict]:

@@ -470,11 +470,11 @@ def measure_kv(model, tokenizer, recipe: SlimRecipe, ids: torch.Tensor) -> dict:
     from malleable.slim.kv_eval import measure
 
     kv, ev = recipe.kv, recipe.kv.evaluate
+    policy = kv_policy(kv)
     size = {"ratio": kv.ratio, "budget": kv.budget, "decode_interval": kv.decode_interval}
-    result = measure(model.eval(), tokenizer, ids, kv_policy(kv), size, context=ev.context,
-                     continuation=ev.continuation, windows=ev.windows, haystack=ev.haystack, per_depth=ev.needles,
-                     seed=recipe.seed)
-    return {"policy": kv.policy, "parameters": kv_policy(kv).p, **size, "source": ev.source, **result}
+    result = measure(model.eval(), tokenizer, ids, policy, size, context=ev.context, continuation=ev.continuation,
+                     windows=ev.windows, haystack=ev.haystack, per_depth=ev.needles, seed=recipe.seed)
+    return {"policy": kv.policy, "parameters": policy.p, **size, "source": ev.source, **result}
 
 
 def evict_only(recipe: SlimRecipe, out, force: bool, the_plan: dict, tokenizer, ids: torch.Tensor,
