@@ -124,6 +124,34 @@ def test_baked_checkpoint_gives_the_hook_logits(artefact, tiny_lm, tmp_path):
     assert (out / "tokenizer_config.json").is_file()
 
 
+def test_peft_adapter_gives_the_hook_logits_and_bad_input_is_refused(artefact, tiny_lm, tmp_path):
+    from peft import PeftModel
+
+    from malleable.steer.peft_export import export_peft
+
+    m, tok = model(tiny_lm), tiny_tokenizer()
+    batch = tok(["w1 w2 w3", "w4 w5 w6"], return_tensors="pt")
+    with applied(m, artefact, strength=2.5):
+        hooked = m(**batch).logits
+    before = tree_digest(artefact)
+    result = CliRunner().invoke(app, ["steer-peft", str(artefact), str(tiny_lm), str(tmp_path / "adapter"),
+                                      "--strength", "2.5"])
+    assert result.exit_code == 0, result.output
+    out = tmp_path / "adapter"
+    config = json.loads((out / "adapter_config.json").read_text())
+    assert config["target_modules"] == ["model.layers.1.mlp.down_proj"] and config["lora_bias"] is True
+    torch.testing.assert_close(PeftModel.from_pretrained(model(tiny_lm), out).eval()(**batch).logits, hooked,
+                               rtol=1e-4, atol=1e-5)
+    assert tree_digest(artefact) == before
+    for target, args, words in [("zero", ["--strength", "0"], "nothing to export"),
+                                ("nan", ["--strength", "nan"], "not a finite"), ("adapter", [], "output exists")]:
+        again = CliRunner().invoke(app, ["steer-peft", str(artefact), str(tiny_lm), str(tmp_path / target), *args])
+        assert again.exit_code == 2 and words in again.output and "Traceback" not in again.output, again.output
+    assert not (tmp_path / "zero").exists() and not (tmp_path / "nan").exists()
+    with pytest.raises(InputError, match="nothing to export"):
+        export_peft(artefact, tiny_lm, tmp_path / "zero", strength=0.0)
+
+
 def test_gguf_control_vector_has_repeng_keys(artefact, tmp_path):
     import gguf
 

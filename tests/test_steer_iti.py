@@ -203,3 +203,21 @@ def test_cli_bad_input_is_one_line(tiny_lm, data, tmp_path, params, rows, needle
     res = cli("steer", path, tmp_path / "out")
     assert res.exit_code == 2 and needle in res.output and len(res.output.strip().splitlines()) == 1, res.output
     assert not (tmp_path / "out").exists() and tree_digest(tmp_path) == before
+
+
+def test_peft_adapter_is_an_o_proj_bias_and_gives_the_hook_logits(artefact, tiny_lm, tmp_path):
+    from peft import PeftModel
+
+    from malleable.steer.peft_export import export_peft
+
+    m, tok = model(tiny_lm), tiny_tokenizer()
+    batch = tok(["w1 w2 w3", "w4 w5 w6"], return_tensors="pt")
+    with applied(m, artefact, strength=3.0):
+        hooked = m(**batch).logits
+    out = export_peft(artefact, tiny_lm, tmp_path / "adapter", strength=3.0)
+    config = json.loads((out / "adapter_config.json").read_text())
+    steered = sorted(load_artefact(artefact).vectors)
+    assert config["target_modules"] == [f"model.layers.{i}.self_attn.o_proj" for i in steered]
+    assert config["lora_bias"] is True
+    torch.testing.assert_close(PeftModel.from_pretrained(model(tiny_lm), out).eval()(**batch).logits, hooked,
+                               rtol=1e-4, atol=1e-5)

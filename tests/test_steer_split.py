@@ -263,3 +263,24 @@ def test_cli_split_run_then_bake(tiny_lm, data, tmp_path):
     # the LoRA form is not a control vector
     res = runner.invoke(app, ["steer-gguf", str(tmp_path / "out"), str(tmp_path / "cv.gguf")])
     assert res.exit_code == 2 and not (tmp_path / "cv.gguf").exists()
+
+
+@pytest.mark.parametrize("name", sorted(FORMS))
+def test_peft_adapter_gives_the_hook_logits(trained, tiny_lm, name, tmp_path):
+    from peft import PeftModel
+
+    from malleable.steer.peft_export import export_peft
+
+    m, tok = model(tiny_lm), tiny_tokenizer()
+    batch = tok(["w11 w12 w13 w14", "w20 w21 w22 w23"], return_tensors="pt")
+    with applied(m, trained[name], strength=1.3):
+        hooked = m(**batch).logits
+    out = export_peft(trained[name], tiny_lm, tmp_path / "adapter", strength=1.3)
+    config = json.loads((out / "adapter_config.json").read_text())
+    assert config["target_modules"] == ["model.layers.1.mlp.down_proj"]  # only the steered module is wrapped
+    assert config.get("lora_bias", False) == (name != "split_lora")
+    rank = json.loads((out / "report.json").read_text())["modules"]["model.layers.1.mlp.down_proj"]["rank"]
+    assert rank == (4 if name == "split_lora" else 1) or name == "split_weight"  # the LoRA's own rank, found again
+    peft_model = PeftModel.from_pretrained(model(tiny_lm), out).eval()
+    torch.testing.assert_close(peft_model(**batch).logits, hooked, rtol=1e-4, atol=1e-5)
+    assert not torch.allclose(m(**batch).logits, hooked)  # the base alone is not steered

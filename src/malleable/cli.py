@@ -349,6 +349,23 @@ def steer_bake(
     typer.echo(f"output: {bake(artefact, model, out, strength=strength, force=force)}")
 
 
+@app.command("steer-peft")
+@_user_errors
+def steer_peft(
+    artefact: Path = typer.Argument(..., help="a folder written by `malleable steer`"),
+    model: Path = typer.Argument(..., help="the base checkpoint the adapter is for"),
+    out: Path = typer.Argument(..., help="output PEFT adapter folder (PeftModel.from_pretrained(base, out))"),
+    strength: float = typer.Option(None, "--strength", help="default: the artefact's default strength"),
+    force: bool = typer.Option(False, "--force", help="replace an existing output"),
+) -> None:
+    """Export a steering artefact as a PEFT LoRA adapter on exactly the modules its bake changes (a bias part as
+    PEFT's lora_bias); loaded with PEFT it gives the baked checkpoint's logits."""
+    from malleable.steer.peft_export import export_peft
+
+    check_not_input(out, [artefact, model])
+    typer.echo(f"output: {export_peft(artefact, model, out, strength=strength, force=force)}")
+
+
 @app.command("steer-gguf")
 @_user_errors
 def steer_gguf(

@@ -145,12 +145,15 @@ def read_adapter(path: str | Path) -> LoraAdapter:
     return LoraAdapter(path, config, deltas, [cfg_path, weights])
 
 
-def write_adapter(directory: Path, deltas: dict[str, LowRankDelta], like: dict, dtype: torch.dtype) -> dict:
+def write_adapter(directory: Path, deltas: dict[str, LowRankDelta], like: dict, dtype: torch.dtype,
+                  biases: dict[str, torch.Tensor] | None = None, exact_targets: bool = False) -> dict:
     """Write `deltas` as a PEFT adapter into `directory`; returns the config written.
 
     Scales are folded into the factors and alpha is set equal to each module's rank, so PEFT's scale is
     exactly 1 and `B @ A` is the delta. Modules whose rank differs from the most common one go in
-    `rank_pattern` / `alpha_pattern`, which PEFT honours on load.
+    `rank_pattern` / `alpha_pattern`, which PEFT honours on load. `biases` (module -> (out,) tensor) sets PEFT's
+    `lora_bias` (a bias on lora_B, added with the delta; zero for the modules not named). `exact_targets` lists
+    the modules' full names as targets (PEFT then wraps only those) instead of their kinds (`q_proj`, ...).
     """
     ranks = {m: d.rank for m, d in deltas.items()}
     r = Counter(ranks.values()).most_common(1)[0][0]
@@ -164,7 +167,7 @@ def write_adapter(directory: Path, deltas: dict[str, LowRankDelta], like: dict, 
         "lora_alpha": r,
         "use_rslora": False,
         "lora_dropout": 0.0,
-        "target_modules": sorted({m.rsplit(".", 1)[-1] for m in deltas}),
+        "target_modules": sorted(deltas) if exact_targets else sorted({m.rsplit(".", 1)[-1] for m in deltas}),
         # anchored full module names, so a pattern matches only its own module
         "rank_pattern": {f"^{re.escape(m)}": k for m, k in odd.items()},
         "alpha_pattern": {f"^{re.escape(m)}": k for m, k in odd.items()},
@@ -174,6 +177,11 @@ def write_adapter(directory: Path, deltas: dict[str, LowRankDelta], like: dict, 
         B, A = d.balanced()
         tensors[f"{PREFIX}{module}.lora_A.weight"] = A.to(dtype).contiguous()
         tensors[f"{PREFIX}{module}.lora_B.weight"] = B.to(dtype).contiguous()
+        if biases is not None:
+            bias = biases.get(module, torch.zeros(B.shape[0]))
+            tensors[f"{PREFIX}{module}.lora_B.bias"] = bias.to(dtype).contiguous()
+    if biases is not None:
+        config["lora_bias"] = True
     save_file(tensors, str(directory / WEIGHTS), metadata={"format": "pt"})
     (directory / CONFIG).write_text(json.dumps(config, indent=2, sort_keys=True))
     return config

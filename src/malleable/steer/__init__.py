@@ -3,8 +3,9 @@
 Methods register by name in registry.py (one file each); the engine reads contrast pairs and writes the
 artefact (a safetensors file with one vector per layer and a JSON config); apply.py adds it at inference
 (`with malleable.steer.applied(model, artefact, strength=m): ...`), bakes it into a plain checkpoint, or
-exports a llama.cpp control-vector GGUF. SPLIT's forms (split.py) are trained, through learn's engine, rather
-than read off the activations; ITI (iti.py) shifts the outputs of the attention heads its probes pick.
+exports a llama.cpp control-vector GGUF; peft_export.py writes any bakeable artefact as a PEFT LoRA adapter.
+SPLIT's forms (split.py) are trained, through learn's engine, rather than read off the activations; ITI (iti.py)
+shifts the outputs of the attention heads its probes pick.
 """
 
 from malleable.steer import (  # noqa: F401  (registers the methods)

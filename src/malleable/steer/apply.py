@@ -127,7 +127,7 @@ def _form(artefact: Artefact) -> tuple[Callable, Callable]:
     return FORMS[artefact.form]
 
 
-def _artefact(artefact: Artefact | str | Path) -> Artefact:
+def as_artefact(artefact: Artefact | str | Path) -> Artefact:
     return artefact if isinstance(artefact, Artefact) else load_artefact(artefact)
 
 
@@ -138,7 +138,7 @@ def applied(model, artefact: Artefact | str | Path, strength: float | None = Non
     `strength` multiplies the artefact's vectors (default: its default_strength); 0 installs nothing, so the
     model is the unsteered one bit for bit. Padding on either side is left alone (the attention mask tells text
     from padding); a position's index in its text, for ActAdd's first positions, counts text tokens only."""
-    artefact = _artefact(artefact)
+    artefact = as_artefact(artefact)
     strength = check_strength(artefact.default_strength if strength is None else strength)
     check_compatible(artefact, model)
     hooks, _ = _form(artefact)
@@ -157,11 +157,11 @@ def applied(model, artefact: Artefact | str | Path, strength: float | None = Non
 
 def bake_model(model, artefact: Artefact | str | Path, strength: float | None = None):
     """`model` with the artefact folded into its weights, in place (see the form's baker)."""
-    _bake_model(model, _artefact(artefact), strength)
+    bake_in_place(model, as_artefact(artefact), strength)
     return model
 
 
-def _bake_model(model, artefact: Artefact, strength: float | None) -> str:
+def bake_in_place(model, artefact: Artefact, strength: float | None) -> str:
     """Bake in place; returns where the change went (the form's baker says, or the default words)."""
     strength = check_strength(artefact.default_strength if strength is None else strength)
     check_compatible(artefact, model)
@@ -172,31 +172,40 @@ def _bake_model(model, artefact: Artefact, strength: float | None) -> str:
         "mlp.down_proj weight (its bias, if any, as mlp_bias)")
 
 
+def load_base(model_dir: str | Path, allow_pickle: bool = False, dtype="auto"):
+    """(the checkpoint folder, its causal LM) for baking or exporting into; a PEFT adapter is refused."""
+    from transformers import AutoModelForCausalLM
+
+    from malleable.io.quiet import quiet_transformers
+    from malleable.models.checkpoints import Trust, check_model_folder
+
+    base, adapter = check_model_folder(Path(model_dir), Trust(pickle=allow_pickle))
+    if adapter:
+        raise InputError(f"{model_dir}: a PEFT adapter; give the full checkpoint it was trained on (merge the "
+                         "adapter first)")
+    try:
+        with quiet_transformers():
+            model = AutoModelForCausalLM.from_pretrained(base, dtype=dtype, local_files_only=True,
+                                                         use_safetensors=None if allow_pickle else True)
+    except Exception as e:  # an unknown architecture, a damaged file
+        raise InputError(f"{base}: cannot load the model ({type(e).__name__})") from None
+    return base, model
+
+
 def bake(artefact: Artefact | str | Path, model_dir: str | Path, out: str | Path, strength: float | None = None,
          force: bool = False, allow_pickle: bool = False) -> Path:
     """Write `out`: the checkpoint at `model_dir` with the artefact baked in at `strength`, a plain transformers
     checkpoint (safetensors, with its tokenizer) that loads with `from_pretrained` and no custom code."""
-    from transformers import AutoModelForCausalLM
-
     from malleable.io.atomic import atomic_dir, check_output
-    from malleable.io.quiet import quiet_transformers
-    from malleable.models.checkpoints import Trust, check_model_folder, load_tokenizer
+    from malleable.models.checkpoints import load_tokenizer
     from malleable.report import write_report
 
-    artefact = _artefact(artefact)
+    artefact = as_artefact(artefact)
     inputs = [model_dir] + ([artefact.path] if artefact.path is not None else [])
     check_output(out, force, inputs=inputs)
     strength = check_strength(artefact.default_strength if strength is None else strength)
-    base, adapter = check_model_folder(Path(model_dir), Trust(pickle=allow_pickle))
-    if adapter:
-        raise InputError(f"{model_dir}: a PEFT adapter; bake into a full checkpoint (merge the adapter first)")
-    try:
-        with quiet_transformers():
-            model = AutoModelForCausalLM.from_pretrained(base, dtype="auto", local_files_only=True,
-                                                         use_safetensors=None if allow_pickle else True)
-    except Exception as e:  # an unknown architecture, a damaged file
-        raise InputError(f"{base}: cannot load the model ({type(e).__name__})") from None
-    how = _bake_model(model, artefact, strength)
+    base, model = load_base(model_dir, allow_pickle)
+    how = bake_in_place(model, artefact, strength)
     tokenizer = load_tokenizer(base) if (base / "tokenizer_config.json").is_file() else None
     report = {"schema": "malleable.steer.bake/1", "artefact": artefact.where(), "model": str(model_dir),
               "strength": strength, "layers": sorted(artefact.vectors), "method": artefact.config["method"],
@@ -219,7 +228,7 @@ def export_gguf(artefact: Artefact | str | Path, out: str | Path, strength: floa
     direction.<i> to the output of its layer i and has no slot for layer 0, so layer 0 is refused."""
     import gguf
 
-    artefact = _artefact(artefact)
+    artefact = as_artefact(artefact)
     strength = check_strength(artefact.default_strength if strength is None else strength)
     out = check_output_file(out, force, [artefact.path] if artefact.path is not None else [])
     if artefact.form != "vector":
