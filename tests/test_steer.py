@@ -85,6 +85,43 @@ def test_caa_is_the_mean_difference_at_the_read_position(artefact, tiny_lm, setu
     torch.testing.assert_close(load_artefact(out).vectors[0], m0.detach(), rtol=1e-5, atol=1e-6)
 
 
+def test_chat_template_pairs_read_the_rendered_prompt(tiny_lm, setup, tmp_path):
+    """chat_template: on reads each member at the end of `user turn + assistant header + completion`."""
+    m, tok = model(tiny_lm), tiny_tokenizer()
+    rows = [json.loads(x) for x in (setup / "train.jsonl").read_text().splitlines()]
+    diffs = []
+    for r in rows:
+        head = tok.apply_chat_template([{"role": "user", "content": r["prompt"]}], tokenize=False,
+                                       add_generation_prompt=True)
+        h = [m(**tok(head + r[k], return_tensors="pt"), output_hidden_states=True).hidden_states[1][0, -1]
+             for k in ("positive", "negative")]
+        diffs.append(h[0] - h[1])
+    report = steer(recipe(tiny_lm, setup, layers=[0], read_position="last", chat_template="on",
+                          generation={"prompts": ["w1 w2"], "max_new_tokens": 2}), tmp_path / "chat",
+                   strengths=[1.0], progress=False)
+    a = load_artefact(tmp_path / "chat")
+    assert a.config["chat_template"] is True
+    torch.testing.assert_close(a.vectors[0], torch.stack(diffs).mean(0).detach(), rtol=1e-5, atol=1e-6)
+    assert report["samples"][0]["generations"][0]["prompt"] == "<user> w1 w2 <assistant> "
+    steer(recipe(tiny_lm, setup, layers=[0], read_position="last"), tmp_path / "plain", progress=False)
+    plain = load_artefact(tmp_path / "plain")
+    assert plain.config["chat_template"] is False and not torch.allclose(plain.vectors[0], a.vectors[0])
+
+
+def test_chat_template_on_without_a_template_is_one_line(tiny_lm, setup, tmp_path):
+    bare = tmp_path / "bare"
+    import shutil
+
+    shutil.copytree(tiny_lm, bare)
+    cfg = json.loads((bare / "tokenizer_config.json").read_text())
+    cfg.pop("chat_template", None)
+    (bare / "tokenizer_config.json").write_text(json.dumps(cfg))
+    (bare / "chat_template.jinja").unlink(missing_ok=True)
+    with pytest.raises(RecipeError, match="chat_template: on, but the model's tokenizer has no chat template"):
+        steer(recipe(bare, setup, layers=[0], chat_template="on"), tmp_path / "o", progress=False)
+    assert not (tmp_path / "o").exists()
+
+
 def test_strength_zero_is_bit_identical(artefact, tiny_lm):
     m, tok = model(tiny_lm), tiny_tokenizer()
     batch = tok(["w1 w2 w3", "w4 w5"], return_tensors="pt", padding=True)

@@ -16,10 +16,14 @@ intervene: null                    # null: the method's own (all positions; ActA
 strength: null                     # the artefact's default strength; null: 1, for unit-norm directions the
                                    # pairs' mean separation along the direction, for iti its alpha
 batch_size: 16
+chat_template: off                 # on / auto: each prompt (and generation prompt) as a user turn of the model's
+                                   # chat template, the completion as the assistant's reply; off: plain text
 generation: {prompts: null, max_new_tokens: 20}   # samples at each --strengths value (default: validation prompts)
 ```
 The text a pair's member is read from is `prompt + positive` (or `+ negative`) exactly: put the separating
-space where the tokenizer expects it (usually at the start of the completion).
+space where the tokenizer expects it (usually at the start of the completion). With `chat_template` on, the
+prompt is first rendered as a user turn followed by the assistant header, and the completion follows that
+header as given (an instruct model's reply usually starts without a space).
 """
 
 from __future__ import annotations
@@ -52,6 +56,7 @@ class SteerRecipe(Strict):
     intervene: Literal["all", "first", None] = None
     strength: float | None = None
     batch_size: int = Field(default=16, gt=0, le=4096)
+    chat_template: Literal["auto", "on", "off"] = "off"
     generation: Generation = Field(default_factory=Generation)
     seed: Seed = 0
     trust_remote_code: bool = False

@@ -20,6 +20,7 @@ import torch
 
 from malleable.errors import InputError, RecipeError
 from malleable.io.atomic import atomic_dir, check_output
+from malleable.learn.data import chat_prompt, uses_chat_template
 from malleable.recipes.steer import SteerRecipe
 from malleable.report import environment, peak_rss_mb, trusted, trusted_lines, write_report
 from malleable.steer.apply import applied, check_strength, decoder_layers
@@ -236,6 +237,9 @@ def steer(recipe: SteerRecipe, out: str | Path, force: bool = False, strengths: 
     start = time.perf_counter()
     train, val = read_pairs(recipe.data.train), read_pairs(recipe.data.validation)
     model, tokenizer = load(recipe)
+    chat = uses_chat_template(tokenizer, recipe.chat_template, "chat_template")
+    if chat:
+        train, val = chat_pairs(tokenizer, train), chat_pairs(tokenizer, val)
     n_layers = len(decoder_layers(model))
     if recipe.layers != "auto" and max(recipe.layers) >= n_layers:
         raise RecipeError(f"layers: {max(recipe.layers)} is out of range; the model has {n_layers} decoder layers "
@@ -286,10 +290,11 @@ def steer(recipe: SteerRecipe, out: str | Path, force: bool = False, strengths: 
     config = {"form": method.form, "method": recipe.method, "parameters": method.p,
               "model": {"path": str(recipe.model), **model_identity(model)}, "layers": layers,
               "default_strength": strength, "read_position": read, "intervene": intervene,
-              "pairs": {"train": len(used), "validation": len(val)}, **method.artefact_config()}
+              "pairs": {"train": len(used), "validation": len(val)}, "chat_template": chat,
+              **method.artefact_config()}
     artefact = Artefact(tensors, config)
     t = time.perf_counter()
-    samples = generate_samples(model, tokenizer, artefact, recipe, val, strengths) if strengths else []
+    samples = generate_samples(model, tokenizer, artefact, recipe, val, strengths, chat) if strengths else []
     seconds["samples"] = round(time.perf_counter() - t, 3)
     t = time.perf_counter()
     preference = sweep(model, tokenizer, artefact, val, samples, recipe.batch_size) if strengths else None
@@ -313,21 +318,37 @@ def steer(recipe: SteerRecipe, out: str | Path, force: bool = False, strengths: 
     return report
 
 
-def sample_prompts(recipe: SteerRecipe, val: list[dict], k: int = 8) -> list[str]:
-    """The recipe's generation prompts, else the first distinct validation prompts, else (plain-text pairs) the
-    first three words of the first validation positives."""
+def chat_text(tokenizer, prompt: str) -> str:
+    """`prompt` as a user turn and the assistant header, without a leading BOS the tokenizer adds itself on
+    encoding (every path here encodes with the tokenizer's special tokens), so that no text starts with two."""
+    text = chat_prompt(tokenizer, prompt)
+    bos = tokenizer.bos_token
+    adds_bos = bos is not None and tokenizer("x")["input_ids"][:1] == [tokenizer.bos_token_id]
+    return text[len(bos):] if adds_bos and text.startswith(bos) else text
+
+
+def chat_pairs(tokenizer, rows: list[dict]) -> list[dict]:
+    """Pairs whose prompt is rendered in the chat template (chat_text); completions unchanged."""
+    return [{**r, "prompt": chat_text(tokenizer, r["prompt"])} for r in rows]
+
+
+def sample_prompts(recipe: SteerRecipe, val: list[dict], k: int = 8, chat: bool = False,
+                   tokenizer=None) -> list[str]:
+    """The recipe's generation prompts (rendered in the chat template with `chat`), else the first distinct
+    validation prompts (already rendered), else (plain-text pairs) the first three words of the first validation
+    positives."""
     if recipe.generation.prompts:
-        return list(recipe.generation.prompts)
+        return [chat_text(tokenizer, p) if chat else p for p in recipe.generation.prompts]
     prompts = list(dict.fromkeys(r["prompt"] for r in val if r["prompt"]))[:k]
     return prompts or list(dict.fromkeys(" ".join(r["positive"].split()[:3]) for r in val))[:k]
 
 
 def generate_samples(model, tokenizer, artefact: Artefact, recipe: SteerRecipe, val: list[dict],
-                     strengths: list[float]) -> list[dict]:
+                     strengths: list[float], chat: bool = False) -> list[dict]:
     """Greedy continuations of a few prompts at each strength, through the hooks (left padding)."""
     from malleable.evaluate.generation import generate
 
-    prompts = sample_prompts(recipe, val)
+    prompts = sample_prompts(recipe, val, chat=chat, tokenizer=tokenizer)
     out = []
     for m in strengths:
         with applied(model, artefact, strength=m):
@@ -343,7 +364,8 @@ def markdown(report: dict) -> str:
              f"- model: `{a['model']['path']}` ({a['model']['architecture']}, hidden size {a['model']['hidden_size']})",
              f"- layers: {a['layers']} ({report['layer_choice']}); read at {a['read_position']}, added at "
              f"{a['intervene']} positions", f"- default strength: {number(a['default_strength'])}",
-             f"- pairs: {a['pairs']['train']} train, {a['pairs']['validation']} validation",
+             f"- pairs: {a['pairs']['train']} train, {a['pairs']['validation']} validation"
+             f"{' (prompts as user turns of the chat template)' if a.get('chat_template') else ''}",
              *trusted_lines(report["trusted"]), *report.get("fit_summary", []),
              "", "## Linear probe per layer (validation pair accuracy)", "",
              "| layer | probe accuracy | direction accuracy | direction norm |", "|---|---|---|---|"]
