@@ -181,3 +181,29 @@ def test_unknown_policy_or_parameter_is_refused():
         get_policy("lru")
     with pytest.raises(RecipeError, match="window"):
         get_policy("knorm", {"window": 3})
+
+
+@pytest.mark.parametrize("name", ["streaming_llm", "snapkv"])
+def test_eviction_on_a_skipgpt_routed_model_bounds_every_layer(model, ids, name):
+    """A routed layer whose tokens partly skip attention writes its keys and values without calling the attention
+    module's forward: eviction must still compress that layer's cache and track its positions while decoding."""
+    import copy
+
+    from malleable.models.routed import install, routing_of
+    from test_slim_skipgpt import routers_for
+
+    routed = copy.deepcopy(model)
+    install(routed, routers_for(routed, seed=5))
+    policy = get_policy(name, {"window_size": 8} if name == "snapkv" else {})
+    kept = {}
+    cache, lengths = decode(routed, ids, policy, kept, budget=12, decode_interval=4)
+    rates = routing_of(routed).skip_rates()
+    assert 0 < rates["attention"] < 1  # some tokens really went around attention
+    assert lengths == [{13}, {14}, {15}, {12}, {13}, {14}, {15}, {12}, {13}, {14}]
+    assert sorted(kept) == list(range(model.config.num_hidden_layers))
+    assert all(k.shape[-1] == 12 and len(set(k[0, 0].tolist())) == 12 for k in kept.values())
+    # layer 0's keys depend only on token and position: the evicted cache holds the full cache's at `kept`
+    full, _ = decode(routed, ids, policy, {}, ratio=0.0)
+    positions = torch.cat([kept[0], torch.arange(38, 40).expand(1, 2, 2)], dim=-1)
+    index = positions.unsqueeze(-1).expand(-1, -1, -1, full.layers[0].keys.shape[-1])
+    assert torch.allclose(cache.layers[0].keys, full.layers[0].keys.gather(2, index), atol=1e-6)

@@ -115,9 +115,10 @@ def n_kept(length: int, ratio: float | None = None, budget: int | None = None) -
 def _layers(model) -> list:
     inner = getattr(model, "model", model)
     layers = getattr(inner, "layers", None)
-    if layers is None or not all(hasattr(layer, "self_attn") for layer in layers):
-        raise InputError(f"{type(model).__name__}: KV eviction needs a decoder whose layers have self_attn "
-                         "(Llama, Mistral, Qwen, Gemma)")
+    if layers is None or not all(hasattr(layer, "self_attn") and hasattr(layer, "input_layernorm")
+                                 for layer in layers):
+        raise InputError(f"{type(model).__name__}: KV eviction needs a decoder whose layers have input_layernorm "
+                         "and self_attn (Llama, Mistral, Qwen, Gemma)")
     return list(layers)
 
 
@@ -159,11 +160,15 @@ def evicting(model, policy: EvictionPolicy, *, ratio: float | None = None, budge
         raise RecipeError(f"kv.decode_interval: {decode_interval} must be at least 1 (decoding steps)")
     tracked: dict[int, _Tracked] = {}
 
-    def hook(module, args, kwargs, output):
-        cache = kwargs.get("cache")
+    def hook(decoder_layer, args, kwargs, output):
+        # on the decoder layer, not its attention: a SkipGPT-routed layer writes the keys and values of tokens
+        # routed around attention without calling the attention module (models/routed.py)
+        cache = kwargs.get("cache", kwargs.get("past_key_values"))
         hidden = kwargs.get("hidden_states", args[0] if args else None)
         if cache is None or hidden is None:
-            raise InputError("kv eviction: the attention layer was called without a cache (use_cache=False?)")
+            raise InputError("kv eviction: the decoder layer was called without a cache (use_cache=False?)")
+        module = decoder_layer.self_attn
+        hidden = decoder_layer.input_layernorm(hidden)  # the attention's input, as the policies score it
         idx, layer = module.layer_idx, cache.layers[module.layer_idx]
         length, new = layer.keys.shape[-2], hidden.shape[1]
         if length == new:  # the prefill of an empty cache
@@ -192,7 +197,7 @@ def evicting(model, policy: EvictionPolicy, *, ratio: float | None = None, budge
             kept[idx] = tracked[idx].positions
         return output
 
-    handles = [layer.self_attn.register_forward_hook(hook, with_kwargs=True) for layer in _layers(model)]
+    handles = [layer.register_forward_hook(hook, with_kwargs=True) for layer in _layers(model)]
     try:
         yield
     finally:
