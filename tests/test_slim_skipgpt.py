@@ -278,3 +278,16 @@ def test_temperature_and_curriculum_schedules_follow_the_authors():
     assert [k for _, k in seen] == [1.0, 1.0, 0.9, 0.9, 0.8, 0.8, 0.7, 0.7, 0.7, 0.7]
     fixed = RouterStage(get_method("skipgpt", {"sparsity": 0.3}), Routing(nn.ModuleList()))
     assert fixed.target() == pytest.approx(0.7)
+
+
+def test_kv_eviction_alone_measures_a_skipgpt_checkpoint_with_its_routers(trained, tmp_path):
+    root, _ = trained
+    data = {"model": str(root / "out"), "kv": {"policy": "streaming_llm", "budget": 12, "decode_interval": 4,
+                                                "evaluate": {"source": str(root / "held.txt"), "context": 40,
+                                                             "continuation": 8, "windows": 2, "needles": 0}}}
+    report = slim(parse_slim_recipe(data), tmp_path / "kv", progress=False)
+    k = report["kv"]
+    assert k["summary"]["evicted"]["kl"] > 0 and k["kept_positions"] == 12
+    assert not (tmp_path / "kv" / "model.safetensors").exists()  # eviction alone writes the report only
+    dense = slim(parse_slim_recipe(data | {"model": str(root / "model")}), tmp_path / "dense", progress=False)
+    assert dense["kv"]["summary"]["full"]["nll"] != k["summary"]["full"]["nll"]  # the routers were applied

@@ -340,16 +340,18 @@ def describe(p: dict) -> str:
     return "\n".join(lines)
 
 
-def load(recipe: SlimRecipe, tokenizer):
+def load(recipe: SlimRecipe, tokenizer, routed: bool = False):
+    """The recipe's model; a SkipGPT checkpoint (routed) only where `routed` allows it (KV eviction alone, which
+    changes no weights, on the model as it is served)."""
     from malleable.models.checkpoints import Trust, load_model
 
     model = load_model(recipe.model, "causal_lm", tokenizer.pad_token_id,
                        trust=Trust(recipe.trust_remote_code, recipe.allow_pickle))
     if hasattr(model, "peft_config"):
         raise InputError(f"{recipe.model}: a PEFT adapter; slim a full checkpoint (merge the adapter first)")
-    if getattr(model, "_malleable_routing", None) is not None:
+    if getattr(model, "_malleable_routing", None) is not None and not routed:
         raise InputError(f"{recipe.model}: a SkipGPT checkpoint (routers beside the weights); slim the dense model "
-                         "it came from")
+                         "it came from (a kv section without a method measures eviction on it as it is)")
     return model
 
 
@@ -480,8 +482,9 @@ def measure_kv(model, tokenizer, recipe: SlimRecipe, ids: torch.Tensor) -> dict:
 def evict_only(recipe: SlimRecipe, out, force: bool, the_plan: dict, tokenizer, ids: torch.Tensor,
                start: float) -> dict:
     """A recipe without a method: no weight changes; the eviction measured against the full cache, and the
-    report (no checkpoint: serve the input model with the recipe's kv settings)."""
-    model = load(recipe, tokenizer)
+    report (no checkpoint: serve the input model with the recipe's kv settings). A SkipGPT checkpoint is measured
+    with its routers, as served."""
+    model = load(recipe, tokenizer, routed=True)
     t = time.perf_counter()
     report = {"schema": SCHEMA, "recipe": recipe.model_dump(mode="json"), "method": None,
               "kv": measure_kv(model, tokenizer, recipe, ids), "trusted": trusted(recipe), "plan": the_plan}
