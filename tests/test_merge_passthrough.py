@@ -163,8 +163,6 @@ def test_chat_template_is_written(tiny_lm, tmp_path, template):
 
 
 REFUSED = [
-    ({"tokenizer_source": "union"}, "tokenizer: vocabulary merging with slices that stack layer ranges"),
-    ({"tokenizer": {"source": "base", "pad_to_multiple_of": 16}}, "tokenizer: vocabulary merging with slices"),
     ({"tokenizer": {"source": "base", "pad_to": 16}}, "tokenizer.pad_to: not a mergekit tokenizer key"),
     ({"chat_template": "chatml"}, "no tokenizer"),
     ({"slices": "two sources"}, "slices.0: method 'passthrough' merges exactly 1 input"),
