@@ -43,6 +43,9 @@ MODEL_FILES = ("config.json", "generation_config.json", "tokenizer.json", "token
                "added_tokens.json")
 
 
+# why models whose vocabularies differ are refused without a tokenizer section
+VOCAB_HINT = ("the vocabularies differ; set tokenizer_source (or a tokenizer: section) to merge them over one "
+              "vocabulary")
 # config.json lists with one entry per layer: re-laid out with the layers when slices stack them
 PER_LAYER_CONFIG = ("layer_types", "no_rope_layers")
 # tensors outside the layers that sit before them (taken from the first slice's model; the rest from the last's)
@@ -211,8 +214,10 @@ def _plan_models(recipe: MergeRecipe, rule: Rule, params, base: Checkpoint | Non
         return _plan_slices(recipe, rule, params, base, models)
     ref = base or models[0]
     everyone = models + ([base] if base else [])
-    keys = ("model_type", "hidden_size", "num_hidden_layers") + (() if recipe.tokenizer else ("vocab_size",))
-    _same_architecture(everyone, ref, keys, "different architectures cannot be merged")
+    _same_architecture(everyone, ref, ("model_type", "hidden_size", "num_hidden_layers"),
+                       "different architectures cannot be merged")
+    if recipe.tokenizer is None:
+        _same_architecture(everyone, ref, ("vocab_size",), VOCAB_HINT)
     for m in everyone:
         for name, meta in ref.meta.items():
             if name not in m.meta:
@@ -272,8 +277,11 @@ def _plan_slices(recipe: MergeRecipe, rule: Rule, params, base: Checkpoint | Non
     """Stack the slices into a deeper (or shallower) model. Output layer i of a slice is its sources' layer
     start + i (renamed to the output index), merged by the rule (passthrough: copied); tensors outside the layers
     before them (embeddings) are merged from the first slice's sources, the others (final norm, lm_head) from the
-    last slice's, as in mergekit. The base is read only where a slice names its `base_layers`; it always lends
-    config.json and the tokenizer files."""
+    last slice's, as in mergekit (which, where the last slice has more sources than the first, silently merges only
+    as many of them as the first slice has; we merge them all). The base is read only where a slice names its
+    `base_layers`; it always lends config.json and the tokenizer files. With a `tokenizer` section, the vocabulary
+    is built from every model the recipe names and each embedding / lm_head row laid out over it with the default
+    rows of that tensor's own models (`vocab.Vocab.layout`)."""
     slices = [sl.all_sources() for sl in recipe.slices]
     for n, (sl, srcs) in enumerate(zip(recipe.slices, slices)):
         for i, s in enumerate(srcs):
@@ -290,9 +298,11 @@ def _plan_slices(recipe: MergeRecipe, rule: Rule, params, base: Checkpoint | Non
     ref = base or models[slices[0][0].input]
     # stacked layers may come from models of other depths: the layer count is not compared; with vocabulary
     # merging, nor the vocabulary size
-    keys = ("model_type", "hidden_size") + (() if recipe.tokenizer else ("vocab_size",))
-    _same_architecture(models + ([base] if base else []), ref, keys, "layers of different architectures cannot be "
+    everyone = models + ([base] if base else [])
+    _same_architecture(everyone, ref, ("model_type", "hidden_size"), "layers of different architectures cannot be "
                        "stacked")
+    if recipe.tokenizer is None:
+        _same_architecture(everyone, ref, ("vocab_size",), VOCAB_HINT)
     layers: dict[int, dict[int, list[str]]] = {}  # per checkpoint (by id): layer -> its tensor names, file order
     for m in models + ([base] if base else []):
         by_layer: dict[int, list[str]] = {}

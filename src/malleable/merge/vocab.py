@@ -89,7 +89,7 @@ class Vocab:
     n_tokens: int
     size: int  # rows written: n_tokens padded up to pad_to_multiple_of
     roots: list[Path]  # per member, resolved
-    rows: list[list[int]]  # per member: its row for each output token, -1 where it lacks the token
+    rows: list[torch.Tensor]  # per member: its row for each output token, -1 where it lacks the token
     base_root: Path | None  # the model whose row a shared token takes when it is merged into the tensor
     tokens: dict[int, _Token]  # the recipe's `tokens:` entries, by output id
     _layouts: dict[tuple[int, ...], Layout] = field(default_factory=dict)
@@ -104,22 +104,23 @@ class Vocab:
             first.setdefault(self.roots[m], k)
         distinct = list(first.values())
         base = first.get(self.base_root) if self.base_root is not None else None
+        own = {k: self.rows[members[k]].tolist() for k in distinct}  # lists: read entry by entry below
         defaults: dict[int, list[tuple[int, int, float]]] = {}  # token id -> [(position, row, weight)]
         for i in range(self.n_tokens):
-            have = [k for k in distinct if self.rows[members[k]][i] >= 0]
+            have = [k for k in distinct if own[k][i] >= 0]
             tok = self.tokens.get(i)
             if tok is not None and (tok.force or len(have) < len(distinct)):
                 defaults[i] = self._explicit(tok, i, members, first, where)
             elif len(have) == len(distinct):
                 continue
             elif len(have) == 1:
-                defaults[i] = [(have[0], self.rows[members[have[0]]][i], 1.0)]
+                defaults[i] = [(have[0], own[have[0]][i], 1.0)]
             elif not have:
                 defaults[i] = []
             elif base is not None and base in have:
-                defaults[i] = [(base, self.rows[members[base]][i], 1.0)]
+                defaults[i] = [(base, own[base][i], 1.0)]
             else:
-                defaults[i] = [(k, self.rows[members[k]][i], 1 / len(have)) for k in have]
+                defaults[i] = [(k, own[k][i], 1 / len(have)) for k in have]
         ids = sorted(defaults)
         position = {i: p for p, i in enumerate(ids)}
         default_from = []
@@ -131,7 +132,7 @@ class Vocab:
         forced = torch.tensor(sorted(i for i, t in self.tokens.items() if t.force), dtype=torch.long)
         rows = []
         for m in members:
-            r = torch.tensor(self.rows[m], dtype=torch.long)
+            r = self.rows[m].clone()
             r[forced] = -1
             rows.append(r)
         out = self._layouts[members] = Layout(rows, torch.tensor(ids, dtype=torch.long), default_from)
@@ -151,7 +152,7 @@ class Vocab:
         if root not in first:
             raise RecipeError(f"tokenizer.tokens.{tok.name}.source: {root} is not one of the models merged into "
                               f"{where}")
-        row = tok.row if tok.row is not None else self.rows[tok.member][i]
+        row = tok.row if tok.row is not None else int(self.rows[tok.member][i])
         if row < 0:
             raise RecipeError(f"tokenizer.tokens.{tok.name}.source: {root} has no token {tok.name!r}")
         return [(first[root], row, 1.0)]
@@ -288,4 +289,4 @@ def plan_vocab(spec: Any, members: list[tuple[Path, dict | None, int | None]], b
         else:
             tokens[vocab[t]] = _Token(t, cfg.force, "row", member(src, f"{t}.source"))
     base_root = roots[base_index] if base_index is not None else None
-    return Vocab(out, n, size, roots, rows, base_root, tokens)
+    return Vocab(out, n, size, roots, [torch.tensor(r, dtype=torch.long) for r in rows], base_root, tokens)
