@@ -48,8 +48,9 @@ VOCAB_HINT = ("the vocabularies differ; set tokenizer_source (or a tokenizer: se
               "vocabulary")
 # config.json lists with one entry per layer: re-laid out with the layers when slices stack them
 PER_LAYER_CONFIG = ("layer_types", "no_rope_layers")
-# tensors outside the layers that sit before them (taken from the first slice's model; the rest from the last's)
-_PRE_LAYER = re.compile(r"embed|wte|wpe|word_embeddings")
+# tensors outside the layers that sit before them (taken from the first slice's model; the rest from the last's);
+# GPT-NeoX's output embedding (embed_out) sits after them, as in mergekit's gpt-neox architecture
+_PRE_LAYER = re.compile(r"embed(?!_out)|wte|wpe|word_embeddings")
 
 
 @dataclass(frozen=True)
