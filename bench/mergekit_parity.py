@@ -19,8 +19,10 @@ few percent).
 
 Usage:
   bench/setup_mergekit.sh                   # once: mergekit 0.1.5 in /work/mergekit-venv
-  PYTHONPATH=src python bench/mergekit_parity.py [--only slerp,nearswap]
-Writes bench/results/mergekit_parity.{json,md}.
+  PYTHONPATH=src python bench/mergekit_parity.py [--only slerp,nearswap] [--name RESULTS]
+Writes bench/results/mergekit_parity.{json,md} (with --only: mergekit_parity_partial, or RESULTS).
+The vocabulary-merging cases with slices (vocab_slices_*) were added after the last full run; their rows are in
+bench/results/mergekit_parity_vocab_slices.{json,md}.
 """
 
 from __future__ import annotations
@@ -296,6 +298,45 @@ def cases(m: dict[str, Path]) -> dict[str, dict]:
     add("vocab_pad_514_to_528", ["merge_method: linear", *_models(m, [("v_big", {"weight": 1.0})]),
                                  "tokenizer: {pad_to_multiple_of: 16}"], vocab=True,
         note="a 514-token vocabulary padded to 528 rows (each model's mean row)")
+    # vocabulary merging with slices: the embeddings merge the first slice's sources, lm_head the last slice's,
+    # each laid out over the output vocabulary with the default rows of its own models
+    two_slices = [*src("v_a", [0, 3]), *src("v_b", [1, 4])]
+    add("vocab_slices_passthrough_union", ["merge_method: passthrough", f"base_model: {m['v_base']}", "slices:",
+                                           *two_slices, "tokenizer_source: union"], vocab=True,
+        note="frankenmerge of v_a and v_b over the union (base_model lends config.json and starts the union)")
+    add("vocab_slices_passthrough_base", ["merge_method: passthrough", f"base_model: {m['v_base']}", "slices:",
+                                          *two_slices, "tokenizer_source: base"], vocab=True,
+        note="frankenmerge written with the base's tokenizer")
+    add("vocab_slices_passthrough_model", ["merge_method: passthrough", "slices:", *src("v_a", [0, 3]),
+                                           *src("v_b", [1, 4], {"scale": 0.5}), f"tokenizer_source: {m['v_b']}"],
+        vocab=True, note="no base; v_b's tokenizer; the last slice's scale on lm_head")
+    add("vocab_slices_linear_union", ["merge_method: linear", f"base_model: {m['v_base']}", "slices:",
+                                      *msrc([("v_a", [0, 2], {"weight": 0.3}), ("v_b", [0, 2], {"weight": 0.7})]),
+                                      *msrc([("v_b", [2, 4], {"weight": 0.6}), ("v_base", [1, 3], {"weight": 0.4})]),
+                                      "tokenizer_source: union"], vocab=True,
+        note="linear over two sources per slice; lm_head's default rows prefer the base, which is one of its models")
+    add("vocab_slices_slerp_union", ["merge_method: slerp", f"base_model: {m['v_base']}", "slices:",
+                                     *msrc([("v_base", [0, 2], None), ("v_a", [0, 2], None)], {"t": 0.3}),
+                                     *msrc([("v_base", [2, 4], None), ("v_b", [1, 3], None)], {"t": [0.2, 0.9]}),
+                                     "tokenizer_source: union"], vocab=True,
+        note="slerp per slice between the base and v_a, then the base and v_b")
+    add("vocab_slices_ties_tokens", ["merge_method: ties", f"base_model: {m['v_base']}", "slices:",
+                                     *msrc([("v_a", [0, 4], {"weight": 0.6, "density": 0.5}),
+                                            ("v_b", [0, 4], {"weight": 0.5, "density": 0.7}), ("v_base", [0, 4], None)]),
+                                     *msrc([("v_b", [3, 4], {"weight": 0.6, "density": 0.5}),
+                                            ("v_a", [2, 3], {"weight": 0.3}), ("v_base", [3, 4], None)]),
+                                     "tokenizer:", "  source: union", "  pad_to_multiple_of: 16", "  tokens:",
+                                     f"    x1: {{source: {m['v_a']}}}", "    w3: {source: {kind: zero}, force: true}",
+                                     f"    newtok: {{source: {{kind: model_token, model: {m['v_b']}, token: w5}}}}"],
+        vocab=True, note="ties over slices with per-token sources and padding to 16 rows")
+    add("vocab_slices_bf16", ["merge_method: passthrough", f"base_model: {m['v_base']}", "slices:", *two_slices,
+                              "tokenizer_source: union"], dtype="bfloat16", vocab=True,
+        note="dtype bfloat16: written bfloat16, config.json says so")
+    add("vocab_slices_out_fp16", ["merge_method: linear", f"base_model: {m['v_base']}", "slices:",
+                                  *msrc([("v_a", [0, 2], {"weight": 0.5}), ("v_b", [0, 2], {"weight": 0.5})]),
+                                  *msrc([("v_b", [2, 4], {"weight": 1.0}), ("v_a", [2, 4], {"weight": 0.5})]),
+                                  "tokenizer_source: union", "out_dtype: float16"], vocab=True,
+        note="computed in float32, written float16 (out_dtype); config.json says so")
     for name in ("della", "della_linear"):
         lines = ["merge_method: " + name, f"base_model: {m['base']}",
                  *_models(m, [("ft0", {"weight": 0.6, "density": 0.6, "epsilon": 0.1}),
@@ -457,6 +498,8 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--only", default="", help="comma-separated case names")
     ap.add_argument("--work", default=None, help="scratch folder (default: a temporary one)")
+    ap.add_argument("--name", default=None, help="results file name (default: mergekit_parity, or "
+                    "mergekit_parity_partial with --only)")
     args = ap.parse_args(argv)
     if not (MERGEKIT_VENV / "bin" / "mergekit-yaml").exists():
         raise SystemExit(f"no mergekit-yaml in {MERGEKIT_VENV}: run bench/setup_mergekit.sh first")
@@ -524,7 +567,7 @@ def main(argv=None) -> int:
             "models": {"config": TINY, "dtype": "float32 (and bfloat16 copies for *_bf16 cases)",
                        "fine-tunes": "base + N(0, 0.02^2) noise, seeds 100-102"},
             "results": results}
-    name = "mergekit_parity" if not only else "mergekit_parity_partial"
+    name = args.name or ("mergekit_parity" if not only else "mergekit_parity_partial")
     write_results(name, data, markdown(data))
     return 0 if all(r["pass"] for r in results.values() if not r["informational"]) else 1
 

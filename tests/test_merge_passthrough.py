@@ -163,8 +163,6 @@ def test_chat_template_is_written(tiny_lm, tmp_path, template):
 
 
 REFUSED = [
-    ({"tokenizer_source": "union"}, "tokenizer: vocabulary merging with slices that stack layer ranges"),
-    ({"tokenizer": {"source": "base", "pad_to_multiple_of": 16}}, "tokenizer: vocabulary merging with slices"),
     ({"tokenizer": {"source": "base", "pad_to": 16}}, "tokenizer.pad_to: not a mergekit tokenizer key"),
     ({"chat_template": "chatml"}, "no tokenizer"),
     ({"slices": "two sources"}, "slices.0: method 'passthrough' merges exactly 1 input"),
@@ -276,3 +274,25 @@ def test_a_single_source_weight_is_the_input_weight(models):
         {"sources": [{"model": str(models["ft1"]), "layer_range": [1, 2]}]}]}, "mk.yml")
     assert recipe.slices[0].sources[0].weight == 2.0 and recipe.slices[0].parameters == {}
     assert recipe.slices[1].input == 1 and recipe.slices[1].layers == (1, 2)
+
+
+def test_gpt_neox_output_embedding_comes_from_the_last_slice(tmp_path):
+    """embed_out (GPT-NeoX's lm_head) is merged with the final norm from the last slice's model, embed_in from the
+    first's, as mergekit's gpt-neox architecture lists them."""
+    from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
+
+    paths = []
+    for seed in (0, 1):
+        torch.manual_seed(seed)
+        cfg = GPTNeoXConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                            vocab_size=96, max_position_embeddings=64, tie_word_embeddings=False)
+        GPTNeoXForCausalLM(cfg).eval().save_pretrained(tmp_path / f"neox{seed}")
+        paths.append(tmp_path / f"neox{seed}")
+    data = {"merge_method": "passthrough", "slices": [src(paths[0], [0, 2]), src(paths[1], [1, 2])]}
+    out = tmp_path / "out"
+    run_merge(write(tmp_path, data), out, progress=False)
+    got, a, b = (load_file(p / "model.safetensors") for p in (out, *paths))
+    assert torch.equal(got["gpt_neox.embed_in.weight"], a["gpt_neox.embed_in.weight"])
+    assert torch.equal(got["embed_out.weight"], b["embed_out.weight"])
+    assert torch.equal(got["gpt_neox.final_layer_norm.weight"], b["gpt_neox.final_layer_norm.weight"])
+    assert AutoModelForCausalLM.from_pretrained(out).config.num_hidden_layers == 3

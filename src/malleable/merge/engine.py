@@ -43,10 +43,14 @@ MODEL_FILES = ("config.json", "generation_config.json", "tokenizer.json", "token
                "added_tokens.json")
 
 
+# why models whose vocabularies differ are refused without a tokenizer section
+VOCAB_HINT = ("the vocabularies differ; set tokenizer_source (or a tokenizer: section) to merge them over one "
+              "vocabulary")
 # config.json lists with one entry per layer: re-laid out with the layers when slices stack them
 PER_LAYER_CONFIG = ("layer_types", "no_rope_layers")
-# tensors outside the layers that sit before them (taken from the first slice's model; the rest from the last's)
-_PRE_LAYER = re.compile(r"embed|wte|wpe|word_embeddings")
+# tensors outside the layers that sit before them (taken from the first slice's model; the rest from the last's);
+# GPT-NeoX's output embedding (embed_out) sits after them, as in mergekit's gpt-neox architecture
+_PRE_LAYER = re.compile(r"embed(?!_out)|wte|wpe|word_embeddings")
 
 
 @dataclass(frozen=True)
@@ -94,6 +98,12 @@ class MergePlan:
             src = TensorSource((name,) * n, tuple(range(n)), name if self.base else None, self.resolver,
                                layer_index(name))
         return src
+
+    def vocab_members(self, src: TensorSource) -> tuple[int, ...]:
+        """The models merged into a tensor, as indices into the vocabulary's members (the base first when the
+        recipe has one, then the inputs), in the order `_merge_floats` hands over their tensors."""
+        shift = int(self.base is not None)
+        return (0,) * (src.base is not None) + tuple(i + shift for i in src.inputs)
 
     @property
     def base_used(self) -> bool:
@@ -187,6 +197,8 @@ def plan_merge(recipe: MergeRecipe) -> MergePlan:
         src = plan.source(name)
         src.resolver.values(name, src.layer)
         src.resolver.weights(name, src.layer)
+        if plan.vocab is not None and vocab.is_vocab_tensor(name):  # and every token's row has a source
+            plan.vocab.layout(plan.vocab_members(src), f"'{name}'")
     return plan
 
 
@@ -200,13 +212,13 @@ def _plan_models(recipe: MergeRecipe, rule: Rule, params, base: Checkpoint | Non
         raise RecipeError("output.kind: full checkpoints merge into a model, not an adapter")
     models = [Checkpoint(i.path, recipe.allow_pickle) for i in recipe.inputs]
     if recipe.slices is not None:
-        if recipe.tokenizer is not None:
-            raise RecipeError("tokenizer: vocabulary merging with slices is not supported; merge whole models")
         return _plan_slices(recipe, rule, params, base, models)
     ref = base or models[0]
     everyone = models + ([base] if base else [])
-    keys = ("model_type", "hidden_size", "num_hidden_layers") + (() if recipe.tokenizer else ("vocab_size",))
-    _same_architecture(everyone, ref, keys, "different architectures cannot be merged")
+    _same_architecture(everyone, ref, ("model_type", "hidden_size", "num_hidden_layers"),
+                       "different architectures cannot be merged")
+    if recipe.tokenizer is None:
+        _same_architecture(everyone, ref, ("vocab_size",), VOCAB_HINT)
     for m in everyone:
         for name, meta in ref.meta.items():
             if name not in m.meta:
@@ -266,8 +278,11 @@ def _plan_slices(recipe: MergeRecipe, rule: Rule, params, base: Checkpoint | Non
     """Stack the slices into a deeper (or shallower) model. Output layer i of a slice is its sources' layer
     start + i (renamed to the output index), merged by the rule (passthrough: copied); tensors outside the layers
     before them (embeddings) are merged from the first slice's sources, the others (final norm, lm_head) from the
-    last slice's, as in mergekit. The base is read only where a slice names its `base_layers`; it always lends
-    config.json and the tokenizer files."""
+    last slice's, as in mergekit (which, where the last slice has more sources than the first, silently merges only
+    as many of them as the first slice has; we merge them all). The base is read only where a slice names its
+    `base_layers`; it always lends config.json and the tokenizer files. With a `tokenizer` section, the vocabulary
+    is built from every model the recipe names and each embedding / lm_head row laid out over it with the default
+    rows of that tensor's own models (`vocab.Vocab.layout`)."""
     slices = [sl.all_sources() for sl in recipe.slices]
     for n, (sl, srcs) in enumerate(zip(recipe.slices, slices)):
         for i, s in enumerate(srcs):
@@ -282,9 +297,13 @@ def _plan_slices(recipe: MergeRecipe, rule: Rule, params, base: Checkpoint | Non
     if unused:
         raise RecipeError(f"inputs.{unused[0]}: no slice takes layers from it")
     ref = base or models[slices[0][0].input]
-    # stacked layers may come from models of other depths: the layer count is not compared
-    _same_architecture(models + ([base] if base else []), ref, ("model_type", "hidden_size", "vocab_size"),
-                       "layers of different architectures cannot be stacked")
+    # stacked layers may come from models of other depths: the layer count is not compared; with vocabulary
+    # merging, nor the vocabulary size
+    everyone = models + ([base] if base else [])
+    _same_architecture(everyone, ref, ("model_type", "hidden_size"), "layers of different architectures cannot be "
+                       "stacked")
+    if recipe.tokenizer is None:
+        _same_architecture(everyone, ref, ("vocab_size",), VOCAB_HINT)
     layers: dict[int, dict[int, list[str]]] = {}  # per checkpoint (by id): layer -> its tensor names, file order
     for m in models + ([base] if base else []):
         by_layer: dict[int, list[str]] = {}
@@ -298,7 +317,10 @@ def _plan_slices(recipe: MergeRecipe, rule: Rule, params, base: Checkpoint | Non
     def check(ckpt: Checkpoint, name: str, like: tuple[int, ...], where: str) -> None:
         if name not in ckpt.meta:
             raise InputError(f"{ckpt.path}: has no tensor '{name}' ({where})")
-        if ckpt.meta[name].shape != like:
+        have = ckpt.meta[name].shape
+        if recipe.tokenizer is not None and vocab.is_vocab_tensor(name) and have[1:] == like[1:]:
+            return  # rows differ per vocabulary: laid out over the output one when merged
+        if have != like:
             raise InputError(f"{ckpt.path}: tensor '{name}' has shape {list(ckpt.meta[name].shape)}, but the "
                              f"tensor it is merged or stacked with has {list(like)} ({where})")
 
@@ -370,8 +392,13 @@ def _plan_slices(recipe: MergeRecipe, rule: Rule, params, base: Checkpoint | Non
                 add(rename_layer(t, len(layer_map)), names, n, base_name, off, f"slices.{n}")
             layer_map.append((srcs[0].input, j))
     outside(len(slices) - 1, False)
-    return MergePlan(recipe, rule, resolvers[0], "model", "model", base, models=models, tensors=tensors,
+    plan = MergePlan(recipe, rule, resolvers[0], "model", "model", base, models=models, tensors=tensors,
                      sources=sources, layer_map=layer_map, donor=base or models[slices[0][0].input])
+    if recipe.tokenizer is not None:  # built from every model the recipe names, as mergekit's
+        plan.vocab = _plan_vocab(recipe, [base] * (base is not None) + models)
+        plan.tensors = [(n, d, (plan.vocab.size, *shape[1:]) if vocab.is_vocab_tensor(n) else shape)
+                        for n, d, shape in tensors]
+    return plan
 
 
 def _plan_adapters(recipe: MergeRecipe, rule: Rule, params, base: Checkpoint | None) -> MergePlan:
@@ -642,7 +669,7 @@ def _merge_floats(plan: MergePlan, name: str, buffers: _Buffers, stats: _Stats) 
         _check_finite(t, tensor_name, m.path, allow)  # appear twice in a slice
         inputs.append(t)
     if plan.vocab is not None and vocab.is_vocab_tensor(name):  # every model's rows over the output vocabulary
-        aligned = plan.vocab.align([base] * (base is not None) + inputs)
+        aligned = plan.vocab.align([base] * (base is not None) + inputs, plan.vocab_members(src))
         base, inputs = (aligned[0], aligned[1:]) if base is not None else (None, aligned)
     tensors = [base] if raw_base else []
     for t in inputs:

@@ -9,6 +9,11 @@ and lm_head rows of every model laid out over it before the rule merges them, wi
   it. `force: true` gives every model the default row, also those that have the token;
 * rows past the vocabulary (`pad_to_multiple_of`) are each model's mean row over the vocabulary.
 
+"Every model" is every model merged into that tensor: all of them in a whole-model merge; with `slices:` the first
+slice's sources for the embeddings and the last slice's for lm_head (the base only where it is one of them), as in
+mergekit, where these rules run over the tensors a slice gathers (a model a slice takes twice counts once). The
+output tokenizer itself is built from every model the recipe names, slices or not.
+
 The rule then merges the aligned rows like any other tensor, one tensor at a time. Where we differ from mergekit:
 the union lists new tokens in input order (mergekit walks a set of models and each tokenizer's hash-ordered
 vocabulary, so its ids for tokens the base lacks can change between runs); without a base, the first input's
@@ -20,7 +25,7 @@ with entries past its model's vocab_size (mergekit strips them, BPE only), and v
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -51,35 +56,125 @@ def _vocab_size(config: dict | None, rows: int | None, fallback: int) -> int:
     return rows if rows is not None else fallback
 
 
+@dataclass(frozen=True)
+class _Token:
+    """A `tokens:` entry, resolved: `kind` "zero", "row" (row `row` of member `member`), or "none" (no source)."""
+
+    name: str
+    force: bool
+    kind: str
+    member: int | None = None
+    row: int | None = None  # None: the member's own row of the token
+    error: str | None = None  # a model_token source that names no row of its model: raised where it is used
+
+
+@dataclass
+class Layout:
+    """Where each output row of one tensor comes from, for the models merged into it (`members`, in the order
+    the engine hands their tensors over)."""
+
+    rows: list[torch.Tensor]  # per member: its row for each output token, -1 where the default row goes
+    default_ids: torch.Tensor  # output tokens that have a default row
+    # per member: (positions in default_ids, that member's rows, weights) summed into the default rows
+    default_from: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
+
+
 @dataclass
 class Vocab:
-    """The output vocabulary and, per model (the merge's order: base first when it is read, then the inputs),
-    where each output row comes from."""
+    """The output vocabulary, and every merged model's row for each output token (`members`: the base first when
+    the recipe has one, then the inputs). A tensor merges some of them (with slices: the first or last slice's
+    sources); its default rows follow mergekit's rules over those models alone (`layout`)."""
 
     tokenizer: Any
     n_tokens: int
     size: int  # rows written: n_tokens padded up to pad_to_multiple_of
-    rows: list[torch.Tensor]  # per model: its row for each output token, -1 where the default row goes
-    default_ids: torch.Tensor  # output tokens that have a default row
-    # per model: (positions in default_ids, that model's rows, weights) summed into the default rows
-    default_from: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
+    roots: list[Path]  # per member, resolved
+    rows: list[torch.Tensor]  # per member: its row for each output token, -1 where it lacks the token
+    base_root: Path | None  # the model whose row a shared token takes when it is merged into the tensor
+    tokens: dict[int, _Token]  # the recipe's `tokens:` entries, by output id
+    _layouts: dict[tuple[int, ...], Layout] = field(default_factory=dict)
 
-    def align(self, tensors: list[torch.Tensor]) -> list[torch.Tensor]:
-        """Every model's tensor (rows = its own vocabulary) laid out over the output vocabulary, float32."""
+    def layout(self, members: tuple[int, ...], where: str = "the merge") -> Layout:
+        """The layout of a tensor merged from `members` (indices into the members; a model may appear twice and
+        counts once), computed once per set. Raises RecipeError where a token's row has no source among them."""
+        if members in self._layouts:
+            return self._layouts[members]
+        first: dict[Path, int] = {}  # distinct models: root -> its first position in `members`
+        for k, m in enumerate(members):
+            first.setdefault(self.roots[m], k)
+        distinct = list(first.values())
+        base = first.get(self.base_root) if self.base_root is not None else None
+        own = {k: self.rows[members[k]].tolist() for k in distinct}  # lists: read entry by entry below
+        defaults: dict[int, list[tuple[int, int, float]]] = {}  # token id -> [(position, row, weight)]
+        for i in range(self.n_tokens):
+            have = [k for k in distinct if own[k][i] >= 0]
+            tok = self.tokens.get(i)
+            if tok is not None and (tok.force or len(have) < len(distinct)):
+                defaults[i] = self._explicit(tok, i, members, first, where)
+            elif len(have) == len(distinct):
+                continue
+            elif len(have) == 1:
+                defaults[i] = [(have[0], own[have[0]][i], 1.0)]
+            elif not have:
+                defaults[i] = []
+            elif base is not None and base in have:
+                defaults[i] = [(base, own[base][i], 1.0)]
+            else:
+                defaults[i] = [(k, own[k][i], 1 / len(have)) for k in have]
+        ids = sorted(defaults)
+        position = {i: p for p, i in enumerate(ids)}
+        default_from = []
+        for k in range(len(members)):
+            picks = [(position[i], r, w) for i, srcs in defaults.items() for kk, r, w in srcs if kk == k]
+            default_from.append((torch.tensor([p for p, _, _ in picks], dtype=torch.long),
+                                 torch.tensor([r for _, r, _ in picks], dtype=torch.long),
+                                 torch.tensor([w for _, _, w in picks], dtype=torch.float32)))
+        forced = torch.tensor(sorted(i for i, t in self.tokens.items() if t.force), dtype=torch.long)
+        rows = []
+        for m in members:
+            r = self.rows[m].clone()
+            r[forced] = -1
+            rows.append(r)
+        out = self._layouts[members] = Layout(rows, torch.tensor(ids, dtype=torch.long), default_from)
+        return out
+
+    def _explicit(self, tok: _Token, i: int, members: tuple[int, ...], first: dict[Path, int],
+                  where: str) -> list[tuple[int, int, float]]:
+        """The default row of a token with a `tokens:` entry, from among `members`."""
+        if tok.kind == "none":
+            raise RecipeError(f"tokenizer.tokens.{tok.name}: the token is missing from a model (or forced), so it "
+                              "needs a source")
+        if tok.kind == "zero":
+            return []
+        if tok.error is not None:
+            raise RecipeError(tok.error)
+        root = self.roots[tok.member]
+        if root not in first:
+            raise RecipeError(f"tokenizer.tokens.{tok.name}.source: {root} is not one of the models merged into "
+                              f"{where}")
+        row = tok.row if tok.row is not None else int(self.rows[tok.member][i])
+        if row < 0:
+            raise RecipeError(f"tokenizer.tokens.{tok.name}.source: {root} has no token {tok.name!r}")
+        return [(first[root], row, 1.0)]
+
+    def align(self, tensors: list[torch.Tensor], members: tuple[int, ...] | None = None) -> list[torch.Tensor]:
+        """The tensors of `members` (default: every member; rows = each one's own vocabulary) laid out over the
+        output vocabulary, float32."""
+        lay = self.layout(tuple(range(len(self.roots))) if members is None else tuple(members))
         hidden = tensors[0].shape[1:]
-        defaults = torch.zeros((len(self.default_ids), *hidden), dtype=torch.float32)
-        for t, (pos, rows, w) in zip(tensors, self.default_from):
+        defaults = torch.zeros((len(lay.default_ids), *hidden), dtype=torch.float32)
+        for t, (pos, rows, w) in zip(tensors, lay.default_from):
             if len(pos):
                 defaults.index_add_(0, pos, t.index_select(0, rows) * w.view(-1, *([1] * len(hidden))))
         out = []
-        for t, rows in zip(tensors, self.rows):
+        for t, rows in zip(tensors, lay.rows):
             new = torch.empty((self.size, *hidden), dtype=torch.float32)
             have = rows >= 0
             new[:self.n_tokens][have] = t.index_select(0, rows[have])
             own = torch.zeros(self.n_tokens, dtype=torch.bool)
             own[have] = True
-            need = ~own[self.default_ids]
-            new[self.default_ids[need]] = defaults[need]
+            need = ~own[lay.default_ids]
+            new[lay.default_ids[need]] = defaults[need]
             if self.size > self.n_tokens:
                 new[self.n_tokens:] = new[:self.n_tokens].mean(dim=0)
             out.append(new)
@@ -176,56 +271,22 @@ def plan_vocab(spec: Any, members: list[tuple[Path, dict | None, int | None]], b
         for m, (v, s) in enumerate(zip(vocabs, sizes)):
             j = v.get(t, -1)
             rows[m][i] = j if j < s else -1
-    # default rows: token id -> [(model, row, weight)]
-    defaults: dict[int, list[tuple[int, int, float]]] = {}
-    forced = set()
-    for t, i in vocab.items():
-        have = [m for m in range(len(members)) if rows[m][i] >= 0]
-        cfg = spec.tokens.get(t)
-        if cfg is not None and cfg.force:
-            forced.add(i)
-        if cfg is not None and (cfg.force or len(have) < len(members)):
-            src = cfg.source
-            if src is None:
-                raise RecipeError(f"tokenizer.tokens.{t}: the token is missing from a model (or forced), so it "
-                                  "needs a source")
-            if getattr(src, "kind", None) == "zero":
-                defaults[i] = []
-            elif getattr(src, "kind", None) == "model_token":
-                m = member(src.model, f"{t}.source.model")
-                j = src.token_id if src.token_id is not None else vocabs[m].get(src.token, -1)
-                if not 0 <= j < sizes[m] or (members[m][2] is not None and j >= members[m][2]):
-                    what = src.token_id if src.token_id is not None else repr(src.token)
-                    raise RecipeError(f"tokenizer.tokens.{t}.source: token {what} is not in {src.model}'s "
-                                      "vocabulary")
-                defaults[i] = [(m, j, 1.0)]
-            else:
-                m = member(src, f"{t}.source")
-                if rows[m][i] < 0:
-                    raise RecipeError(f"tokenizer.tokens.{t}.source: {members[m][0]} has no token {t!r}")
-                defaults[i] = [(m, rows[m][i], 1.0)]
-        elif len(have) == len(members):
-            continue
-        elif len(have) == 1:
-            defaults[i] = [(have[0], rows[have[0]][i], 1.0)]
-        elif not have:
-            defaults[i] = []
-        elif base_index is not None and base_index in have:
-            defaults[i] = [(base_index, rows[base_index][i], 1.0)]
+    tokens = {}
+    for t, cfg in spec.tokens.items():
+        src, kind = cfg.source, getattr(cfg.source, "kind", None)
+        if src is None:
+            tokens[vocab[t]] = _Token(t, cfg.force, "none")
+        elif kind == "zero":
+            tokens[vocab[t]] = _Token(t, cfg.force, "zero")
+        elif kind == "model_token":
+            m = member(src.model, f"{t}.source.model")
+            j = src.token_id if src.token_id is not None else vocabs[m].get(src.token, -1)
+            error = None
+            if not 0 <= j < sizes[m] or (members[m][2] is not None and j >= members[m][2]):
+                what = src.token_id if src.token_id is not None else repr(src.token)
+                error = f"tokenizer.tokens.{t}.source: token {what} is not in {src.model}'s vocabulary"
+            tokens[vocab[t]] = _Token(t, cfg.force, "row", m, j, error)
         else:
-            defaults[i] = [(m, rows[m][i], 1 / len(have)) for m in have]
-    default_ids = torch.tensor(sorted(defaults), dtype=torch.long)
-    position = {i: k for k, i in enumerate(sorted(defaults))}
-    default_from = []
-    for m in range(len(members)):
-        picks = [(position[i], r, w) for i, srcs in defaults.items() for mm, r, w in srcs if mm == m]
-        default_from.append((torch.tensor([p for p, _, _ in picks], dtype=torch.long),
-                             torch.tensor([r for _, r, _ in picks], dtype=torch.long),
-                             torch.tensor([w for _, _, w in picks], dtype=torch.float32)))
-    row_tensors = []
-    for m in range(len(members)):
-        r = torch.tensor(rows[m], dtype=torch.long)
-        if forced:
-            r[torch.tensor(sorted(forced))] = -1
-        row_tensors.append(r)
-    return Vocab(out, n, size, row_tensors, default_ids, default_from)
+            tokens[vocab[t]] = _Token(t, cfg.force, "row", member(src, f"{t}.source"))
+    base_root = roots[base_index] if base_index is not None else None
+    return Vocab(out, n, size, roots, [torch.tensor(r, dtype=torch.long) for r in rows], base_root, tokens)

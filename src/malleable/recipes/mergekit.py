@@ -6,7 +6,7 @@ slice) as a malleable merge recipe, with mergekit 0.1.5's semantics.
 methods in it), `out_dtype` (else `dtype`) the written one, also recorded in config.json. `chat_template` (a
 built-in name, `auto` or a Jinja string) is written as mergekit writes it. `tokenizer_source` and the
 `tokenizer:` block (source, per-token `tokens:`, `pad_to_multiple_of`) become our `tokenizer` section
-(`malleable.merge.vocab`: mergekit's vocabulary merging); with slices that stack layers they are refused.
+(`malleable.merge.vocab`: mergekit's vocabulary merging), with `models:` and with `slices:` alike.
 Several `---`-separated documents are mergekit-multi (`read_documents`, run by `malleable.merge.multi`): named
 merges go to a temporary folder and serve as models for the others; the unnamed one is the output.
 
@@ -78,6 +78,8 @@ class Source(Model):
 class Slice(Strict):
     sources: list[Source] = Field(min_length=1)
     parameters: Params = Field(default_factory=dict)
+    base_model: str | None = None  # refused (a base per slice); read so that the refusal names it
+    residual_weight: float | None = None  # refused: mergekit 0.1.5 declares it and never reads it
 
 
 class Mergekit(Strict):
@@ -235,6 +237,13 @@ def _stacked_slices(data: dict, source: str, rule: str, drop: set[str]) -> dict:
 def from_mergekit(data: dict, source: str) -> dict:
     """Translate a mergekit config dict into a malleable recipe dict (validated afterwards as usual)."""
     data = validate(Mergekit, data, source).model_dump(exclude_unset=True)
+    for n, sl in enumerate(data.get("slices") or []):
+        if sl.get("base_model") is not None:
+            raise RecipeError(f"{source}: slices.{n}.base_model: a base model of its own per slice is not supported; "
+                              "set base_model at the top level")
+        if sl.get("residual_weight") is not None:
+            raise RecipeError(f"{source}: slices.{n}.residual_weight: not supported (mergekit 0.1.5 accepts it and "
+                              "never uses it); remove it")
     tokenizer = _tokenizer(data, source)
     method = data["merge_method"]
     if method not in METHODS:
@@ -275,9 +284,6 @@ def from_mergekit(data: dict, source: str) -> dict:
     if data.get("chat_template") is not None:
         recipe["chat_template"] = data["chat_template"]
     if tokenizer is not None:
-        if stacked:
-            raise RecipeError(f"{source}: tokenizer: vocabulary merging with slices that stack layer ranges is not "
-                              "supported; use `models:` (or one slice taking every layer)")
         recipe["tokenizer"] = {**tokenizer, **({"base": base} if base is not None else {})}
     return recipe
 
