@@ -4,8 +4,8 @@ adapters), beside the other adapters, without writing a new checkpoint.
 
 Every form's bake (apply.py) changes a few linear layers of the base: a vector is a bias on the steered layer's
 mlp.down_proj, ITI a bias on o_proj, SPLIT's LoRA and local weight a weight delta (and a bias) on mlp.down_proj.
-The export bakes into a float32 copy, takes each changed linear layer's difference from the base, and writes it
-as a LoRA on exactly that module: the weight difference by its SVD cut at its numerical rank (a bake in float32
+The export bakes into the base loaded in float32, takes each changed linear layer's change, and writes it as a
+LoRA on exactly that module: the weight difference by its SVD cut at its numerical rank (a bake in float32
 rounds the base's weights, so singular values below `RANK_TOLERANCE` of the largest are that rounding, not the
 intervention), the bias difference as PEFT's `lora_bias` (a bias on lora_B). Generic over forms on purpose: a new
 form that can bake exports with no code here.
@@ -29,24 +29,36 @@ from malleable.steer.artefact import Artefact
 RANK_TOLERANCE = 1e-6
 
 
-def _linear_state(model) -> dict[str, tuple[torch.Tensor, torch.Tensor | None]]:
-    return {n: (m.weight.detach().clone(), None if m.bias is None else m.bias.detach().clone())
+def _stamps(model) -> dict[str, tuple]:
+    """Per linear layer, the identity and in-place version of its weight and bias: what a bake changes shows."""
+    return {n: tuple(None if p is None else (id(p), p._version) for p in (m.weight, m.bias))
             for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
+
+
+def _values(model, names: list[str]) -> dict[str, tuple[torch.Tensor, torch.Tensor | None]]:
+    modules = dict(model.named_modules())
+    return {n: (modules[n].weight.detach().double(),
+                None if modules[n].bias is None else modules[n].bias.detach().double()) for n in names}
 
 
 def lora_of_bake(model, artefact: Artefact, strength: float):
     """(low-rank weight deltas, bias deltas), per module name, of baking `artefact` at `strength` into `model`
-    (changed in place)."""
-    before = _linear_state(model)
+    (changed in place, twice over). Every form is linear in its strength (h + m f(x)), so baking a second time
+    adds the same change again: the difference of the two bakes is the change, and only the modules the bake
+    touched are ever copied (no copy of the whole model)."""
+    before = _stamps(model)
+    bake_in_place(model, artefact, strength)
+    changed = [n for n, stamp in _stamps(model).items() if stamp != before[n]]
+    once = _values(model, changed)
     bake_in_place(model, artefact, strength)
     deltas, biases = {}, {}
-    for name, (w_after, b_after) in _linear_state(model).items():
-        w0, b0 = before[name]
-        dw = w_after.double() - w0.double()
-        db = None if b_after is None else b_after.double() - (0 if b0 is None else b0.double())
+    for name, (w2, b2) in _values(model, changed).items():
+        w1, b1 = once[name]
+        dw = w2 - w1
+        db = None if b2 is None else b2 - (0 if b1 is None else b1)
         has_bias = db is not None and bool(db.any())
         if not dw.any() and not has_bias:
-            continue
+            continue  # a zero bias the bake's config switch added beside the steered module
         u, s, vh = torch.linalg.svd(dw, full_matrices=False)
         k = max(1, int((s > RANK_TOLERANCE * s[0]).sum())) if s[0] > 0 else 1
         s = s[:k] if s[0] > 0 else torch.zeros(1, dtype=s.dtype)  # bias only: a rank-1 zero LoRA carries it
