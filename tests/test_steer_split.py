@@ -284,3 +284,6 @@ def test_peft_adapter_gives_the_hook_logits(trained, tiny_lm, name, tmp_path):
     peft_model = PeftModel.from_pretrained(model(tiny_lm), out).eval()
     torch.testing.assert_close(peft_model(**batch).logits, hooked, rtol=1e-4, atol=1e-5)
     assert not torch.allclose(m(**batch).logits, hooked)  # the base alone is not steered
+    if name == "split_lora":  # a weak strength: the LoRA's rank, not the float32 rounding of the bake
+        weak = export_peft(trained[name], tiny_lm, tmp_path / "weak", strength=1e-3)
+        assert json.loads((weak / "report.json").read_text())["modules"]["model.layers.1.mlp.down_proj"]["rank"] == 4

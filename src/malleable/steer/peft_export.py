@@ -6,8 +6,8 @@ Every form's bake (apply.py) changes a few linear layers of the base: a vector i
 mlp.down_proj, ITI a bias on o_proj, SPLIT's LoRA and local weight a weight delta (and a bias) on mlp.down_proj.
 The export bakes into the base loaded in float32, takes each changed linear layer's change, and writes it as a
 LoRA on exactly that module: the weight difference by its SVD cut at its numerical rank (a bake in float32
-rounds the base's weights, so singular values below `RANK_TOLERANCE` of the largest are that rounding, not the
-intervention), the bias difference as PEFT's `lora_bias` (a bias on lora_B). Generic over forms on purpose: a new
+rounds the base's weights, so singular values below that rounding's size, or below `RANK_TOLERANCE` of the
+largest, are not the intervention), the bias difference as PEFT's `lora_bias` (a bias on lora_B). Generic over forms on purpose: a new
 form that can bake exports with no code here.
 
 PEFT cannot merge a `lora_bias` adapter into a base layer without a bias (it says so when loading); unmerged, the
@@ -60,7 +60,9 @@ def lora_of_bake(model, artefact: Artefact, strength: float):
         if not dw.any() and not has_bias:
             continue  # a zero bias the bake's config switch added beside the steered module
         u, s, vh = torch.linalg.svd(dw, full_matrices=False)
-        k = max(1, int((s > RANK_TOLERANCE * s[0]).sum())) if s[0] > 0 else 1
+        # float32 rounding of the baked weights: about eps |W| per entry, at most eps |W|max sqrt(n) in norm
+        rounding = 4 * torch.finfo(torch.float32).eps * float(w2.abs().max()) * max(dw.shape) ** 0.5
+        k = max(1, int((s > max(RANK_TOLERANCE * s[0], rounding)).sum())) if s[0] > 0 else 1
         s = s[:k] if s[0] > 0 else torch.zeros(1, dtype=s.dtype)  # bias only: a rank-1 zero LoRA carries it
         deltas[name] = split_balanced(u[:, :k], s, vh[:k])
         if has_bias:
