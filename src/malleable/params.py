@@ -71,3 +71,44 @@ def check_params(declared: dict[str, Param], given: dict[str, Any], prefix: str 
     if missing:
         raise RecipeError(f"{prefix}.{missing[0]}: required, and not given")
     return {k: (p.check(f"{prefix}.{k}", given[k]) if k in given else p.default) for k, p in declared.items()}
+
+
+class Registry(dict):
+    """One verb's registered classes by name (learn methods, unlearning objectives, routers, ...): the decorator
+    that registers a class with its declared parameters, and the lookup that builds one from a recipe's values.
+
+    `kind` names an entry in messages ("learn method"), `package` is imported before a lookup (importing it
+    registers every entry), `key` is the recipe key an unknown name is reported under. A registered class gets
+    `name`, `params` (its parent's declarations updated by the given ones) and any further class attributes."""
+
+    def __init__(self, kind: str, package: str, key: str = "method"):
+        super().__init__()
+        self.kind, self.package, self.key = kind, package, key
+
+    def register(self, name: str, params: dict[str, Param] | None = None, **attributes: Any):
+        def add(cls):
+            if name in self:
+                raise ValueError(f"{self.kind} '{name}' registered twice")
+            cls.name = name
+            cls.params = {**getattr(cls, "params", {}), **(params or {})}
+            for attribute, value in attributes.items():
+                setattr(cls, attribute, value)
+            self[name] = cls
+            return cls
+
+        return add
+
+    def lookup(self, name: str, key: str | None = None):
+        """The class registered as `name`; an unknown name is one line naming the recipe key."""
+        import importlib
+
+        importlib.import_module(self.package)
+        if name not in self:
+            raise RecipeError(f"{key or self.key}: unknown {self.kind} '{name}' (known: {', '.join(sorted(self))})")
+        return self[name]
+
+    def build(self, name: str, given: dict[str, Any] | None, key: str | None = None,
+              prefix: str = "parameters"):
+        """An instance of `name` with its parameters checked against the declarations (defaults filled in)."""
+        cls = self.lookup(name, key)
+        return cls(**check_params(cls.params, given or {}, prefix=prefix))

@@ -35,7 +35,7 @@ import torch
 
 from malleable.errors import RecipeError
 from malleable.learn.registry import Method
-from malleable.params import Param, check_params
+from malleable.params import Param, Registry, check_params
 
 
 class Objective(Method):
@@ -64,30 +64,18 @@ class Objective(Method):
         raise NotImplementedError
 
 
-OBJECTIVES: dict[str, type[Objective]] = {}
+OBJECTIVES = Registry("unlearning objective", "malleable.forget", key="objective")
 MASKS: dict[str, tuple[Callable, dict[str, Param], str]] = {}
 
 
 def objective(name: str, *, params: dict[str, Param] | None = None, kinds: tuple[str, ...] | None = None,
               needs_retain: bool | None = None, needs_reference: bool | None = None,
               epochs_over: str | None = None) -> Callable[[type[Objective]], type[Objective]]:
-    """Register an `Objective` subclass as `name`; its docstring is the objective's documentation."""
-
-    def register(cls: type[Objective]) -> type[Objective]:
-        if name in OBJECTIVES:
-            raise ValueError(f"objective '{name}' registered twice")
-        cls.name = name
-        cls.params = {**getattr(cls, "params", {}), **(params or {})}
-        for attr, value in (("needs_retain", needs_retain), ("needs_reference", needs_reference),
-                            ("epochs_over", epochs_over)):
-            if value is not None:
-                setattr(cls, attr, value)
-        if kinds is not None:
-            cls.kinds = frozenset(kinds)
-        OBJECTIVES[name] = cls
-        return cls
-
-    return register
+    """Register an `Objective` subclass as `name`; its docstring is the objective's documentation. The flags
+    left at None keep the class's (or its parent's) value."""
+    flags = {"needs_retain": needs_retain, "needs_reference": needs_reference, "epochs_over": epochs_over,
+             "kinds": None if kinds is None else frozenset(kinds)}
+    return OBJECTIVES.register(name, params, **{k: v for k, v in flags.items() if v is not None})
 
 
 def mask(name: str, *, params: dict[str, Param] | None = None):
@@ -104,12 +92,7 @@ def mask(name: str, *, params: dict[str, Param] | None = None):
 
 def get_objective(name: str, given: dict[str, Any]) -> Objective:
     """The registered objective `name` built with checked parameters (defaults filled in)."""
-    from malleable import forget  # noqa: F401  (importing the package registers everything)
-
-    if name not in OBJECTIVES:
-        raise RecipeError(f"objective: unknown unlearning objective '{name}' (known: {', '.join(sorted(OBJECTIVES))})")
-    cls = OBJECTIVES[name]
-    return cls(**check_params(cls.params, given))
+    return OBJECTIVES.build(name, given)
 
 
 def get_mask(spec: dict[str, Any]) -> tuple[Callable, dict[str, Any]]:

@@ -38,8 +38,7 @@ from typing import Any, ClassVar
 
 import torch
 
-from malleable.errors import RecipeError
-from malleable.params import Param, check_params
+from malleable.params import Param, Registry
 
 
 class Method:
@@ -87,28 +86,15 @@ class Method:
             tokenizer.save_pretrained(directory)
 
 
-METHODS: dict[str, type[Method]] = {}
+METHODS = Registry("learn method", "malleable.learn")
 
 
 def learn_method(name: str, *, params: dict[str, Param] | None = None) -> Callable[[type[Method]], type[Method]]:
-    """Register a `Method` subclass as `name`; its docstring is the method's documentation."""
-
-    def register(cls: type[Method]) -> type[Method]:
-        if name in METHODS:
-            raise ValueError(f"learn method '{name}' registered twice")
-        cls.name = name
-        cls.params = {**getattr(cls, "params", {}), **(params or {})}  # a subclass inherits its parent's
-        METHODS[name] = cls
-        return cls
-
-    return register
+    """Register a `Method` subclass as `name` (a subclass inherits its parent's parameters); its docstring is the
+    method's documentation."""
+    return METHODS.register(name, params)
 
 
 def get_method(name: str, given: dict[str, Any]) -> Method:
     """The registered method `name` built with checked parameters (defaults filled in)."""
-    from malleable import learn  # noqa: F401  (importing the package registers every method)
-
-    if name not in METHODS:
-        raise RecipeError(f"method: unknown learn method '{name}' (known: {', '.join(sorted(METHODS))})")
-    cls = METHODS[name]
-    return cls(**check_params(cls.params, given))
+    return METHODS.build(name, given, prefix="parameters")

@@ -21,8 +21,7 @@ from typing import Any, ClassVar
 
 import numpy as np
 
-from malleable.errors import RecipeError
-from malleable.params import Param, check_params
+from malleable.params import Param, Registry
 
 WTP = "willingness_to_pay"
 
@@ -105,32 +104,18 @@ class QualityRouter(Router):
         return pick(self.quality(batch), self.arrays["mean_cost"], value)
 
 
-ROUTERS: dict[str, type[Router]] = {}
+ROUTERS = Registry("router", "malleable.route", key="routers")
 
 
 def router(name: str, *, params: dict[str, Param] | None = None) -> Callable[[type[Router]], type[Router]]:
     """Register a `Router` subclass as `name`; its docstring is the router's documentation."""
-
-    def register(cls: type[Router]) -> type[Router]:
-        if name in ROUTERS:
-            raise ValueError(f"router '{name}' registered twice")
-        cls.name = name
-        cls.params = {**getattr(cls, "params", {}), **(params or {})}
-        ROUTERS[name] = cls
-        return cls
-
-    return register
+    return ROUTERS.register(name, params)
 
 
 def router_class(name: str, key: str = "routers") -> type[Router]:
-    from malleable import route  # noqa: F401  (importing the package registers every router)
-
-    if name not in ROUTERS:
-        raise RecipeError(f"{key}: unknown router '{name}' (known: {', '.join(sorted(ROUTERS))})")
-    return ROUTERS[name]
+    return ROUTERS.lookup(name, key)
 
 
 def get_router(name: str, given: dict[str, Any], key: str = "routers") -> Router:
     """The registered router `name` built with checked parameters (defaults filled in)."""
-    cls = router_class(name, key)
-    return cls(**check_params(cls.params, given, prefix=f"{key}.{name}"))
+    return ROUTERS.build(name, given, key, prefix=f"{key}.{name}")

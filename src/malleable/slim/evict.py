@@ -35,7 +35,7 @@ from typing import Any, ClassVar
 import torch
 
 from malleable.errors import InputError, RecipeError
-from malleable.params import Param, check_params
+from malleable.params import Param, Registry
 
 
 @dataclass
@@ -69,31 +69,18 @@ class EvictionPolicy:
         raise NotImplementedError
 
 
-POLICIES: dict[str, type[EvictionPolicy]] = {}
+POLICIES = Registry("eviction policy", "malleable.slim", key="kv.policy")
 
 
 def eviction_policy(name: str, *, params: dict[str, Param] | None = None
                     ) -> Callable[[type[EvictionPolicy]], type[EvictionPolicy]]:
     """Register an `EvictionPolicy` subclass as `name`; its docstring is the policy's documentation."""
-
-    def register(cls: type[EvictionPolicy]) -> type[EvictionPolicy]:
-        if name in POLICIES:
-            raise ValueError(f"eviction policy '{name}' registered twice")
-        cls.name, cls.params = name, dict(params or {})
-        POLICIES[name] = cls
-        return cls
-
-    return register
+    return POLICIES.register(name, params)
 
 
 def get_policy(name: str, given: dict[str, Any] | None = None, key: str = "parameters") -> EvictionPolicy:
     """The registered policy `name` built with checked parameters (defaults filled in)."""
-    from malleable import slim  # noqa: F401  (importing the package registers every policy)
-
-    if name not in POLICIES:
-        raise RecipeError(f"kv.method: unknown eviction policy '{name}' (known: {', '.join(sorted(POLICIES))})")
-    cls = POLICIES[name]
-    return cls(**check_params(cls.params, given or {}, prefix=key))
+    return POLICIES.build(name, given, prefix=key)
 
 
 def n_kept(length: int, ratio: float | None = None, budget: int | None = None) -> int:

@@ -31,7 +31,7 @@ from typing import Any, ClassVar
 import torch
 
 from malleable.errors import RecipeError
-from malleable.params import Param, check_params
+from malleable.params import Param, Registry
 
 STATS = (None, "norms", "hessian")
 
@@ -151,33 +151,25 @@ class ModuleSkipper(SlimMethod):
         return {}
 
 
-METHODS: dict[str, type[SlimMethod]] = {}
+METHODS = Registry("slim method", "malleable.slim")
 
 
 def slim_method(name: str, *, params: dict[str, Param] | None = None
                 ) -> Callable[[type[SlimMethod]], type[SlimMethod]]:
     """Register a WeightPruner or LayerRemover subclass as `name`; its docstring is the method's documentation."""
+    add = METHODS.register(name, params)
 
     def register(cls: type[SlimMethod]) -> type[SlimMethod]:
-        if name in METHODS:
-            raise ValueError(f"slim method '{name}' registered twice")
         if getattr(cls, "stats", None) not in STATS:
             raise ValueError(f"slim method '{name}': stats {cls.stats!r} not one of {STATS}")
-        cls.name, cls.params = name, dict(params or {})
-        METHODS[name] = cls
-        return cls
+        return add(cls)
 
     return register
 
 
 def get_method(name: str, given: dict[str, Any], key: str = "parameters") -> SlimMethod:
     """The registered method `name` built with checked parameters (defaults filled in)."""
-    from malleable import slim  # noqa: F401  (importing the package registers every method)
-
-    if name not in METHODS:
-        raise RecipeError(f"method: unknown slim method '{name}' (known: {', '.join(sorted(METHODS))})")
-    cls = METHODS[name]
-    return cls(**check_params(cls.params, given, prefix=key))
+    return METHODS.build(name, given, prefix=key)
 
 
 def lowest(metric: torch.Tensor, k: int, dim: int = -1) -> torch.Tensor:

@@ -7,8 +7,8 @@ mlp.down_proj, ITI a bias on o_proj, SPLIT's LoRA and local weight a weight delt
 The export bakes into the base loaded in float32, takes each changed linear layer's change, and writes it as a
 LoRA on exactly that module: the weight difference by its SVD cut at its numerical rank (a bake in float32
 rounds the base's weights, so singular values below that rounding's size, or below `RANK_TOLERANCE` of the
-largest, are not the intervention), the bias difference as PEFT's `lora_bias` (a bias on lora_B). Generic over forms on purpose: a new
-form that can bake exports with no code here.
+largest, are not the intervention), the bias difference as PEFT's `lora_bias` (a bias on lora_B). Generic over
+forms on purpose: a new form that can bake exports with no code here.
 
 PEFT cannot merge a `lora_bias` adapter into a base layer without a bias (it says so when loading); unmerged, the
 adapter's logits equal the baked checkpoint's. A vector added over the first positions only (ActAdd) cannot be

@@ -28,8 +28,7 @@ from typing import Any, ClassVar
 
 import numpy as np
 
-from malleable.errors import RecipeError
-from malleable.params import Param, check_params
+from malleable.params import Param, Registry
 
 READS = ("last", "mean", "all")
 INTERVENES = ("all", "first")
@@ -90,7 +89,7 @@ def pair_sign(direction: np.ndarray, pos: np.ndarray, neg: np.ndarray) -> float:
     return -1.0 if np.mean(a < b) > np.mean(a > b) else 1.0
 
 
-METHODS: dict[str, type[SteeringMethod]] = {}
+METHODS = Registry("steering method", "malleable.steer")
 
 
 def steering_method(name: str, *, params: dict[str, Param] | None = None, read: str | int = "last",
@@ -100,26 +99,14 @@ def steering_method(name: str, *, params: dict[str, Param] | None = None, read: 
     if not (read in READS or (isinstance(read, int) and read < 0)) or intervene not in INTERVENES:
         raise ValueError(f"steering method '{name}': read {read!r} / intervene {intervene!r} not known")
 
-    def register(cls: type[SteeringMethod]) -> type[SteeringMethod]:
-        if name in METHODS:
-            raise ValueError(f"steering method '{name}' registered twice")
-        cls.name, cls.params, cls.read, cls.intervene = name, dict(params or {}), read, intervene
-        cls.unit_norm, cls.pairs_used = unit_norm, pairs_used
-        METHODS[name] = cls
-        return cls
-
-    return register
+    return METHODS.register(name, params, read=read, intervene=intervene, unit_norm=unit_norm,
+                            pairs_used=pairs_used)
 
 
 def method_class(name: str, key: str = "method") -> type[SteeringMethod]:
-    from malleable import steer  # noqa: F401  (importing the package registers every method)
-
-    if name not in METHODS:
-        raise RecipeError(f"{key}: unknown steering method '{name}' (known: {', '.join(sorted(METHODS))})")
-    return METHODS[name]
+    return METHODS.lookup(name, key)
 
 
 def get_method(name: str, given: dict[str, Any], key: str = "parameters") -> SteeringMethod:
     """The registered method `name` built with checked parameters (defaults filled in)."""
-    cls = method_class(name)
-    return cls(**check_params(cls.params, given, prefix=key))
+    return METHODS.build(name, given, prefix=key)
