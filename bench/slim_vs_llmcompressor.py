@@ -15,7 +15,20 @@ SmolLM2-135M-Instruct, the same calibration token ids for both tools.
 * llm-compressor 0.14's Wanda zeroes exactly `int(columns * sparsity)` per row, as ours; SparseGPT's threshold
   and ours may differ on ties (ours zeroes exactly the requested count).
 
+* Teacher-forced check (`--teacher-forced`, on llm-compressor's stored outputs, no tool re-run): for every
+  decoder layer i, malleable's method prunes the DENSE layer i calibrated on the inputs that llm-compressor's
+  pruned layers 0..i-1 produce (its weights loaded into the model), and the masks are compared with
+  llm-compressor's layer i. The full run compares two chains that each prune on their own pruned outputs, so one
+  near-tie decided differently early on changes every later layer's inputs; this check separates that
+  propagation from a per-layer difference in the rule.
+
+* Rounding floor (`--rounding-floor`): malleable against itself, calibrated in batches of 8 and of 1 (the same
+  math; only the float rounding of the forward passes differs), compared exactly as the two tools are: how far
+  two runs of one correct implementation drift apart through the chain.
+
     python bench/slim_vs_llmcompressor.py [--repeats 3] [--only wanda-50]   # --only keeps the other rows
+    python bench/slim_vs_llmcompressor.py --teacher-forced [--only wanda-50]  # adds the check to the stored rows
+    python bench/slim_vs_llmcompressor.py --rounding-floor [--only wanda-50]  # likewise
 """
 
 from __future__ import annotations
@@ -31,6 +44,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import torch  # noqa: E402
+from safetensors.torch import save_file  # noqa: E402
 from _common import RESULTS_DIR, loadavg, machine, write_results  # noqa: E402
 
 CONFIGS = {"wanda-50": ("wanda", {"sparsity": 0.5}, "0:0"), "wanda-2:4": ("wanda", {"pattern": "2:4"}, "2:4"),
@@ -43,10 +57,11 @@ VENV = Path(os.environ.get("LLMCOMPRESSOR_VENV", "/work/llmcompressor-venv"))
 WORK = Path(os.environ.get("MALLEABLE_BENCH_CACHE", "/work/bench-cache")) / "slim_vs_llmcompressor"
 
 
-def ours(model_dir: Path, method: str, params: dict, out: Path) -> dict:
+def ours(model_dir: Path, method: str, params: dict, out: Path, batch_size: int | None = None) -> dict:
     recipe = WORK / f"{out.name}.yaml"
+    calibration = CALIBRATION | ({"batch_size": batch_size} if batch_size else {})
     recipe.write_text(json.dumps({"model": str(model_dir), "method": method, "parameters": params,
-                                  "calibration": CALIBRATION, "evaluate": None, "seed": 0}))
+                                  "calibration": calibration, "evaluate": None, "seed": 0}))
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1] / "src")}
     subprocess.run([sys.executable, "-m", "malleable", "slim", str(recipe), str(out), "--force", "-q"], env=env,
                    check=True, capture_output=True, text=True)
@@ -70,6 +85,11 @@ def compare(model_dir: Path, ours_dir: Path, theirs_file: Path, held_out: torch.
     from malleable.models.checkpoints import load_model
 
     mine = load_model(ours_dir, "causal_lm", None)
+    if theirs_file.is_dir():  # another malleable run (the rounding floor)
+        other = load_model(theirs_file, "causal_lm", None).state_dict()
+        theirs_file = WORK / f"{theirs_file.name}.safetensors"
+        save_file({n: w for n, w in other.items() if n.startswith("model.layers.") and w.dim() == 2},
+                  str(theirs_file))
     pruned = load_file(theirs_file)
     agree = total = same_modules = 0
     state = mine.state_dict()
@@ -88,6 +108,42 @@ def compare(model_dir: Path, ours_dir: Path, theirs_file: Path, held_out: torch.
             "ppl_ratio": ppl_ours / ppl_theirs}
 
 
+def teacher_forced(model_dir: Path, name: str, samples: torch.Tensor) -> dict:
+    """Per layer: malleable's method on the dense layer, calibrated on llm-compressor's pruned chain's inputs, against
+    llm-compressor's mask of that layer (see the module docstring)."""
+    from safetensors.torch import load_file
+
+    from malleable.models.checkpoints import load_model
+    from malleable.slim.engine import decoder_path, first_inputs, input_stats, run_layer, targets
+    from malleable.slim.registry import get_method
+
+    method_name, params, _ = CONFIGS[name]
+    method = get_method(method_name, params)
+    theirs = load_file(WORK / f"theirs-{name}.safetensors")
+    model = load_model(model_dir, "causal_lm", None)
+    dense = {k: v.clone() for k, v in model.state_dict().items()}
+    model.load_state_dict({**model.state_dict(), **theirs})
+    layers, chosen = model.get_submodule(decoder_path(model)), targets(model, [])
+    inputs = first_inputs(model, layers, samples, CALIBRATION["batch_size"])
+    per_layer, identical = [], 0
+    for i in range(len(layers)):
+        modules = chosen[i]
+        for n, lin in modules.items():  # layer i dense while it is calibrated, as in both tools' chains
+            lin.weight.data.copy_(dense[n + ".weight"])
+        stats = input_stats(layers[i], modules, method.stats, inputs, len(samples))
+        differ = 0
+        for n, lin in modules.items():
+            mine = method.prune(lin.weight.detach().float(), stats[n], method.pattern) == 0
+            d = int((mine != (theirs[n + ".weight"] == 0)).sum())
+            differ, identical = differ + d, identical + (d == 0)
+            lin.weight.data.copy_(theirs[n + ".weight"])
+        per_layer.append(differ)
+        inputs = run_layer(layers[i], inputs)
+    entries = sum(theirs[n + ".weight"].numel() for mods in chosen.values() for n in mods)
+    return {"entries_differing": sum(per_layer), "entries": entries, "modules_identical": identical,
+            "modules": sum(len(m) for m in chosen.values()), "per_layer": per_layer}
+
+
 def markdown(r: dict) -> str:
     lines = ["# slim against llm-compressor: Wanda and SparseGPT on SmolLM2-135M-Instruct", "",
              f"llm-compressor {r['llmcompressor']} (its own virtualenv, transformers {r['transformers_theirs']}); "
@@ -103,6 +159,27 @@ def markdown(r: dict) -> str:
                      f"{c['ppl_ours']:.2f} | {c['ppl_theirs']:.2f} | {c['ppl_ratio']:.4f} | {c['seconds_ours']:.1f} | "
                      f"{c['seconds_theirs']:.1f} | {c['seconds_ours'] / c['seconds_theirs']:.2f} | "
                      f"{c['rss_ours']:.0f} | {c['rss_theirs']:.0f} | {c['rss_ours'] / c['rss_theirs']:.2f} |")
+    forced = {name: c["teacher_forced"] for name, c in r["configs"].items() if "teacher_forced" in c}
+    if forced:
+        lines += ["", "Teacher-forced (each layer calibrated on llm-compressor's pruned chain, see the docstring):", "",
+                  "| config | mask entries differing | of | modules identical | layers with a difference |",
+                  "|---|---:|---:|---:|---|"]
+        for name, t in forced.items():
+            hit = [(i, d) for i, d in enumerate(t["per_layer"]) if d]
+            where = (", ".join(f"{i} ({d})" for i, d in hit) or "none") if len(hit) <= 6 else (
+                f"{len(hit)} of {len(t['per_layer'])} (most: {max(hit, key=lambda x: x[1])[1]} in layer "
+                f"{max(hit, key=lambda x: x[1])[0]})")
+            lines.append(f"| {name} | {t['entries_differing']} | {t['entries']} | "
+                         f"{t['modules_identical']}/{t['modules']} | {where} |")
+    floor = {name: c["rounding_floor"] for name, c in r["configs"].items() if "rounding_floor" in c}
+    if floor:
+        lines += ["", "Rounding floor (malleable against itself: calibration in batches of 8 vs 1, the same math with "
+                  "other float rounding; compared as the two tools are):", "",
+                  "| config | mask entries agreeing | modules identical | ppl batches of 8 | ppl batches of 1 | "
+                  "ppl ratio |", "|---|---:|---:|---:|---:|---:|"]
+        for name, f in floor.items():
+            lines.append(f"| {name} | {f['mask_agreement']:.6f} | {f['modules_identical']}/{f['modules']} | "
+                         f"{f['ppl_ours']:.2f} | {f['ppl_theirs']:.2f} | {f['ppl_ratio']:.4f} |")
     m = r["machine"]
     lines += ["", "Targets (issue 16): Wanda masks equal, SparseGPT perplexity within 1%, malleable's time and peak "
               "RSS <= 1.0x llm-compressor's.", "",
@@ -115,6 +192,11 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--only", default=None, help="comma-separated configuration names")
+    ap.add_argument("--rounding-floor", action="store_true",
+                    help="only malleable twice (calibration batches of 8 and of 1: the same math, other float "
+                         "rounding), compared as the two tools are; added to the stored results")
+    ap.add_argument("--teacher-forced", action="store_true",
+                    help="only the per-layer check on llm-compressor's stored outputs, added to the stored results")
     args = ap.parse_args(argv)
     if not (VENV / "bin" / "python").is_file():
         sys.exit(f"no llm-compressor virtualenv at {VENV}: run bench/setup_llmcompressor.sh")
@@ -129,6 +211,26 @@ def main(argv=None) -> int:
     samples = random_windows(tok, CALIBRATION["source"], CALIBRATION["n_samples"], CALIBRATION["seq_len"], 0)
     held_out = consecutive_windows(tok, "lee", EVAL_SEQ, EVAL_WINDOWS)
     names = args.only.split(",") if args.only else list(CONFIGS)
+    if args.rounding_floor:
+        stored = json.loads((RESULTS_DIR / "slim_vs_llmcompressor.json").read_text())
+        for name in names:
+            method, params, _ = CONFIGS[name]
+            ours(model_dir, method, params, WORK / f"ours-{name}")
+            ours(model_dir, method, params, WORK / f"ours-{name}-batch1", batch_size=1)
+            floor = compare(model_dir, WORK / f"ours-{name}", WORK / f"ours-{name}-batch1", held_out)
+            stored["configs"][name]["rounding_floor"] = {k: floor[k] for k in (
+                "mask_agreement", "modules_identical", "modules", "ppl_ours", "ppl_theirs", "ppl_ratio")}
+            print(name, stored["configs"][name]["rounding_floor"], flush=True)
+        write_results("slim_vs_llmcompressor", stored, markdown(stored))
+        return 0
+    if args.teacher_forced:
+        stored = json.loads((RESULTS_DIR / "slim_vs_llmcompressor.json").read_text())
+        for name in names:
+            stored["configs"][name]["teacher_forced"] = teacher_forced(model_dir, name, samples)
+            print(name, {k: v for k, v in stored["configs"][name]["teacher_forced"].items() if k != "per_layer"},
+                  flush=True)
+        write_results("slim_vs_llmcompressor", stored, markdown(stored))
+        return 0
     previous = RESULTS_DIR / "slim_vs_llmcompressor.json"  # configurations not run again are kept
     configs = json.loads(previous.read_text())["configs"] if args.only and previous.is_file() else {}
     info: dict = {}
