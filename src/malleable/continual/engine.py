@@ -106,8 +106,9 @@ def plan(recipe: ContinualRecipe) -> str:
             + f": {len(steps)} steps {shown}; batch {t.batch_size}{replay}; SGD lr {t.lr}; seed {recipe.seed}")
     if any(s.kind == "forget" for s in steps):
         f, e = recipe.forget, recipe.evaluate
+        mask = f" mask {json.dumps(f.mask)}" if f.mask else ""
         how = (f"{recipe.method}'s own update" if type(method).forget is not ContinualMethod.forget else
-               f"objective {f.objective} {json.dumps(f.parameters)}" + (f" mask {json.dumps(f.mask)}" if f.mask else ""))
+               f"objective {f.objective} {json.dumps(f.parameters)}{mask}")
         text += (f"; forget steps: {how}, {f.steps} steps, lr {f.lr}, batch {f.batch_size}; retrain gold standard: "
                  f"{e.retrain}" + ("" if e.retrain == "off" else f" ({e.retrain_epochs} epochs)"))
     return text
@@ -225,7 +226,7 @@ def continual(recipe: ContinualRecipe, out: str | Path, *, force: bool = False, 
     for k in range(done, len(steps)):
         now = plan_[k]
         if now.step.kind == "forget":
-            entry = forget_step(model, method, buffer, now, lookup, tasks, recipe, make_model, recipe.seed + k)
+            entry = forget_step(model, method, buffer, now, lookup, tasks, recipe, make_model, recipe.seed + k, k)
             check_finite_weights(params, accelerator)
             state["matrix"].append(_scores(model, tasks, now.forgotten_classes))
             state["forget"].append({"step": k + 1, **entry})

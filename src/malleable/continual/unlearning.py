@@ -33,6 +33,7 @@ from collections.abc import Callable
 import torch
 
 from malleable.continual.stream import Resolved, Task
+from malleable.errors import RecipeError
 from malleable.protocols.forget_classifier import METRICS, score
 
 Example = tuple[torch.Tensor, int]
@@ -99,7 +100,8 @@ def score_step(model: torch.nn.Module, now: Resolved, forgotten_ids: list[int], 
            "sizes": {k: len(v) for k, v in sets.items()}}
     if recipe.evaluate.retrain != "off":
         gold, gold_seconds = retrain(make_model, sorted(now.learned), lookup, recipe)
-        row["retrain"] = {**metrics(gold, sets, recipe.evaluate.mia_max_shadow), "seconds": round(gold_seconds, 3),
+        gold_seconds = max(round(gold_seconds, 3), 0.001)
+        row["retrain"] = {**metrics(gold, sets, recipe.evaluate.mia_max_shadow), "seconds": gold_seconds,
                           "examples": len(now.learned)}
         row["gap"] = gaps(row["method"], row["retrain"])
         row["time_ratio"] = None if seconds is None else round(seconds / gold_seconds, 4)
@@ -107,14 +109,17 @@ def score_step(model: torch.nn.Module, now: Resolved, forgotten_ids: list[int], 
 
 
 def forget_step(model: torch.nn.Module, method, buffer, now: Resolved, lookup: dict[int, Example],
-                tasks: list[Task], recipe, make_model: Callable[[], torch.nn.Module], seed: int) -> dict:
-    """Steps 1-4 of the module docstring for one forget step; returns its report entry."""
+                tasks: list[Task], recipe, make_model: Callable[[], torch.nn.Module], seed: int, index: int) -> dict:
+    """Steps 1-4 of the module docstring for one forget step (stream[index]); returns its report entry."""
     forgotten = set(now.ids)
     dropped = buffer.forget(forgotten)
     retain = method.retain(buffer, [lookup[j] for j in sorted(now.learned)])
     start = time.perf_counter()
     with torch.random.fork_rng():
-        info = method.forget(model, [lookup[j] for j in now.ids], retain, recipe.forget, seed)
+        try:
+            info = method.forget(model, [lookup[j] for j in now.ids], retain, recipe.forget, seed)
+        except RecipeError as e:  # the forget engine names its own keys: say which step and section they are
+            raise RecipeError(f"stream[{index}]: " + str(e).replace("training.", "forget.", 1)) from None
     seconds = time.perf_counter() - start
     model.eval()
     row = score_step(model, now, now.ids, lookup, tasks, recipe, make_model, round(seconds, 3))
