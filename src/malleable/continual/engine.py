@@ -348,17 +348,19 @@ def forget_table(rows: list[dict]) -> list[str]:
     if not rows:
         return []
     gold = "retrain" in rows[0]
-    head = "| step | request | forgotten | UA | RA | TA | MIA |" + (
+    head = "| step | request | forgotten | UA before | UA | RA | TA | MIA |" + (
         " UA retrain | RA retrain | TA retrain | MIA retrain | avg gap | seconds | retrain s | time / retrain |"
         if gold else " seconds |")
     lines = ["", "Forget steps (UA = 100 - accuracy on the images forgotten at that step, RA = accuracy on the "
              "learned and not forgotten training images, TA = test accuracy on the classes that should be known, "
-             "MIA = SalUn's MIA-efficacy on the forgotten images; percent):", "", head,
+             "MIA = SalUn's MIA-efficacy on the forgotten images; percent; UA before: the model as the learn "
+             "steps left it):", "", head,
              "|---" * (head.count("|") - 1) + "|"]
     for f in rows:
         m = f["method"]
         req = ", ".join(f"{a} {b}" for a, b in f["request"].items())
-        cells = [str(f["step"]), req, str(f["forgotten"])] + [_num(m[k]) for k in ("UA", "RA", "TA", "MIA")]
+        cells = [str(f["step"]), req, str(f["forgotten"]), _num(f.get("before", {}).get("UA"))] + [
+            _num(m[k]) for k in ("UA", "RA", "TA", "MIA")]
         if gold:
             g = f["retrain"]
             cells += [_num(g[k]) for k in ("UA", "RA", "TA", "MIA")] + [

@@ -10,7 +10,8 @@ The engine (continual/engine.py) calls `forget_step` for every `{forget: ...}` s
    forget` (npo, graddiff, rl + salun mask, sfr_on, ...) run by its engine with the forget set = the forgotten
    examples and the retain set = `method.retain(...)`: the buffer minus the forgotten examples for an online
    method (online continual learning keeps only its buffer), everything remaining for `joint`;
-3. it is scored with the classifier protocol's metrics (protocols/forget_classifier.py `score`, the SalUn /
+3. it is scored, before (`before`: the model as the learn steps left it) and after unlearning, with the
+   classifier protocol's metrics (protocols/forget_classifier.py `score`, the SalUn /
    SFR-on table): UA = 100 - accuracy on this step's forgotten training images, RA = accuracy on the learned
    and not forgotten training images, TA = test accuracy on the classes that should be known (learned, with a
    training image left), MIA = SalUn's MIA-efficacy on the forgotten images (shadow members: remaining training
@@ -114,6 +115,8 @@ def forget_step(model: torch.nn.Module, method, buffer, now: Resolved, lookup: d
     forgotten = set(now.ids)
     dropped = buffer.forget(forgotten)
     retain = method.retain(buffer, [lookup[j] for j in sorted(now.learned)])
+    model.eval()
+    before = metrics(model, split(now, lookup, tasks, now.ids), recipe.evaluate.mia_max_shadow)
     start = time.perf_counter()
     with torch.random.fork_rng():
         try:
@@ -124,4 +127,4 @@ def forget_step(model: torch.nn.Module, method, buffer, now: Resolved, lookup: d
     model.eval()
     row = score_step(model, now, now.ids, lookup, tasks, recipe, make_model, round(seconds, 3))
     return {"request": now.step.request, "forgotten": len(now.ids), "buffer_dropped": dropped,
-            "retain": None if retain is None else len(retain), "unlearn": info, **row}
+            "retain": None if retain is None else len(retain), "unlearn": info, "before": before, **row}
