@@ -220,8 +220,9 @@ def continual(recipe: ContinualRecipe, out: str | Path, *, force: bool = False, 
                    if resume and run_dir.exists() else (0, {}))
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "recipe.json").write_text(json.dumps(recipe_json))
-    if not state:
-        state = {"matrix": [_scores(model, tasks)], "anytime": [], "steps": [], "forget": [], "every_step": []}
+    state = state or {"matrix": [_scores(model, tasks)], "anytime": [], "steps": []}
+    state.setdefault("forget", [])  # a run checkpointed by an older version has neither
+    state.setdefault("every_step", [])
 
     for k in range(done, len(steps)):
         now = plan_[k]
