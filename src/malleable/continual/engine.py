@@ -83,7 +83,8 @@ def check_recipe(recipe: ContinualRecipe) -> tuple[ContinualMethod, list[StreamS
             raise RecipeError(f"forget.{e}") from None
         if "classifier" not in objective.kinds:
             raise RecipeError(f"forget.objective: {f.objective} is for language models, not this classifier")
-        if objective.needs_retain and method.retain(Reservoir(0, 0), [0]) is None:
+        keeps = method.retain(Reservoir(0, 0), [0])  # None: the method holds no data to keep training on
+        if objective.needs_retain and keeps is None:
             raise RecipeError(f"forget.objective: {f.objective} needs retain data and {recipe.method} keeps none "
                               "(no buffer); use a replay method or an objective without retain data (ga)")
     return method, steps
