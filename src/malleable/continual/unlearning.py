@@ -11,11 +11,11 @@ The engine (continual/engine.py) calls `forget_step` for every `{forget: ...}` s
    examples and the retain set = `method.retain(...)`: the buffer minus the forgotten examples for an online
    method (online continual learning keeps only its buffer), everything remaining for `joint`;
 3. it is scored, before (`before`: the model as the learn steps left it) and after unlearning, with the
-   classifier protocol's metrics (protocols/forget_classifier.py `score`, the SalUn /
-   SFR-on table): UA = 100 - accuracy on this step's forgotten training images, RA = accuracy on the learned
-   and not forgotten training images, TA = test accuracy on the classes that should be known (learned, with a
-   training image left), MIA = SalUn's MIA-efficacy on the forgotten images (shadow members: remaining training
-   images; non-members: those test images; at most `evaluate.mia_max_shadow` of each);
+   classifier protocol's metrics (evaluate/unlearning.py `classifier_scores`, which protocols/forget_classifier.py
+   reports too: the SalUn / SFR-on table): UA = 100 - accuracy on this step's forgotten training images,
+   RA = accuracy on the learned and not forgotten training images, TA = test accuracy on the classes that should
+   be known (learned, with a training image left), MIA = SalUn's MIA-efficacy on the forgotten images (shadow
+   members: remaining training images; non-members: those test images; at most `evaluate.mia_max_shadow` each);
 4. the gold standard (`evaluate.retrain` forget_steps or every_step): a model from the stream's own initial
    weights (the same seed), trained offline on every learned and not forgotten example as `joint` trains (SGD
    at training.lr and training.batch_size, shuffled, `evaluate.retrain_epochs` passes, through forget's `fit`),
@@ -35,7 +35,8 @@ import torch
 
 from malleable.continual.stream import Resolved, Task
 from malleable.errors import RecipeError
-from malleable.protocols.forget_classifier import METRICS, score
+from malleable.evaluate.unlearning import CLASSIFIER_METRICS as METRICS
+from malleable.evaluate.unlearning import classifier_scores
 
 Example = tuple[torch.Tensor, int]
 
@@ -61,7 +62,7 @@ def split(now: Resolved, lookup: dict[int, Example], tasks: list[Task], forgotte
 def metrics(model: torch.nn.Module, sets: dict, max_shadow: int) -> dict:
     """UA, RA, TA, MIA (percent) of the protocol; UA and MIA are None when nothing is forgotten yet."""
     if sets["forget"]:
-        return {k: round(v, 4) for k, v in score(model, sets, max_shadow).items()}
+        return {k: round(v, 4) for k, v in classifier_scores(model, sets, max_shadow).items()}
     from malleable.evaluate.classification import accuracy
 
     return {"UA": None, "RA": round(accuracy(model, sets["retain"]), 4),
