@@ -269,7 +269,7 @@ def test_cli_writes_the_model_the_steps_the_report_and_the_plots(tmp_path):
     ({"stream": []}, "stream: an empty list"),
     ({"stream": "split_cifar"}, "unknown scenario 'split_cifar'"),
     ({"stream": "split_fashion_mnist"}, "dataset: scenario split_fashion_mnist streams fashion_mnist"),
-    ({"stream": [{"forget": {"classes": [0]}}]}, "stream[0].forget: forget steps are not supported"),
+    ({"stream": [{"forget": {"classes": [0]}}]}, "stream[0].forget.classes: class 0 was never learned"),
     ({"stream": [{"learn": {"classes": [0, 12]}}]}, "stream[0].learn.classes: class 12"),
     ({"method": "gem"}, "unknown continual method 'gem'"),
     ({"parameters": {"tau": 1.0}}, "parameters.tau: unknown parameter"),

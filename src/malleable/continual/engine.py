@@ -7,6 +7,15 @@ SGD step, and offer the incoming batch to the buffer AFTER the step (ER's rule).
 scored on every task's test images (row i of the accuracy matrix; row 0 is the starting model, so forward
 transfer has its baseline) and the whole state is checkpointed.
 
+A `{forget: ...}` step (a class, an earlier learn step or a seeded sample; continual/stream.py `resolve` has the
+rules) runs continual/unlearning.py's `forget_step`: the forgotten examples leave the buffer, the method unlearns
+them (by default the recipe's `forget` objective through `malleable forget`'s engine), and the step is scored
+with the classifier protocol's UA / RA / TA / MIA against a model retrained from scratch on what should be known.
+Forgotten examples are never replayed, never walked by a later step (joint's included) and never in a retrain.
+The accuracy matrix has a row after every step, learn or forget, and a column per learn step; a cell scores
+the column's classes that are not forgotten at that row, and is None ("forgotten") when all of them are. The
+summary metrics (average accuracy, forgetting, ...) are taken over the rows after learn steps, None cells left out.
+
 What is learn's and what is not:
 * the optimiser step is learn's `optimizer_step` (loss, backward, finite-loss check; called with one unit, as
   a method's loss is already a mean), and the accelerator its `make_accelerator`. The optimiser is plain SGD
@@ -36,7 +45,8 @@ from safetensors.torch import load_file, save_file
 
 from malleable.continual.buffer import Reservoir
 from malleable.continual.registry import ContinualMethod, get_method
-from malleable.continual.stream import Task, load_tasks, stream_classes
+from malleable.continual.stream import StreamStep, Task, load_tasks, resolve, stream_classes, stream_steps
+from malleable.continual.unlearning import forget_step, score_step
 from malleable.errors import InputError, OutputError, RecipeError, reason
 from malleable.evaluate.classification import accuracy
 from malleable.evaluate.continual import summary
@@ -51,15 +61,32 @@ SCHEMA = "malleable.continual/1"
 STREAM = "stream-"
 
 
-def check_recipe(recipe: ContinualRecipe) -> tuple[ContinualMethod, list[list[int]]]:
-    """Everything that can be checked without data: the method, its parameters, the stream's steps."""
+def check_recipe(recipe: ContinualRecipe) -> tuple[ContinualMethod, list[StreamStep]]:
+    """Everything that can be checked without data: the method, its parameters, the stream's steps, and for a
+    stream with forget steps the forget objective, its parameters and mask."""
     method = get_method(recipe.method, recipe.parameters)
-    steps = stream_classes(recipe)
+    steps = stream_steps(recipe)
     t = recipe.training
     if method.replay and (t.buffer_size == 0 or t.replay_batch_size == 0):
         key = "buffer_size" if t.buffer_size == 0 else "replay_batch_size"
         raise RecipeError(f"training.{key}: {recipe.method} replays from a buffer; set it above 0 (finetune is "
                           "the method without replay)")
+    if any(s.kind == "forget" for s in steps) and type(method).forget is ContinualMethod.forget:
+        from malleable.forget.registry import get_mask, get_objective
+
+        f = recipe.forget
+        try:
+            objective = get_objective(f.objective, f.parameters)
+            if f.mask is not None:
+                get_mask(f.mask)
+        except RecipeError as e:  # name the recipe's section
+            raise RecipeError(f"forget.{e}") from None
+        if "classifier" not in objective.kinds:
+            raise RecipeError(f"forget.objective: {f.objective} is for language models, not this classifier")
+        keeps = method.retain(Reservoir(0, 0), [0])  # None: the method holds no data to keep training on
+        if objective.needs_retain and keeps is None:
+            raise RecipeError(f"forget.objective: {f.objective} needs retain data and {recipe.method} keeps none "
+                              "(no buffer); use a replay method or an objective without retain data (ga)")
     return method, steps
 
 
@@ -71,12 +98,21 @@ def read_recipe(path: str | Path) -> ContinualRecipe:
 def plan(recipe: ContinualRecipe) -> str:
     """The `--dry-run` text."""
     method, steps = check_recipe(recipe)
+    classes = stream_classes(recipe)
     t = recipe.training
     replay = f", replay {t.replay_batch_size} from a reservoir of {t.buffer_size}" if method.replay else ""
-    return (f"continual {recipe.method} {json.dumps(method.p)} on {recipe.model} (width {recipe.width}), "
+    shown = " ".join(str(classes[s.task]) if s.kind == "learn" else f"forget{json.dumps(s.request)}" for s in steps)
+    text = (f"continual {recipe.method} {json.dumps(method.p)} on {recipe.model} (width {recipe.width}), "
             f"{recipe.dataset}" + (f" ({recipe.stream})" if isinstance(recipe.stream, str) else "")
-            + f": {len(steps)} steps " + " ".join(str(s) for s in steps)
-            + f"; batch {t.batch_size}{replay}; SGD lr {t.lr}; seed {recipe.seed}")
+            + f": {len(steps)} steps {shown}; batch {t.batch_size}{replay}; SGD lr {t.lr}; seed {recipe.seed}")
+    if any(s.kind == "forget" for s in steps):
+        f, e = recipe.forget, recipe.evaluate
+        mask = f" mask {json.dumps(f.mask)}" if f.mask else ""
+        how = (f"{recipe.method}'s own update" if type(method).forget is not ContinualMethod.forget else
+               f"objective {f.objective} {json.dumps(f.parameters)}{mask}")
+        text += (f"; forget steps: {how}, {f.steps} steps, lr {f.lr}, batch {f.batch_size}; retrain gold standard: "
+                 f"{e.retrain}" + ("" if e.retrain == "off" else f" ({e.retrain_epochs} epochs)"))
+    return text
 
 
 def _order(n: int, seed: int, step: int, passes: int) -> list[int]:
@@ -88,12 +124,17 @@ def _order(n: int, seed: int, step: int, passes: int) -> list[int]:
     return out
 
 
-def _scores(model: torch.nn.Module, tasks: list[Task]) -> list[float]:
-    return [round(accuracy(model, task.test), 4) for task in tasks]
+def _scores(model: torch.nn.Module, tasks: list[Task], forgotten: frozenset[int] = frozenset()) -> list[float | None]:
+    """Row of the matrix: each task's test images of its classes not in `forgotten` (None: all forgotten)."""
+    row = []
+    for task in tasks:
+        test = [ex for ex in task.test if ex[1] not in forgotten]
+        row.append(round(accuracy(model, test), 4) if test else None)
+    return row
 
 
-def _seen_tests(tasks: list[Task], upto: int) -> list:
-    return [ex for task in tasks[:upto] for ex in task.test]
+def _seen_tests(tasks: list[Task], upto: int, forgotten: frozenset[int] = frozenset()) -> list:
+    return [ex for task in tasks[:upto] for ex in task.test if ex[1] not in forgotten]
 
 
 def _resume_state(run_dir: Path, recipe_json: dict, model, optimizer, scheduler, buffer, method,
@@ -148,7 +189,9 @@ def continual(recipe: ContinualRecipe, out: str | Path, *, force: bool = False, 
     if force and not resume and run_dir.exists() and not ((run_dir / "recipe.json").is_file()
                                                            or replaceable(run_dir)):
         raise OutputError(f"{run_dir}: exists and is not an earlier run's folder; --force deletes only those")
-    tasks, num_classes, shape = load_tasks(recipe, steps)
+    tasks, num_classes, shape = load_tasks(recipe, stream_classes(recipe))
+    plan_ = resolve(steps, tasks, recipe.seed)
+    lookup = {i: ex for task in tasks for i, ex in zip(task.ids, task.train)}
     stream_size = sum(len(task.train) for task in tasks)
     if method.replay and t.buffer_size > stream_size:
         raise RecipeError(f"training.buffer_size: {t.buffer_size} is larger than the whole stream ({stream_size} "
@@ -159,8 +202,11 @@ def continual(recipe: ContinualRecipe, out: str | Path, *, force: bool = False, 
                           f"{accelerator.num_processes} processes")
     device = accelerator.device
 
+    def make_model() -> torch.nn.Module:  # the stream's initial weights when the seed was just set
+        return small_cnn(shape[0], num_classes, shape[1], recipe.width).to(device)
+
     torch.manual_seed(recipe.seed)
-    model = small_cnn(shape[0], num_classes, shape[1], recipe.width).to(device)
+    model = make_model()
     method.setup(num_classes)
     model = method.prepare(model, "classification")
     params = [p for p in model.parameters() if p.requires_grad]
@@ -171,16 +217,30 @@ def continual(recipe: ContinualRecipe, out: str | Path, *, force: bool = False, 
     recipe_json = json.loads(recipe.model_dump_json())
     if force and not resume and run_dir.exists():
         shutil.rmtree(run_dir)
-    done, state = (_resume_state(run_dir, recipe_json, model, optimizer, scheduler, buffer, method, len(tasks))
+    done, state = (_resume_state(run_dir, recipe_json, model, optimizer, scheduler, buffer, method, len(steps))
                    if resume and run_dir.exists() else (0, {}))
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "recipe.json").write_text(json.dumps(recipe_json))
-    if not state:
-        state = {"matrix": [_scores(model, tasks)], "anytime": [], "steps": []}
+    state = state or {"matrix": [_scores(model, tasks)], "anytime": [], "steps": []}
+    state.setdefault("forget", [])  # a run checkpointed by an older version has neither
+    state.setdefault("every_step", [])
 
-    for k in range(done, len(tasks)):
-        task = tasks[k]
-        examples, passes = method.examples(task.train, [ex for old in tasks[:k] for ex in old.train])
+    for k in range(done, len(steps)):
+        now = plan_[k]
+        if now.step.kind == "forget":
+            entry = forget_step(model, method, buffer, now, lookup, tasks, recipe, make_model, recipe.seed + k, k)
+            check_finite_weights(params, accelerator)
+            state["matrix"].append(_scores(model, tasks, now.forgotten_classes))
+            state["forget"].append({"step": k + 1, **entry})
+            state["steps"].append({"step": k + 1, "kind": "forget", "request": now.step.request,
+                                   "examples": len(now.ids), "batches": 0, "seconds": entry["method"]["seconds"]})
+            _checkpoint(run_dir, k + 1, model, optimizer, scheduler, buffer, method, state, keep=len(steps) + 1)
+            continue
+        task = tasks[now.step.task]
+        before = plan_[k - 1].learned if k else frozenset()
+        seen = list(dict.fromkeys(j for r in plan_[:k] if r.step.kind == "learn" for j in r.ids if j in before))
+        # the method picks examples as (image, label, id) triples; the id goes to the buffer, not to the model
+        examples, passes = method.examples([(*lookup[j], j) for j in now.ids], [(*lookup[j], j) for j in seen])
         order = _order(len(examples), recipe.seed, k, passes)
         batches = [order[i:i + t.batch_size] for i in range(0, len(order), t.batch_size)]
         step_start, losses = time.perf_counter(), []
@@ -189,30 +249,38 @@ def continual(recipe: ContinualRecipe, out: str | Path, *, force: bool = False, 
                                      unit="batch", dynamic_ncols=True, leave=False)):
             incoming = {"x": torch.stack([examples[i][0] for i in idx]),
                         "labels": torch.tensor([examples[i][1] for i in idx])}
+            incoming_ids = torch.tensor([examples[i][2] for i in idx])
             replay = method.retrieve(model, incoming, buffer, t.replay_batch_size, t.lr) if method.replay else None
             batch = {name: None if part is None else {n: v.to(device) for n, v in part.items()}
                      for name, part in (("stream", incoming), ("replay", replay))}
             loss, _ = optimizer_step(method, model, optimizer, params, [batch], 1, accelerator, None)
             optimizer.zero_grad(set_to_none=True)
             if method.replay:
-                buffer.add(incoming["x"], incoming["labels"])
+                buffer.add(incoming["x"], incoming["labels"], incoming_ids)
             losses.append(loss)
             if t.eval_every and (b + 1) % t.eval_every == 0:
-                state["anytime"].append({"step": k + 1, "batch": b + 1,
-                                         "accuracy": round(accuracy(model, _seen_tests(tasks, k + 1)), 4)})
+                state["anytime"].append({"step": k + 1, "batch": b + 1, "accuracy": round(accuracy(
+                    model, _seen_tests(tasks, now.step.task + 1, now.forgotten_classes)), 4)})
                 model.train()
         check_finite_weights(params, accelerator)
         trained = time.perf_counter()
         model.eval()
-        state["matrix"].append(_scores(model, tasks))
-        state["steps"].append({"step": k + 1, "classes": task.classes, "examples": len(examples), "passes": passes,
+        state["matrix"].append(_scores(model, tasks, now.forgotten_classes))
+        if recipe.evaluate.retrain == "every_step":
+            forgotten = sorted(now.forgotten - now.learned)
+            state["every_step"].append({"step": k + 1, **score_step(model, now, forgotten, lookup, tasks, recipe,
+                                                                    make_model, None)})
+        state["steps"].append({"step": k + 1, "kind": "learn", "classes": task.classes, "examples": len(examples),
+                               "passes": passes,
                                "batches": len(batches), "mean_loss": round(sum(losses) / max(1, len(losses)), 6),
                                "seconds": round(trained - step_start, 3),  # training (anytime evaluations included)
                                "eval_seconds": round(time.perf_counter() - trained, 3)})
-        _checkpoint(run_dir, k + 1, model, optimizer, scheduler, buffer, method, state, keep=len(tasks) + 1)
+        _checkpoint(run_dir, k + 1, model, optimizer, scheduler, buffer, method, state, keep=len(steps) + 1)
 
     model.eval()
     R = state["matrix"]
+    learn_rows = [0] + [k + 1 for k, r in enumerate(plan_) if r.step.kind == "learn"]
+    learn_steps = [s for s in state["steps"] if s.get("kind", "learn") == "learn"]
     report = {
         "schema": SCHEMA,
         "method": recipe.method,
@@ -221,12 +289,18 @@ def continual(recipe: ContinualRecipe, out: str | Path, *, force: bool = False, 
         "stream": {"scenario": recipe.stream if isinstance(recipe.stream, str) else None, "dataset": recipe.dataset,
                    "steps": [task.classes for task in tasks], "train_examples": [len(task.train) for task in tasks],
                    "test_examples": [len(task.test) for task in tasks],
-                   "batches": sum(s["batches"] for s in state["steps"])},
+                   "batches": sum(s["batches"] for s in state["steps"]),
+                   "plan": [{"learn": tasks[r.step.task].classes} if r.step.kind == "learn" else
+                            {"forget": r.step.request} for r in plan_]},
         "model": {"name": recipe.model, "in_channels": shape[0], "num_classes": num_classes,
                   "image_size": shape[1], "width": recipe.width, "parameters": sum(p.numel() for p in params)},
         "buffer": {"size": t.buffer_size, "filled": len(buffer), "seen": buffer.seen} if method.replay else None,
-        "accuracy_matrix": R,
-        "metrics": summary(R),
+        "accuracy_matrix": R,  # a row after every step, learn or forget; None: the column's classes are forgotten
+        "learn_rows": learn_rows,  # the rows after learn steps (row 0 the start): what `metrics` is taken over
+        "metrics": summary([R[i] for i in learn_rows]),
+        "forget_steps": state.get("forget", []),
+        "every_step": state.get("every_step", []),
+        "evaluate": recipe_json["evaluate"],
         "anytime": state["anytime"],
         "steps": state["steps"],
         "resumed_from_step": done or None,
@@ -242,26 +316,74 @@ def continual(recipe: ContinualRecipe, out: str | Path, *, force: bool = False, 
                   tmp / "model.safetensors")
         (tmp / "model.json").write_text(json.dumps(report["model"], indent=2) + "\n")
         (tmp / "steps").mkdir()
-        for k in range(1, len(tasks) + 1):
+        for k in range(1, len(steps) + 1):
             shutil.copy(run_dir / f"{PREFIX}{k:06d}" / "trainable.safetensors", tmp / "steps" / f"step-{k}.safetensors")
         write_report(tmp, report, markdown(report))
         from malleable.continual.plots import plot_matrix, plot_stream
 
-        plot_matrix(tmp / "accuracy_matrix.png", R, [task.classes for task in tasks], recipe.method)
-        plot_stream(tmp / "accuracy_stream.png", R, state["anytime"], state["steps"], recipe.method)
+        plot_matrix(tmp / "accuracy_matrix.png", R, [task.classes for task in tasks], recipe.method,
+                    _row_labels(plan_))
+        plot_stream(tmp / "accuracy_stream.png", [R[i] for i in learn_rows], state["anytime"], learn_steps,
+                    recipe.method)
     if not recipe.keep_checkpoints:
         shutil.rmtree(run_dir, ignore_errors=True)
     return report
+
+
+def _row_labels(plan_) -> list[str]:
+    """The matrix rows' names: start, then "step k" or "step k forget {...}"."""
+    return ["start"] + [f"step {k + 1}" + ("" if r.step.kind == "learn" else
+                                           " forget " + ", ".join(f"{a} {b}" for a, b in r.step.request.items()))
+                        for k, r in enumerate(plan_)]
+
+
+def _cell(v) -> str:
+    return "forgotten" if v is None else f"{v:.2f}"
+
+
+def _num(v, nd: int = 2) -> str:
+    return "-" if v is None else f"{v:.{nd}f}"
+
+
+def forget_table(rows: list[dict]) -> list[str]:
+    """The per-forget-step table: the method vs the retrained gold standard, the gap and the times."""
+    if not rows:
+        return []
+    gold = "retrain" in rows[0]
+    head = "| step | request | forgotten | UA before | UA | RA | TA | MIA |" + (
+        " UA retrain | RA retrain | TA retrain | MIA retrain | avg gap | seconds | retrain s | time / retrain |"
+        if gold else " seconds |")
+    lines = ["", "Forget steps (UA = 100 - accuracy on the images forgotten at that step, RA = accuracy on the "
+             "learned and not forgotten training images, TA = test accuracy on the classes that should be known, "
+             "MIA = SalUn's MIA-efficacy on the forgotten images; percent; UA before: the model as the learn "
+             "steps left it):", "", head,
+             "|---" * (head.count("|") - 1) + "|"]
+    for f in rows:
+        m = f["method"]
+        req = ", ".join(f"{a} {b}" for a, b in f["request"].items())
+        cells = [str(f["step"]), req, str(f["forgotten"]), _num(f.get("before", {}).get("UA"))] + [
+            _num(m[k]) for k in ("UA", "RA", "TA", "MIA")]
+        if gold:
+            g = f["retrain"]
+            cells += [_num(g[k]) for k in ("UA", "RA", "TA", "MIA")] + [
+                _num(f["gap"]["avg"]), _num(m["seconds"]), _num(g["seconds"]), _num(f["time_ratio"], 3)]
+        else:
+            cells.append(_num(m["seconds"]))
+        lines.append("| " + " | ".join(cells) + " |")
+    return lines
 
 
 def markdown(r: dict) -> str:
     R, m = r["accuracy_matrix"], r["metrics"]
     T = len(R[0])
     s = r["stream"]
+    plan_ = s.get("plan") or [{"learn": c} for c in s["steps"]]
+    labels = ["start"] + [f"step {k + 1}" + ("" if "learn" in p else " forget " + ", ".join(
+        f"{a} {b}" for a, b in p["forget"].items())) for k, p in enumerate(plan_)]
     lines = [f"# continual: {r['method']}", "",
-             f"- stream: {s['scenario'] or 'custom'} on {s['dataset']}, {T} steps of classes "
+             f"- stream: {s['scenario'] or 'custom'} on {s['dataset']}, {T} learn steps of classes "
              + ", ".join(str(c) for c in s["steps"]) + f" ({sum(s['train_examples'])} training images, one pass "
-             f"for online methods)",
+             f"for online methods)" + (f", {len(plan_) - T} forget steps" if len(plan_) > T else ""),
              f"- method: {r['method']} {json.dumps(r['parameters'])}; model {r['model']['name']} "
              f"({r['model']['parameters']:,} parameters)",
              f"- recipe training: {json.dumps(r['recipe']['training'])}; seed {r['recipe']['seed']}"]
@@ -269,12 +391,19 @@ def markdown(r: dict) -> str:
         lines.append(f"- buffer: {r['buffer']['filled']} of {r['buffer']['size']} slots filled, "
                      f"{r['buffer']['seen']} examples offered")
     lines += ["", "Accuracy matrix (%; row i = after step i, row 0 = the starting model; column j = task j's test "
-              "images):", "", "| after | " + " | ".join(f"task {j + 1}" for j in range(T)) + " |",
-              "|---" * (T + 1) + "|"]
-    for i, row in enumerate(R):
-        lines.append(f"| {'start' if i == 0 else f'step {i}'} | " + " | ".join(f"{v:.2f}" for v in row) + " |")
+              "images of its classes not forgotten at that row; forgotten: all of them are):", "",
+              "| after | " + " | ".join(f"task {j + 1}" for j in range(T)) + " |", "|---" * (T + 1) + "|"]
+    for label, row in zip(labels, R):
+        lines.append(f"| {label} | " + " | ".join(_cell(v) for v in row) + " |")
     lines += ["", "| metric | value |", "|---|---|"]
-    lines += [f"| {k.replace('_', ' ')} | {'-' if v is None else f'{v:.2f}'} |" for k, v in m.items()]
+    lines += [f"| {k.replace('_', ' ')} | {_num(v)} |" for k, v in m.items()]
+    lines += forget_table(r.get("forget_steps", []))
+    if r.get("every_step"):
+        lines += ["", "Every learn step against the retrained gold standard (evaluate.retrain: every_step):", "",
+                  "| step | RA | TA | RA retrain | TA retrain | avg gap | retrain s |", "|---" * 7 + "|"]
+        lines += [f"| {e['step']} | {_num(e['method']['RA'])} | {_num(e['method']['TA'])} | "
+                  f"{_num(e['retrain']['RA'])} | {_num(e['retrain']['TA'])} | {_num(e['gap']['avg'])} | "
+                  f"{_num(e['retrain']['seconds'])} |" for e in r["every_step"]]
     lines += ["", f"- training {r['train_seconds']} s, wall time {r['wall_time_s']} s, peak RSS {r['peak_rss_mb']} MB, "
                   f"device {r['device']}" + (f"; resumed after step {r['resumed_from_step']}"
                                             if r["resumed_from_step"] else ""),

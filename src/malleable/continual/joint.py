@@ -17,3 +17,7 @@ class Joint(ContinualMethod):
 
     def examples(self, current: Sequence, seen: Sequence) -> tuple[Sequence, int]:
         return list(seen) + list(current), self.p["epochs"]
+
+    def retain(self, buffer, remaining: Sequence) -> list:
+        """Offline: everything learned and not forgotten is at hand to keep training on."""
+        return list(remaining)

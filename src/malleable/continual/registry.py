@@ -20,6 +20,12 @@ step (which examples the step walks, and how many passes: online methods one pas
 stored examples to replay: uniform draws by default, MIR picks them by interference); ``loss(model, batch)`` per
 optimiser step; ``state()`` / ``load_state(tensors)`` for checkpoints (a method's
 own running numbers: LAS's label counts), so a resumed stream ends identical.
+
+At a forget step (continual/unlearning.py runs it) the engine first takes the forgotten examples out of the
+buffer, then calls ``retain(buffer, remaining)`` (what the method still holds of the data it should keep: an
+online method only its buffer, the offline `joint` everything learned and not forgotten) and
+``forget(model, forget, retain, settings, seed)``. The default forget step is the recipe's `forget` objective
+run by `malleable forget`'s engine (`forget.unlearn`) on the classifier, "verb by verb"; `ug_clu` brings its own.
 """
 
 from __future__ import annotations
@@ -53,6 +59,27 @@ class ContinualMethod(Method):
         """The replayed part of this optimiser step, drawn from `buffer` (a continual.buffer.Reservoir) before the
         step: `size` stored examples uniformly at random (ER's retrieval); None while the buffer is empty."""
         return buffer.sample(size)
+
+    def retain(self, buffer, remaining: Sequence) -> list | None:
+        """The examples a forget step may keep training on: the buffer's (forgotten ones already out) for a
+        replay method, nothing for a method without memory (online learning keeps only its buffer)."""
+        return [(x, y) for x, y, _ in buffer.contents()] if self.replay else None
+
+    def forget(self, model: torch.nn.Module, forget: Sequence, retain: Sequence | None, settings,
+               seed: int) -> dict:
+        """Unlearn `forget` from `model` in place: `settings` (the recipe's `forget`) names an objective of
+        `malleable forget`, run by its engine on (image, label) pairs; returns what to report of the run."""
+        from malleable.forget import unlearn
+        from malleable.forget.data import collate_classification
+
+        s = settings
+        result = unlearn(model, forget=forget, retain=retain, collate=collate_classification, objective=s.objective,
+                         parameters=s.parameters, mask=s.mask, steps=s.steps, batch_size=s.batch_size, lr=s.lr,
+                         optimizer=s.optimizer, momentum=s.momentum, weight_decay=s.weight_decay,
+                         max_grad_norm=s.max_grad_norm, seed=seed)
+        if result.model is not model:
+            raise RecipeError("forget: the objective returned a new model; a continual forget step trains in place")
+        return {"objective": s.objective, "steps": result.steps, "mask_fraction": result.mask_fraction}
 
     def state(self) -> dict[str, torch.Tensor]:
         return {}

@@ -21,7 +21,7 @@ this stream.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -38,10 +38,21 @@ class Task:
     classes: list[int]
     train: list[tuple[torch.Tensor, int]]
     test: list[tuple[torch.Tensor, int]]
+    ids: list[int] = field(default_factory=list)  # train[k] is the dataset's training image ids[k]
 
 
-def stream_classes(recipe) -> list[list[int]]:
-    """The classes of each learn step, from the scenario name or the step list (no data is read)."""
+@dataclass
+class StreamStep:
+    """One step of the stream as checked from the recipe: a learn step (index of its task) or a forget request."""
+
+    kind: str  # "learn" | "forget"
+    task: int | None = None  # learn: index into the tasks (one task per learn step)
+    request: dict | None = None  # forget: {"step": n} | {"classes": [...]} | {"sample": share or count}
+
+
+def stream_steps(recipe) -> list[StreamStep]:
+    """The stream's steps, checked without data: every step learn or forget, every forget request well formed
+    and naming something learned by an EARLIER step (a class of an earlier learn step, an earlier learn step)."""
     if isinstance(recipe.stream, str):
         if recipe.stream not in SCENARIOS:
             raise RecipeError(f"stream: unknown scenario '{recipe.stream}' (known: {', '.join(sorted(SCENARIOS))}; "
@@ -49,17 +60,140 @@ def stream_classes(recipe) -> list[list[int]]:
         dataset, steps = SCENARIOS[recipe.stream]
         if recipe.dataset != dataset:
             raise RecipeError(f"dataset: scenario {recipe.stream} streams {dataset}, not {recipe.dataset}")
-        return [list(s) for s in steps]
+        return [StreamStep("learn", task=i) for i in range(len(steps))]
     if not recipe.stream:
         raise RecipeError("stream: an empty list of steps; give at least one step or a scenario name")
-    out = []
+    out: list[StreamStep] = []
+    learned: set[int] = set()
     for i, step in enumerate(recipe.stream):
-        if step.forget is not None:
-            raise RecipeError(f"stream[{i}].forget: forget steps are not supported yet (learning-unlearning cycles "
-                              "come with ug_clu); this version runs learn steps only")
-        if step.learn is None:
-            raise RecipeError(f"stream[{i}]: an empty step; give learn: {{classes: [...]}}")
-        out.append(list(step.learn.classes))
+        if step.learn is not None and step.forget is not None:
+            raise RecipeError(f"stream[{i}]: give learn or forget in one step, not both")
+        if step.learn is not None:
+            out.append(StreamStep("learn", task=sum(s.kind == "learn" for s in out)))
+            learned |= set(step.learn.classes)
+            continue
+        if step.forget is None:
+            raise RecipeError(f"stream[{i}]: an empty step; give learn: {{classes: [...]}} or forget: {{...}}")
+        out.append(StreamStep("forget", request=_forget_request(i, step.forget, out, learned)))
+    if not any(s.kind == "learn" for s in out):
+        raise RecipeError("stream: no learn step; a stream learns before it forgets")
+    return out
+
+
+def _forget_request(i: int, spec, earlier: list[StreamStep], learned: set[int]) -> dict:
+    where = f"stream[{i}].forget"
+    given = {k: v for k, v in spec.model_dump().items() if v is not None}
+    if not given:
+        raise RecipeError(f"{where}: an empty forget step; give one of step, classes or sample")
+    if len(given) > 1:
+        raise RecipeError(f"{where}: give one of step, classes or sample, not {' and '.join(sorted(given))}")
+    key, value = next(iter(given.items()))
+    if key == "step":
+        if value > i or earlier[value - 1].kind != "learn":
+            what = "this step or a later one" if value > i else f"stream[{value - 1}], a forget step"
+            raise RecipeError(f"{where}.step: {value} is not an earlier learn step (steps count from 1; step "
+                              f"{value} is {what})")
+    elif key == "classes":
+        if not value:
+            raise RecipeError(f"{where}.classes: empty; name at least one class to forget")
+        never = [c for c in value if c not in learned]
+        if never:
+            raise RecipeError(f"{where}.classes: class {never[0]} was never learned before this step (learned: "
+                              f"{sorted(learned)})")
+    elif not learned:
+        raise RecipeError(f"{where}.sample: nothing is learned before this step; a forget step follows a learn step")
+    elif isinstance(value, float) and value >= 1 and not value.is_integer():
+        raise RecipeError(f"{where}.sample: {value}: give a share below 1 (e.g. 0.1) or a whole count (e.g. 50)")
+    elif isinstance(value, float) and value >= 1:
+        value = int(value)
+    return {key: value}
+
+
+def stream_classes(recipe) -> list[list[int]]:
+    """The classes of each learn step, from the scenario name or the step list (no data is read)."""
+    stream_steps(recipe)
+    if isinstance(recipe.stream, str):
+        return [list(s) for s in SCENARIOS[recipe.stream][1]]
+    return [list(step.learn.classes) for step in recipe.stream if step.learn is not None]
+
+
+@dataclass
+class Resolved:
+    """A stream step with its examples: `ids` are the training images (indices into the dataset's training set)
+    a learn step walks or a forget step forgets; `learned` the images learned and not forgotten after the step,
+    `forgotten` all images forgotten so far, `forgotten_classes` the learned classes with no image left."""
+
+    step: StreamStep
+    ids: list[int]
+    learned: frozenset[int]
+    forgotten: frozenset[int]
+    forgotten_classes: frozenset[int]
+
+
+def resolve(steps: list[StreamStep], tasks: list[Task], seed: int) -> list[Resolved]:
+    """Every step's images, and the checks that need them: the rules of forgetting in a stream.
+
+    * A forget step removes images from what is learned: `classes` every learned image of those classes,
+      `step` every image that learn step walked, `sample` a seeded random share or count of the learned images
+      not yet forgotten (the draw depends on the seed and the step only).
+    * Forgotten images are never learned again: a later learn step walks its images minus those forgotten by a
+      `step` or `sample` request (deletion requests of those very images). One exception: a later learn step that
+      names a class forgotten by a `classes` request learns that class again, its images included (a new request
+      to know the class supersedes the old one to forget it); a `step` forget covering them keeps them out.
+    * Errors (one line naming stream[i]): a forget step with nothing left to forget, a sample larger than what
+      is learned, a learn step whose images were all forgotten.
+    """
+    label = {i: y for task in tasks for i, (_, y) in zip(task.ids, task.train)}
+    learned: set[int] = set()
+    permanent: set[int] = set()  # forgotten by step / sample requests: never back
+    by_class: set[int] = set()  # forgotten by class requests: back when a later learn step names the class
+    walked: dict[int, list[int]] = {}  # stream index -> images the learn step walked
+    ever: set[int] = set()
+    out = []
+    for i, step in enumerate(steps):
+        where = f"stream[{i}]"
+        if step.kind == "learn":
+            task = tasks[step.task]
+            ids = [j for j in task.ids if j not in permanent]
+            if not ids:
+                raise RecipeError(f"{where}.learn.classes: every training image of classes {task.classes} was "
+                                  "forgotten earlier; forgotten images are never learned again")
+            by_class -= set(ids)
+            learned |= set(ids)
+            walked[i] = ids
+            ever |= {label[j] for j in ids}
+        else:
+            (key, value), = step.request.items()
+            if key == "classes":
+                ids = sorted(j for j in learned if label[j] in value)
+                left = {label[j] for j in ids}
+                empty = [c for c in value if c not in left]
+                if empty:
+                    raise RecipeError(f"{where}.forget.classes: class {empty[0]} has nothing left to forget (its "
+                                      "learned images were forgotten earlier)")
+                by_class |= set(ids)
+            elif key == "step":
+                ids = sorted(j for j in walked[value - 1] if j in learned)
+                if not ids:
+                    raise RecipeError(f"{where}.forget.step: step {value}'s images were all forgotten earlier; "
+                                      "nothing left to forget")
+                permanent |= set(walked[value - 1])
+                by_class -= set(walked[value - 1])
+            else:
+                pool = sorted(learned)
+                n = value if isinstance(value, int) else round(value * len(pool))
+                if n > len(pool):
+                    raise RecipeError(f"{where}.forget.sample: {value} is more than the {len(pool)} learned images "
+                                      "not yet forgotten")
+                if n == 0:
+                    raise RecipeError(f"{where}.forget.sample: {value} of {len(pool)} learned images rounds to none")
+                g = torch.Generator().manual_seed(seed * 1_000_003 + 7_919 + i)
+                ids = sorted(pool[k] for k in torch.randperm(len(pool), generator=g)[:n].tolist())
+                permanent |= set(ids)
+            learned -= set(ids)
+        forgotten = frozenset(permanent | by_class)
+        out.append(Resolved(step, ids, frozenset(learned), forgotten,
+                            frozenset(ever - {label[j] for j in learned})))
     return out
 
 
@@ -82,7 +216,9 @@ def load_tasks(recipe, steps: list[list[int]]) -> tuple[list[Task], int, tuple[i
     num_classes = len(train.classes)
     t = recipe.training
     tasks = []
-    for i, classes in enumerate(steps):
+    at = list(range(len(steps))) if isinstance(recipe.stream, str) else \
+        [i for i, step in enumerate(recipe.stream) if step.learn is not None]  # each task's place in the stream
+    for i, classes in zip(at, steps):
         bad = [c for c in classes if c >= num_classes]
         if bad:
             raise RecipeError(f"stream[{i}].learn.classes: class {bad[0]} is not one of {recipe.dataset}'s "
@@ -98,6 +234,7 @@ def load_tasks(recipe, steps: list[list[int]]) -> tuple[list[Task], int, tuple[i
         for task, moved in zip(tasks, blurred([t.train for t in tasks], train.labels, blur, recipe.seed)):
             task.train = moved
     for task in tasks:
+        task.ids = list(task.train)
         task.train = [(train.images[j], int(train.labels[j])) for j in task.train]
     return tasks, num_classes, tuple(train.images.shape[1:])
 

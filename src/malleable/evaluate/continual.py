@@ -16,6 +16,10 @@ after it was learned. Scores are whatever the caller measured (accuracy in perce
 * plasticity: the mean of R[j + 1][j], how well each task is learned when it arrives.
 
 With one task (T = 1) forgetting, backward and forward transfer are undefined and returned as None.
+
+A cell may be None: a stream with forget steps leaves a task's column None once all its classes are forgotten
+on purpose (continual/engine.py). Every mean then runs over the terms whose cells are defined (a task's
+forgetting needs its final score; its best earlier score is over its defined cells), and is None with no term.
 """
 
 from __future__ import annotations
@@ -23,6 +27,15 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 Matrix = Sequence[Sequence[float]]
+
+
+def _mean(terms) -> float | None:
+    terms = [t for t in terms if t is not None]
+    return sum(terms) / len(terms) if terms else None
+
+
+def _diff(a: float | None, b: float | None) -> float | None:
+    return None if a is None or b is None else a - b
 
 
 def _tasks(R: Matrix) -> int:
@@ -33,44 +46,45 @@ def _tasks(R: Matrix) -> int:
     return T
 
 
-def average_accuracy(R: Matrix, step: int | None = None) -> float:
+def average_accuracy(R: Matrix, step: int | None = None) -> float | None:
     """Mean score over the tasks learned by `step` (default the last step: all tasks)."""
     T = _tasks(R)
     i = T if step is None else step
     if not 1 <= i <= T:
         raise ValueError(f"step {i}: expected 1..{T}")
-    return sum(R[i][:i]) / i
+    return _mean(R[i][:i])
 
 
-def average_incremental_accuracy(R: Matrix) -> float:
+def average_incremental_accuracy(R: Matrix) -> float | None:
     T = _tasks(R)
-    return sum(average_accuracy(R, i) for i in range(1, T + 1)) / T
+    return _mean(average_accuracy(R, i) for i in range(1, T + 1))
 
 
 def forgetting(R: Matrix) -> float | None:
     T = _tasks(R)
     if T < 2:
         return None
-    return sum(max(R[i][j] for i in range(j + 1, T)) - R[T][j] for j in range(T - 1)) / (T - 1)
+    return _mean(_diff(_mean([max((R[i][j] for i in range(j + 1, T) if R[i][j] is not None), default=None)]),
+                       R[T][j]) for j in range(T - 1))
 
 
 def backward_transfer(R: Matrix) -> float | None:
     T = _tasks(R)
     if T < 2:
         return None
-    return sum(R[T][j] - R[j + 1][j] for j in range(T - 1)) / (T - 1)
+    return _mean(_diff(R[T][j], R[j + 1][j]) for j in range(T - 1))
 
 
 def forward_transfer(R: Matrix) -> float | None:
     T = _tasks(R)
     if T < 2:
         return None
-    return sum(R[j][j] - R[0][j] for j in range(1, T)) / (T - 1)
+    return _mean(_diff(R[j][j], R[0][j]) for j in range(1, T))
 
 
-def plasticity(R: Matrix) -> float:
+def plasticity(R: Matrix) -> float | None:
     T = _tasks(R)
-    return sum(R[j + 1][j] for j in range(T)) / T
+    return _mean(R[j + 1][j] for j in range(T))
 
 
 def summary(R: Matrix) -> dict[str, float | None]:

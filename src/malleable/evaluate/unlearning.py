@@ -15,7 +15,8 @@ from collections.abc import Callable, Sequence
 
 import torch
 
-from malleable.evaluate.mia import membership_auc, min_k_score
+from malleable.evaluate.classification import accuracy_from_probs, predict_proba
+from malleable.evaluate.mia import efficacy_from_probs, membership_auc, min_k_score
 from malleable.learn.loss import class_logits, is_lm, lm_logits
 
 
@@ -64,6 +65,28 @@ def evidence(model: torch.nn.Module, sets: dict[str, Sequence], collate: Callabl
             auc = membership_auc(scores["forget"]["min_k"].numpy(), scores["holdout"]["min_k"].numpy())
             out["membership_auc_min_k"] = round(auc, 6)
     return out
+
+
+CLASSIFIER_METRICS = ("UA", "RA", "TA", "MIA")
+
+
+def classifier_scores(model: torch.nn.Module, sets: dict, max_shadow: int | None = 5000,
+                      feature: str = "confidence") -> dict:
+    """The SalUn / SFR-on classifier table (percent) on {"forget", "retain", "test"} (image, label) lists:
+    UA = 100 - forget accuracy, RA = retain accuracy, TA = test accuracy, MIA = SalUn's MIA-efficacy of the
+    forget set; each set goes through the model once. A model whose outputs are not finite (a diverged ascent)
+    scores NaN everywhere. The MIA's shadow members are the first min(len(test), max_shadow) retain examples and
+    its non-members as many test examples (SalUn uses len(test); the cap bounds the SVC's quadratic fit).
+    protocols/forget_classifier.py and `malleable continual`'s forget steps report these."""
+    n = len(sets["test"]) if max_shadow is None else min(len(sets["test"]), max_shadow)
+    forget = predict_proba(model, sets["forget"])
+    retain = predict_proba(model, sets["retain"])
+    test = predict_proba(model, sets["test"])
+    if not all(torch.isfinite(p).all() for p, _ in (forget, retain, test)):
+        return dict.fromkeys(CLASSIFIER_METRICS, float("nan"))  # the method diverged: no metric means anything
+    return {"UA": 100.0 - accuracy_from_probs(*forget), "RA": accuracy_from_probs(*retain),
+            "TA": accuracy_from_probs(*test),
+            "MIA": efficacy_from_probs((retain[0][:n], retain[1][:n]), (test[0][:n], test[1][:n]), forget, feature)}
 
 
 def gaps(result: dict, reference: dict) -> dict:

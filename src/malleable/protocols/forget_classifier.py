@@ -39,15 +39,14 @@ from collections.abc import Callable, Sequence
 import torch
 
 from malleable.errors import RecipeError
-from malleable.evaluate.classification import accuracy_from_probs, predict_proba
-from malleable.evaluate.mia import efficacy_from_probs
+from malleable.evaluate.unlearning import CLASSIFIER_METRICS as METRICS  # noqa: F401  (the protocol's names)
+from malleable.evaluate.unlearning import classifier_scores
 from malleable.protocols.relearn import relearn
 from malleable.forget import fit, unlearn
 from malleable.forget.data import collate_classification
 from malleable.forget.stopping import StopRule, side
 
 SCENARIOS = ("class", "random")
-METRICS = ("UA", "RA", "TA", "MIA")
 RELEARN_METRICS = ("UA_held", "UA_relearn", "relearn_drop")
 # The attack the classifier benchmark runs on every model: AdamW (relearn's optimiser), constant lr, clip 1.0, on
 # 10% of the forget set. On Fashion-MNIST (seed 0, class-wise) the original keeps its held-out forget accuracy
@@ -94,22 +93,8 @@ def train_model(make_model: Callable[[], torch.nn.Module], examples: Sequence, r
 
 
 def score(model: torch.nn.Module, split: dict, max_shadow: int | None = 5000, feature: str = "confidence") -> dict:
-    """UA, RA, TA and MIA-efficacy (percent) of `model` on `split`; each set goes through the model once.
-
-    A model whose outputs are not finite (a diverged ascent) scores NaN everywhere.
-
-    The MIA's shadow members are the first min(len(test), max_shadow) retain examples and its non-members
-    as many test examples (SalUn uses len(test); the cap bounds the SVC's quadratic fit).
-    """
-    n = len(split["test"]) if max_shadow is None else min(len(split["test"]), max_shadow)
-    forget = predict_proba(model, split["forget"])
-    retain = predict_proba(model, split["retain"])
-    test = predict_proba(model, split["test"])
-    if not all(torch.isfinite(p).all() for p, _ in (forget, retain, test)):
-        return dict.fromkeys(METRICS, float("nan"))  # the method diverged: no metric means anything
-    return {"UA": 100.0 - accuracy_from_probs(*forget), "RA": accuracy_from_probs(*retain),
-            "TA": accuracy_from_probs(*test),
-            "MIA": efficacy_from_probs((retain[0][:n], retain[1][:n]), (test[0][:n], test[1][:n]), forget, feature)}
+    """UA, RA, TA and MIA-efficacy (percent) of `model` on `split`: evaluate.unlearning.classifier_scores."""
+    return classifier_scores(model, split, max_shadow, feature)
 
 
 def relearn_score(model: torch.nn.Module, split: dict, relearning: dict, seed: int = 0) -> dict:

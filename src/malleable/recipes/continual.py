@@ -9,6 +9,19 @@ dataset: fashion_mnist           # fashion_mnist (Debian dataset-fashion-mnist) 
 stream: split_fashion_mnist      # a named scenario (split_ or blurry_ fashion_mnist / digits), or a list of steps:
 #  - learn: {classes: [0, 1]}    #   each learns the dataset's training images of these classes
 #  - learn: {classes: [2, 3]}
+#  - forget: {classes: [1]}      #   forget every learned image of these classes (task-agnostic), or
+#  - forget: {step: 2}           #   what stream step 2 (counting from 1) learned (task-aware), or
+#  - forget: {sample: 0.1}       #   a seeded random share (< 1) or count (>= 1) of what is learned and not forgotten
+forget:                          # how a forget step is done (ug_clu brings its own update and reads steps/lr/batch)
+  objective: npo                 # any classifier objective of `malleable forget` (npo, graddiff, rl, sfr_on, ...)
+  parameters: {}                 # its parameters
+  mask: null                     # a forget mask, e.g. {name: salun, ratio: 0.5}
+  steps: 50                      # optimiser steps per forget step
+  lr: 0.01
+  batch_size: 32                 # forget and retain examples per step
+evaluate:
+  retrain: forget_steps          # the gold standard (retrained from scratch): forget_steps | every_step | off
+  retrain_epochs: 5              # its passes over everything learned and not forgotten
 training:
   batch_size: 10                 # incoming stream examples per optimiser step (one pass, online)
   replay_batch_size: 10          # examples drawn from the buffer per step (replay methods)
@@ -44,12 +57,45 @@ class LearnStep(Strict):
         return value
 
 
+class ForgetStep(Strict):
+    """What a forget step removes; exactly one key (checked with the stream, continual/stream.py)."""
+
+    step: int | None = Field(default=None, ge=1)
+    classes: list[int] | None = None
+    sample: int | float | None = Field(default=None, gt=0)
+
+    @field_validator("classes")
+    @classmethod
+    def _distinct(cls, value: list[int] | None) -> list[int] | None:
+        return None if value is None else LearnStep._distinct(value)
+
+
 class Step(Strict):
-    """One step of the stream. Only `learn` exists in this version; `forget` steps (issue 18's learning-unlearning
-    cycles) are refused with a line saying so, not silently ignored."""
+    """One step of the stream: `learn` or `forget` (exactly one, checked with the stream)."""
 
     learn: LearnStep | None = None
-    forget: Any = None
+    forget: ForgetStep | None = None
+
+
+class ForgetSettings(Strict):
+    """How a method's forget step unlearns: an objective of `malleable forget` run on the classifier."""
+
+    objective: str = "npo"
+    parameters: dict[str, Any] = Field(default_factory=dict)
+    mask: dict[str, Any] | None = None
+    steps: int = Field(default=50, gt=0)
+    lr: float = Field(default=0.01, gt=0)
+    batch_size: int = Field(default=32, gt=0)
+    optimizer: Literal["sgd", "adamw"] = "sgd"
+    momentum: float = Field(default=0.9, ge=0, lt=1)
+    weight_decay: float = Field(default=0.0, ge=0)
+    max_grad_norm: float | None = Field(default=None, gt=0)
+
+
+class ContinualEvaluate(Strict):
+    retrain: Literal["forget_steps", "every_step", "off"] = "forget_steps"
+    retrain_epochs: int = Field(default=5, gt=0)
+    mia_max_shadow: int = Field(default=2000, gt=0)
 
 
 class ContinualTraining(Strict):
@@ -71,6 +117,8 @@ class ContinualRecipe(Strict):
     dataset: Literal["fashion_mnist", "digits"] = "fashion_mnist"
     stream: str | list[Step]
     training: ContinualTraining = Field(default_factory=ContinualTraining)
+    forget: ForgetSettings = Field(default_factory=ForgetSettings)
+    evaluate: ContinualEvaluate = Field(default_factory=ContinualEvaluate)
     seed: Seed = 0
     keep_checkpoints: bool = False  # keep OUT.run/ (one checkpoint per step) after a finished run
 
