@@ -38,7 +38,7 @@ import torch.nn.functional as F
 
 from malleable.errors import RecipeError
 from malleable.learn.registry import Method
-from malleable.params import Param, check_params
+from malleable.params import Param, Registry
 
 
 class ContinualMethod(Method):
@@ -98,29 +98,15 @@ def joined(batch: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.cat([p["x"] for p in parts]), torch.cat([p["labels"] for p in parts])
 
 
-METHODS: dict[str, type[ContinualMethod]] = {}
+METHODS = Registry("continual method", "malleable.continual")
 
 
 def continual_method(name: str, *, params: dict[str, Param] | None = None
                      ) -> Callable[[type[ContinualMethod]], type[ContinualMethod]]:
     """Register a `ContinualMethod` subclass as `name`; its docstring is the method's documentation."""
-
-    def register(cls: type[ContinualMethod]) -> type[ContinualMethod]:
-        if name in METHODS:
-            raise ValueError(f"continual method '{name}' registered twice")
-        cls.name = name
-        cls.params = {**getattr(cls, "params", {}), **(params or {})}
-        METHODS[name] = cls
-        return cls
-
-    return register
+    return METHODS.register(name, params)
 
 
 def get_method(name: str, given: dict[str, Any]) -> ContinualMethod:
     """The registered method `name` built with checked parameters (defaults filled in)."""
-    from malleable import continual  # noqa: F401  (importing the package registers every method)
-
-    if name not in METHODS:
-        raise RecipeError(f"method: unknown continual method '{name}' (known: {', '.join(sorted(METHODS))})")
-    cls = METHODS[name]
-    return cls(**check_params(cls.params, given))
+    return METHODS.build(name, given)
