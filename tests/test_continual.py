@@ -27,7 +27,12 @@ TINY = {"method": "er", "dataset": "digits", "stream": [{"learn": {"classes": [0
 
 
 def recipe(**changes) -> dict:
-    r = json.loads(json.dumps(TINY))
+    return changed(TINY, **changes)
+
+
+def changed(base: dict, **changes) -> dict:
+    """A deep copy of `base` with `section__key=value` (or `section=value`) changes."""
+    r = json.loads(json.dumps(base))
     for key, value in changes.items():
         section, _, name = key.partition("__")
         if name:

@@ -5,7 +5,6 @@ Split digits (scikit-learn's 8x8 images, 30 per class here): seconds per run."""
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import pytest
@@ -20,6 +19,7 @@ from malleable.continual.buffer import Reservoir
 from malleable.continual.engine import continual
 from malleable.continual.stream import load_tasks, resolve, stream_classes, stream_steps
 from malleable.recipes.continual import parse_continual_recipe
+from test_continual import changed
 
 STREAM = [{"learn": {"classes": [0, 1]}}, {"learn": {"classes": [2, 3]}}, {"forget": {"classes": [1]}},
           {"learn": {"classes": [4, 5]}}, {"forget": {"step": 2}}, {"forget": {"sample": 0.2}}]
@@ -31,14 +31,7 @@ BASE = {"method": "er", "dataset": "digits", "width": 16, "stream": STREAM,
 
 
 def recipe(**changes) -> dict:
-    r = json.loads(json.dumps(BASE))
-    for key, value in changes.items():
-        section, _, name = key.partition("__")
-        if name:
-            r[section][name] = value
-        else:
-            r[section] = value
-    return r
+    return changed(BASE, **changes)
 
 
 def plan_of(r: dict):
