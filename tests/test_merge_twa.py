@@ -15,8 +15,8 @@ from typer.testing import CliRunner
 from malleable.cli import app
 from malleable.errors import InputError, RecipeError
 from malleable.forget.data import collate_classification
-from malleable.merge.twa import (Averaged, _Project, journal_blocks, mean_state, param_blocks, quantize, twa,
-                                 twa_params)
+from malleable.merge.twa import (Averaged, Block, _Project, journal_blocks, mean_state, pack_codes, param_blocks,
+                                 quantize, twa, twa_params, unpack_codes)
 from malleable.models.vision import small_cnn
 
 
@@ -102,7 +102,7 @@ def test_block_gradient_is_the_dense_one():
     block = torch.randn(3, 50)
     codes, step, zero = quantize(block, 4)
     center, x, g = torch.randn(50), torch.randn(3, requires_grad=True), torch.randn(50)
-    (_Project.apply(x, codes, step, zero, center) * g).sum().backward()
+    (_Project.apply(x, Block(0, 50, codes, step, zero, center)) * g).sum().backward()
     x2 = x.detach().clone().requires_grad_(True)
     ((center + x2 @ (codes.float() * step + zero)) * g).sum().backward()
     assert torch.allclose(x.grad, x2.grad, atol=1e-5)
@@ -133,7 +133,41 @@ def test_chunks_and_defaults(cnns):
     result = twa(models, template, data[:64], collate=collate_classification, form="twa_t",
                  parameters={**FAST, "model_batch": 3})
     assert [tuple(x.shape) for x in result.coefficients] == [(3, 8), (1, 8)]
-    assert result.info["projection_bytes"] == 3 * sum(p.numel() for p in template.parameters())  # 3 x uint8
+    # the default 4 bits, packed two codes a byte: half a byte per entry of the 3-checkpoint chunk, per block
+    assert result.info["projection_bytes"] == sum((3 * p.numel() * 4 + 7) // 8 for p in template.parameters())
+
+
+@pytest.mark.parametrize("bits", range(1, 9))
+def test_packed_codes_unpack_exactly(bits):
+    g = torch.Generator().manual_seed(bits)
+    for n in (0, 1, 3, 7, 9, 17, 1001):
+        codes = torch.randint(0, 2 ** bits, (n,), generator=g, dtype=torch.uint8)
+        packed = pack_codes(codes, bits)
+        assert packed.dtype == torch.uint8 and packed.numel() == (n * bits + 7) // 8
+        assert torch.equal(unpack_codes(packed, bits, n), codes)
+    top = torch.full((13,), 2 ** bits - 1, dtype=torch.uint8)  # every bit set: nothing may leak or fall off
+    assert torch.equal(unpack_codes(pack_codes(top, bits), bits, 13), top)
+
+
+def test_packed_layout_is_lowest_bits_first():
+    one = torch.tensor([1, 0, 1, 1, 0, 0, 0, 1, 1], dtype=torch.uint8)
+    assert pack_codes(one, 1).tolist() == [0b10001101, 0b1]  # 8 codes a byte
+    assert pack_codes(torch.tensor([1, 2, 3, 0, 3], dtype=torch.uint8), 2).tolist() == [0b00111001, 0b11]
+    # 3 bits: the third code (6 = 0b110) spans bytes 0 and 1: its low 2 bits end byte 0, its high bit starts byte 1
+    assert pack_codes(torch.tensor([5, 1, 6], dtype=torch.uint8), 3).tolist() == [0b10001101, 0b1]
+
+
+@pytest.mark.parametrize("bits", [1, 3, 4, 8])
+def test_packing_changes_the_bytes_not_the_result(cnns, bits):
+    template, models, data = cnns
+    runs = [twa(models, template, data[:96], collate=collate_classification, form="twa_v",
+                parameters={**FAST, "bits": bits, "pack": pack}) for pack in (True, False)]
+    assert all(torch.equal(runs[0].state[k], runs[1].state[k]) for k in runs[1].state)  # bit for bit
+    assert torch.equal(runs[0].coefficients[0], runs[1].coefficients[0])
+    assert float(runs[0].coefficients[0].abs().min()) > 0  # the coefficients trained away from 0
+    sizes = [p.numel() for p in template.parameters()]
+    assert runs[1].info["projection_bytes"] == 4 * sum(sizes)
+    assert runs[0].info["projection_bytes"] == sum((4 * n * bits + 7) // 8 for n in sizes)
 
 
 def test_bad_input_in_memory(cnns):

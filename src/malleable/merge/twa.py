@@ -22,7 +22,10 @@ Three forms:
 The coefficients are the only trainable parameters of a learn `Method` (`Coefficients`), and every step is
 learn's `optimizer_step` (micro-batches, DDP, the non-finite check), so several processes work unchanged.
 The dequantised projection is never materialised for the whole model: each block's product and its gradient
-(P_b g_b, the authors' P_Step) run block by block from the uint8 codes.
+(P_b g_b, the authors' P_Step) run block by block from the uint8 codes. With ``pack: true`` (the default) the
+k-bit codes are held bit-packed (`pack_codes`: 8 / 4 / 2 codes a byte at 1 / 2 / 4 bits, a bit stream at 3, 5,
+6, 7 bits), so the projection takes k / 8 of a byte per entry; each block is unpacked exactly for its product and
+again for its gradient, so the result is bit for bit the unpacked one.
 
 Where ours differs from the authors' code, and why:
 * Gram-Schmidt is a QR factorisation in float64 (the same span; float32 classical Gram-Schmidt loses
@@ -34,6 +37,7 @@ Where ours differs from the authors' code, and why:
   after training (the ICLR code always does; the journal code does not): report both, it can hurt.
 * A quantisation grid with max == min (a constant block) gets step 1 instead of the authors' division by 0.
 * ``bits: 32`` keeps the projection in float32 (the journal code always quantises; its default is 4).
+* The codes are bit-packed (``pack: false``: one code per uint8 byte, as the authors' `.to(torch.uint8)`).
 * The step schedule's milestones are counted in optimiser steps at 50% / 75% of the run, not whole epochs.
 """
 
@@ -73,6 +77,8 @@ PARAMS = {
     "model_batch": Param(0, "twa_v / twa_t: checkpoints per chunk (0: all at once)", ge=0),
     "train_start": Param(-1, "twa: start from the mean (-1) or from this checkpoint's index", ge=-1),
     "bn_update": Param(False, "recompute BatchNorm statistics on the training data afterwards"),
+    "pack": Param(True, "twa_v / twa_t: hold the k-bit codes bit-packed (k / 8 of a byte each; false: one code "
+                        "per byte, as the authors)"),
 }
 DEFAULTS = {
     "twa": {"lr": 2.0, "epochs": 10, "batch_size": 128, "wd": 1e-5, "optimizer": "sgd", "schedule": "step",
@@ -113,35 +119,91 @@ def quantize(block: torch.Tensor, bits: int) -> tuple[torch.Tensor, float, float
     return codes, step, lo
 
 
+def _code_groups(bits: int):
+    """For a stream of codes in groups of 8 (8 codes = `bits` bytes): per code j of a group, its byte, its shift in
+    that byte, and whether it runs into the next byte (the lowest bits first)."""
+    for j in range(8):
+        byte, shift = divmod(bits * j, 8)
+        yield j, byte, shift, shift + bits > 8
+
+
+def pack_codes(codes: torch.Tensor, bits: int) -> torch.Tensor:
+    """uint8 codes below 2**bits as a flat bit stream of ceil(numel * bits / 8) bytes: the codes in order, each
+    `bits` wide, lowest bits first (1 / 2 / 4 bits: 8 / 4 / 2 codes a byte; 3 / 5 / 6 / 7 bits: a code may span
+    two bytes; 8 bits: the codes themselves). `unpack_codes` inverts it exactly."""
+    if not 1 <= bits <= 8:
+        raise RecipeError(f"parameters.bits: {bits} is not 1..8")
+    flat = codes.reshape(-1).to(torch.uint8)
+    if bits == 8:
+        return flat.clone()
+    n = flat.numel()
+    groups = torch.cat([flat, flat.new_zeros((-n) % 8)]).view(-1, 8)
+    out = torch.zeros(groups.shape[0], bits, dtype=torch.uint8)
+    for j, byte, shift, spans in _code_groups(bits):
+        out[:, byte] |= groups[:, j] << shift  # uint8: the bits shifted past the byte fall off ...
+        if spans:
+            out[:, byte + 1] |= groups[:, j] >> (8 - shift)  # ... and go to the next byte
+    return out.view(-1)[:(n * bits + 7) // 8].clone()
+
+
+def unpack_codes(packed: torch.Tensor, bits: int, n: int) -> torch.Tensor:
+    """The `n` codes (uint8, flat) that `pack_codes(codes, bits)` packed into `packed`."""
+    if bits == 8:
+        return packed[:n].clone()
+    groups = -(-n // 8)
+    stream = torch.cat([packed, packed.new_zeros(groups * bits - packed.numel())]).view(groups, bits)
+    out = torch.empty(groups, 8, dtype=torch.uint8)
+    mask = 2 ** bits - 1
+    for j, byte, shift, spans in _code_groups(bits):
+        code = stream[:, byte] >> shift
+        if spans:
+            code |= stream[:, byte + 1] << (8 - shift)
+        out[:, j] = code & mask
+    return out.view(-1)[:n]
+
+
 class _Project(torch.autograd.Function):
-    """center + x @ (codes * step + zero) for one block, keeping only the uint8 (or float) codes for backward:
-    the gradient of x is (codes * step + zero) @ g, computed as step * (codes @ g) + zero * sum(g)."""
+    """center + x @ (codes * step + zero) for one block, keeping only the block's stored (uint8, packed or float)
+    codes for backward: the gradient of x is (codes * step + zero) @ g, computed as step * (codes @ g) + zero *
+    sum(g)."""
 
     @staticmethod
-    def forward(ctx, x, codes, step, zero, center):
-        ctx.save_for_backward(codes)
-        ctx.step, ctx.zero = step, zero
-        out = (x * step) @ codes.to(x.dtype) + zero * x.sum()
-        return out if center is None else out + center
+    def forward(ctx, x, block):
+        ctx.block = block
+        out = (x * block.step) @ block.matrix().to(x.dtype) + block.zero * x.sum()
+        return out if block.center is None else out + block.center
 
     @staticmethod
     def backward(ctx, g):
-        (codes,) = ctx.saved_tensors
-        return ctx.step * (codes.to(g.dtype) @ g) + ctx.zero * g.sum(), None, None, None, None
+        b = ctx.block
+        return b.step * (b.matrix().to(g.dtype) @ g) + b.zero * g.sum(), None
 
 
 @dataclass
 class Block:
     start: int
     size: int
-    codes: torch.Tensor  # (n, size): uint8 codes, or the float32 rows themselves (step 1, zero 0)
+    codes: torch.Tensor  # (n, size): uint8 codes, or the float32 rows themselves (step 1, zero 0); packed: flat
     step: float = 1.0
     zero: float = 0.0
     center: torch.Tensor | None = None  # (size,) float32, or None (twa: w = P^T c)
+    packed_bits: int = 0  # > 0: `codes` is pack_codes(codes, packed_bits) of an (n_rows, size) matrix
+    n_rows: int = 0
+
+    def matrix(self) -> torch.Tensor:
+        """The (n, size) codes as stored before packing (uint8, or the float rows)."""
+        if not self.packed_bits:
+            return self.codes
+        return unpack_codes(self.codes, self.packed_bits, self.n_rows * self.size).view(self.n_rows, self.size)
 
     def rows(self) -> torch.Tensor:
         """The dequantised rows of P in this block."""
-        return self.codes.float() * self.step + self.zero
+        return self.matrix().float() * self.step + self.zero
+
+    @property
+    def nbytes(self) -> int:
+        """The bytes the projection's codes of this block take."""
+        return self.codes.numel() * self.codes.element_size()
 
 
 def param_blocks(sizes: Sequence[int], layer_size: int) -> list[tuple[int, int]]:
@@ -157,8 +219,9 @@ def param_blocks(sizes: Sequence[int], layer_size: int) -> list[tuple[int, int]]
 
 
 def journal_blocks(rows: torch.Tensor, mean: torch.Tensor, center: torch.Tensor, spans: list[tuple[int, int]],
-                   bits: int) -> list[Block]:
-    """twa_v / twa_t: per block, (w_i - mean) normalised per row, quantised to `bits` (32: kept float)."""
+                   bits: int, pack: bool = False) -> list[Block]:
+    """twa_v / twa_t: per block, (w_i - mean) normalised per row, quantised to `bits` (32: kept float), the codes
+    bit-packed when `pack` (8 bits: nothing to pack)."""
     out = []
     for start, size in spans:
         d = rows[:, start:start + size] - mean[start:start + size]
@@ -169,7 +232,10 @@ def journal_blocks(rows: torch.Tensor, mean: torch.Tensor, center: torch.Tensor,
             out.append(Block(start, size, d.contiguous(), center=c))
         else:
             codes, step, zero = quantize(d, bits)
-            out.append(Block(start, size, codes, step, zero, c))
+            if pack and bits < 8:
+                out.append(Block(start, size, pack_codes(codes, bits), step, zero, c, bits, d.shape[0]))
+            else:
+                out.append(Block(start, size, codes, step, zero, c))
     return out
 
 
@@ -194,7 +260,7 @@ class Averaged(nn.Module):
         self.shapes = [own[n].shape for n in self.names]
 
     def flat(self) -> torch.Tensor:
-        parts = [_Project.apply(self.X[:, j], b.codes, b.step, b.zero, b.center) for j, b in enumerate(self.blocks)]
+        parts = [_Project.apply(self.X[:, j], b) for j, b in enumerate(self.blocks)]
         return torch.cat(parts)
 
     def weights(self) -> dict[str, torch.Tensor]:
@@ -346,10 +412,9 @@ def twa(models: Sequence[nn.Module | dict[str, torch.Tensor]], template: nn.Modu
         info["blocks"] = len(spans)
         center, per = mean, p["model_batch"] or len(sds)
         for c in range(0, len(sds), per):
-            blocks = journal_blocks(rows[c:c + per], mean, center, spans, p["bits"])
+            blocks = journal_blocks(rows[c:c + per], mean, center, spans, p["bits"], p["pack"])
             averaged = Averaged(net, names, blocks, torch.zeros(min(per, len(sds) - c), len(spans)))
-            info["projection_bytes"] = max(info.get("projection_bytes", 0),
-                                           sum(b.codes.numel() * b.codes.element_size() for b in blocks))
+            info["projection_bytes"] = max(info.get("projection_bytes", 0), sum(b.nbytes for b in blocks))
             history += train_coefficients(averaged, data, collate, p, seed, progress, f"twa chunk {c // per}")
             chunks.append(averaged.X.detach().clone())
             center = averaged.flat().detach()
