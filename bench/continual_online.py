@@ -51,7 +51,7 @@ def run_one(method: str, buffer: int | None, seed: int, args, work: Path) -> dic
     training = {"batch_size": args.batch_size, "replay_batch_size": args.batch_size, "lr": args.lr,
                 "buffer_size": buffer or 0, "max_per_class": args.max_per_class,
                 "test_per_class": args.test_per_class}
-    recipe = parse_continual_recipe({"method": method, "stream": "split_fashion_mnist", "seed": seed,
+    recipe = parse_continual_recipe({"method": method, "stream": args.scenario, "seed": seed,
                                      "training": {k: v for k, v in training.items() if v is not None}})
     out = work / f"{method}-{buffer}-{seed}"
     load = loadavg()
@@ -100,8 +100,13 @@ def markdown(data: dict) -> str:
               f"({2 * s['max_per_class']:,} per task)")
     tests = ("the whole test set (2,000 images per task)" if s["test_per_class"] is None else
              f"the first {s['test_per_class']} test images per class")
-    lines = [f"# Online class-incremental split Fashion-MNIST{' (partial)' if data['partial'] else ''}", "",
-             f"`malleable continual` on split_fashion_mnist: 5 tasks of 2 classes, one pass, {stream}, scored on {tests}; "
+    scenario = s.get("scenario", "split_fashion_mnist")
+    blurry = scenario.startswith("blurry")
+    lines = [f"# Online class-incremental {'blurry (Blurry10) ' if blurry else 'split '}Fashion-MNIST"
+             f"{' (partial)' if data['partial'] else ''}", "",
+             f"`malleable continual` on {scenario}: 5 tasks of 2 classes"
+             f"{' (10% of every class moved to the other tasks, see continual/stream.py)' if blurry else ''}, "
+             f"one pass, {stream}, scored on {tests}; "
              f"batch "
              f"{s['batch_size']}, replay batch {s['batch_size']}, SGD lr {s['lr']}, small_cnn (width 16). "
              f"Seeds {s['seeds']} (each fixes the initial weights, the stream order and the buffer draws; methods are "
@@ -150,11 +155,12 @@ def main() -> None:
     p.add_argument("--work", type=Path, default=Path("/work/bench-cache/continual_online"))
     p.add_argument("--out", type=Path, default=RESULTS_DIR)
     p.add_argument("--name", default=NAME, help="results file name (bench/results/<name>.{json,md})")
+    p.add_argument("--scenario", default="split_fashion_mnist", choices=["split_fashion_mnist", "blurry_fashion_mnist"])
     args = p.parse_args()
     planned = arms(args.buffers, args.methods)
     settings = {"seeds": list(range(args.seeds)), "buffers": args.buffers, "methods": args.methods,
                 "batch_size": args.batch_size, "lr": args.lr, "max_per_class": args.max_per_class,
-                "test_per_class": args.test_per_class}
+                "test_per_class": args.test_per_class, "scenario": args.scenario}
     args.work.mkdir(parents=True, exist_ok=True)
     cache_dataset()
     runs: list[dict] = []
