@@ -56,10 +56,10 @@ class ITI(SteeringMethod):
     (`layers.<i>.offset`, o_proj's input width, zero outside the chosen heads) and the default strength alpha.
 
     K and alpha for small models: the authors use K = 48 of 1024 heads (4.7%) and alpha 15 on 7B LLaMAs. On
-    SmolLM2-135M-Instruct (270 heads) and the sentiment pairs (bench/results/steer_iti_k_alpha.md, ONE seed, 20
-    held-out pairs), alpha 15 costs 8 to 87 nats of UtilOdds for K = 6..48, and K = 24 at alpha 4 moved the mean
-    PrefOdds most for the utility it cost (+7.1 for -1.8 nats; K = 12 at alpha 8: +2.0 for -4.9; K = 48 at
-    alpha 4: +9.0 for -6.7), so the defaults are K = 24 (9% of the heads) and alpha 4. One seed and one concept:
+    SmolLM2-135M-Instruct (270 heads) and the sentiment pairs (bench/results/steer_iti_k_alpha.md, 3 seeds, 20
+    held-out pairs each), alpha 15 costs 12 to 95 nats of UtilOdds for K = 6..48, and K = 24 at alpha 4 moves the
+    mean PrefOdds by +6.3 [2.3, 10.4] for -5.2 [-14.6, 4.2] nats (K = 48 at alpha 4: +8.6 for -10.7; K = 12:
+    +3.2 for -2.4), so the defaults are K = 24 (9% of the heads) and alpha 4 (chosen on seed 0). One concept:
     set both for your model and data (`--strengths` sweeps alpha).
 
     Ours differs: (1) the shift goes to every text position (as the authors' baked models, whose o_proj bias
