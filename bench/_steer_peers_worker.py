@@ -11,6 +11,7 @@ OUT.json gets {"load_s", "extract_s", "total_s", "vmhwm_mb", ...}; OUT.safetenso
 import json
 import sys
 import time
+from pathlib import Path
 
 T0 = time.perf_counter()
 
@@ -148,7 +149,15 @@ def generate(tool: str, vectors_file: str, model_dir: str, prompt: str, layers: 
             with applied(model, artefact, strength=strength):
                 return run(model)
 
-        variants |= {"steered": steered, "baked": lambda: run(baked)}
+        import tempfile
+
+        from peft import PeftModel
+
+        from malleable.steer.peft_export import export_peft
+
+        adapter = export_peft(artefact, model_dir, Path(tempfile.mkdtemp()) / "adapter", strength=strength)
+        with_adapter = PeftModel.from_pretrained(copy.deepcopy(model), adapter).eval()
+        variants |= {"steered": steered, "baked": lambda: run(baked), "peft": lambda: run(with_adapter)}
     elif tool == "repeng":
         import numpy as np
         from repeng import ControlModel, ControlVector

@@ -20,7 +20,8 @@ time, and the process's peak RSS (VmHWM from /proc/self/status at exit); medians
 ratios ours / peer per repeat (paired by repeat: median and range).
 
 Generation (after the first repeat): one process per tool, batch 1, greedy, exactly --new-tokens tokens, the unsteered model and the
-steered one (ours: also the baked checkpoint) interleaved over --rounds rounds after a warm-up, all steering the
+steered one (ours: also the baked checkpoint and the PEFT adapter `steer-peft` writes) interleaved over --rounds
+rounds after a warm-up, all steering the
 same vectors (ours' mean difference, layers --gen-layers, strength --strength). Tokens/s and the per-round ratio
 steered / unsteered, median.
 
@@ -233,8 +234,8 @@ def markdown(d: dict) -> str:
         lines += ["", f"## Generation throughput (batch 1, greedy, {g['new_tokens']} new tokens, layers "
                   f"{g['layers'][0]}..{g['layers'][-1]} steered at strength {g['strength']:g}, {g['rounds']} "
                   "interleaved rounds after a warm-up)", "",
-                  "| tool | unsteered tok/s | steered tok/s | steered / unsteered | baked tok/s | baked / unsteered |",
-                  "|---|---|---|---|---|---|"]
+                  "| tool | unsteered tok/s | steered tok/s | steered / unsteered | baked tok/s | baked / unsteered | "
+                  "PEFT adapter tok/s | PEFT adapter / unsteered |", "|---|---|---|---|---|---|---|---|"]
         for tool, s in d["generation"].items():
             t, r = s["tokens_per_s"], s["ratio_to_unsteered"]
 
@@ -242,7 +243,8 @@ def markdown(d: dict) -> str:
                 return f"{fmt(r[k]['median'], 3)} [{fmt(r[k]['min'], 3)}, {fmt(r[k]['max'], 3)}]" if k in r else "-"
 
             lines.append(f"| {tool} | {fmt(t['unsteered'], 1)} | {fmt(t['steered'], 1)} | {cell('steered')} | "
-                         f"{fmt(t.get('baked'), 1) if 'baked' in t else '-'} | {cell('baked')} |")
+                         f"{fmt(t.get('baked'), 1) if 'baked' in t else '-'} | {cell('baked')} | "
+                         f"{fmt(t.get('peft'), 1) if 'peft' in t else '-'} | {cell('peft')} |")
         lines += ["", "Each tool's unsteered baseline is its own process and transformers version (ours 5.x, the "
                   "peers 4.x): compare the ratios across tools, the absolute tokens/s only within a row."]
     return "\n".join(lines) + "\n"
