@@ -203,16 +203,23 @@ def test_reservoir_sample_draws_without_replacement_and_none_when_empty():
     assert sorted(s["labels"].tolist()) == [0, 1, 2, 3, 4]
 
 
-def test_a_killed_stream_resumes_at_its_last_finished_step_and_ends_identical(tmp_path, monkeypatch):
-    whole, weights = run(tmp_path, "whole", method="las")
+def kill_after(monkeypatch, last: int):
+    """The engine stops (KeyboardInterrupt) right after saving step `last`'s checkpoint; returns the real save,
+    to put back before resuming."""
     real = engine.save_checkpoint
 
-    def killed_after_step_2(directory, step, *args, **kwargs):
+    def save_then_stop(directory, step, *args, **kwargs):
         real(directory, step, *args, **kwargs)
-        if step == 2:
+        if step == last:
             raise KeyboardInterrupt
 
-    monkeypatch.setattr(engine, "save_checkpoint", killed_after_step_2)
+    monkeypatch.setattr(engine, "save_checkpoint", save_then_stop)
+    return real
+
+
+def test_a_killed_stream_resumes_at_its_last_finished_step_and_ends_identical(tmp_path, monkeypatch):
+    whole, weights = run(tmp_path, "whole", method="las")
+    real = kill_after(monkeypatch, 2)
     r = parse_continual_recipe(recipe(method="las"))
     with pytest.raises(KeyboardInterrupt):
         continual(r, tmp_path / "broken", progress=False)

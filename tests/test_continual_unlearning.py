@@ -19,7 +19,7 @@ from malleable.continual.buffer import Reservoir
 from malleable.continual.engine import continual
 from malleable.continual.stream import load_tasks, resolve, stream_classes, stream_steps
 from malleable.recipes.continual import parse_continual_recipe
-from test_continual import changed
+from test_continual import changed, kill_after
 
 STREAM = [{"learn": {"classes": [0, 1]}}, {"learn": {"classes": [2, 3]}}, {"forget": {"classes": [1]}},
           {"learn": {"classes": [4, 5]}}, {"forget": {"step": 2}}, {"forget": {"sample": 0.2}}]
@@ -166,14 +166,7 @@ def test_a_class_forget_really_forgets_with_ug_clu_and_a_baseline(tmp_path, meth
 
 def test_a_stream_killed_after_a_forget_step_resumes_identical(tmp_path, monkeypatch, er_run):
     whole = er_run[0]
-    real = engine.save_checkpoint
-
-    def killed_after_step_3(directory, step, *args, **kwargs):
-        real(directory, step, *args, **kwargs)
-        if step == 3:
-            raise KeyboardInterrupt
-
-    monkeypatch.setattr(engine, "save_checkpoint", killed_after_step_3)
+    real = kill_after(monkeypatch, 3)
     r = parse_continual_recipe(recipe(keep_checkpoints=True))
     with pytest.raises(KeyboardInterrupt):
         continual(r, tmp_path / "broken", progress=False)

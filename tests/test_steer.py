@@ -60,6 +60,15 @@ def model(tiny_lm):
     return AutoModelForCausalLM.from_pretrained(tiny_lm, dtype=torch.float32).eval()
 
 
+def hooked_logits(tiny_lm, artefact, strength: float):
+    """(a two-text batch, the tiny model's logits on it steered through the hooks): what a baked checkpoint or an
+    exported adapter must reproduce."""
+    m, tok = model(tiny_lm), tiny_tokenizer()
+    batch = tok(["w1 w2 w3", "w4 w5 w6"], return_tensors="pt")
+    with applied(m, artefact, strength=strength):
+        return batch, m(**batch).logits
+
+
 def test_artefact_and_report(artefact, tiny_lm):
     a = load_artefact(artefact)
     assert a.config["layers"] == [1] and a.vectors[1].shape == (64,) and a.default_strength == 3.0
@@ -150,10 +159,7 @@ def test_padding_either_side_matches_one_text_at_a_time(artefact, tiny_lm, side)
 
 
 def test_baked_checkpoint_gives_the_hook_logits(artefact, tiny_lm, tmp_path):
-    m, tok = model(tiny_lm), tiny_tokenizer()
-    batch = tok(["w1 w2 w3", "w4 w5 w6"], return_tensors="pt")
-    with applied(m, artefact, strength=2.5):
-        hooked = m(**batch).logits
+    batch, hooked = hooked_logits(tiny_lm, artefact, 2.5)
     out = bake(artefact, tiny_lm, tmp_path / "baked", strength=2.5)
     baked = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()  # plain, no custom code
     assert baked.config.mlp_bias and torch.count_nonzero(baked.model.layers[0].mlp.down_proj.bias) == 0
@@ -166,10 +172,7 @@ def test_peft_adapter_gives_the_hook_logits_and_bad_input_is_refused(artefact, t
 
     from malleable.steer.peft_export import export_peft
 
-    m, tok = model(tiny_lm), tiny_tokenizer()
-    batch = tok(["w1 w2 w3", "w4 w5 w6"], return_tensors="pt")
-    with applied(m, artefact, strength=2.5):
-        hooked = m(**batch).logits
+    batch, hooked = hooked_logits(tiny_lm, artefact, 2.5)
     before = tree_digest(artefact)
     result = CliRunner().invoke(app, ["steer-peft", str(artefact), str(tiny_lm), str(tmp_path / "adapter"),
                                       "--strength", "2.5"])

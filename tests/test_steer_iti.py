@@ -18,7 +18,7 @@ from malleable.errors import InputError
 from malleable.steer import applied, bake, export_gguf, load_artefact
 from malleable.steer.engine import collect, steer
 from malleable.steer.iti import probe_heads, scaled_direction, top_heads
-from test_steer import pairs
+from test_steer import hooked_logits, pairs
 
 HEADS, HEAD_DIM = 4, 16  # conftest's tiny Llama: hidden 64, 4 attention heads
 
@@ -146,10 +146,7 @@ def test_strength_zero_and_alpha_zero_are_the_base_model_bit_for_bit(artefact, t
 
 
 def test_baked_o_proj_bias_gives_the_hook_logits(artefact, tiny_lm, tmp_path):
-    m, tok = model(tiny_lm), tiny_tokenizer()
-    batch = tok(["w1 w2 w3", "w4 w5 w6"], return_tensors="pt")
-    with applied(m, artefact, strength=3.0):
-        hooked = m(**batch).logits
+    batch, hooked = hooked_logits(tiny_lm, artefact, 3.0)
     out = bake(artefact, tiny_lm, tmp_path / "baked", strength=3.0)
     baked = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()  # plain, no custom code
     steered = set(load_artefact(artefact).vectors)
@@ -210,10 +207,7 @@ def test_peft_adapter_is_an_o_proj_bias_and_gives_the_hook_logits(artefact, tiny
 
     from malleable.steer.peft_export import export_peft
 
-    m, tok = model(tiny_lm), tiny_tokenizer()
-    batch = tok(["w1 w2 w3", "w4 w5 w6"], return_tensors="pt")
-    with applied(m, artefact, strength=3.0):
-        hooked = m(**batch).logits
+    batch, hooked = hooked_logits(tiny_lm, artefact, 3.0)
     out = export_peft(artefact, tiny_lm, tmp_path / "adapter", strength=3.0)
     config = json.loads((out / "adapter_config.json").read_text())
     steered = sorted(load_artefact(artefact).vectors)
