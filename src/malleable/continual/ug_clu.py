@@ -34,6 +34,7 @@ The recipe's `forget.objective` is not used by ug_clu (its update is its own).
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import replace
 
 import torch
 
@@ -41,11 +42,8 @@ from malleable.continual.er import ER
 from malleable.continual.registry import continual_method
 from malleable.forget.data import collate_classification
 from malleable.forget.registry import get_objective
-from malleable.forget.sfr_on import fisher_ratio_mask
+from malleable.forget.sfr_on import SFROn, fisher_ratio_mask
 from malleable.learn.engine import batch_indices, make_accelerator, optimizer_step
-from malleable.params import Param
-
-SFR = ("alpha", "forget_every", "lam", "threshold", "forget_max_norm", "fisher_batch_size")
 
 
 def class_balanced_batches(forget: Sequence, retain: Sequence, batch_size: int):
@@ -63,19 +61,21 @@ def class_balanced_batches(forget: Sequence, retain: Sequence, batch_size: int):
     return batches
 
 
-@continual_method("ug_clu", params={
-    "alpha": Param(25.0, "initial weight of the ascent (fast) steps, cosine-decayed to 0 (SFR-on's)", ge=0),
-    "forget_every": Param(5, "slow descent steps on the buffer after each fast ascent step", ge=1),
-    "lam": Param(0.5, "lambda: a forget sample weighs loss^-lambda (adaptive coefficients)", ge=0),
-    "threshold": Param(1.0, "the ascent moves weights whose forget / balanced-remaining Fisher ratio >= this", ge=0),
-    "forget_max_norm": Param(7.0, "gradient-norm clip of the ascent steps", gt=0),
-    "fisher_batch_size": Param(128, "mini-batch size of the forget Fisher estimate", ge=1),
-})
+# SFR-on's declarations (defaults and bounds stay its own), described as ug_clu uses them
+DOCS = {"alpha": "initial weight of the ascent (fast) steps, cosine-decayed to 0 (SFR-on's)",
+        "forget_every": "slow descent steps on the buffer after each fast ascent step",
+        "lam": "lambda: a forget sample weighs loss^-lambda (adaptive coefficients)",
+        "threshold": "the ascent moves weights whose forget / balanced-remaining Fisher ratio >= this",
+        "forget_max_norm": "gradient-norm clip of the ascent steps",
+        "fisher_batch_size": "mini-batch size of the forget Fisher estimate"}
+
+
+@continual_method("ug_clu", params={k: replace(SFROn.params[k], doc=doc) for k, doc in DOCS.items()})
 class UGCLU(ER):
     """UG-CLU: ER learn steps; forget steps by masked adaptive ascent with fast-slow buffer descent."""
 
     def forget(self, model: torch.nn.Module, forget: Sequence, retain: Sequence | None, settings, seed: int) -> dict:
-        sfr = get_objective("sfr_on", {k: self.p[k] for k in SFR})
+        sfr = get_objective("sfr_on", {k: self.p[k] for k in DOCS})
         retain = list(retain or [])
         model.eval()  # the mask reads the model as it is, as SFR-on's setup does
         masks = fisher_ratio_mask(model, class_balanced_batches(forget, retain, self.p["fisher_batch_size"]),
