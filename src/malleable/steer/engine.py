@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import math
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -238,8 +239,9 @@ def steer(recipe: SteerRecipe, out: str | Path, force: bool = False, strengths: 
     train, val = read_pairs(recipe.data.train), read_pairs(recipe.data.validation)
     model, tokenizer = load(recipe)
     chat = uses_chat_template(tokenizer, recipe.chat_template, "chat_template")
-    if chat:
-        train, val = chat_pairs(tokenizer, train), chat_pairs(tokenizer, val)
+    render = chat_renderer(tokenizer) if chat else None
+    if render:
+        train, val = ([{**r, "prompt": render(r["prompt"])} for r in rows] for rows in (train, val))
     n_layers = len(decoder_layers(model))
     if recipe.layers != "auto" and max(recipe.layers) >= n_layers:
         raise RecipeError(f"layers: {max(recipe.layers)} is out of range; the model has {n_layers} decoder layers "
@@ -294,7 +296,7 @@ def steer(recipe: SteerRecipe, out: str | Path, force: bool = False, strengths: 
               **method.artefact_config()}
     artefact = Artefact(tensors, config)
     t = time.perf_counter()
-    samples = generate_samples(model, tokenizer, artefact, recipe, val, strengths, chat) if strengths else []
+    samples = generate_samples(model, tokenizer, artefact, recipe, val, strengths, render) if strengths else []
     seconds["samples"] = round(time.perf_counter() - t, 3)
     t = time.perf_counter()
     preference = sweep(model, tokenizer, artefact, val, samples, recipe.batch_size) if strengths else None
@@ -318,37 +320,36 @@ def steer(recipe: SteerRecipe, out: str | Path, force: bool = False, strengths: 
     return report
 
 
-def chat_text(tokenizer, prompt: str) -> str:
-    """`prompt` as a user turn and the assistant header, without a leading BOS the tokenizer adds itself on
+def chat_renderer(tokenizer) -> Callable[[str], str]:
+    """A prompt as a user turn and the assistant header, without a leading BOS the tokenizer adds itself on
     encoding (every path here encodes with the tokenizer's special tokens), so that no text starts with two."""
-    text = chat_prompt(tokenizer, prompt)
     bos = tokenizer.bos_token
-    adds_bos = bos is not None and tokenizer("x")["input_ids"][:1] == [tokenizer.bos_token_id]
-    return text[len(bos):] if adds_bos and text.startswith(bos) else text
+    strip = bos if bos is not None and tokenizer("x")["input_ids"][:1] == [tokenizer.bos_token_id] else ""
+
+    def render(prompt: str) -> str:
+        text = chat_prompt(tokenizer, prompt)
+        return text[len(strip):] if strip and text.startswith(strip) else text
+
+    return render
 
 
-def chat_pairs(tokenizer, rows: list[dict]) -> list[dict]:
-    """Pairs whose prompt is rendered in the chat template (chat_text); completions unchanged."""
-    return [{**r, "prompt": chat_text(tokenizer, r["prompt"])} for r in rows]
-
-
-def sample_prompts(recipe: SteerRecipe, val: list[dict], k: int = 8, chat: bool = False,
-                   tokenizer=None) -> list[str]:
-    """The recipe's generation prompts (rendered in the chat template with `chat`), else the first distinct
-    validation prompts (already rendered), else (plain-text pairs) the first three words of the first validation
-    positives."""
+def sample_prompts(recipe: SteerRecipe, val: list[dict], k: int = 8,
+                   render: Callable[[str], str] | None = None) -> list[str]:
+    """The recipe's generation prompts (through `render`, the chat template, when given), else the first
+    distinct validation prompts (already rendered), else (plain-text pairs) the first three words of the first
+    validation positives."""
     if recipe.generation.prompts:
-        return [chat_text(tokenizer, p) if chat else p for p in recipe.generation.prompts]
+        return [render(p) if render else p for p in recipe.generation.prompts]
     prompts = list(dict.fromkeys(r["prompt"] for r in val if r["prompt"]))[:k]
     return prompts or list(dict.fromkeys(" ".join(r["positive"].split()[:3]) for r in val))[:k]
 
 
 def generate_samples(model, tokenizer, artefact: Artefact, recipe: SteerRecipe, val: list[dict],
-                     strengths: list[float], chat: bool = False) -> list[dict]:
+                     strengths: list[float], render: Callable[[str], str] | None = None) -> list[dict]:
     """Greedy continuations of a few prompts at each strength, through the hooks (left padding)."""
     from malleable.evaluate.generation import generate
 
-    prompts = sample_prompts(recipe, val, chat=chat, tokenizer=tokenizer)
+    prompts = sample_prompts(recipe, val, render=render)
     out = []
     for m in strengths:
         with applied(model, artefact, strength=m):
