@@ -9,9 +9,10 @@ the cached positions an eviction policy scores highest, and decoding goes on ove
     with evicting(model, get_policy("snapkv", {}), ratio=0.5):
         out = model(context_ids, cache=DynamicCache(config=model.config))
 
-The shape follows kvpress (NVIDIA's kvpress, `ScorerPress`): a forward hook on each decoder layer's attention module
-runs once the prefill has written the layer's keys and values, scores the positions and gathers the `n_kept` best
-per KV head (so heads may keep different positions, the same number each). The keys keep the rotary embedding of
+The shape follows kvpress (NVIDIA's kvpress, `ScorerPress`): a forward hook on each decoder layer (not its
+attention module, which a SkipGPT-routed layer may bypass) runs once the prefill has written the layer's keys
+and values, scores the positions and gathers the `n_kept` best per KV head (so heads may keep different
+positions, the same number each). The keys keep the rotary embedding of
 their original positions, so what follows the context must be fed with its original position ids
 (`continuation_logits`, `greedy_answer`: one token per forward, which needs no attention mask over a cache with
 holes in it). With `decode_interval` the cache stays bounded while decoding too: every `decode_interval` new tokens
@@ -155,13 +156,13 @@ def evicting(model, policy: EvictionPolicy, *, ratio: float | None = None, budge
         if cache is None or hidden is None:
             raise InputError("kv eviction: the decoder layer was called without a cache (use_cache=False?)")
         module = decoder_layer.self_attn
-        hidden = decoder_layer.input_layernorm(hidden)  # the attention's input, as the policies score it
+        norm = decoder_layer.input_layernorm  # the attention's input, as the policies score it, is norm(hidden)
         idx, layer = module.layer_idx, cache.layers[module.layer_idx]
         length, new = layer.keys.shape[-2], hidden.shape[1]
         if length == new:  # the prefill of an empty cache
             n = n_kept(length, ratio, budget)
             policy.check(length, n)
-            index = _compress(policy, layer, LayerState(module, hidden, layer.keys, layer.values,
+            index = _compress(policy, layer, LayerState(module, norm(hidden), layer.keys, layer.values,
                                                         kwargs["position_embeddings"], n))
             tracked[idx] = _Tracked(index, n, length)
         elif idx in tracked:  # decoding (or a continuation fed several tokens at a time)
@@ -170,7 +171,7 @@ def evicting(model, policy: EvictionPolicy, *, ratio: float | None = None, budge
             t.positions, t.seen = torch.cat([t.positions, added], dim=-1), t.seen + new
             if decode_interval is not None:
                 cos, sin = kwargs["position_embeddings"]
-                t.hidden.append(hidden.detach())
+                t.hidden.append(norm(hidden).detach())
                 t.cos.append(cos)
                 t.sin.append(sin)
                 if sum(h.shape[1] for h in t.hidden) >= decode_interval and length > t.kept:
