@@ -60,11 +60,13 @@ def lora_of_bake(model, artefact: Artefact, strength: float):
         if not dw.any() and not has_bias:
             continue  # a zero bias the bake's config switch added beside the steered module
         u, s, vh = torch.linalg.svd(dw, full_matrices=False)
-        # float32 rounding of the baked weights: about eps |W| per entry, at most eps |W|max sqrt(n) in norm
-        rounding = 4 * torch.finfo(torch.float32).eps * float(w2.abs().max()) * max(dw.shape) ** 0.5
-        k = max(1, int((s > max(RANK_TOLERANCE * s[0], rounding)).sum())) if s[0] > 0 else 1
-        s = s[:k] if s[0] > 0 else torch.zeros(1, dtype=s.dtype)  # bias only: a rank-1 zero LoRA carries it
-        deltas[name] = split_balanced(u[:, :k], s, vh[:k])
+        if s[0] > 0:
+            # float32 rounding of the baked weights: about eps |W| per entry, at most eps |W|max sqrt(n) in norm
+            rounding = 4 * torch.finfo(torch.float32).eps * float(w2.abs().max()) * max(dw.shape) ** 0.5
+            k = max(1, int((s > max(RANK_TOLERANCE * s[0], rounding)).sum()))
+        else:  # a bias only: a rank-1 zero LoRA carries it
+            k, s = 1, torch.zeros(1, dtype=s.dtype)
+        deltas[name] = split_balanced(u[:, :k], s[:k], vh[:k])
         if has_bias:
             biases[name] = db
     return deltas, biases
