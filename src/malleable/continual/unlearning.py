@@ -95,9 +95,11 @@ def retrain(make_model: Callable[[], torch.nn.Module], ids: list[int], lookup: d
 
 
 def score_step(model: torch.nn.Module, now: Resolved, forgotten_ids: list[int], lookup: dict[int, Example],
-               tasks: list[Task], recipe, make_model: Callable[[], torch.nn.Module], seconds: float | None) -> dict:
-    """The method's metrics at a step, and (unless evaluate.retrain is off) the retrain's, the gap and the times."""
-    sets = split(now, lookup, tasks, forgotten_ids)
+               tasks: list[Task], recipe, make_model: Callable[[], torch.nn.Module], seconds: float | None,
+               sets: dict | None = None) -> dict:
+    """The method's metrics at a step, and (unless evaluate.retrain is off) the retrain's, the gap and the times.
+    `sets`: the step's `split`, when the caller has it already."""
+    sets = sets or split(now, lookup, tasks, forgotten_ids)
     row = {"method": {**metrics(model, sets, recipe.evaluate.mia_max_shadow), "seconds": seconds},
            "sizes": {k: len(v) for k, v in sets.items()}}
     if recipe.evaluate.retrain != "off":
@@ -117,7 +119,8 @@ def forget_step(model: torch.nn.Module, method, buffer, now: Resolved, lookup: d
     dropped = buffer.forget(forgotten)
     retain = method.retain(buffer, [lookup[j] for j in sorted(now.learned)])
     model.eval()
-    before = metrics(model, split(now, lookup, tasks, now.ids), recipe.evaluate.mia_max_shadow)
+    sets = split(now, lookup, tasks, now.ids)
+    before = metrics(model, sets, recipe.evaluate.mia_max_shadow)
     start = time.perf_counter()
     with torch.random.fork_rng():
         try:
@@ -126,6 +129,6 @@ def forget_step(model: torch.nn.Module, method, buffer, now: Resolved, lookup: d
             raise RecipeError(f"stream[{index}]: " + str(e).replace("training.", "forget.", 1)) from None
     seconds = time.perf_counter() - start
     model.eval()
-    row = score_step(model, now, now.ids, lookup, tasks, recipe, make_model, round(seconds, 3))
+    row = score_step(model, now, now.ids, lookup, tasks, recipe, make_model, round(seconds, 3), sets)
     return {"request": now.step.request, "forgotten": len(now.ids), "buffer_dropped": dropped,
             "retain": None if retain is None else len(retain), "unlearn": info, "before": before, **row}
