@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from malleable.io.atomic import check_not_input
-from malleable.recipes.continual import ContinualRecipe, parse_continual_recipe
+from malleable.recipes.continual import ContinualRecipe, TaskStreamRecipe, parse_continual_recipe
 from malleable.recipes.forget import ForgetRecipe, parse_forget_recipe
 from malleable.recipes.learn import LearnRecipe, parse_learn_recipe
 from malleable.recipes.merge import MergeRecipe, load_recipe, parse_recipe
@@ -94,16 +94,17 @@ def forget(recipe: ForgetRecipe | dict | str | Path, out: str | Path, force: boo
                reference=reference, progress=progress)
 
 
-def continual(recipe: ContinualRecipe | dict | str | Path, out: str | Path, force: bool = False,
+def continual(recipe: ContinualRecipe | TaskStreamRecipe | dict | str | Path, out: str | Path, force: bool = False,
               resume: bool = False, progress: bool = True) -> dict:
-    """Run the recipe's stream (online class-incremental learning); writes `out/` with the final model, one
-    weights file per step, the accuracy matrix and its metrics (report.json, report.md, plots).
+    """Run the recipe's stream (online class-incremental learning, or a `tasks:` list: continual LoRA
+    post-training of a language model); writes `out/` with the final model or adapter, one weights file or
+    adapter per step, the accuracy matrix and its metrics (report.json, report.md, plots).
     `resume=True` continues from the newest step checkpoint in `OUT.run/` of an interrupted stream."""
     from malleable.continual.engine import continual as run
     from malleable.continual.engine import read_recipe
 
     _not_over_recipe(out, recipe)
-    r = _as_recipe(recipe, ContinualRecipe, parse_continual_recipe, read_recipe)
+    r = _as_recipe(recipe, (ContinualRecipe, TaskStreamRecipe), parse_continual_recipe, read_recipe)
     return run(r, out, force=force, resume=resume, progress=progress)
 
 

@@ -54,7 +54,8 @@ from malleable.io.atomic import atomic_dir, check_output, replaceable
 from malleable.learn.checkpoint import (PREFIX, check_same_recipe, latest_checkpoint, load_checkpoint,
                                        save_checkpoint)
 from malleable.learn.engine import check_finite_weights, make_accelerator, optimizer_step
-from malleable.recipes.continual import ContinualRecipe, load_continual_recipe
+from malleable.recipes.continual import (AnyContinualRecipe, ContinualRecipe, TaskStreamRecipe,
+                                         load_continual_recipe)
 from malleable.report import environment, peak_rss_mb, write_report
 
 SCHEMA = "malleable.continual/1"
@@ -65,6 +66,9 @@ def check_recipe(recipe: ContinualRecipe) -> tuple[ContinualMethod, list[StreamS
     """Everything that can be checked without data: the method, its parameters, the stream's steps, and for a
     stream with forget steps the forget objective, its parameters and mask."""
     method = get_method(recipe.method, recipe.parameters)
+    if method.stream != "classes":
+        raise RecipeError(f"method: {recipe.method} is a LoRA post-training strategy; give it a language model and "
+                          "a `tasks:` list instead of a classifier stream")
     steps = stream_steps(recipe)
     t = recipe.training
     if method.replay and (t.buffer_size == 0 or t.replay_batch_size == 0):
@@ -90,13 +94,25 @@ def check_recipe(recipe: ContinualRecipe) -> tuple[ContinualMethod, list[StreamS
     return method, steps
 
 
-def read_recipe(path: str | Path) -> ContinualRecipe:
+def _check(recipe: AnyContinualRecipe):
+    if isinstance(recipe, TaskStreamRecipe):
+        from malleable.continual.task_stream import check_recipe as check_tasks
+
+        return check_tasks(recipe)
+    return check_recipe(recipe)
+
+
+def read_recipe(path: str | Path) -> AnyContinualRecipe:
     """A continual recipe file, validated, its method and stream included (problems name the file)."""
-    return load_continual_recipe(path, check_recipe)
+    return load_continual_recipe(path, _check)
 
 
-def plan(recipe: ContinualRecipe) -> str:
+def plan(recipe: AnyContinualRecipe) -> str:
     """The `--dry-run` text."""
+    if isinstance(recipe, TaskStreamRecipe):
+        from malleable.continual.task_stream import plan as plan_tasks
+
+        return plan_tasks(recipe)
     method, steps = check_recipe(recipe)
     classes = stream_classes(recipe)
     t = recipe.training
@@ -171,9 +187,14 @@ def _checkpoint(run_dir: Path, step: int, model, optimizer, scheduler, buffer: R
     save_checkpoint(run_dir, step, model, optimizer, scheduler, [torch.get_rng_state()], write=True, keep=keep)
 
 
-def continual(recipe: ContinualRecipe, out: str | Path, *, force: bool = False, resume: bool = False,
+def continual(recipe: AnyContinualRecipe, out: str | Path, *, force: bool = False, resume: bool = False,
               progress: bool = True) -> dict:
-    """Run the recipe's stream; write the final model, one weights file per step and the report to `out`."""
+    """Run the recipe's stream; write the final model, one weights file per step and the report to `out`. A
+    `tasks:` recipe (LoRA post-training of a language model) runs continual/task_stream.py instead."""
+    if isinstance(recipe, TaskStreamRecipe):
+        from malleable.continual.task_stream import run_tasks
+
+        return run_tasks(recipe, out, force=force, resume=resume, progress=progress)
     from tqdm.auto import tqdm
 
     from malleable.models.vision import small_cnn

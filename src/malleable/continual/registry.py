@@ -45,6 +45,7 @@ class ContinualMethod(Method):
     """Base of every continual method: cross-entropy on the incoming batch (plus the replayed one)."""
 
     replay: ClassVar[bool] = False  # True: the engine keeps a reservoir buffer and hands a replayed batch
+    stream: ClassVar[str] = "classes"  # "classes": an online classifier stream; "tasks": LoRA post-training
     num_classes: int = 0
 
     def setup(self, num_classes: int) -> None:

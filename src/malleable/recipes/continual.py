@@ -32,6 +32,28 @@ training:
   test_per_class: null           # and this many test images per class
 seed: 0
 ```
+
+Continual LoRA post-training of a language model is the same verb on a `tasks:` list (the recipe's keys differ,
+so `tasks` decides which recipe a file is):
+```yaml
+model: path/to/checkpoint        # a transformers causal LM (its tokenizer beside it)
+method: o_lora                   # seq_lora | inc_lora | o_lora | replay_lora | l2_lora | ewc_lora | merge_each |
+                                 #   joint_lora (the oracle)
+parameters: {lambda_1: 0.5}      # the strategy's parameters (`malleable methods` lists them)
+lora: {r: 8, alpha: 16, targets: [q_proj, v_proj]}   # the adapter every strategy trains (learn's lora parameters)
+tasks:                           # learned one after another; prompt/completion rows (JSONL / CSV / Parquet)
+  - {name: birth-city, train: city/train.jsonl, test: city/test.jsonl}
+  - {name: profession, train: job/train.jsonl, test: job/test.jsonl}
+data: {chat_template: auto}      # how rows become examples (learn's data keys, without train/validation)
+training: {steps: 40, batch_size: 8, lr: 1.0e-3}    # learn's training keys, per task
+evaluate:
+  probe: lee                     # general text for the perplexity probe (data/corpus.py sources or a .txt), or null
+  probe_windows: 16              # windows of probe_length tokens
+  probe_length: 128
+  composed:                      # prompts that need two learned skills (cross-task generalisation), optional
+    - {name: city+profession, test: both/test.jsonl}
+seed: 0
+```
 """
 
 from __future__ import annotations
@@ -42,6 +64,7 @@ from typing import Any, Callable, Literal
 from pydantic import Field, field_validator
 
 from malleable.recipes.common import Seed, Strict, load_recipe_file, validate
+from malleable.recipes.learn import DataFormat, TrainingSpec
 
 
 class LearnStep(Strict):
@@ -123,11 +146,66 @@ class ContinualRecipe(Strict):
     keep_checkpoints: bool = False  # keep OUT.run/ (one checkpoint per step) after a finished run
 
 
-def parse_continual_recipe(data: Any, source: str = "recipe") -> ContinualRecipe:
-    """Validate a recipe dict; the first problem becomes one line naming the key."""
+class TaskFiles(Strict):
+    """One task of a LoRA post-training stream: its name, training rows and test rows."""
+
+    name: str = Field(min_length=1)
+    train: Path
+    test: Path
+
+
+class TestFiles(Strict):
+    name: str = Field(min_length=1)
+    test: Path
+
+
+class TaskEvaluate(Strict):
+    probe: str | None = "lee"
+    probe_windows: int = Field(default=16, gt=0)
+    probe_length: int = Field(default=128, gt=1)
+    composed: list[TestFiles] = Field(default_factory=list)
+    max_test: int | None = Field(default=None, gt=0)  # score at most this many test rows per task (quick runs)
+    batch_size: int = Field(default=32, gt=0)
+
+
+class TaskStreamRecipe(Strict):
+    """Continual LoRA post-training: a causal LM learns `tasks` one after another with an adapter strategy."""
+
+    model: Path
+    method: str
+    parameters: dict[str, Any] = Field(default_factory=dict)
+    lora: dict[str, Any] = Field(default_factory=dict)
+    tasks: list[TaskFiles] = Field(min_length=1)
+    data: DataFormat = Field(default_factory=DataFormat)
+    training: TrainingSpec
+    evaluate: TaskEvaluate = Field(default_factory=TaskEvaluate)
+    seed: Seed = 0
+    trust_remote_code: bool = False
+    allow_pickle: bool = False
+    keep_checkpoints: bool = False
+
+    @field_validator("tasks")
+    @classmethod
+    def _distinct_names(cls, value: list[TaskFiles]) -> list[TaskFiles]:
+        names = [t.name for t in value]
+        twice = next((n for n in names if names.count(n) > 1), None)
+        if twice is not None:
+            raise ValueError(f"task name '{twice}' is given twice")
+        return value
+
+
+AnyContinualRecipe = ContinualRecipe | TaskStreamRecipe
+
+
+def parse_continual_recipe(data: Any, source: str = "recipe") -> AnyContinualRecipe:
+    """Validate a recipe dict (a `tasks:` list makes it a LoRA post-training stream); the first problem becomes
+    one line naming the key."""
+    if isinstance(data, dict) and "tasks" in data:
+        return validate(TaskStreamRecipe, data, source)
     return validate(ContinualRecipe, data, source)
 
 
-def load_continual_recipe(path: str | Path, check: Callable[[ContinualRecipe], Any] | None = None) -> ContinualRecipe:
+def load_continual_recipe(path: str | Path, check: Callable[[AnyContinualRecipe], Any] | None = None
+                          ) -> AnyContinualRecipe:
     """The recipe file, validated; `check` is continual.engine.check_recipe (the method, the stream)."""
     return load_recipe_file(path, parse_continual_recipe, check)
