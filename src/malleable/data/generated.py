@@ -12,7 +12,9 @@ template). A record is `{"prompt": "37 + 48 =", "completion": " 85"}`.
 * `birth-city`, `profession`: invented people (name parts and value lists of `data/fictitious.py`) whose
   birthplace is a fixed function of their first name's first syllable, and whose profession is one of their
   family name's ending. A held-out person has an unseen name but seen syllables, so the rule generalises, and
-  no pretrained model can know it (the base model scores about 0 on them).
+  no pretrained model can know it (the base model scores about 0 on them);
+* `city-and-profession`: both rules in one answer (" Lyon, baker"): a composed test for a model that learned
+  `birth-city` and `profession` as separate tasks (continual post-training's cross-task generalisation).
 
 Splits: the task's items are drawn by one `random.Random(f"{task}:{seed}")` without repetition of a prompt, then
 cut into test, validation and train in that order, so no prompt is in two splits and a larger `n_train`
@@ -85,26 +87,36 @@ def _profession(rng):
     return f"What does {name} do for a living?", f" {PROFESSIONS[j % len(PROFESSIONS)]}"
 
 
+def _city_and_profession(rng):
+    i, j, name = _person(rng)
+    return (f"Where was {name} born, and what does {name} do for a living?",
+            f" {CITIES[i]}, {PROFESSIONS[j % len(PROFESSIONS)]}")
+
+
 TASKS = {"add": _add, "subtract": _subtract, "multiply": _multiply, "larger": _larger,
          "first-letter": _first_letter, "last-letter": _last_letter, "birth-city": _birth_city,
          "profession": _profession}
+# tests that combine two tasks' rules; not tasks to train on (the zoo's generated family is TASKS alone)
+COMPOSED = {"city-and-profession": _city_and_profession}
 # the number of distinct prompts each task can make (the draw stops short of it)
 SIZES = {"add": 90 * 90, "subtract": sum(a + 1 for a in range(10, 100)), "multiply": 190 * 8,
          "larger": 1000 * 999, "first-letter": 10**6, "last-letter": 10**6,
          "birth-city": len(_FIRST_A) * len(_FIRST_B) * len(_LAST_A) * len(_LAST_B),
-         "profession": len(_FIRST_A) * len(_FIRST_B) * len(_LAST_A) * len(_LAST_B)}
+         "profession": len(_FIRST_A) * len(_FIRST_B) * len(_LAST_A) * len(_LAST_B),
+         "city-and-profession": len(_FIRST_A) * len(_FIRST_B) * len(_LAST_A) * len(_LAST_B)}
 
 
 def generated_task(task: str, seed: int = 0, n_test: int = 200, n_validation: int = 50,
                    n_train: int = 400) -> dict[str, list[dict]]:
     """{"train", "validation", "test"}: disjoint lists of {"prompt", "completion"} records of `task`."""
-    if task not in TASKS:
-        raise RecipeError(f"task: {task!r} is not a generated task (known: {', '.join(TASKS)})")
+    makers = TASKS | COMPOSED
+    if task not in makers:
+        raise RecipeError(f"task: {task!r} is not a generated task (known: {', '.join(makers)})")
     total = n_test + n_validation + n_train
     if min(n_test, n_validation, n_train) < 0 or total > SIZES[task] // 2:
         raise RecipeError(f"task {task}: {total} items asked, at most {SIZES[task] // 2} drawn without repeats")
     rng = random.Random(f"{task}:{seed}")
-    make, seen, records = TASKS[task], set(), []
+    make, seen, records = makers[task], set(), []
     while len(records) < total:
         prompt, completion = make(rng)
         if prompt not in seen:

@@ -1,0 +1,203 @@
+"""Continual LoRA post-training of SmolLM2-135M-Instruct: every strategy's accuracy matrix over a stream of tasks.
+
+    PYTHONPATH=src python bench/continual_lora.py                    # 8 strategies, 3 seeds
+    PYTHONPATH=src python bench/continual_lora.py --methods seq_lora,o_lora --seeds 0
+
+Every run is the verb itself (`malleable continual` with a `tasks:` list). The stream: the generated tasks of
+`malleable.data.generated` (`birth-city`, `profession`, `last-letter`, `multiply`; the first two are rules about
+invented people that no pretrained model knows, so the starting model scores about 0; train and test items
+disjoint, the same for every seed), learned in that order with a rank-8 LoRA on the attention projections, without a chat template (as the
+zoo trains the generated tasks). Scored after every task: each task's test items (exact match under teacher
+forcing), `city-and-profession` (both invented-people rules in one answer: the cross-task test), and the
+perplexity of held-out news text (gensim's lee.cor; generality against the starting model).
+
+A seed fixes the adapter's initialisation and the batch order; runs are interleaved (seed outer, strategy inner)
+and compared PAIRED by seed against seq_lora. Reported: mean and 95% t-interval over seeds of average accuracy,
+forgetting, backward transfer, plasticity, the final composed score and the probe's perplexity ratio; each
+strategy's mean accuracy matrix. Each run's result is cached (`--work`), so a stopped bench resumes; results are
+written after every run, marked partial until every planned run is in.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import statistics
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from _common import RESULTS_DIR, fmt, loadavg, machine, paired_t, write_results  # noqa: E402
+
+from malleable.continual.engine import continual  # noqa: E402
+from malleable.recipes.continual import parse_continual_recipe  # noqa: E402
+
+NAME = "continual_lora"
+STRATEGIES = ["seq_lora", "inc_lora", "o_lora", "replay_lora", "l2_lora", "ewc_lora", "merge_each", "joint_lora"]
+TASKS = ["birth-city", "profession", "last-letter", "multiply"]
+COMPOSED = "city-and-profession"
+METRICS = ("average_accuracy", "forgetting", "backward_transfer", "plasticity")
+
+
+def write_data(root: Path, tasks: list[str], n_train: int, n_test: int) -> dict:
+    """Each task's train/test JSONL (data seed 0) and the composed test; {name: (train, test)}."""
+    from malleable.data.files import write_jsonl
+    from malleable.data.generated import generated_task
+
+    root.mkdir(parents=True, exist_ok=True)
+    out = {}
+    for task in tasks + [COMPOSED]:
+        split = generated_task(task, seed=0, n_test=n_test, n_validation=0, n_train=0 if task == COMPOSED else n_train)
+        test = write_jsonl(root / f"{task}-test.jsonl", split["test"])
+        train = None if task == COMPOSED else write_jsonl(root / f"{task}-train.jsonl", split["train"])
+        out[task] = (train, test)
+    return out
+
+
+def recipe(model: Path, method: str, seed: int, data: dict, args) -> dict:
+    return {"model": str(model), "method": method, "seed": seed,
+            "lora": {"r": args.rank, "alpha": 2 * args.rank, "targets": ["q_proj", "k_proj", "v_proj", "o_proj"]},
+            "tasks": [{"name": t, "train": str(data[t][0]), "test": str(data[t][1])} for t in args.tasks],
+            "data": {"chat_template": "off"},
+            "training": {"steps": args.steps, "batch_size": args.batch_size, "lr": args.lr, "schedule": "constant"},
+            "evaluate": {"probe": "lee", "probe_windows": 16, "probe_length": 128,
+                         "composed": [{"name": COMPOSED, "test": str(data[COMPOSED][1])}]}}
+
+
+def run_one(model: Path, method: str, seed: int, data: dict, args, work: Path) -> dict:
+    out = work / f"{method}-{seed}"
+    load = loadavg()
+    start = time.perf_counter()
+    report = continual(parse_continual_recipe(recipe(model, method, seed, data, args)), out, force=True,
+                       progress=False)
+    wall = time.perf_counter() - start
+    shutil.rmtree(out, ignore_errors=True)
+    return {"method": method, "seed": seed, "metrics": report["metrics"], "accuracy_matrix": report["accuracy_matrix"],
+            "composed": report["composed"]["matrix"], "probe": report["generality"]["perplexity"],
+            "probe_ratio": report["generality"]["ratio_to_start"], "steps": report["steps"],
+            "train_seconds": report["train_seconds"], "wall_s": round(wall, 1), "loadavg_before": load,
+            "loadavg_after": loadavg()}
+
+
+def ci(xs: list[float]) -> dict:
+    from scipy.stats import t
+
+    mean = statistics.fmean(xs)
+    half = t.ppf(0.975, len(xs) - 1) * statistics.stdev(xs) / len(xs) ** 0.5 if len(xs) > 1 else float("nan")
+    return {"mean": mean, "lo": mean - half, "hi": mean + half, "n": len(xs)}
+
+
+def values(run: dict) -> dict[str, float | None]:
+    out = {k: run["metrics"][k] for k in METRICS}
+    out["composed_final"] = run["composed"][-1][0]
+    out["probe_ratio_final"] = run["probe_ratio"][-1]
+    return out
+
+
+def aggregate(runs: list[dict], methods: list[str]) -> dict:
+    table, paired, matrices = {}, {}, {}
+    base = {r["seed"]: values(r) for r in runs if r["method"] == "seq_lora"}
+    for m in methods:
+        rows = [r for r in runs if r["method"] == m]
+        if not rows:
+            continue
+        vals = [values(r) for r in rows]
+        table[m] = {k: ci([v[k] for v in vals if v[k] is not None]) for k in vals[0]
+                    if any(v[k] is not None for v in vals)}
+        table[m]["train_seconds"] = statistics.median(r["train_seconds"] for r in rows)
+        R = [r["accuracy_matrix"] for r in rows]
+        matrices[m] = [[statistics.fmean(M[i][j] for M in R) for j in range(len(R[0][0]))] for i in range(len(R[0]))]
+        if m != "seq_lora":
+            seeds = [r["seed"] for r in rows if r["seed"] in base]
+            mine = {r["seed"]: values(r) for r in rows}
+            paired[m] = {k: paired_t([base[s][k] for s in seeds], [mine[s][k] for s in seeds])
+                         for k in ("average_accuracy", "forgetting") if len(seeds) > 1}
+    return {"table": table, "paired_vs_seq_lora": paired, "mean_matrices": matrices}
+
+
+def markdown(res: dict) -> str:
+    a, s = res["aggregate"], res["settings"]
+    lines = [f"# Continual LoRA post-training on SmolLM2-135M-Instruct{' (PARTIAL)' if res['partial'] else ''}", "",
+             f"Stream: {' -> '.join(s['tasks'])} (generated tasks, {s['n_train']} training and {s['n_test']} test "
+             f"items each); LoRA r={s['rank']} on q/k/v/o, {s['steps']} steps per task, batch {s['batch_size']}, "
+             f"AdamW lr {s['lr']} constant, no chat template; seeds {s['seeds']}. Scores: exact match (%) under "
+             f"teacher forcing. Composed: `{COMPOSED}` (both invented-people rules in one answer). Probe: "
+             "perplexity on gensim's lee.cor (16 windows of 128 tokens), end / start.", "",
+             "| strategy | seeds | average accuracy | forgetting | backward transfer | plasticity | composed (end) | "
+             "probe ppl end/start | train s (median) |", "|---" * 9 + "|"]
+    for m, row in a["table"].items():
+        def cell(k, nd=2):
+            c = row.get(k)
+            return "-" if c is None else f"{fmt(c['mean'], nd)} [{fmt(c['lo'], nd)}, {fmt(c['hi'], nd)}]"
+        n = row["average_accuracy"]["n"]
+        lines.append(f"| {m} | {n} | {cell('average_accuracy')} | {cell('forgetting')} | "
+                     f"{cell('backward_transfer')} | {cell('plasticity')} | {cell('composed_final')} | "
+                     f"{cell('probe_ratio_final', 3)} | {fmt(row['train_seconds'], 0)} |")
+    if a["paired_vs_seq_lora"]:
+        lines += ["", "Paired by seed, strategy minus seq_lora (mean [95% t-interval]):", "",
+                  "| strategy | average accuracy | forgetting |", "|---|---|---|"]
+        for m, p in a["paired_vs_seq_lora"].items():
+            lines.append(f"| {m} | " + " | ".join(
+                f"{fmt(p[k]['mean'])} [{fmt(p[k]['lo'])}, {fmt(p[k]['hi'])}]" if k in p else "-"
+                for k in ("average_accuracy", "forgetting")) + " |")
+    lines += ["", "Mean accuracy matrices (row i: after task i, row 0 the starting model):", ""]
+    for m, M in a["mean_matrices"].items():
+        lines += [f"**{m}**", "", "| after | " + " | ".join(s["tasks"]) + " |", "|---" * (len(s["tasks"]) + 1) + "|"]
+        for i, row in enumerate(M):
+            lines.append(f"| {'start' if i == 0 else s['tasks'][i - 1]} | " + " | ".join(f"{v:.1f}" for v in row)
+                         + " |")
+        lines.append("")
+    m = res["machine"]
+    lines += [f"Machine: {m.get('cpu')}, {m.get('cores')} cores; torch {m.get('versions', {}).get('torch')}; "
+              f"wall {fmt(res['wall_s'], 0)} s.", ""]
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--methods", default=",".join(STRATEGIES))
+    ap.add_argument("--seeds", default="0,1,2")
+    ap.add_argument("--tasks", default=",".join(TASKS))
+    ap.add_argument("--steps", type=int, default=30)
+    ap.add_argument("--batch-size", type=int, default=8)
+    ap.add_argument("--lr", type=float, default=2e-3)
+    ap.add_argument("--rank", type=int, default=8)
+    ap.add_argument("--n-train", type=int, default=200)
+    ap.add_argument("--n-test", type=int, default=100)
+    ap.add_argument("--work", type=Path, default=Path.home() / ".cache/malleable/continual-lora")
+    ap.add_argument("--results", type=Path, default=RESULTS_DIR)
+    args = ap.parse_args(argv)
+    args.tasks = args.tasks.split(",")
+    methods, seeds = args.methods.split(","), [int(s) for s in args.seeds.split(",")]
+    from malleable.models.smollm2 import smollm2_checkpoint
+
+    model = smollm2_checkpoint()
+    key = f"s{args.steps}-b{args.batch_size}-lr{args.lr}-r{args.rank}-n{args.n_train}-{args.n_test}-" + "+".join(args.tasks)
+    work = args.work / key
+    data = write_data(work / "data", args.tasks, args.n_train, args.n_test)
+    settings = {k: v for k, v in vars(args).items() if k not in ("work", "results", "methods", "seeds")}
+    settings |= {"seeds": seeds, "methods": methods}
+    start, runs = time.perf_counter(), []
+    for seed in seeds:
+        for method in methods:
+            cache = work / "runs" / f"{method}-{seed}.json"
+            if cache.is_file():
+                runs.append(json.loads(cache.read_text()))
+            else:
+                run = run_one(model, method, seed, data, args, work / "out")
+                cache.parent.mkdir(parents=True, exist_ok=True)
+                cache.write_text(json.dumps(run))
+                runs.append(run)
+                print(f"{method} seed {seed}: {json.dumps(values(run))} in {run['wall_s']} s", flush=True)
+            res = {"settings": settings, "runs": runs, "aggregate": aggregate(runs, methods),
+                   "partial": len(runs) < len(methods) * len(seeds), "wall_s": time.perf_counter() - start,
+                   "machine": machine()}
+            write_results(NAME, res, markdown(res), args.results)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
