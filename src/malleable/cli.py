@@ -175,14 +175,16 @@ def forget(
 @app.command()
 @_user_errors
 def continual(
-    recipe: Path = typer.Argument(..., help="YAML continual recipe (a method and a stream of steps or a scenario)"),
-    out: Path = typer.Argument(..., help="output folder: final model, one weights file per step, report, plots"),
+    recipe: Path = typer.Argument(..., help="YAML continual recipe (a method and a stream of steps or a scenario, "
+                                            "or a `tasks:` list)"),
+    out: Path = typer.Argument(..., help="output folder: final model or adapter, one per step, report, plots"),
     force: bool = typer.Option(False, "--force", help="replace an existing output and discard old checkpoints"),
     resume: bool = typer.Option(False, "--resume", help="continue an interrupted stream from OUT.run/"),
     dry_run: bool = typer.Option(False, "--dry-run", help="validate the recipe and print the plan; write nothing"),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="no progress bar"),
 ) -> None:
-    """Learn over a stream, online (finetune, ER, ER-ACE, LAS; joint as the upper bound); report the accuracy matrix."""
+    """Learn over a stream, online (finetune, ER, ER-ACE, LAS; joint as the upper bound), or a language model
+    over a `tasks:` list with a LoRA strategy (seq_lora, inc_lora, o_lora, ...); report the accuracy matrix."""
     from malleable.continual.engine import continual as run
     from malleable.continual.engine import plan, read_recipe
 

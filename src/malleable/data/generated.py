@@ -13,8 +13,9 @@ template). A record is `{"prompt": "37 + 48 =", "completion": " 85"}`.
   birthplace is a fixed function of their first name's first syllable, and whose profession is one of their
   family name's ending. A held-out person has an unseen name but seen syllables, so the rule generalises, and
   no pretrained model can know it (the base model scores about 0 on them);
-* `city-and-profession`: both rules in one answer (" Lyon, baker"): a composed test for a model that learned
-  `birth-city` and `profession` as separate tasks (continual post-training's cross-task generalisation).
+* composed tests, both rules in one answer, for a model that learned the two tasks separately (continual
+  post-training's cross-task generalisation): `city-and-profession` (" Lyon, baker") and `first-and-last-letter`
+  (" k, s").
 
 Splits: the task's items are drawn by one `random.Random(f"{task}:{seed}")` without repetition of a prompt, then
 cut into test, validation and train in that order, so no prompt is in two splits and a larger `n_train`
@@ -96,14 +97,20 @@ def _city_and_profession(rng):
 TASKS = {"add": _add, "subtract": _subtract, "multiply": _multiply, "larger": _larger,
          "first-letter": _first_letter, "last-letter": _last_letter, "birth-city": _birth_city,
          "profession": _profession}
+def _first_and_last_letter(rng):
+    w = _word(rng)
+    return f"First and last letter of '{w}':", f" {w[0]}, {w[-1]}"
+
+
 # tests that combine two tasks' rules; not tasks to train on (the zoo's generated family is TASKS alone)
-COMPOSED = {"city-and-profession": _city_and_profession}
+COMPOSED = {"city-and-profession": _city_and_profession, "first-and-last-letter": _first_and_last_letter}
 # the number of distinct prompts each task can make (the draw stops short of it)
 SIZES = {"add": 90 * 90, "subtract": sum(a + 1 for a in range(10, 100)), "multiply": 190 * 8,
          "larger": 1000 * 999, "first-letter": 10**6, "last-letter": 10**6,
          "birth-city": len(_FIRST_A) * len(_FIRST_B) * len(_LAST_A) * len(_LAST_B),
          "profession": len(_FIRST_A) * len(_FIRST_B) * len(_LAST_A) * len(_LAST_B),
-         "city-and-profession": len(_FIRST_A) * len(_FIRST_B) * len(_LAST_A) * len(_LAST_B)}
+         "city-and-profession": len(_FIRST_A) * len(_FIRST_B) * len(_LAST_A) * len(_LAST_B),
+         "first-and-last-letter": 10**6}
 
 
 def generated_task(task: str, seed: int = 0, n_test: int = 200, n_validation: int = 50,
