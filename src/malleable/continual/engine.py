@@ -47,11 +47,11 @@ from malleable.continual.buffer import Reservoir
 from malleable.continual.registry import ContinualMethod, get_method
 from malleable.continual.stream import StreamStep, Task, load_tasks, resolve, stream_classes, stream_steps
 from malleable.continual.unlearning import forget_step, score_step
-from malleable.errors import InputError, OutputError, RecipeError, reason
+from malleable.errors import InputError, RecipeError, reason
 from malleable.evaluate.classification import accuracy
 from malleable.evaluate.continual import summary
-from malleable.io.atomic import atomic_dir, check_output, replaceable
-from malleable.learn.checkpoint import (PREFIX, check_same_recipe, latest_checkpoint, load_checkpoint,
+from malleable.io.atomic import atomic_dir
+from malleable.learn.checkpoint import (PREFIX, check_same_recipe, latest_checkpoint, load_checkpoint, run_folder,
                                        save_checkpoint)
 from malleable.learn.engine import check_finite_weights, make_accelerator, optimizer_step
 from malleable.recipes.continual import (AnyContinualRecipe, ContinualRecipe, TaskStreamRecipe,
@@ -202,14 +202,7 @@ def continual(recipe: AnyContinualRecipe, out: str | Path, *, force: bool = Fals
     start = time.perf_counter()
     method, steps = check_recipe(recipe)
     t = recipe.training
-    out = check_output(out, force=force)
-    run_dir = out.with_name(out.name + ".run")
-    if run_dir.exists() and not (resume or force):
-        raise OutputError(f"{run_dir}: an earlier run's checkpoints (pass --resume to continue it, --force to "
-                          "start over)")
-    if force and not resume and run_dir.exists() and not ((run_dir / "recipe.json").is_file()
-                                                           or replaceable(run_dir)):
-        raise OutputError(f"{run_dir}: exists and is not an earlier run's folder; --force deletes only those")
+    out, run_dir = run_folder(out, force=force, resume=resume)
     tasks, num_classes, shape = load_tasks(recipe, stream_classes(recipe))
     plan_ = resolve(steps, tasks, recipe.seed)
     lookup = {i: ex for task in tasks for i, ex in zip(task.ids, task.train)}
@@ -323,14 +316,7 @@ def continual(recipe: AnyContinualRecipe, out: str | Path, *, force: bool = Fals
         "every_step": state.get("every_step", []),
         "evaluate": recipe_json["evaluate"],
         "anytime": state["anytime"],
-        "steps": state["steps"],
-        "resumed_from_step": done or None,
-        "train_seconds": round(sum(s["seconds"] for s in state["steps"]), 2),
-        "device": str(device),
-        "wall_time_s": round(time.perf_counter() - start, 1),
-        "peak_rss_mb": peak_rss_mb(),
-        "environment": environment(),
-        "output": {"path": str(out)},
+        **run_fields(state["steps"], done, device, start, out),
     }
     with atomic_dir(out, force=force) as tmp:
         save_file({n: p.detach().cpu().contiguous() for n, p in model.state_dict().items()},
@@ -349,6 +335,14 @@ def continual(recipe: AnyContinualRecipe, out: str | Path, *, force: bool = Fals
     if not recipe.keep_checkpoints:
         shutil.rmtree(run_dir, ignore_errors=True)
     return report
+
+
+def run_fields(steps: list[dict], done: int, device, start: float, out: Path) -> dict:
+    """The report's fields about the run itself (both streams): steps, resume, times, memory, the machine."""
+    return {"steps": steps, "resumed_from_step": done or None,
+            "train_seconds": round(sum(s["seconds"] for s in steps), 2), "device": str(device),
+            "wall_time_s": round(time.perf_counter() - start, 1), "peak_rss_mb": peak_rss_mb(),
+            "environment": environment(), "output": {"path": str(out)}}
 
 
 def _row_labels(plan_) -> list[str]:

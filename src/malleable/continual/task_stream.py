@@ -27,12 +27,14 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from malleable.continual.adapters import AdapterStrategy, adapter_params
+from malleable.continual.engine import run_fields
 from malleable.continual.registry import METHODS, get_method
-from malleable.errors import InputError, OutputError, RecipeError, reason
+from malleable.errors import InputError, RecipeError, reason
 from malleable.evaluate.continual import summary
-from malleable.io.atomic import atomic_dir, check_not_input, check_output, replaceable
+from malleable.io.atomic import atomic_dir
 from malleable.recipes.continual import TaskStreamRecipe
-from malleable.report import environment, peak_rss_mb, write_report
+from malleable.learn.checkpoint import check_same_recipe, run_folder
+from malleable.report import write_report
 
 SCHEMA = "malleable.continual.tasks/1"
 STEP = "step-"
@@ -143,12 +145,7 @@ def _resume(run_dir: Path, recipe_json: dict, model, method: AdapterStrategy, to
     found = sorted(p for p in run_dir.glob(f"{STEP}*") if (p / "state.json").is_file())
     if not found:
         return 0, {}
-    try:
-        saved = json.loads((run_dir / "recipe.json").read_text())
-    except (OSError, ValueError):
-        saved = None
-    if saved != recipe_json:
-        raise InputError(f"{run_dir}: its checkpoints come from a different recipe; --force starts over")
+    check_same_recipe(run_dir, recipe_json)
     try:
         step = int(found[-1].name[len(STEP):])
         if not 0 < step <= total:
@@ -181,15 +178,7 @@ def run_tasks(recipe: TaskStreamRecipe, out: str | Path, *, force: bool = False,
     if not (recipe.model / "config.json").is_file():
         raise InputError(f"{recipe.model}: not a transformers checkpoint (no config.json)")
     inputs = _inputs(recipe)
-    out = check_output(out, force=force, inputs=inputs)
-    run_dir = out.with_name(out.name + ".run")
-    check_not_input(run_dir, inputs, "run folder")
-    if run_dir.exists() and not (resume or force):
-        raise OutputError(f"{run_dir}: an earlier run's checkpoints (pass --resume to continue it, --force to "
-                          "start over)")
-    if force and not resume and run_dir.exists() and not ((run_dir / "recipe.json").is_file()
-                                                           or replaceable(run_dir)):
-        raise OutputError(f"{run_dir}: exists and is not an earlier run's folder; --force deletes only those")
+    out, run_dir = run_folder(out, force=force, resume=resume, inputs=inputs)
 
     trust = Trust(recipe.trust_remote_code, recipe.allow_pickle)
     tokenizer = load_tokenizer(recipe.model, trust)
@@ -277,14 +266,7 @@ def _report(recipe, recipe_json, method, lora, state, sizes, done, start, device
         "generality": {"probe": recipe.evaluate.probe, "perplexity": probe,
                        "ratio_to_start": [None if p is None or probe[0] is None else round(p / probe[0], 4)
                                           for p in probe]},
-        "steps": state["steps"],
-        "resumed_from_step": done or None,
-        "train_seconds": round(sum(s["seconds"] for s in state["steps"]), 2),
-        "device": str(device),
-        "wall_time_s": round(time.perf_counter() - start, 1),
-        "peak_rss_mb": peak_rss_mb(),
-        "environment": environment(),
-        "output": {"path": str(out)},
+        **run_fields(state["steps"], done, device, start, out),
     }
 
 

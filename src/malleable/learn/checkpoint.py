@@ -94,6 +94,25 @@ def save_checkpoint(directory: Path, step: int, model, optimizer, scheduler, rng
         shutil.rmtree(old, ignore_errors=True)
 
 
+def run_folder(out: str | Path, *, force: bool, resume: bool, inputs=()) -> tuple[Path, Path]:
+    """(output, its run folder `OUT.run`) checked before any work: the output may be written (`check_output`),
+    the run folder is no input, an earlier run's folder needs --resume or --force, and --force deletes only a
+    folder malleable wrote."""
+    from malleable.errors import OutputError
+    from malleable.io.atomic import check_not_input, check_output, replaceable
+
+    out = check_output(out, force=force, inputs=inputs)
+    run_dir = out.with_name(out.name + ".run")
+    check_not_input(run_dir, inputs, "run folder")
+    if run_dir.exists() and not (resume or force):
+        raise OutputError(f"{run_dir}: an earlier run's checkpoints (pass --resume to continue it, --force to "
+                          "start over)")
+    if force and not resume and run_dir.exists() and not ((run_dir / "recipe.json").is_file()
+                                                           or replaceable(run_dir)):
+        raise OutputError(f"{run_dir}: exists and is not an earlier run's folder; --force deletes only those")
+    return out, run_dir
+
+
 def check_same_recipe(run_dir: Path, recipe_json: dict) -> None:
     """Refuse to resume checkpoints written under another recipe (run_dir/recipe.json, saved beside them)."""
     try:

@@ -32,11 +32,11 @@ from pathlib import Path
 
 import torch
 
-from malleable.errors import InputError, MalleableError, OutputError, RecipeError, reason
-from malleable.io.atomic import atomic_dir, check_not_input, check_output, replaceable
+from malleable.errors import InputError, MalleableError, RecipeError, reason
+from malleable.io.atomic import atomic_dir
 from malleable.io.hashing import sha256_file
-from malleable.learn.checkpoint import (check_same_recipe, latest_checkpoint, load_checkpoint, save_checkpoint,
-                                       trainable_state, whole)
+from malleable.learn.checkpoint import (check_same_recipe, latest_checkpoint, load_checkpoint, run_folder,
+                                       save_checkpoint, trainable_state, whole)
 from malleable.learn.data import Examples, collate, load_examples
 from malleable.learn.loss import task_loss
 from malleable.learn.registry import Method, get_method
@@ -286,15 +286,7 @@ def learn(recipe: LearnRecipe, out: str | Path, *, force: bool = False, resume: 
     if not (recipe.model / "config.json").is_file():
         raise InputError(f"{recipe.model}: not a transformers checkpoint (no config.json)")
     inputs = [recipe.model, recipe.data.train] + ([recipe.data.validation] if recipe.data.validation else [])
-    out = check_output(out, force=force, inputs=inputs)
-    run_dir = out.with_name(out.name + ".run")
-    check_not_input(run_dir, inputs, "run folder")
-    if run_dir.exists() and not (resume or force):
-        raise OutputError(f"{run_dir}: an earlier run's checkpoints (pass --resume to continue it, "
-                          f"--force to start over)")
-    if force and not resume and run_dir.exists() and not ((run_dir / "recipe.json").is_file()
-                                                           or replaceable(run_dir)):
-        raise OutputError(f"{run_dir}: exists and is not an earlier run's folder; --force deletes only those")
+    out, run_dir = run_folder(out, force=force, resume=resume, inputs=inputs)
 
     accelerator = make_accelerator(t.mixed_precision)
     main = accelerator.is_main_process
