@@ -22,7 +22,8 @@ Usage:
   PYTHONPATH=src python bench/mergekit_parity.py [--only slerp,nearswap] [--name RESULTS]
 Writes bench/results/mergekit_parity.{json,md} (with --only: mergekit_parity_partial, or RESULTS).
 The vocabulary-merging cases with slices (vocab_slices_*) were added after the last full run; their rows are in
-bench/results/mergekit_parity_vocab_slices.{json,md}.
+bench/results/mergekit_parity_vocab_slices.{json,md}; the per-slice base_model cases (*_slice_bases) in
+bench/results/mergekit_parity_slice_bases.{json,md}.
 """
 
 from __future__ import annotations
@@ -265,6 +266,18 @@ def cases(m: dict[str, Path]) -> dict[str, dict]:
                           *msrc([("ft0", [0, 3], {"weight": 2.0}), ("ft1", [1, 4], None)], {"weight": 0.5}),
                           *msrc([("ft2", [3, 4], {"weight": 1.0}), ("ft0", [0, 1], {"weight": 3.0})])],
         note="linear over layer ranges, no base; a slice-level weight for the sources without their own")
+    add("task_arithmetic_slice_bases", ["merge_method: task_arithmetic", f"base_model: {m['base']}", "slices:",
+                                        *msrc([("base", [0, 2], None), ("ft0", [0, 2], {"weight": 0.7})]),
+                                        *msrc([("ft1", [2, 4], None), ("ft2", [1, 3], {"weight": 1.5})]),
+                                        f"    base_model: {m['ft1']}"],
+        note="a slice with its own base_model (ft1, at its own layer range) beside one on the top-level base")
+    add("ties_slice_bases", ["merge_method: ties", "slices:",
+                             *msrc([("ft0", [0, 2], {"weight": 0.6}), ("ft1", [0, 2], {"weight": 0.6}),
+                                    ("base", [0, 2], None)], {"density": 0.5}),
+                             f"    base_model: {m['base']}",
+                             *msrc([("ft2", [2, 4], {"weight": 1.0}), ("ft0", [2, 4], None)], {"density": 0.7}),
+                             f"    base_model: {m['ft0']}"],
+        note="ties with no top-level base: each slice names its own base_model")
     add("multi", ["name: first", "merge_method: slerp", f"base_model: {m['base']}",
                   *_models(m, [("base", None), ("ft0", None)]), "parameters: {t: 0.3}", "dtype: float32", "---",
                   "name: second", "merge_method: ties", f"base_model: {m['base']}",

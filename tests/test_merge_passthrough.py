@@ -115,6 +115,41 @@ def test_slerp_over_layer_ranges_reads_the_base_range(models, tmp_path, t, want)
     assert "model.layers.1.mlp.up_proj.weight" not in got
 
 
+def test_a_slice_base_model_is_that_slices_base(models, tmp_path):
+    """task_arithmetic over two slices: the first on the top-level base, the second on its own base_model (ft1),
+    read at its own layer range, as mergekit's per-slice base_model; embeddings follow the first slice, lm_head
+    the last (its base ft1)."""
+    data = {"merge_method": "task_arithmetic", "base_model": str(models["base"]), "slices": [
+        {"sources": [{"model": str(models["base"]), "layer_range": [0, 1]},
+                     {"model": str(models["ft0"]), "layer_range": [0, 1], "parameters": {"weight": 0.5}}]},
+        {"base_model": str(models["ft1"]),
+         "sources": [{"model": str(models["ft1"]), "layer_range": [1, 2]},
+                     {"model": str(models["ft2"]), "layer_range": [0, 1], "parameters": {"weight": 2.0}}]}]}
+    out = tmp_path / "out"
+    run_merge(write(tmp_path, data), out, progress=False)
+    got = load_file(out / "model.safetensors")
+    sd = {k: load_file(models[k] / "model.safetensors") for k in ("base", "ft0", "ft1", "ft2")}
+    n = "model.layers.{}.mlp.up_proj.weight"
+    torch.testing.assert_close(got[n.format(0)], sd["base"][n.format(0)]
+                               + 0.5 * (sd["ft0"][n.format(0)] - sd["base"][n.format(0)]))
+    torch.testing.assert_close(got[n.format(1)], sd["ft1"][n.format(1)]
+                               + 2.0 * (sd["ft2"][n.format(0)] - sd["ft1"][n.format(1)]))
+    e, h = "model.embed_tokens.weight", "lm_head.weight"
+    torch.testing.assert_close(got[e], sd["base"][e] + 0.5 * (sd["ft0"][e] - sd["base"][e]))
+    torch.testing.assert_close(got[h], sd["ft1"][h] + 2.0 * (sd["ft2"][h] - sd["ft1"][h]))
+
+
+def test_a_slice_base_model_must_be_one_of_its_sources(models, tmp_path):
+    data = {"merge_method": "task_arithmetic", "slices": [
+        {"base_model": str(models["base"]), "sources": [{"model": str(models["ft0"]), "layer_range": [0, 2]},
+                                                       {"model": str(models["ft1"]), "layer_range": [0, 2]}]},
+        src(models["ft2"], [0, 1])]}
+    path = write(tmp_path, data)
+    line = refused(["merge", path, tmp_path / "out"], mentions="slices.0.base_model",
+                   inputs=[path, models["base"], models["ft0"]], out=tmp_path / "out")
+    assert "not one of the slice's sources" in line
+
+
 def test_passthrough_without_slices_copies(models, tmp_path):
     out = tmp_path / "out"
     run_merge(write(tmp_path, {"merge_method": "passthrough", "models": [{"model": str(models["ft1"])}]}), out,

@@ -334,12 +334,15 @@ def test_a_token_source_outside_the_tensors_models_is_refused(vocab_models, tmp_
             mentions=["tokenizer.tokens.x1.source", "not one of the models merged into 'lm_head.weight'"])
 
 
-def test_a_per_slice_base_model_is_refused_by_name(vocab_models, tmp_path):
-    """mergekit's slices[].base_model (another base for one slice) is not supported: one line naming it."""
+def test_a_per_slice_base_model_on_a_copied_slice_changes_nothing(vocab_models, tmp_path):
+    """mergekit's slices[].base_model on a slice that only copies layers (passthrough reads no base): the output is
+    the same as without it."""
     m = vocab_models
-    data = {"merge_method": "passthrough", "base_model": str(m["base"]), "tokenizer_source": "union",
-            "slices": [slice_of((m["a"], [0, 2], None)), {**slice_of((m["b"], [1, 2], None)),
-                                                             "base_model": str(m["base"])}]}
-    (tmp_path / "mk.yml").write_text(yaml.safe_dump(data))
-    out = tmp_path / "out"
-    refused(["merge", tmp_path / "mk.yml", out], out=out, inputs=[m["a"], m["b"]], mentions="slices.1.base_model")
+    outs = []
+    for n, extra in enumerate(({}, {"base_model": str(m["base"])})):
+        data = {"merge_method": "passthrough", "base_model": str(m["base"]), "tokenizer_source": "union",
+                "slices": [slice_of((m["a"], [0, 2], None)), {**slice_of((m["b"], [1, 2], None)), **extra}]}
+        (tmp_path / f"mk{n}.yml").write_text(yaml.safe_dump(data))
+        run_merge(tmp_path / f"mk{n}.yml", tmp_path / f"out{n}", progress=False)
+        outs.append(load_file(tmp_path / f"out{n}" / "model.safetensors"))
+    assert outs[0].keys() == outs[1].keys() and all(torch.equal(outs[0][k], outs[1][k]) for k in outs[0])

@@ -56,14 +56,15 @@ _PRE_LAYER = re.compile(r"embed(?!_out)|wte|wpe|word_embeddings")
 @dataclass(frozen=True)
 class TensorSource:
     """Where one output tensor comes from: tensor `names[i]` of input `inputs[i]` (an index into `plan.models`) and
-    tensor `base` of the base (None: the base is not read), its parameters resolved by `resolver` with per-layer
-    gradients read at position `layer`."""
+    tensor `base` of the base (None: the base is not read; of input `base_input` where a slice names its own base),
+    its parameters resolved by `resolver` with per-layer gradients read at position `layer`."""
 
     names: tuple[str, ...]
     inputs: tuple[int, ...]
     base: str | None
     resolver: ParamResolver
     layer: int | None
+    base_input: int | None = None  # the base tensor is input `base_input`'s, not the recipe base's (slices)
 
 
 @dataclass
@@ -103,7 +104,12 @@ class MergePlan:
         """The models merged into a tensor, as indices into the vocabulary's members (the base first when the
         recipe has one, then the inputs), in the order `_merge_floats` hands over their tensors."""
         shift = int(self.base is not None)
-        return (0,) * (src.base is not None) + tuple(i + shift for i in src.inputs)
+        base = () if src.base is None else (0,) if src.base_input is None else (src.base_input + shift,)
+        return base + tuple(i + shift for i in src.inputs)
+
+    def base_of(self, src: TensorSource | None) -> Checkpoint | None:
+        """The checkpoint a tensor's base is read from: the recipe's base, or a slice's own (an input)."""
+        return self.models[src.base_input] if src is not None and src.base_input is not None else self.base
 
     @property
     def base_used(self) -> bool:
@@ -205,7 +211,8 @@ def plan_merge(recipe: MergeRecipe) -> MergePlan:
 def _plan_models(recipe: MergeRecipe, rule: Rule, params, base: Checkpoint | None) -> MergePlan:
     if rule.space == "lora":
         raise RecipeError(f"method: '{rule.name}' merges LoRA adapters, but the inputs are full checkpoints")
-    if rule.uses_base in (True, "raw") and base is None:
+    own_bases = recipe.slices is not None and all(sl.base_input is not None for sl in recipe.slices)
+    if rule.uses_base in (True, "raw") and base is None and not own_bases:  # else every slice names its base
         what = "interpolates from the base model" if rule.uses_base == "raw" else "works on task vectors"
         raise RecipeError(f"base: method '{rule.name}' {what} and needs a base model")
     if recipe.output.kind == "adapter":
@@ -289,11 +296,15 @@ def _plan_slices(recipe: MergeRecipe, rule: Rule, params, base: Checkpoint | Non
             if s.input >= len(models):
                 where = f"slices.{n}.input" if sl.sources is None else f"slices.{n}.sources.{i}.input"
                 raise RecipeError(f"{where}: {s.input} is not an input (there are {len(models)})")
-        if sl.base_layers is not None and base is None:
+        if sl.base_input is not None and sl.base_input >= len(models):
+            raise RecipeError(f"slices.{n}.base_input: {sl.base_input} is not an input (there are {len(models)})")
+        if sl.base_layers is not None and base is None and sl.base_input is None:
             raise RecipeError(f"slices.{n}.base_layers: the recipe has no base")
         if rule.uses_base in (True, "raw") and sl.base_layers is None:
             raise RecipeError(f"slices.{n}.base_layers: method '{rule.name}' needs the base's layers in every slice")
-    unused = sorted(set(range(len(models))) - {s.input for srcs in slices for s in srcs})
+    bases = [base if sl.base_input is None else models[sl.base_input] for sl in recipe.slices]
+    unused = sorted(set(range(len(models))) - {s.input for srcs in slices for s in srcs}
+                    - {sl.base_input for sl in recipe.slices})
     if unused:
         raise RecipeError(f"inputs.{unused[0]}: no slice takes layers from it")
     ref = base or models[slices[0][0].input]
@@ -330,13 +341,14 @@ def _plan_slices(recipe: MergeRecipe, rule: Rule, params, base: Checkpoint | Non
         for s, name in zip(srcs, names):
             check(models[s.input], name, meta.shape, where)
         if base_name is not None:
-            check(base, base_name, meta.shape, where)
+            check(bases[n], base_name, meta.shape, where)
         if out_name in sources:
             raise InputError(f"{models[srcs[0].input].path}: tensor '{names[0]}' would be written twice as "
                              f"'{out_name}'")
         tensors.append((out_name, out_dtype if (out_dtype and meta.dtype.is_floating_point) else meta.dtype,
                         meta.shape))
-        sources[out_name] = TensorSource(tuple(names), tuple(s.input for s in srcs), base_name, resolvers[n], layer)
+        sources[out_name] = TensorSource(tuple(names), tuple(s.input for s in srcs), base_name, resolvers[n], layer,
+                                         recipe.slices[n].base_input)
 
     resolvers = []
     for n, (sl, srcs) in enumerate(zip(recipe.slices, slices)):
@@ -351,9 +363,9 @@ def _plan_slices(recipe: MergeRecipe, rule: Rule, params, base: Checkpoint | Non
                 where = f"slices.{n}.layers" if sl.sources is None else f"slices.{n}.sources.{i}.layers"
                 raise RecipeError(f"{where}: [{s.layers[0]}, {s.layers[1]}] goes past the {have} layers of "
                                   f"{models[s.input].path}")
-        if sl.base_layers is not None and sl.base_layers[1] > (have := _num_layers(base.config, base.names)):
+        if sl.base_layers is not None and sl.base_layers[1] > (have := _num_layers(bases[n].config, bases[n].names)):
             raise RecipeError(f"slices.{n}.base_layers: {list(sl.base_layers)} goes past the {have} layers of "
-                              f"{base.path}")
+                              f"{bases[n].path}")
         inputs = []
         for s in srcs:
             own = recipe.inputs[s.input]
@@ -625,10 +637,11 @@ def _merge_tensors(plan: MergePlan, writer: ShardedWriter, write_thread: ThreadP
         base = None
         src = plan.source(name) if plan.input_kind == "model" else None
         base_name = src.base if src is not None else name if plan.base else None
+        owner = plan.base_of(src)
         if base_name is not None and (plan.input_kind == "adapter"
-                                      or not plan.base.meta[base_name].dtype.is_floating_point):
-            base = plan.base.read(base_name)
-            _check_finite(base, base_name, plan.base.path, recipe.allow_nonfinite)
+                                      or not owner.meta[base_name].dtype.is_floating_point):
+            base = owner.read(base_name)
+            _check_finite(base, base_name, owner.path, recipe.allow_nonfinite)
         if plan.input_kind == "adapter":
             if name in lora_targets:
                 module = lora_targets[name]
@@ -657,9 +670,10 @@ def _merge_floats(plan: MergePlan, name: str, buffers: _Buffers, stats: _Stats) 
     """Merge one floating tensor of full checkpoints; the result may live in one of `buffers`."""
     allow = plan.recipe.allow_nonfinite
     src = plan.source(name)
-    base = _read_float(plan, buffers, plan.base, src.base, "base") if src.base is not None else None
+    owner = plan.base_of(src)
+    base = _read_float(plan, buffers, owner, src.base, "base") if src.base is not None else None
     if base is not None:
-        _check_finite(base, src.base, plan.base.path, allow)
+        _check_finite(base, src.base, owner.path, allow)
     raw_base = plan.rule.uses_base == "raw"  # the rule gets the base's raw weight first, then the inputs'
     task_vectors = plan.rule.uses_base is True or (plan.rule.uses_base == "optional" and base is not None)
     inputs = []
@@ -783,7 +797,8 @@ def describe(plan: MergePlan) -> str:
     if plan.layer_map is not None:
         for n, sl in enumerate(r.slices):
             srcs = ", ".join(f"inputs.{s.input} layers {list(s.layers)}" for s in sl.all_sources())
-            base = f", base layers {list(sl.base_layers)}" if sl.base_layers else ""
+            owner = "base" if sl.base_input is None else f"inputs.{sl.base_input}"
+            base = f", {owner} layers {list(sl.base_layers)} as the base" if sl.base_layers else ""
             lines.append(f"slice {n}: {srcs}{base}")
         lines.append(f"layers: {len(plan.layer_map)} in the output")
     if plan.vocab is not None:

@@ -109,13 +109,16 @@ class SliceSource(Strict):
 
 class SliceSpec(Strict):
     """Output layers taken from one input's layer range (`input` and `layers`), or merged by the recipe's method
-    from several inputs' equally long ranges (`sources`; a rule that needs the base reads its range `base_layers`).
+    from several inputs' equally long ranges (`sources`; a rule that needs the base reads its range `base_layers`,
+    of the recipe's base or of the input `base_input`).
     `parameters` rank above the recipe's, and a source's own above both; per-layer gradients run over the slice."""
 
     input: int | None = Field(default=None, ge=0)
     layers: tuple[int, int] | None = None
     sources: list[SliceSource] | None = Field(default=None, min_length=1)
     base_layers: tuple[int, int] | None = None
+    # the slice's base is this input instead of the recipe's base (mergekit's per-slice base_model)
+    base_input: int | None = Field(default=None, ge=0)
     parameters: dict[str, ParamSpec] = Field(default_factory=dict)
 
     _range = field_validator("layers", "base_layers")(_layer_range)
@@ -124,6 +127,8 @@ class SliceSpec(Strict):
     def _one_form(self) -> SliceSpec:
         if (self.sources is None) == (self.input is None) or (self.input is None) != (self.layers is None):
             raise ValueError("give either `input` and `layers`, or `sources`")
+        if self.base_input is not None and self.base_layers is None:
+            raise ValueError("base_input: give the base's layers too (base_layers)")
         return self
 
     def all_sources(self) -> list[SliceSource]:

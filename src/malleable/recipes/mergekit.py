@@ -78,7 +78,7 @@ class Source(Model):
 class Slice(Strict):
     sources: list[Source] = Field(min_length=1)
     parameters: Params = Field(default_factory=dict)
-    base_model: str | None = None  # refused (a base per slice); read so that the refusal names it
+    base_model: str | None = None  # this slice's base (stacked slices): one of its sources
     residual_weight: float | None = None  # refused: mergekit 0.1.5 declares it and never reads it
 
 
@@ -163,6 +163,8 @@ def _slices_as_models(data: dict, source: str) -> dict:
             raise RecipeError(f"{source}: slices.0.parameters.{key}: filtered values that fall back to the "
                               "top-level parameters are not supported; set the key in one place")
     rest = {k: v for k, v in data.items() if k != "slices"}
+    if slices[0].get("base_model") is not None:  # the one slice's base is the merge's base
+        rest["base_model"] = slices[0]["base_model"]
     return {**rest, "models": models, "parameters": {**top, **own}}
 
 
@@ -219,9 +221,19 @@ def _stacked_slices(data: dict, source: str, rule: str, drop: set[str]) -> dict:
         else:
             weight = params.pop("weight", None)
             spec["sources"] = []
+            own_base = sl.get("base_model")  # mergekit: a slice's base_model replaces the top-level one there
+            slice_base = own_base or base
+            if own_base is not None and rule not in BASE_AS_INPUT and all(
+                    src["model"] != own_base for src in sl["sources"]):
+                raise RecipeError(f"{where}.base_model: {own_base} is not one of the slice's sources (its layer "
+                                  "range is the base's)")
             for i, src in enumerate(sl["sources"]):
-                if base is not None and src["model"] == base and rule not in BASE_AS_INPUT:
+                if slice_base is not None and src["model"] == slice_base and rule not in BASE_AS_INPUT:
                     spec["base_layers"] = src["layer_range"]  # the base contributes no task vector
+                    if slice_base != base:  # read from that model, one more input
+                        if slice_base not in paths:
+                            paths.append(slice_base)
+                        spec["base_input"] = paths.index(slice_base)
                     continue
                 if src["model"] not in paths:
                     paths.append(src["model"])
@@ -238,9 +250,6 @@ def from_mergekit(data: dict, source: str) -> dict:
     """Translate a mergekit config dict into a malleable recipe dict (validated afterwards as usual)."""
     data = validate(Mergekit, data, source).model_dump(exclude_unset=True)
     for n, sl in enumerate(data.get("slices") or []):
-        if sl.get("base_model") is not None:
-            raise RecipeError(f"{source}: slices.{n}.base_model: a base model of its own per slice is not supported; "
-                              "set base_model at the top level")
         if sl.get("residual_weight") is not None:
             raise RecipeError(f"{source}: slices.{n}.residual_weight: not supported (mergekit 0.1.5 accepts it and "
                               "never uses it); remove it")
