@@ -1,6 +1,7 @@
 """joint_lora: the oracle of continual LoRA post-training. At every step a fresh adapter trains on all tasks
-seen so far together (their examples shuffled), for `training.steps` times the number of those tasks: multi-task
-training with every task's data at hand, which a stream does not have."""
+seen so far together (their examples shuffled), for `training.steps` times the number of those tasks (with
+`training.epochs`: that many epochs over them all): multi-task training with every task's data at hand, which a
+stream does not have."""
 
 from __future__ import annotations
 

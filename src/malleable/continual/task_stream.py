@@ -217,7 +217,8 @@ def run_tasks(recipe: TaskStreamRecipe, out: str | Path, *, force: bool = False,
         step_start = time.perf_counter()
         method.begin_task(model, t)
         items, passes = method.examples(train[names[t]], [train[n] for n in names[:t]])
-        steps = BatchPlan(recipe.training, 1, len(items)).steps * passes
+        # `passes` scales a fixed number of steps (joint: steps x tasks); epochs already run over all the items
+        steps = BatchPlan(recipe.training, 1, len(items)).steps * (passes if recipe.training.steps else 1)
         training = recipe.training.model_copy(update={"steps": steps, "epochs": None})
         history = fit(model, method, items, lambda b: collate(b, pad), [_units(y) for _, y in items], training,
                       recipe.seed * 1_009 + t, progress=progress, desc=f"task {t + 1}/{len(names)} {recipe.method}")
