@@ -319,6 +319,7 @@ parameters: {{density: 0.7, scale: &s 1.0}}
 
 def test_readme_example_recipes_validate():
     from malleable.continual.engine import check_recipe as check_continual_recipe
+    from malleable.continual.task_stream import check_recipe as check_task_recipe
     from malleable.forget.run import check_recipe
     from malleable.learn.registry import get_method
     from malleable.recipes.continual import parse_continual_recipe
@@ -331,12 +332,14 @@ def test_readme_example_recipes_validate():
     readme = (Path(__file__).parents[1] / "README.md").read_text()
     blocks = [yaml.safe_load(b) for b in re.findall(r"```yaml\n(.*?)```", readme, re.S)]
     kinds = {"inputs": parse_recipe, "calibration": parse_slim_recipe, "stream": parse_continual_recipe,
-             "method": parse_learn_recipe, "objective": parse_forget_recipe}
+             "tasks": parse_continual_recipe, "method": parse_learn_recipe, "objective": parse_forget_recipe}
     parsed = [next(parse for key, parse in kinds.items() if key in b)(b, "README") for b in blocks]
-    assert len(parsed) == 6  # two continual blocks: a stream and one with forget steps
+    assert len(parsed) == 7  # three continual blocks: a stream, one with forget steps, a LoRA task stream
     for recipe in parsed:
         if hasattr(recipe, "calibration"):
             check_slim_recipe(recipe)
+        elif hasattr(recipe, "tasks"):
+            check_task_recipe(recipe)
         elif hasattr(recipe, "stream"):
             check_continual_recipe(recipe)
         elif hasattr(recipe, "objective"):
