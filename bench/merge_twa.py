@@ -60,13 +60,13 @@ TWA_V = [("TWA-v fp32", {"bits": 32}), ("TWA-v 8-bit", {"bits": 8}), ("TWA-v 4-b
 T975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262}
 
 
-def make() -> torch.nn.Module:
-    return small_cnn(1, 10, 28, 16)
+def make(batchnorm: bool = False) -> torch.nn.Module:
+    return small_cnn(1, 10, 28, 16, batchnorm=batchnorm)
 
 
 @torch.no_grad()
-def accuracy(state: dict, examples: list, batch: int = 2000) -> float:
-    net = make()
+def accuracy(state: dict, examples: list, batch: int = 2000, batchnorm: bool = False) -> float:
+    net = make(batchnorm)
     net.load_state_dict(state)
     net.eval()
     right = 0

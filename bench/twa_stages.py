@@ -22,8 +22,13 @@ Per seed (the training subset, the initialisation and the data order follow it):
   torch.optim.swa_utils (`merge.soups.swa`); the final checkpoint. The authors' tail stage follows SWA's own
   schedule (a constant swa_lr tail); here the tail is the step schedule's last quarter (lr 1e-3), as the issue
   asks for one regular run, so the tail checkpoints lie close together.
-* BatchNorm: this CNN has none (and no BN variant of small_cnn exists), so the BN recomputation the authors
-  run after TWA, and SWA's update_bn, change nothing: not reported separately.
+* BatchNorm: this CNN has none, so the BN recomputation the authors run after TWA, and SWA's update_bn, change
+  nothing there. `--batchnorm` runs the same benchmark on small_cnn with a BatchNorm2d after each convolution
+  (the authors' nets have BatchNorm), every TWA and SWA both without and with the statistics recomputed on the
+  training images afterwards (`bn_update`, `update_bn`).
+* `--swa-schedule` adds the authors' tail-stage setting (their swa/ folder): a second run per seed under SWA's
+  own schedule (Izmailov et al.'s train.py as their swa/run.sh calls it: 1.5 budgets, swa_start at 56%, swa_lr
+  0.05), TWA from the last of its checkpoints after swa_start, and SWA over the same.
 * TWA's lr: the authors' 2 (set for BatchNorm nets, whose weights are scale-invariant) and 0.1 (regular
   training's peak lr): on this CNN without BatchNorm lr 2 diverged in the tail stage of a first 40-epoch run
   (learn's non-finite check); a diverged run is recorded as such, with no accuracy.
@@ -35,6 +40,7 @@ Per seed (the training subset, the initialisation and the data order follow it):
   steps / seconds saved, wall seconds, the machine and its load average.
 
     nice -n 10 python bench/twa_stages.py [--seeds 3]   # writes bench/results/twa_stages.{json,md}
+    python bench/twa_stages.py --batchnorm --swa-schedule --out twa_stages_bn
     python bench/twa_stages.py --report                 # rewrites the summary and the .md from the .json
 """
 
@@ -51,7 +57,8 @@ from pathlib import Path
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # spinning OpenMP threads crawl on a shared CPU
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import RESULTS_DIR, loadavg, machine, write_results  # noqa: E402
-from merge_twa import accuracy, make, mean_ci  # noqa: E402
+import merge_twa  # noqa: E402
+from merge_twa import mean_ci  # noqa: E402
 
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
@@ -65,6 +72,7 @@ from malleable.merge.twa import twa  # noqa: E402
 from malleable.report import peak_rss_mb  # noqa: E402
 
 EPOCHS, TRAIN_N, BATCH = 20, 20_480, 128  # 160 steps an epoch
+SWA_SCHEDULE = False  # --swa-schedule: also the tail stage under SWA's own schedule (a second training run)
 LR, MOMENTUM, WD, MILESTONES = 0.1, 0.9, 1e-4, (0.5, 0.75)
 TWA_EPOCHS = 1  # the authors' 10 TWA epochs of a 200-epoch run, scaled to EPOCHS (5%)
 HEADS = (0.5, 0.6)
@@ -74,17 +82,39 @@ HEAD_TWA = {"lr": 2.0, "wd": 1e-5, "batch_size": BATCH, "schedule": "step", "tra
 TAIL_TWA = {"lr": 2.0, "wd": 5e-5, "batch_size": BATCH, "schedule": "step"}
 
 
+BN = False  # --batchnorm: the CNN with a BatchNorm2d after each convolution (the authors' nets have BatchNorm)
+SWA_BUDGET, SWA_START, SWA_LR = 1.5, 0.56, 0.05  # the authors' swa/run.sh: 225 epochs, swa_start 126, swa_lr 0.05
+
+
+def make() -> torch.nn.Module:
+    return merge_twa.make(BN)
+
+
+def accuracy(state: dict, examples: list) -> float:
+    return merge_twa.accuracy(state, examples, batchnorm=BN)
+
+
+def swa_factor(epoch: int, swa_start: int) -> float:
+    """SWA's learning-rate schedule (Izmailov et al.'s train.py, which the authors' swa/ folder runs): the
+    initial lr for the first half of swa_start, a linear decay to swa_lr by 90% of it, then swa_lr."""
+    t, ratio = epoch / swa_start, SWA_LR / LR
+    return 1.0 if t <= 0.5 else 1.0 - (1.0 - ratio) * (t - 0.5) / 0.4 if t <= 0.9 else ratio
+
+
 def clone(state: dict) -> dict:
     return {k: v.detach().clone() for k, v in state.items()}
 
 
-def regular(seed: int, x: torch.Tensor, y: torch.Tensor, test: list, epochs: int) -> dict:
+def regular(seed: int, x: torch.Tensor, y: torch.Tensor, test: list, epochs: int, swa_start: int | None = None
+            ) -> dict:
     """The authors' train_sgd_cifar loop: checkpoints (before training and after each epoch), test accuracy and
-    training seconds (without the evaluation) per epoch."""
+    training seconds (without the evaluation) per epoch. With `swa_start`: SWA's schedule (`swa_factor`) instead
+    of the step schedule, as the authors' swa/train.py."""
     torch.manual_seed(seed)
     net = make()
     opt = torch.optim.SGD(net.parameters(), lr=LR, momentum=MOMENTUM, weight_decay=WD)
-    sched = torch.optim.lr_scheduler.MultiStepLR(opt, [int(epochs * m) for m in MILESTONES], 0.1)
+    sched = (torch.optim.lr_scheduler.MultiStepLR(opt, [int(epochs * m) for m in MILESTONES], 0.1)
+             if swa_start is None else torch.optim.lr_scheduler.LambdaLR(opt, lambda e: swa_factor(e, swa_start)))
     per_epoch = len(x) // BATCH
     checkpoints, test_acc, seconds = [clone(net.state_dict())], [], []
     for epoch in range(epochs):
@@ -132,11 +162,11 @@ def one_seed(seed: int, images: torch.Tensor, labels: torch.Tensor, test: list, 
                              "seconds": round(sum(reg["epoch_seconds"]), 1), "steps": epochs * per_epoch},
                  "runs": {}}
     twa_epochs = max(1, round(TWA_EPOCHS * epochs / EPOCHS))
-    for lr in TWA_LRS:
-        for f in HEADS:
+    bns = (False, True) if BN else (False,)  # TWA without and with BatchNorm statistics recomputed afterwards
+    for lr, f, bn in [(lr, f, bn) for lr in TWA_LRS for f in HEADS for bn in bns]:
             head = round(f * epochs)
-            r = run_twa(reg["checkpoints"][:head + 1], train, {**HEAD_TWA, "lr": lr, "epochs": twa_epochs}, seed,
-                        test)
+            r = run_twa(reg["checkpoints"][:head + 1], train,
+                        {**HEAD_TWA, "lr": lr, "epochs": twa_epochs, "bn_update": bn}, seed, test)
             cost = head + twa_epochs
             r.update({"stage": "head", "checkpoints": head + 1, "epochs_used": cost, "steps_used": cost * per_epoch,
                       "seconds_used": round(head * epoch_s + r["seconds"], 1)})
@@ -145,22 +175,45 @@ def one_seed(seed: int, images: torch.Tensor, labels: torch.Tensor, test: list, 
                 r.update({"regular_epochs_to_match": match, "saved_is_lower_bound": match is None,
                           "epochs_saved_share": round(1 - cost / (match or epochs), 4),
                           "seconds_saved_share": round(1 - r["seconds_used"] / ((match or epochs) * epoch_s), 4)})
-            row["runs"][f"head {round(f * 100)}% lr {lr:g}"] = r
+            row["runs"][f"head {round(f * 100)}% lr {lr:g}" + (" + BN update" if bn else "")] = r
     tail_n = max(1, round(TAIL_EPOCHS * epochs / EPOCHS))
-    tail = reg["checkpoints"][-tail_n:]
-    for lr in TWA_LRS:
-        r = run_twa(tail, train, {**TAIL_TWA, "lr": lr, "epochs": twa_epochs, "train_start": tail_n - 1}, seed, test)
-        row["runs"][f"tail lr {lr:g}"] = {**r, "stage": "tail", "checkpoints": tail_n}
-    t = time.perf_counter()
+    row["tail"] = tail_stage("tail", reg["checkpoints"][-tail_n:], reg["test"][-1], row["runs"], train, x, seed,
+                             test, twa_epochs, bns)
+    if SWA_SCHEDULE:  # the authors' tail stage: SWA's own schedule, 1.5 budgets, checkpoints after swa_start
+        total = round(SWA_BUDGET * epochs)
+        start = round(SWA_START * total)
+        swa_run = regular(seed, x, y, test, total, swa_start=start)
+        row["swa_schedule"] = {"epochs": total, "swa_start": start, "test_per_epoch": swa_run["test"],
+                               "seconds": round(sum(swa_run["epoch_seconds"]), 1)}
+        row["swa_tail"] = tail_stage("swa tail", swa_run["checkpoints"][start + 1:], swa_run["test"][-1],
+                                     row["runs"], train, x, seed, test, twa_epochs, bns)
+    return row
+
+
+def tail_stage(stage: str, checkpoints: list, final: float, runs: dict, train: list, x: torch.Tensor, seed: int,
+               test: list, twa_epochs: int, bns: tuple) -> dict:
+    """TWA from the last of `checkpoints` (each lr, without and with the BN update) into `runs`, and SWA over them
+    (without and with update_bn); returns the references: the final checkpoint's and SWA's accuracy."""
+    n = len(checkpoints)
+    for lr, bn in [(lr, bn) for lr in TWA_LRS for bn in bns]:
+        r = run_twa(checkpoints, train, {**TAIL_TWA, "lr": lr, "epochs": twa_epochs, "train_start": n - 1,
+                                         "bn_update": bn}, seed, test)
+        runs[f"{stage} lr {lr:g}" + (" + BN update" if bn else "")] = {**r, "stage": stage, "checkpoints": n}
     modules = []
-    for sd in tail:
+    for sd in checkpoints:
         m = make()
         m.load_state_dict(sd)
         modules.append(m)
-    averaged = swa(modules)
-    row["tail"] = {"checkpoints": tail_n, "final": reg["test"][-1],
-                   "swa": {"test": accuracy(averaged.state_dict(), test), "seconds": round(time.perf_counter() - t, 2)}}
-    return row
+    out = {"checkpoints": n, "final": final}
+    for bn in bns:
+        t = time.perf_counter()
+        averaged = swa(modules, bn_data=[x[i:i + BATCH] for i in range(0, len(x), BATCH)] if bn else None)
+        out["swa + update_bn" if bn else "swa"] = {"test": accuracy(averaged.state_dict(), test),
+                                                   "seconds": round(time.perf_counter() - t, 2)}
+    for r in runs.values():
+        if r.get("stage") == stage:
+            r["ref_final"], r["ref_swa"] = final, out["swa"]["test"]
+    return out
 
 
 def _ci(xs: list[float]) -> dict:
@@ -174,8 +227,15 @@ def summarise(rows: list[dict]) -> dict:
     out: dict = {"regular final": _ci([r["regular"]["final"] for r in rows]),
                  "regular best": _ci([r["regular"]["best"] for r in rows]),
                  "tail final": _ci([r["tail"]["final"] for r in rows])}
-    out["tail SWA"] = {**_ci([r["tail"]["swa"]["test"] for r in rows]),
-                       "minus_final": _ci([r["tail"]["swa"]["test"] - r["tail"]["final"] for r in rows])}
+    for key, name in (("tail", "tail"), ("swa_tail", "swa tail")):
+        if key not in rows[0]:
+            continue
+        out[f"{name} final"] = _ci([r[key]["final"] for r in rows])
+        for swa_key in ("swa", "swa + update_bn"):
+            if swa_key in rows[0][key]:
+                label = f"{name} SWA" + (" + update_bn" if swa_key != "swa" else "")
+                out[label] = {**_ci([r[key][swa_key]["test"] for r in rows]),
+                              "minus_final": _ci([r[key][swa_key]["test"] - r[key]["final"] for r in rows])}
     for label, first in rows[0]["runs"].items():
         runs = [(row, row["runs"][label]) for row in rows]
         ok = [(row, r) for row, r in runs if r["test"] is not None]
@@ -190,8 +250,8 @@ def summarise(rows: list[dict]) -> dict:
                       "epochs_saved_share": _ci([r["epochs_saved_share"] for _, r in ok]),
                       "seconds_saved_share": _ci([r["seconds_saved_share"] for _, r in ok])})
         else:
-            v.update({"minus_final": _ci([r["test"] - row["tail"]["final"] for row, r in ok]),
-                      "minus_swa": _ci([r["test"] - row["tail"]["swa"]["test"] for row, r in ok])})
+            v.update({"minus_final": _ci([r["test"] - r.get("ref_final", row["tail"]["final"]) for row, r in ok]),
+                      "minus_swa": _ci([r["test"] - r.get("ref_swa", row["tail"]["swa"]["test"]) for row, r in ok])})
         out[f"TWA {label}"] = v
     return out
 
@@ -226,11 +286,12 @@ def verdict(s: dict) -> str:
                      f"paper's '> 40% of epochs saved at equal accuracy' {claim} here"
                      + (f" (diverged in seeds {v['diverged_seeds']})" if v["diverged_seeds"] else "") + ".")
     for h, v in s.items():
-        if v.get("stage") == "tail":
+        if v.get("stage") in ("tail", "swa tail"):
             parts.append(f"{h}: minus SWA {_pm(v['minus_swa'])} ({_side(v['minus_swa'])} SWA), minus the final "
                          f"checkpoint {_pm(v['minus_final'])}"
                          + (f", diverged in seeds {v['diverged_seeds']}" if v["diverged_seeds"] else "") + ".")
-    parts.append(f"SWA minus the final checkpoint {_pm(s['tail SWA']['minus_final'])}.")
+    parts += [f"{k} minus the final checkpoint {_pm(v['minus_final'])}." for k, v in s.items()
+              if " SWA" in k and "minus_final" in v]
     return " ".join(parts)
 
 
@@ -245,7 +306,10 @@ def markdown(result: dict) -> str:
 
     lines = ["# twa_stages: TWA in the head and the tail stage of training (Fashion-MNIST CNN)", "",
              f"{len(result['rows'])} seeds ({', '.join(str(r['seed']) for r in result['rows'])}). small_cnn (width "
-             f"16, no BatchNorm: BN recomputation is moot) trained from scratch on {st['train_n']} Fashion-MNIST "
+             + ("16, a BatchNorm2d after each convolution; TWA and SWA each without and with the BatchNorm "
+                "statistics recomputed on the training images afterwards" if st.get("batchnorm") else
+                "16, no BatchNorm: BN recomputation is moot")
+             + f") trained from scratch on {st['train_n']} Fashion-MNIST "
              f"images for {st['epochs']} epochs of {st['train_n'] // st['batch']} steps (batch {st['batch']}), the "
              f"authors' CIFAR recipe scaled down: SGD lr {st['lr']}, momentum {st['momentum']}, wd {st['wd']}, lr "
              f"x0.1 at epochs {[int(st['epochs'] * m) for m in st['milestones']]}. TWA (the ICLR form, `twa`): SGD, "
@@ -271,17 +335,32 @@ def markdown(result: dict) -> str:
               "and is a lower bound; negative: TWA costs more epochs than regular training needs for its accuracy). "
               "Gradient steps: TWA uses the same batch and data, so their share equals the epochs'. Seconds saved "
               "uses the median seconds of a regular epoch and TWA's measured seconds.", "",
-              "## (b) Tail stage: the last epochs' checkpoints", "",
-              "| | test acc | minus final | minus SWA | seconds (median) |", "|---|---:|---:|---:|---:|",
-              f"| final checkpoint | {acc(s['tail final'])} | | | |",
-              f"| SWA (swa_utils) | {acc(s['tail SWA'])} | {_pm(s['tail SWA']['minus_final'])} | | |"]
-    for h, v in s.items():
-        if v.get("stage") == "tail":
-            lines.append(f"| {h} (from the last){div(v)} | {acc(v)} | {_pm(v['minus_final'])} | "
-                         f"{_pm(v['minus_swa'])} | {v['seconds_median']} |")
+              "## (b) Tail stage: the last epochs' checkpoints", ""]
+
+    def tail_table(name: str) -> list[str]:
+        out = ["| | test acc | minus final | minus SWA | seconds (median) |", "|---|---:|---:|---:|---:|",
+               f"| final checkpoint | {acc(s[f'{name} final'])} | | | |"]
+        out += [f"| {k.removeprefix(name + ' ')} (swa_utils) | {acc(v)} | {_pm(v['minus_final'])} | | |"
+                for k, v in s.items() if k.startswith(f"{name} SWA")]
+        out += [f"| {h} (from the last){div(v)} | {acc(v)} | {_pm(v['minus_final'])} | {_pm(v['minus_swa'])} | "
+                f"{v['seconds_median']} |" for h, v in s.items() if v.get("stage") == name]
+        return out
+
+    lines += tail_table("tail")
     lines += ["", f"Tail checkpoints: epochs {st['epochs'] - st['tail_epochs'] + 1}..{st['epochs']}, all after the "
               "last lr drop (lr 1e-3), so they lie close together; the authors' tail stage uses SWA's schedule "
-              "(a constant, larger swa_lr), where they report the larger gains.", "",
+              "(a constant, larger swa_lr), where they report the larger gains" + (" (c, below)." if "swa tail final"
+                                                                                   in s else "."), ""]
+    if "swa tail final" in s:
+        sw = result["rows"][0]["swa_schedule"]
+        lines += ["## (c) Tail stage under SWA's own schedule (the authors' swa/ setting)", "",
+                  f"A second run per seed: {sw['epochs']} epochs (SWA's 1.5 budgets), lr {st['lr']} for the first "
+                  f"half of swa_start = {sw['swa_start']}, a linear decay to swa_lr {SWA_LR} by 90% of it, then "
+                  f"swa_lr (Izmailov et al.'s train.py, run by the authors' swa/run.sh); the tail is the checkpoints "
+                  f"after epochs {sw['swa_start'] + 1}..{sw['epochs']}; TWA from the last one as their "
+                  "swa/run_twa.sh (wd 5e-5, step schedule).", ""]
+        lines += tail_table("swa tail") + [""]
+    lines += [
               "Regular training's test accuracy per epoch: " + "; ".join(
                   f"seed {r['seed']}: " + " ".join(f"{a:.1f}" for a in r["regular"]["test_per_epoch"])
                   for r in result["rows"]), "",
@@ -300,7 +379,12 @@ def main() -> None:
     ap.add_argument("--train-n", type=int, default=TRAIN_N, help="training images (a smoke test: fewer)")
     ap.add_argument("--out", default="twa_stages")
     ap.add_argument("--report", action="store_true", help="rebuild the summary and the .md from the .json only")
+    ap.add_argument("--batchnorm", action="store_true", help="the CNN with BatchNorm (TWA and SWA with and "
+                    "without the BatchNorm statistics recomputed)")
+    ap.add_argument("--swa-schedule", action="store_true", help="also the tail stage under SWA's own schedule")
     args = ap.parse_args()
+    global BN, SWA_SCHEDULE
+    BN, SWA_SCHEDULE = args.batchnorm, args.swa_schedule
     if args.report:
         result = json.loads((RESULTS_DIR / f"{args.out}.json").read_text())
     else:
@@ -314,7 +398,9 @@ def main() -> None:
             r = rows[-1]
             print(f"seed {seed}: regular final {r['regular']['final']:.2f} best {r['regular']['best']:.2f}, "
                   + ", ".join(f"TWA {h} {v['test']}" for h, v in r["runs"].items())
-                  + f", tail SWA {r['tail']['swa']['test']:.2f}", flush=True)
+                  + f", tail SWA {r['tail']['swa']['test']:.2f}"
+                  + (f", swa-schedule tail SWA {r['swa_tail']['swa']['test']:.2f}" if "swa_tail" in r else ""),
+                  flush=True)
         result = {"benchmark": "twa_stages", "machine": machine(), "loadavg_before": before,
                   "loadavg_after": loadavg(), "wall_s": round(time.perf_counter() - start, 1),
                   "peak_rss_mb": peak_rss_mb(),
@@ -323,7 +409,7 @@ def main() -> None:
                                "twa_epochs": max(1, round(TWA_EPOCHS * args.epochs / EPOCHS)),
                                "tail_epochs": max(1, round(TAIL_EPOCHS * args.epochs / EPOCHS)),
                                "head_twa": HEAD_TWA, "tail_twa": TAIL_TWA, "twa_lrs": TWA_LRS,
-                               "seeds": list(range(args.seeds))},
+                               "seeds": list(range(args.seeds)), "batchnorm": BN, "swa_schedule": SWA_SCHEDULE},
                   "rows": rows}
     result["summary"] = summarise(result["rows"])
     result["verdict"] = verdict(result["summary"])
