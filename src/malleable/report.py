@@ -32,6 +32,17 @@ def environment() -> dict:
             "platform": platform.platform(), "machine": platform.machine()}
 
 
+def run_fields(steps: list[dict], done: int, device, start: float, out: Path) -> dict:
+    """A stream report's fields about the run itself (continual's two streams): its steps (each with its
+    `seconds`), the step it resumed after, times (`start` from time.perf_counter), memory, the machine."""
+    import time
+
+    return {"steps": steps, "resumed_from_step": done or None,
+            "train_seconds": round(sum(s["seconds"] for s in steps), 2), "device": str(device),
+            "wall_time_s": round(time.perf_counter() - start, 1), "peak_rss_mb": peak_rss_mb(),
+            "environment": environment(), "output": {"path": str(out)}}
+
+
 def write_report(directory: Path, report: dict, markdown: str) -> None:
     (directory / "report.json").write_text(json.dumps(report, indent=2) + "\n")
     (directory / "report.md").write_text(markdown)

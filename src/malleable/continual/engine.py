@@ -56,7 +56,7 @@ from malleable.learn.checkpoint import (PREFIX, check_same_recipe, latest_checkp
 from malleable.learn.engine import check_finite_weights, make_accelerator, optimizer_step
 from malleable.recipes.continual import (AnyContinualRecipe, ContinualRecipe, TaskStreamRecipe,
                                          load_continual_recipe)
-from malleable.report import environment, peak_rss_mb, write_report
+from malleable.report import run_fields, write_report
 
 SCHEMA = "malleable.continual/1"
 STREAM = "stream-"
@@ -335,14 +335,6 @@ def continual(recipe: AnyContinualRecipe, out: str | Path, *, force: bool = Fals
     if not recipe.keep_checkpoints:
         shutil.rmtree(run_dir, ignore_errors=True)
     return report
-
-
-def run_fields(steps: list[dict], done: int, device, start: float, out: Path) -> dict:
-    """The report's fields about the run itself (both streams): steps, resume, times, memory, the machine."""
-    return {"steps": steps, "resumed_from_step": done or None,
-            "train_seconds": round(sum(s["seconds"] for s in steps), 2), "device": str(device),
-            "wall_time_s": round(time.perf_counter() - start, 1), "peak_rss_mb": peak_rss_mb(),
-            "environment": environment(), "output": {"path": str(out)}}
 
 
 def _row_labels(plan_) -> list[str]:

@@ -27,14 +27,13 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from malleable.continual.adapters import AdapterStrategy, adapter_params
-from malleable.continual.engine import run_fields
 from malleable.continual.registry import METHODS, get_method
 from malleable.errors import InputError, RecipeError, reason
 from malleable.evaluate.continual import summary
 from malleable.io.atomic import atomic_dir
 from malleable.recipes.continual import TaskStreamRecipe
 from malleable.learn.checkpoint import check_same_recipe, run_folder
-from malleable.report import write_report
+from malleable.report import run_fields, write_report
 
 SCHEMA = "malleable.continual.tasks/1"
 STEP = "step-"
