@@ -22,6 +22,7 @@ one adapter's cost. The written adapter is their concatenation (rank r x tasks),
 from __future__ import annotations
 
 from collections.abc import Sequence
+from pathlib import Path
 from typing import ClassVar
 
 import torch
@@ -116,7 +117,11 @@ class AdapterStrategy(ContinualMethod):
     """Sequential LoRA: one adapter trained on, task after task (the base of every adapter strategy)."""
 
     stream: ClassVar[str] = "tasks"
+    # set by the engine before the first task: the stream's seed, its run folder (for files a strategy writes
+    # between tasks, such as merge_each's adapters) and the base model's folder
     seed: int = 0
+    workdir: Path | None = None
+    base: Path | None = None
 
     def begin_task(self, model: torch.nn.Module, t: int) -> None:
         """Before task t's training (0-based)."""

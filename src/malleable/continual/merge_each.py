@@ -13,7 +13,6 @@ with nothing).
 from __future__ import annotations
 
 import shutil
-from pathlib import Path
 
 import torch
 
@@ -27,9 +26,6 @@ from malleable.params import Param
     "rule": Param("ties", "the merge rule (any of `malleable merge`'s rules with a LoRA adapter output)")})
 class MergeEach(AdapterStrategy):
     """Per-task adapters from the base model, merged into one with a `merge` rule after every task."""
-
-    workdir: Path | None = None  # set by the engine: where task adapters and merges are written
-    base: Path | None = None  # the base model the adapters belong to
 
     def setup(self, num_classes: int) -> None:
         super().setup(num_classes)
