@@ -167,9 +167,12 @@ def markdown(res: dict) -> str:
             lines.append(f"| {'start' if i == 0 else s['tasks'][i - 1]} | " + " | ".join(f"{v:.1f}" for v in row)
                          + " |")
         lines.append("")
-    m = res["machine"]
-    lines += [f"Machine: {m.get('cpu')}, {m.get('cores')} cores; torch {m.get('versions', {}).get('torch')}; "
-              f"wall {fmt(res['wall_s'], 0)} s.", ""]
+    m, runs = res["machine"], res["runs"]
+    loads = [x for r in runs for x in (r["loadavg_before"][0], r["loadavg_after"][0])]
+    lines += [f"Machine: {m.get('cpu')}, {m.get('cores')} cores; torch {m.get('versions', {}).get('torch')}; one "
+              f"torch thread per run, up to four runs at once (1-minute load {min(loads, default=0):.1f} to "
+              f"{max(loads, default=0):.1f}); {len(runs)} runs, {fmt(sum(r['wall_s'] for r in runs) / 60, 0)} "
+              "minutes of wall time summed over them (the seconds are indicative only).", ""]
     return "\n".join(lines)
 
 
