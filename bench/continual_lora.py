@@ -31,6 +31,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _common import RESULTS_DIR, fmt, loadavg, machine, paired_t, write_results  # noqa: E402
+from continual_online import ci  # noqa: E402
 
 from malleable.continual.engine import continual  # noqa: E402
 from malleable.recipes.continual import parse_continual_recipe  # noqa: E402
@@ -80,14 +81,6 @@ def run_one(model: Path, method: str, seed: int, data: dict, args, work: Path) -
             "probe_ratio": report["generality"]["ratio_to_start"], "steps": report["steps"],
             "train_seconds": report["train_seconds"], "wall_s": round(wall, 1), "loadavg_before": load,
             "loadavg_after": loadavg()}
-
-
-def ci(xs: list[float]) -> dict:
-    from scipy.stats import t
-
-    mean = statistics.fmean(xs)
-    half = t.ppf(0.975, len(xs) - 1) * statistics.stdev(xs) / len(xs) ** 0.5 if len(xs) > 1 else float("nan")
-    return {"mean": mean, "lo": mean - half, "hi": mean + half, "n": len(xs)}
 
 
 def values(run: dict) -> dict[str, float | None]:

@@ -164,18 +164,18 @@ def one_seed(seed: int, images: torch.Tensor, labels: torch.Tensor, test: list, 
     twa_epochs = max(1, round(TWA_EPOCHS * epochs / EPOCHS))
     bns = (False, True) if BN else (False,)  # TWA without and with BatchNorm statistics recomputed afterwards
     for lr, f, bn in [(lr, f, bn) for lr in TWA_LRS for f in HEADS for bn in bns]:
-            head = round(f * epochs)
-            r = run_twa(reg["checkpoints"][:head + 1], train,
-                        {**HEAD_TWA, "lr": lr, "epochs": twa_epochs, "bn_update": bn}, seed, test)
-            cost = head + twa_epochs
-            r.update({"stage": "head", "checkpoints": head + 1, "epochs_used": cost, "steps_used": cost * per_epoch,
-                      "seconds_used": round(head * epoch_s + r["seconds"], 1)})
-            if r["test"] is not None:
-                match = next((e + 1 for e in range(epochs) if reg["test"][e] >= r["test"]), None)
-                r.update({"regular_epochs_to_match": match, "saved_is_lower_bound": match is None,
-                          "epochs_saved_share": round(1 - cost / (match or epochs), 4),
-                          "seconds_saved_share": round(1 - r["seconds_used"] / ((match or epochs) * epoch_s), 4)})
-            row["runs"][f"head {round(f * 100)}% lr {lr:g}" + (" + BN update" if bn else "")] = r
+        head = round(f * epochs)
+        r = run_twa(reg["checkpoints"][:head + 1], train,
+                    {**HEAD_TWA, "lr": lr, "epochs": twa_epochs, "bn_update": bn}, seed, test)
+        cost = head + twa_epochs
+        r.update({"stage": "head", "checkpoints": head + 1, "epochs_used": cost, "steps_used": cost * per_epoch,
+                  "seconds_used": round(head * epoch_s + r["seconds"], 1)})
+        if r["test"] is not None:
+            match = next((e + 1 for e in range(epochs) if reg["test"][e] >= r["test"]), None)
+            r.update({"regular_epochs_to_match": match, "saved_is_lower_bound": match is None,
+                      "epochs_saved_share": round(1 - cost / (match or epochs), 4),
+                      "seconds_saved_share": round(1 - r["seconds_used"] / ((match or epochs) * epoch_s), 4)})
+        row["runs"][f"head {round(f * 100)}% lr {lr:g}" + (" + BN update" if bn else "")] = r
     tail_n = max(1, round(TAIL_EPOCHS * epochs / EPOCHS))
     row["tail"] = tail_stage("tail", reg["checkpoints"][-tail_n:], reg["test"][-1], row["runs"], train, x, seed,
                              test, twa_epochs, bns)

@@ -32,7 +32,7 @@ from malleable.errors import InputError, RecipeError, reason
 from malleable.evaluate.continual import summary
 from malleable.io.atomic import atomic_dir
 from malleable.recipes.continual import TaskStreamRecipe
-from malleable.learn.checkpoint import check_same_recipe, run_folder
+from malleable.learn.checkpoint import check_same_recipe, latest_checkpoint, run_folder
 from malleable.report import run_fields, write_report
 
 SCHEMA = "malleable.continual.tasks/1"
@@ -141,22 +141,22 @@ def _checkpoint(run_dir: Path, step: int, model, method: AdapterStrategy, state:
 
 def _resume(run_dir: Path, recipe_json: dict, model, method: AdapterStrategy, total: int) -> tuple[int, dict]:
     """(tasks done, the rows so far) from the newest finished step; (0, {}) when there is none."""
-    found = sorted(p for p in run_dir.glob(f"{STEP}*") if (p / "state.json").is_file())
-    if not found:
+    found = latest_checkpoint(run_dir, STEP)
+    if found is None:
         return 0, {}
     check_same_recipe(run_dir, recipe_json)
     try:
-        step = int(found[-1].name[len(STEP):])
+        step = int(found.name[len(STEP):])
         if not 0 < step <= total:
             raise ValueError(f"step {step} outside 1..{total}")
-        tensors = load_file(found[-1] / "state.safetensors")
+        tensors = load_file(found / "state.safetensors")
         with torch.no_grad():
             for k, p in adapter_params(model).items():
                 p.copy_(tensors.pop(f"adapter.{k}"))
         method.load_state(tensors, model)
-        state = json.loads((found[-1] / "state.json").read_text())
+        state = json.loads((found / "state.json").read_text())
     except Exception as e:  # safetensors, json, torch and a strategy each raise their own types
-        raise InputError(f"{found[-1]}: damaged checkpoint, cannot resume ({reason(e, typed=True)}); "
+        raise InputError(f"{found}: damaged checkpoint, cannot resume ({reason(e, typed=True)}); "
                          "--force starts over") from None
     return step, state
 
@@ -195,6 +195,9 @@ def run_tasks(recipe: TaskStreamRecipe, out: str | Path, *, force: bool = False,
                      e.batch_size)
     pad = tokenizer.pad_token_id
 
+    def batch(items: list) -> dict:
+        return collate(items, pad)
+
     device = make_accelerator(recipe.training.mixed_precision).device
     model = load_model(recipe.model, "causal_lm", pad, trust=trust).to(device)
     set_seed(recipe.seed)
@@ -219,9 +222,9 @@ def run_tasks(recipe: TaskStreamRecipe, out: str | Path, *, force: bool = False,
         # `passes` scales a fixed number of steps (joint: steps x tasks); epochs already run over all the items
         steps = BatchPlan(recipe.training, 1, len(items)).steps * (passes if recipe.training.steps else 1)
         training = recipe.training.model_copy(update={"steps": steps, "epochs": None})
-        history = fit(model, method, items, lambda b: collate(b, pad), [_units(y) for _, y in items], training,
+        history = fit(model, method, items, batch, [_units(y) for _, y in items], training,
                       recipe.seed * 1_009 + t, progress=progress, desc=f"task {t + 1}/{len(names)} {recipe.method}")
-        method.end_task(model, t, train[names[t]], lambda b: collate(b, pad))
+        method.end_task(model, t, train[names[t]], batch)
         trained = time.perf_counter()
         with method.evaluating(model):
             state["rows"].append(scorer.row(model))

@@ -123,9 +123,10 @@ def check_same_recipe(run_dir: Path, recipe_json: dict) -> None:
         raise RecipeError(f"{run_dir}: its checkpoints come from a different recipe (--force starts over)")
 
 
-def latest_checkpoint(directory: Path) -> Path | None:
-    """The newest complete checkpoint (an interrupted write is a hidden temporary directory, never listed)."""
-    found = sorted(p for p in directory.glob(f"{PREFIX}*") if (p / "state.json").is_file())
+def latest_checkpoint(directory: Path, prefix: str = PREFIX) -> Path | None:
+    """The newest complete checkpoint named `prefix` + step (an interrupted write is a hidden temporary
+    directory, never listed)."""
+    found = sorted(p for p in directory.glob(f"{prefix}*") if (p / "state.json").is_file())
     return found[-1] if found else None
 
 
