@@ -101,6 +101,9 @@ def test_inc_lora_stacks_the_task_adapters(tiny_lm, files, tmp_path):
 
 
 def test_o_lora_penalty_is_the_authors_term():
+    """Transcribed from the authors' trainer (github cmnfriend/O-LoRA, the `orthogonal_loss` and `l2_loss` terms
+    of its training step): sum over modules of |A_old @ A_new^T|.sum(), and the Frobenius norm of every new
+    factor, weighted by lambda_1 and lambda_2."""
     import peft
     from transformers import LlamaConfig, LlamaForCausalLM
 
