@@ -368,7 +368,7 @@ def markdown(result: dict) -> str:
               f"average before {result['loadavg_before']}, after {result['loadavg_after']}, at each seed's start "
               f"{[r['loadavg_start'] for r in result['rows']]} (the seconds are indicative only). Median regular "
               f"epoch {statistics.median(r['regular']['epoch_seconds_median'] for r in result['rows'])} s. Peak "
-              f"RSS {result['peak_rss_mb']} MB; wall {result['wall_s']} s.", "", "Verdict: " + result["verdict"], ""]
+              f"RSS {result['peak_rss_mb']} MB; wall {result['wall_s']} s (summed over the invocations that ran the seeds).", "", "Verdict: " + result["verdict"], ""]
     return "\n".join(lines)
 
 
@@ -382,6 +382,8 @@ def main() -> None:
     ap.add_argument("--batchnorm", action="store_true", help="the CNN with BatchNorm (TWA and SWA with and "
                     "without the BatchNorm statistics recomputed)")
     ap.add_argument("--swa-schedule", action="store_true", help="also the tail stage under SWA's own schedule")
+    ap.add_argument("--add-seeds", action="store_true", help="keep the seeds already in the .json and run only "
+                    "the missing ones (same settings), e.g. a third seed after two")
     args = ap.parse_args()
     global BN, SWA_SCHEDULE
     BN, SWA_SCHEDULE = args.batchnorm, args.swa_schedule
@@ -392,8 +394,16 @@ def main() -> None:
         before, start = loadavg(), time.perf_counter()
         full = load_fashion_mnist("train")
         test = load_fashion_mnist("test").examples()
-        rows = []
+        rows, earlier = [], None
+        if args.add_seeds:
+            earlier = json.loads((RESULTS_DIR / f"{args.out}.json").read_text())
+            rows = earlier["rows"]
+            if (earlier["settings"]["epochs"], earlier["settings"]["train_n"], earlier["settings"]["batchnorm"],
+                    earlier["settings"]["swa_schedule"]) != (args.epochs, args.train_n, BN, SWA_SCHEDULE):
+                raise SystemExit(f"{args.out}.json was run with other settings; rerun it whole")
         for seed in range(args.seeds):
+            if any(r["seed"] == seed for r in rows):
+                continue
             rows.append(one_seed(seed, full.images, full.labels, test, args.epochs, args.train_n))
             r = rows[-1]
             print(f"seed {seed}: regular final {r['regular']['final']:.2f} best {r['regular']['best']:.2f}, "
@@ -401,15 +411,17 @@ def main() -> None:
                   + f", tail SWA {r['tail']['swa']['test']:.2f}"
                   + (f", swa-schedule tail SWA {r['swa_tail']['swa']['test']:.2f}" if "swa_tail" in r else ""),
                   flush=True)
-        result = {"benchmark": "twa_stages", "machine": machine(), "loadavg_before": before,
-                  "loadavg_after": loadavg(), "wall_s": round(time.perf_counter() - start, 1),
-                  "peak_rss_mb": peak_rss_mb(),
+        wall = round(time.perf_counter() - start, 1)
+        result = {"benchmark": "twa_stages", "machine": machine(),
+                  "loadavg_before": earlier["loadavg_before"] if earlier else before,
+                  "loadavg_after": loadavg(), "wall_s": wall + (earlier["wall_s"] if earlier else 0),
+                  "peak_rss_mb": max(peak_rss_mb(), earlier["peak_rss_mb"] if earlier else 0),
                   "settings": {"epochs": args.epochs, "train_n": args.train_n, "batch": BATCH, "lr": LR, "momentum": MOMENTUM,
                                "wd": WD, "milestones": MILESTONES, "heads": HEADS,
                                "twa_epochs": max(1, round(TWA_EPOCHS * args.epochs / EPOCHS)),
                                "tail_epochs": max(1, round(TAIL_EPOCHS * args.epochs / EPOCHS)),
                                "head_twa": HEAD_TWA, "tail_twa": TAIL_TWA, "twa_lrs": TWA_LRS,
-                               "seeds": list(range(args.seeds)), "batchnorm": BN, "swa_schedule": SWA_SCHEDULE},
+                               "seeds": sorted(r["seed"] for r in rows), "batchnorm": BN, "swa_schedule": SWA_SCHEDULE},
                   "rows": rows}
     result["summary"] = summarise(result["rows"])
     result["verdict"] = verdict(result["summary"])
