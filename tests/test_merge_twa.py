@@ -4,12 +4,12 @@ step, the `malleable merge` path with data, and bad input."""
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 import torch
 import yaml
-from conftest import TINY, save_finetune, tiny_llama, tiny_tokenizer, toy_records, tree_digest, write_jsonl
+from conftest import (TINY, make_adapter, save_finetune, tiny_llama, tiny_tokenizer, toy_records, tree_digest,
+                      write_jsonl)
 from typer.testing import CliRunner
 
 from malleable.cli import app
@@ -301,25 +301,67 @@ def test_bn_update_recomputes_batchnorm_statistics(cnns):
     assert torch.allclose(fresh.state["1.running_mean"], expected, atol=1e-4)
 
 
-def test_merge_cli_averages_lora_adapters(adapters, models, tmp_path):
-    """Adapters of one shape: only their factors are averaged; the output is a PEFT adapter on the same base."""
+@pytest.fixture(scope="module")
+def lora_work(models, tmp_path_factory):
+    """Three rank-4 adapters on the tiny base (the first with a tokenizer: learn's data needs one), and data."""
+    root = tmp_path_factory.mktemp("twa_lora")
+    paths = [make_adapter(models["base"], root / f"lora{i}", seed=400 + i) for i in range(3)]
+    tiny_tokenizer().save_pretrained(paths[0])
+    write_jsonl(root / "train.jsonl", toy_records(16, seed=0))
+    write_jsonl(root / "val.jsonl", toy_records(8, seed=0))
+    return root, paths
+
+
+def test_merge_cli_averages_lora_adapters(lora_work, models, tmp_path):
+    """Adapters of one shape: only their factors are averaged, each adapter read into one model on the base (not
+    a copy of the base per adapter), and the result is what TWA gives on the adapters loaded whole; the output is
+    a PEFT adapter on the same base, and the inputs are untouched."""
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    import shutil
+    from malleable.learn.data import collate, load_examples
+    from malleable.models.checkpoints import load_model, load_tokenizer
+    from malleable.recipes.learn import DataSpec
 
-    root, paths = tmp_path, []
-    for name in ("lora0", "lora1"):  # copies: the session's adapters stay as they are
-        paths.append(Path(shutil.copytree(adapters[name], tmp_path / name)))
-        tiny_tokenizer().save_pretrained(paths[-1])  # learn's data needs a tokenizer beside the first input
-    write_jsonl(root / "train.jsonl", toy_records(16, seed=0))
-    write_jsonl(root / "val.jsonl", toy_records(8, seed=0))
+    root, paths = lora_work
+    before = [tree_digest(p) for p in paths]
     r = recipe(root, paths)
     result = invoke(root, r, tmp_path / "out")
     assert result.exit_code == 0, result.output
     merged = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(models["base"]), tmp_path / "out")
     lora = {k: v for k, v in merged.state_dict().items() if "lora_" in k}
     assert lora and json.loads((tmp_path / "out" / "report.json").read_text())["twa"]["blocks"] == len(lora)
+    assert [tree_digest(p) for p in paths] == before
+
+    tokenizer = load_tokenizer(paths[0])  # the oracle: every adapter loaded whole, on its own copy of the base
+    whole = [load_model(p, "causal_lm", tokenizer.pad_token_id) for p in paths]
+    items = load_examples(root / "val.jsonl", DataSpec(train=root / "train.jsonl"), tokenizer).items
+    expected = twa(whole, whole[0], items, collate=lambda b: collate(b, tokenizer.pad_token_id), form="twa_v",
+                   parameters=r["parameters"], seed=0)
+    for k, v in lora.items():
+        assert torch.allclose(v, expected.state[k], atol=1e-6), k
+    assert not torch.allclose(lora[next(iter(lora))], whole[0].state_dict()[next(iter(lora))])
+
+
+def test_merge_cli_refuses_adapters_that_do_not_average(lora_work, models, tmp_path):
+    """An adapter of another scale, rank or base, or a full checkpoint beside adapters: one line naming the input."""
+    import shutil
+
+    root, paths = lora_work
+    alpha = make_adapter(models["base"], tmp_path / "alpha", seed=9, alpha=16)
+    rank = make_adapter(models["base"], tmp_path / "rank", seed=9, r=8)
+    other = tmp_path / "other-base"
+    shutil.copytree(models["base"], other)
+    moved = make_adapter(other, tmp_path / "moved", seed=9)
+    cases = [(alpha, "lora_alpha 16"), (rank, "has r 8"), (moved, "adapter for base model"),
+             (models["base"], "mixes full checkpoints with LoRA adapters")]
+    for odd, mentions in cases:
+        out = tmp_path / "out"
+        result = invoke(root, recipe(root, [paths[0], odd]), out)
+        assert result.exit_code == 2, (mentions, result.output, result.exception)
+        assert result.stderr.count("\n") == 1 and mentions in result.stderr, \
+            (mentions, result.stderr)
+        assert not out.exists()
 
 
 def test_tied_weights_stay_tied():

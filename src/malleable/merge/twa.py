@@ -52,7 +52,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from malleable.errors import InputError, RecipeError
+from malleable.errors import InputError, RecipeError, reason
 from malleable.learn.registry import Method
 from malleable.merge.registry import merge_rule
 from malleable.params import Param, check_params
@@ -486,14 +486,16 @@ def run_plan(plan, out, force: bool = False, progress: bool = True) -> dict:
     tokenizer = load_tokenizer(paths[0], trust)
     examples = load_examples(path, spec, tokenizer)
     task = "classification" if examples.format == "text_label" else "causal_lm"
-    models = [load_model(x, task, tokenizer.pad_token_id, trust=trust) for x in paths]
-    template = models[0]
+    template = load_model(paths[0], task, tokenizer.pad_token_id, trust=trust)
+    models = (adapter_states(template, paths, trust) if is_adapter(paths[0])
+              else [template] + [load_model(x, task, tokenizer.pad_token_id, trust=trust) for x in paths[1:]])
     if task == "classification" and template.config.num_labels != len(examples.labels):
         raise InputError(f"{paths[0]}: a classifier with {template.config.num_labels} classes, but {path} has "
                          f"{len(examples.labels)} labels")
     result = twa(models, template, examples.items, collate=lambda items: collate_tokens(items, tokenizer.pad_token_id),
                  form=form, parameters=p, seed=r.seed, progress=progress)
-    template.load_state_dict(result.state)
+    unexpected = template.load_state_dict(result.state, strict=not is_adapter(paths[0])).unexpected_keys
+    assert not unexpected, unexpected  # the averaged names are the template's own
     report = {
         "schema": "malleable.merge/1", "method": form, "parameters": p,
         "inputs": [str(x) for x in paths], "output": {"path": str(out), "kind": plan.output_kind},
@@ -516,6 +518,53 @@ def run_plan(plan, out, force: bool = False, progress: bool = True) -> dict:
             f"- final training loss: {last.get('loss')}", f"- wall time {report['wall_time_s']} s, "
             f"peak RSS {report['peak_rss_mb']} MB", f"- output: `{out}`", ""]))
     return report
+
+
+# what makes two LoRA adapters the same function of their factors: averaging factors of adapters that differ here
+# (a scale, a target, a DoRA magnitude) would mix unlike things
+ADAPTER_KEYS = ("r", "lora_alpha", "target_modules", "use_rslora", "use_dora", "rank_pattern", "alpha_pattern",
+                "modules_to_save", "fan_in_fan_out", "bias", "layers_to_transform")
+
+
+def is_adapter(path) -> bool:
+    from malleable.models.checkpoints import checkpoint_base
+
+    return checkpoint_base(path)[1]
+
+
+def adapter_states(template: nn.Module, paths: list, trust) -> list[dict[str, torch.Tensor]]:
+    """Every adapter's factors under `template`'s names (a PEFT model holding paths[0]): each adapter is loaded
+    into the one template in turn and its trainable tensors copied, so the base is held once, not once per input
+    (eight adapters of SmolLM2 would otherwise hold eight copies of its 135M weights). The merge planner has
+    checked that every input is an adapter on one base; here they must also share the settings in ADAPTER_KEYS."""
+    from peft.utils import load_peft_weights, set_peft_model_state_dict
+
+    from malleable.io.checkpoint import read_json
+    from malleable.models.checkpoints import ADAPTER_CONFIG, check_model_folder
+
+    config0 = read_json(paths[0] / ADAPTER_CONFIG)
+    first = {n: t.detach().clone() for n, t in template.named_parameters() if t.requires_grad}
+    states = [first]
+    for i, path in enumerate(paths[1:], 1):
+        check_model_folder(path, trust)
+        config = read_json(path / ADAPTER_CONFIG)
+        for key in ADAPTER_KEYS:
+            if config.get(key) != config0.get(key):
+                raise InputError(f"inputs[{i}]: {path / ADAPTER_CONFIG} has {key} {config.get(key)!r}, inputs[0]'s "
+                                 f"{config0.get(key)!r} (adapters of one shape and scale are averaged)")
+        try:
+            loaded = set_peft_model_state_dict(template, load_peft_weights(str(path)))
+        except RuntimeError as e:  # torch's size-mismatch report: its first line names the tensor
+            raise InputError(f"inputs[{i}]: {path} does not fit inputs[0]'s adapter ({reason(e)})") from None
+        if loaded.unexpected_keys:
+            raise InputError(f"inputs[{i}]: tensor '{loaded.unexpected_keys[0]}' of {path} is not in inputs[0]'s "
+                             "adapter")
+        states.append({n: t.detach().clone() for n, t in template.named_parameters() if t.requires_grad})
+    with torch.no_grad():  # the template back to inputs[0]
+        for n, t in template.named_parameters():
+            if n in first:
+                t.copy_(first[n])
+    return states
 
 
 @merge_rule("twa", space="learned", params=PARAMS, uses_base=False)
