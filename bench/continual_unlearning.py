@@ -44,7 +44,8 @@ from malleable.recipes.continual import parse_continual_recipe  # noqa: E402
 NAME = "continual_unlearning"
 STREAM = [{"learn": {"classes": [0, 1]}}, {"learn": {"classes": [2, 3]}}, {"forget": {"classes": [1]}},
           {"learn": {"classes": [4, 5]}}, {"forget": {"step": 2}}, {"learn": {"classes": [6, 7]}}]
-METRICS = ("UA", "RA", "TA", "MIA")
+METRICS = ("UA", "RA", "TA", "MIA")  # the protocol's four, percent; their mean gap is "avg"
+SCORES = (*METRICS, "MIA_AUC")  # and the membership AUC (0-1) of forgotten against unseen images of their classes
 ARMS = {
     "ug_clu": ("ug_clu", {}),
     "er + npo": ("er", {"objective": "npo"}),
@@ -101,32 +102,33 @@ def aggregate(runs: list[dict]) -> dict:
                 at = [r["forget_steps"][k] for r in rows]
                 per_step.append({
                     "step": first["step"], "request": first["request"],
-                    "before": {m: ci([a["before"][m] for a in at]) for m in METRICS},
-                    "method": {m: ci([a["method"][m] for a in at]) for m in METRICS},
-                    "retrain": {m: ci([a["retrain"][m] for a in at]) for m in METRICS},
-                    "gap": {m: ci([a["gap"][m] for a in at]) for m in (*METRICS, "avg")},
+                    "before": {m: ci([a["before"][m] for a in at]) for m in SCORES},
+                    "method": {m: ci([a["method"][m] for a in at]) for m in SCORES},
+                    "retrain": {m: ci([a["retrain"][m] for a in at]) for m in SCORES},
+                    "gap": {m: ci([a["gap"][m] for a in at]) for m in (*SCORES, "avg")},
                     "time_ratio_median": median([a["time_ratio"] for a in at]),
                     "seconds_median": median([a["method"]["seconds"] for a in at]),
                     "retrain_seconds_median": median([a["retrain"]["seconds"] for a in at])})
             out.setdefault(scenario, {})[arm] = {
                 "forget_steps": per_step, "final_average_accuracy": ci([r["final_average_accuracy"] for r in rows]),
                 "seeds": [r["seed"] for r in rows]}
-        if scenario in out and "ug_clu" in out[scenario]:  # paired by seed: ug_clu's avg gap minus each baseline's
+        if scenario in out and "ug_clu" in out[scenario]:  # paired by seed: ug_clu's gaps minus each baseline's
             mine = {r["seed"]: r for r in runs if r["scenario"] == scenario and r["arm"] == "ug_clu"}
             for arm in ARMS:
                 theirs = {r["seed"]: r for r in runs if r["scenario"] == scenario and r["arm"] == arm}
                 seeds = sorted(set(mine) & set(theirs))
                 if arm == "ug_clu" or len(seeds) < 2:
                     continue
-                out[scenario].setdefault("paired", {})[f"ug_clu - {arm}"] = [
-                    paired_t([theirs[s]["forget_steps"][k]["gap"]["avg"] for s in seeds],
-                             [mine[s]["forget_steps"][k]["gap"]["avg"] for s in seeds])
-                    for k in range(len(mine[seeds[0]]["forget_steps"]))]
+                for gap, key in (("avg", "paired"), ("MIA_AUC", "paired_auc")):
+                    out[scenario].setdefault(key, {})[f"ug_clu - {arm}"] = [
+                        paired_t([theirs[s]["forget_steps"][k]["gap"][gap] for s in seeds],
+                                 [mine[s]["forget_steps"][k]["gap"][gap] for s in seeds])
+                        for k in range(len(mine[seeds[0]]["forget_steps"]))]
     return out
 
 
-def _ci(c: dict) -> str:
-    return f"{fmt(c['mean'], 1)} [{fmt(c['lo'], 1)}, {fmt(c['hi'], 1)}]"
+def _ci(c: dict, nd: int = 1) -> str:
+    return f"{fmt(c['mean'], nd)} [{fmt(c['lo'], nd)}, {fmt(c['hi'], nd)}]"
 
 
 def markdown(data: dict) -> str:
@@ -139,7 +141,9 @@ def markdown(data: dict) -> str:
              f"same initial weights. Seeds {s['seeds']}, paired, interleaved. Mean and 95% t-interval over seeds, "
              "percent. UA = 100 - accuracy on the images forgotten at that step, RA = accuracy on the learned and not "
              "forgotten training images, TA = test accuracy on the classes that should be known, MIA = SalUn's "
-             "MIA-efficacy; gap = |method - retrain|, avg = mean of the four (lower is better). Time = the forget "
+             "MIA-efficacy; AUC = the membership AUC of the true label's probability, the forgotten images against "
+             "their classes' test images (0.5: they look unseen; 0-1); gap = |method - retrain|, avg = mean of the "
+             "four percent gaps (lower is better), AUC gap beside it. Time = the forget "
              "step's wall time over the retrain's (median). Before: the method's model as its learn steps left it, on "
              "the same sets (mean), which separates what the online learner lost on its own from what the forget "
              "step did."]
@@ -147,36 +151,42 @@ def markdown(data: dict) -> str:
         name = {"digits": "split digits (all 1,797 images)",
                 "fashion_mnist": "split Fashion-MNIST, REDUCED (200 training, 200 test images per class)"}[scenario]
         lines += ["", f"## {name}", ""]
-        lines += ["| forget step | arm | UA | RA | TA | MIA | avg gap | gap UA / RA / TA / MIA | time / retrain | "
-                  "before: UA / RA |", "|---|---|---|---|---|---|---|---|---|---|"]
-        steps = next(iter(a for k, a in arms.items() if k != "paired"))["forget_steps"]
+        lines += ["| forget step | arm | UA | RA | TA | MIA | AUC | avg gap | AUC gap | gap UA / RA / TA / MIA | "
+                  "time / retrain | before: UA / RA / AUC |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+        steps = next(iter(a for k, a in arms.items() if not k.startswith("paired")))["forget_steps"]
         for k, first in enumerate(steps):
             req = ", ".join(f"{a} {b}" for a, b in first["request"].items())
             gold = first["retrain"]
             lines.append(f"| {first['step']} ({req}) | retrain | " + " | ".join(_ci(gold[m]) for m in METRICS)
-                         + f" | 0 | - | 1 ({fmt(first['retrain_seconds_median'], 2)} s) | - |")
+                         + f" | {_ci(gold['MIA_AUC'], 3)} | 0 | 0 | - | 1 ({fmt(first['retrain_seconds_median'], 2)} s) "
+                         "| - |")
             for arm, row in arms.items():
-                if arm == "paired":
+                if arm.startswith("paired"):
                     continue
                 f = row["forget_steps"][k]
                 lines.append(f"| | {arm} | " + " | ".join(_ci(f["method"][m]) for m in METRICS)
-                             + f" | {_ci(f['gap']['avg'])} | "
+                             + f" | {_ci(f['method']['MIA_AUC'], 3)} | {_ci(f['gap']['avg'])} | "
+                             + f"{_ci(f['gap']['MIA_AUC'], 3)} | "
                              + " / ".join(fmt(f["gap"][m]["mean"], 1) for m in METRICS)
                              + f" | {fmt(f['time_ratio_median'], 3)} | {fmt(f['before']['UA']['mean'], 1)} / "
-                             f"{fmt(f['before']['RA']['mean'], 1)} |")
+                             f"{fmt(f['before']['RA']['mean'], 1)} / {fmt(f['before']['MIA_AUC']['mean'], 3)} |")
         lines += ["", "| arm | final average accuracy (learn rows; forgotten tasks left out) |", "|---|---|"]
-        lines += [f"| {arm} | {_ci(row['final_average_accuracy'])} |" for arm, row in arms.items() if arm != "paired"]
-        if arms.get("paired"):
-            lines += ["", "Paired (same seed) difference of the avg gap, ug_clu minus the baseline (negative: ug_clu "
-                      "closer to retrain):", "", "| comparison | " + " | ".join(
-                          f"step {f['step']}" for f in steps) + " |", "|---" * (len(steps) + 1) + "|"]
-            lines += [f"| {name} | " + " | ".join(_ci(d) for d in diffs) + " |" for name, diffs in arms["paired"].items()]
+        lines += [f"| {arm} | {_ci(row['final_average_accuracy'])} |" for arm, row in arms.items()
+                  if not arm.startswith("paired")]
+        for key, what, nd in (("paired", "avg gap", 1), ("paired_auc", "AUC gap", 3)):
+            if arms.get(key):
+                lines += ["", f"Paired (same seed) difference of the {what}, ug_clu minus the baseline (negative: "
+                          "ug_clu closer to retrain):", "", "| comparison | " + " | ".join(
+                              f"step {f['step']}" for f in steps) + " |", "|---" * (len(steps) + 1) + "|"]
+                lines += [f"| {name} | " + " | ".join(_ci(d, nd) for d in diffs) + " |"
+                          for name, diffs in arms[key].items()]
     cells = [f["method"]["MIA"] for r in data["runs"] for f in r["forget_steps"]] + [
         f["retrain"]["MIA"] for r in data["runs"] for f in r["forget_steps"]]
     lines += ["", f"MIA-efficacy was exactly 0 or 100 in {sum(v in (0.0, 100.0) for v in cells)} of {len(cells)} "
               "(run, forget step) scores, method and retrain alike: the SVC on the one confidence feature calls "
               "every forgotten image a member or every one a non-member, so the MIA gap is 0 or 100 per run and "
-              "dominates the avg gap; the RA and TA gaps carry the comparison."]
+              "dominates the avg gap; the RA and TA gaps carry that comparison, and the AUC is the continuous "
+              "membership measure."]
     loads = [r["loadavg_before"][0] for r in data["runs"]] + [r["loadavg_after"][0] for r in data["runs"]]
     m = data["machine"]
     lines += ["", f"Machine: {m['cpu']}, {m['cores']} cores, torch {m['versions']['torch']}, git "
@@ -188,7 +198,7 @@ def markdown(data: dict) -> str:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--seeds", type=int, default=3)
+    p.add_argument("--seeds", type=int, default=5)
     p.add_argument("--scenarios", nargs="+", default=list(SCENARIOS), choices=list(SCENARIOS))
     p.add_argument("--arms", nargs="+", default=list(ARMS), choices=list(ARMS))
     p.add_argument("--forget-steps", type=int, default=60)

@@ -96,7 +96,10 @@ def test_forgotten_examples_leave_the_buffer_and_the_report_has_the_gap(er_run):
                                                                                          for k in (2, 4, 5)]
     assert rows[0]["buffer_dropped"] > 0 and rows[0]["unlearn"]["objective"] == "npo"
     for f in rows:
-        assert set(f["gap"]) == {"UA", "RA", "TA", "MIA", "avg"} and f["gap"]["avg"] >= 0
+        assert set(f["gap"]) == {"UA", "RA", "TA", "MIA", "MIA_AUC", "avg"} and f["gap"]["avg"] >= 0
+        assert f["gap"]["avg"] == pytest.approx(sum(f["gap"][k] for k in ("UA", "RA", "TA", "MIA")) / 4, abs=1e-3)
+        assert f["gap"]["MIA_AUC"] == pytest.approx(abs(f["method"]["MIA_AUC"] - f["retrain"]["MIA_AUC"]), abs=1e-3)
+        assert f["sizes"]["holdout"] > 0 and 0 <= f["method"]["MIA_AUC"] <= 1
         assert f["time_ratio"] == pytest.approx(f["method"]["seconds"] / f["retrain"]["seconds"], rel=1e-2)
         assert f["retrain"]["examples"] == f["sizes"]["retain"]
     assert rows[0]["retrain"]["UA"] == 100.0  # never saw class 1: gets none of it right
@@ -105,6 +108,30 @@ def test_forgotten_examples_leave_the_buffer_and_the_report_has_the_gap(er_run):
     assert report["learn_rows"] == [0, 1, 2, 4] and report["metrics"]["average_accuracy"] is not None
     md = (out / "report.md").read_text()
     assert "| 5 | step 2 |" in md and "avg gap" in md and "forgotten" in md and "time / retrain" in md
+    assert "AUC gap" in md
+
+
+def test_the_membership_auc_ranks_forgotten_against_unseen_images():
+    """MIA_AUC on a model whose true-label probability is set by hand: every forgotten image above every holdout
+    image gives 1, below gives 0, and the same probabilities give 0.5."""
+    from malleable.evaluate.unlearning import classifier_scores
+
+    class Fixed(torch.nn.Module):  # logits [x, 0]: the class-0 probability is sigmoid(x)
+        def __init__(self):
+            super().__init__()
+            self.unused = torch.nn.Parameter(torch.zeros(1))  # predict_proba reads the device from a parameter
+
+        def forward(self, x):
+            return torch.cat([x.reshape(len(x), -1)[:, :1], torch.zeros(len(x), 1)], dim=1)
+
+    def images(values):
+        return [(torch.full((1, 2, 2), float(v)), 0) for v in values]
+
+    rest = {"retain": images([3, 4, 5, 6]), "test": images([-1, 0, 1, 2])}
+    for forget, holdout, auc in (([3, 4], [0, 1, 2], 1.0), ([0, 1], [3, 4, 5], 0.0), ([1, 2], [1, 2], 0.5)):
+        scores = classifier_scores(Fixed(), {**rest, "forget": images(forget), "holdout": images(holdout)})
+        assert scores["MIA_AUC"] == pytest.approx(auc), (forget, holdout)
+    assert "MIA_AUC" not in classifier_scores(Fixed(), {**rest, "forget": images([1])})
 
 
 def test_the_retrain_never_sees_a_forgotten_image(tmp_path, monkeypatch):

@@ -352,28 +352,33 @@ def _num(v, nd: int = 2) -> str:
     return "-" if v is None else f"{v:.{nd}f}"
 
 
+CELLS = ("UA", "RA", "TA", "MIA", "MIA_AUC")
+
+
 def forget_table(rows: list[dict]) -> list[str]:
     """The per-forget-step table: the method vs the retrained gold standard, the gap and the times."""
     if not rows:
         return []
     gold = "retrain" in rows[0]
-    head = "| step | request | forgotten | UA before | UA | RA | TA | MIA |" + (
-        " UA retrain | RA retrain | TA retrain | MIA retrain | avg gap | seconds | retrain s | time / retrain |"
-        if gold else " seconds |")
+    head = "| step | request | forgotten | UA before | UA | RA | TA | MIA | MIA AUC |" + (
+        " UA retrain | RA retrain | TA retrain | MIA retrain | MIA AUC retrain | avg gap | AUC gap | seconds | "
+        "retrain s | time / retrain |" if gold else " seconds |")
     lines = ["", "Forget steps (UA = 100 - accuracy on the images forgotten at that step, RA = accuracy on the "
              "learned and not forgotten training images, TA = test accuracy on the classes that should be known, "
-             "MIA = SalUn's MIA-efficacy on the forgotten images; percent; UA before: the model as the learn "
-             "steps left it):", "", head,
+             "MIA = SalUn's MIA-efficacy on the forgotten images; percent; MIA AUC = membership AUC of the true "
+             "label's probability, forgotten images against their classes' test images, 0.5 = they look unseen; "
+             "avg gap = mean of the four percent gaps; UA before: the model as the learn steps left it):", "", head,
              "|---" * (head.count("|") - 1) + "|"]
     for f in rows:
         m = f["method"]
         req = ", ".join(f"{a} {b}" for a, b in f["request"].items())
         cells = [str(f["step"]), req, str(f["forgotten"]), _num(f.get("before", {}).get("UA"))] + [
-            _num(m[k]) for k in ("UA", "RA", "TA", "MIA")]
+            _num(m.get(k), 3 if k == "MIA_AUC" else 2) for k in CELLS]
         if gold:
             g = f["retrain"]
-            cells += [_num(g[k]) for k in ("UA", "RA", "TA", "MIA")] + [
-                _num(f["gap"]["avg"]), _num(m["seconds"]), _num(g["seconds"]), _num(f["time_ratio"], 3)]
+            cells += [_num(g.get(k), 3 if k == "MIA_AUC" else 2) for k in CELLS] + [
+                _num(f["gap"]["avg"]), _num(f["gap"].get("MIA_AUC"), 3), _num(m["seconds"]), _num(g["seconds"]),
+                _num(f["time_ratio"], 3)]
         else:
             cells.append(_num(m["seconds"]))
         lines.append("| " + " | ".join(cells) + " |")

@@ -15,7 +15,9 @@ The engine (continual/engine.py) calls `forget_step` for every `{forget: ...}` s
    reports too: the SalUn / SFR-on table): UA = 100 - accuracy on this step's forgotten training images,
    RA = accuracy on the learned and not forgotten training images, TA = test accuracy on the classes that should
    be known (learned, with a training image left), MIA = SalUn's MIA-efficacy on the forgotten images (shadow
-   members: remaining training images; non-members: those test images; at most `evaluate.mia_max_shadow` each);
+   members: remaining training images; non-members: those test images; at most `evaluate.mia_max_shadow` each),
+   and MIA_AUC = the membership AUC of the true label's probability, forgotten images against the test images of
+   their classes (0.5: they look unseen; continuous where SalUn's SVC vote is 0 or 100 on an online learner);
 4. the gold standard (`evaluate.retrain` forget_steps or every_step): a model from the stream's own initial
    weights (the same seed), trained offline on every learned and not forgotten example as `joint` trains (SGD
    at training.lr and training.batch_size, shuffled, `evaluate.retrain_epochs` passes, through forget's `fit`),
@@ -53,27 +55,32 @@ def known_test(tasks: list[Task], known: set[int]) -> list[Example]:
 
 
 def split(now: Resolved, lookup: dict[int, Example], tasks: list[Task], forgotten_ids: list[int]) -> dict:
-    """The protocol's sets at a step: forget (`forgotten_ids`), retain (learned, not forgotten), test (known)."""
+    """The protocol's sets at a step: forget (`forgotten_ids`), retain (learned, not forgotten), test (known),
+    holdout (the test images of the forgotten images' classes: never trained on, the membership AUC's non-members)."""
     retain = [lookup[j] for j in sorted(now.learned)]
-    known = {y for _, y in retain}
-    return {"forget": [lookup[j] for j in forgotten_ids], "retain": retain, "test": known_test(tasks, known)}
+    forget = [lookup[j] for j in forgotten_ids]
+    return {"forget": forget, "retain": retain, "test": known_test(tasks, {y for _, y in retain}),
+            "holdout": known_test(tasks, {y for _, y in forget})}
 
 
 def metrics(model: torch.nn.Module, sets: dict, max_shadow: int) -> dict:
-    """UA, RA, TA, MIA (percent) of the protocol; UA and MIA are None when nothing is forgotten yet."""
+    """UA, RA, TA, MIA (percent) of the protocol and MIA_AUC (0-1); UA and the MIAs are None when nothing is
+    forgotten yet."""
     if sets["forget"]:
         return {k: round(v, 4) for k, v in classifier_scores(model, sets, max_shadow).items()}
     from malleable.evaluate.classification import accuracy
 
     return {"UA": None, "RA": round(accuracy(model, sets["retain"]), 4),
-            "TA": round(accuracy(model, sets["test"]), 4), "MIA": None}
+            "TA": round(accuracy(model, sets["test"]), 4), "MIA": None, "MIA_AUC": None}
 
 
 def gaps(method: dict, gold: dict) -> dict:
-    """|method - retrain| per metric both have, and their mean ("avg", the protocol's Avg. Gap)."""
-    out = {k: round(abs(method[k] - gold[k]), 4) for k in METRICS
+    """|method - retrain| per metric both have, and the mean of the four percent metrics ("avg", the protocol's
+    Avg. Gap; MIA_AUC's gap is reported beside it, on its 0-1 scale)."""
+    out = {k: round(abs(method[k] - gold[k]), 4) for k in (*METRICS, "MIA_AUC")
            if method.get(k) is not None and gold.get(k) is not None}
-    out["avg"] = round(sum(out.values()) / len(out), 4) if out else None
+    four = [out[k] for k in METRICS if k in out]
+    out["avg"] = round(sum(four) / len(four), 4) if four else None
     return out
 
 

@@ -16,7 +16,7 @@ from collections.abc import Callable, Sequence
 import torch
 
 from malleable.evaluate.classification import accuracy_from_probs, predict_proba
-from malleable.evaluate.mia import efficacy_from_probs, membership_auc, min_k_score
+from malleable.evaluate.mia import efficacy_from_probs, membership_auc, mia_features, min_k_score
 from malleable.learn.loss import class_logits, is_lm, lm_logits
 
 
@@ -74,19 +74,31 @@ def classifier_scores(model: torch.nn.Module, sets: dict, max_shadow: int | None
                       feature: str = "confidence") -> dict:
     """The SalUn / SFR-on classifier table (percent) on {"forget", "retain", "test"} (image, label) lists:
     UA = 100 - forget accuracy, RA = retain accuracy, TA = test accuracy, MIA = SalUn's MIA-efficacy of the
-    forget set; each set goes through the model once. A model whose outputs are not finite (a diverged ascent)
-    scores NaN everywhere. The MIA's shadow members are the first min(len(test), max_shadow) retain examples and
-    its non-members as many test examples (SalUn uses len(test); the cap bounds the SVC's quadratic fit).
-    protocols/forget_classifier.py and `malleable continual`'s forget steps report these."""
+    forget set; each set goes through the model once. protocols/forget_classifier.py and `malleable continual`'s
+    forget steps report these.
+
+    With a "holdout" set (never-trained images of the forget set's classes) also MIA_AUC: the membership AUC of
+    the true label's probability, forget against holdout (0.5: the forgotten images look unseen). SalUn's MIA is
+    a 0/1 vote per image of an SVC fit on one feature, which on a model with little train-test gap calls all of
+    them members or none; the AUC stays continuous.
+
+    A model whose outputs are not finite (a diverged ascent) scores NaN everywhere. The MIA's shadow members are
+    the first min(len(test), max_shadow) retain examples and its non-members as many test examples (SalUn uses
+    len(test); the cap bounds the SVC's quadratic fit)."""
     n = len(sets["test"]) if max_shadow is None else min(len(sets["test"]), max_shadow)
     forget = predict_proba(model, sets["forget"])
     retain = predict_proba(model, sets["retain"])
     test = predict_proba(model, sets["test"])
     if not all(torch.isfinite(p).all() for p, _ in (forget, retain, test)):
-        return dict.fromkeys(CLASSIFIER_METRICS, float("nan"))  # the method diverged: no metric means anything
-    return {"UA": 100.0 - accuracy_from_probs(*forget), "RA": accuracy_from_probs(*retain),
-            "TA": accuracy_from_probs(*test),
-            "MIA": efficacy_from_probs((retain[0][:n], retain[1][:n]), (test[0][:n], test[1][:n]), forget, feature)}
+        # the method diverged: no metric means anything
+        return dict.fromkeys(CLASSIFIER_METRICS + (("MIA_AUC",) if sets.get("holdout") else ()), float("nan"))
+    out = {"UA": 100.0 - accuracy_from_probs(*forget), "RA": accuracy_from_probs(*retain),
+           "TA": accuracy_from_probs(*test),
+           "MIA": efficacy_from_probs((retain[0][:n], retain[1][:n]), (test[0][:n], test[1][:n]), forget, feature)}
+    if sets.get("holdout"):
+        holdout = predict_proba(model, sets["holdout"])
+        out["MIA_AUC"] = membership_auc(*(mia_features(*x, "confidence")[:, 0] for x in (forget, holdout)))
+    return out
 
 
 def gaps(result: dict, reference: dict) -> dict:
