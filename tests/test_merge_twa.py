@@ -4,6 +4,7 @@ step, the `malleable merge` path with data, and bad input."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -353,6 +354,13 @@ def test_merge_cli_refuses_adapters_that_do_not_average(lora_work, models, tmp_p
     other = tmp_path / "other-base"
     shutil.copytree(models["base"], other)
     moved = make_adapter(other, tmp_path / "moved", seed=9)
+    shuffled = Path(shutil.copytree(paths[1], tmp_path / "shuffled"))  # the same targets, listed in another order
+    config = json.loads((shuffled / "adapter_config.json").read_text())
+    first = json.loads((paths[0] / "adapter_config.json").read_text())["target_modules"]
+    config["target_modules"] = first[::-1]
+    assert len(set(first)) > 1 and config["target_modules"] != first
+    (shuffled / "adapter_config.json").write_text(json.dumps(config))
+    assert invoke(root, recipe(root, [paths[0], shuffled]), tmp_path / "fine").exit_code == 0
     cases = [(alpha, "lora_alpha 16"), (rank, "has r 8"), (moved, "adapter for base model"),
              (models["base"], "mixes full checkpoints with LoRA adapters")]
     for odd, mentions in cases:

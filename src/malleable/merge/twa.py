@@ -526,6 +526,12 @@ ADAPTER_KEYS = ("r", "lora_alpha", "target_modules", "use_rslora", "use_dora", "
                 "modules_to_save", "fan_in_fan_out", "bias", "layers_to_transform")
 
 
+def _setting(value):
+    """An adapter setting compared as a value: PEFT saves `target_modules` from a set, so two processes can list
+    the same modules in different orders."""
+    return sorted(map(str, value)) if isinstance(value, list) else value
+
+
 def is_adapter(path) -> bool:
     from malleable.models.checkpoints import checkpoint_base
 
@@ -549,7 +555,7 @@ def adapter_states(template: nn.Module, paths: list, trust) -> list[dict[str, to
         check_model_folder(path, trust)
         config = read_json(path / ADAPTER_CONFIG)
         for key in ADAPTER_KEYS:
-            if config.get(key) != config0.get(key):
+            if _setting(config.get(key)) != _setting(config0.get(key)):
                 raise InputError(f"inputs[{i}]: {path / ADAPTER_CONFIG} has {key} {config.get(key)!r}, inputs[0]'s "
                                  f"{config0.get(key)!r} (adapters of one shape and scale are averaged)")
         try:
