@@ -388,3 +388,32 @@ def test_tied_weights_stay_tied():
     assert torch.equal(result.state["lm_head.weight"], result.state["model.embed_tokens.weight"])
     mean = (models[0].model.embed_tokens.weight + models[1].model.embed_tokens.weight) / 2
     assert not torch.allclose(result.state["lm_head.weight"], mean)  # trained, and not overwritten by the mean
+
+
+def test_two_processes_follow_the_one_process_run_and_write_one_output(lm_work, tmp_path):
+    """Under torchrun (gloo, CPU) each process trains on its half of every batch: the coefficients' loss and the
+    averaged weights follow the one-process run, and the main process alone writes the output and speaks."""
+    import os
+    import subprocess
+    import sys
+
+    from safetensors.torch import load_file
+
+    root, paths = lm_work
+    (tmp_path / "r.yaml").write_text(yaml.safe_dump(recipe(root, paths)))
+    logs = {}
+    for procs in (1, 2):
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(procs), "--master_port",
+               str(29700 + os.getpid() % 200 + procs), "-m", "malleable", "merge", str(tmp_path / "r.yaml"),
+               str(tmp_path / f"out{procs}"), "-q"]
+        done = subprocess.run(cmd, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True,
+                              timeout=300)
+        assert done.returncode == 0, done.stderr[-2000:]
+        logs[procs] = done.stdout
+    one, two = (json.loads((tmp_path / f"out{n}" / "report.json").read_text()) for n in (1, 2))
+    assert two["processes"] == 2 and logs[2].count("merged ") == 1
+    assert [h["loss"] for h in two["twa"]["history"]] == pytest.approx([h["loss"] for h in one["twa"]["history"]],
+                                                                       abs=1e-5)
+    a, b = (load_file(tmp_path / f"out{n}" / "model.safetensors") for n in (1, 2))
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], rtol=1e-4, atol=1e-6)

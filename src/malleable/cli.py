@@ -94,6 +94,8 @@ def merge(
         typer.echo(describe(plan))
         return
     report = run_merge(plan, out, force=force, progress=not quiet)
+    if not report.get("main_process", True):  # a learned rule under `accelerate launch`: one process speaks
+        return
     typer.echo(f"merged {len(report['tensors'])} tensors with {report['method']} in {report['wall_time_s']} s "
                f"(peak RSS {report['peak_rss_mb']} MB)")
     typer.echo(f"output: {report['output']['path']}")

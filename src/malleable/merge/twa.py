@@ -458,9 +458,12 @@ def bn_update(template: nn.Module, state: dict[str, torch.Tensor], data: Sequenc
 def run_plan(plan, out, force: bool = False, progress: bool = True) -> dict:
     """The merge engine's hook for a learned rule: load the inputs (checkpoints, or LoRA adapters on their
     base), read the recipe's data (twa_v: its validation file; twa / twa_t: its train file), train, and write
-    the averaged model (or adapter) with its tokenizer and report, atomically."""
+    the averaged model (or adapter) with its tokenizer and report, atomically. Under `accelerate launch` or
+    torchrun every process trains its share of each batch and the main process alone writes."""
     import json
     import time
+
+    from accelerate import PartialState
 
     from malleable.io.atomic import atomic_dir, check_output
     from malleable.io.hashing import sha256_file
@@ -506,8 +509,12 @@ def run_plan(plan, out, force: bool = False, progress: bool = True) -> dict:
                 else "omitted (over 4096 values)",
                 "history": result.history},
         "wall_time_s": round(time.perf_counter() - start, 1), "peak_rss_mb": peak_rss_mb(),
-        "environment": environment(),
+        "environment": environment(), "processes": PartialState().num_processes,
+        "main_process": PartialState().is_main_process,
     }
+    if not report["main_process"]:
+        PartialState().wait_for_everyone()  # until the main process has written
+        return report
     with atomic_dir(out, force) as tmp:
         template.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
@@ -517,6 +524,7 @@ def run_plan(plan, out, force: bool = False, progress: bool = True) -> dict:
             f"- data: `{path}` ({len(examples)} examples)", f"- parameters: {json.dumps(p)}",
             f"- final training loss: {last.get('loss')}", f"- wall time {report['wall_time_s']} s, "
             f"peak RSS {report['peak_rss_mb']} MB", f"- output: `{out}`", ""]))
+    PartialState().wait_for_everyone()
     return report
 
 
