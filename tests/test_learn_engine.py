@@ -265,3 +265,46 @@ def test_epochs_and_bf16_autocast(tiny_lm, train_file, tmp_path):
     curve = losses(tmp_path / "out")
     assert report["batches"]["steps"] == 20 and report["mixed_precision"] == "bf16"
     assert curve[-1] < curve[0], curve
+
+
+def test_snapshots_are_the_model_at_their_steps_and_feed_twa(tiny_lm, train_file, tmp_path, monkeypatch):
+    """`snapshot_every`: OUT/snapshots/step-N/ is the adapter after step N (a constant-lr run of N steps gives the
+    same tensors), it survives a crash and resume unchanged, and the snapshots with the output are what
+    `merge` twa_v averages."""
+    import yaml
+
+    from malleable.learn import engine
+
+    r = recipe(tiny_lm, train_file, steps=6, snapshot_every=2, checkpoint_every=3, schedule="constant", log_every=1)
+    report = learn(r, tmp_path / "out", progress=False)
+    assert report["snapshots"] == ["snapshots/step-000002", "snapshots/step-000004"]
+    snaps = [tmp_path / "out" / s for s in report["snapshots"]]
+    learn(recipe(tiny_lm, train_file, steps=2, schedule="constant", log_every=1), tmp_path / "two", progress=False)
+    a = load_file(snaps[0] / "adapter_model.safetensors")
+    b = load_file(tmp_path / "two" / "adapter_model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert not torch.equal(a[next(iter(a))], load_file(snaps[1] / "adapter_model.safetensors")[next(iter(a))])
+
+    real = engine.batch_indices
+
+    def crash_at_step_5(step, *args):
+        if step == 5:
+            raise KeyboardInterrupt
+        return real(step, *args)
+
+    monkeypatch.setattr(engine, "batch_indices", crash_at_step_5)
+    with pytest.raises(KeyboardInterrupt):
+        learn(r, tmp_path / "resumed", progress=False)
+    monkeypatch.setattr(engine, "batch_indices", real)
+    learn(r, tmp_path / "resumed", resume=True, progress=False)
+    for s in report["snapshots"]:
+        assert tree_digest(tmp_path / "resumed" / s) == tree_digest(tmp_path / "out" / s)
+
+    write_jsonl(tmp_path / "val.jsonl", toy_records(8, seed=1))
+    twa = {"method": "twa_v", "inputs": [{"path": str(p)} for p in [*snaps, tmp_path / "out"]],
+           "data": {"train": str(train_file), "validation": str(tmp_path / "val.jsonl")},
+           "parameters": {"epochs": 1, "batch_size": 4}}
+    (tmp_path / "twa.yaml").write_text(yaml.safe_dump(twa))
+    done = CliRunner().invoke(app, ["merge", str(tmp_path / "twa.yaml"), str(tmp_path / "avg"), "-q"])
+    assert done.exit_code == 0, done.output
+    assert json.loads((tmp_path / "avg" / "report.json").read_text())["twa"]["checkpoints"] == 3

@@ -25,7 +25,8 @@ def fsdp_recipe(root: Path, model: Path, method: str, **training) -> dict:
     return {"model": str(model), "method": method, "parameters": {"r": 5} if method != "full" else {},
             "data": {"train": str(root / "train.jsonl"), "validation": str(root / "val.jsonl")},
             "training": {"steps": 6, "batch_size": 8, "micro_batch_size": 2, "lr": 1e-3 if method == "full" else 5e-3,
-                         "log_every": 1, "eval_every": 3, "checkpoint_every": 3, "sharding": "fsdp", **training}}
+                         "log_every": 1, "eval_every": 3, "checkpoint_every": 3, "snapshot_every": 2,
+                         "sharding": "fsdp", **training}}
 
 
 def metric(out: Path, key: str) -> list[float]:
@@ -75,6 +76,13 @@ def test_two_sharded_processes_follow_one_unsharded(fsdp, tiny_lm, tmp_path, met
     # clipping (max_grad_norm 1) needs the norm of the whole gradient, not of this process's shard of it
     assert metric(two, "grad_norm") == pytest.approx(metric(tmp_path / "one", "grad_norm"), abs=2e-4)
     assert min(metric(two, "grad_norm")) > 1.0
+    # a snapshot is gathered whole from the shards as the output is: the same tensors as the unsharded run's
+    assert report["snapshots"] == ["snapshots/step-000002", "snapshots/step-000004"]
+    for snap in report["snapshots"]:
+        a, b = load_file(tmp_path / "one" / snap / OUTPUT[method]), load_file(two / snap / OUTPUT[method])
+        assert a.keys() == b.keys()
+        for name in a:
+            torch.testing.assert_close(b[name], a[name], rtol=1e-4, atol=5e-5)
     a, b = load_file(tmp_path / "one" / OUTPUT[method]), load_file(two / OUTPUT[method])
     assert a.keys() == b.keys()
     base = load_file(model / "model.safetensors")

@@ -113,6 +113,18 @@ def run_folder(out: str | Path, *, force: bool, resume: bool, inputs=()) -> tupl
     return out, run_dir
 
 
+def save_snapshot(directory: Path, step: int, save, model, adapter: bool, sharded: bool, write: bool) -> None:
+    """Write the model as it is at `step` to `directory/step-<step>/` (atomically) with `save(model, folder,
+    state_dict)`, the method's own saver, so a snapshot loads as the finished output does. Every process calls
+    it (gathering FSDP shards takes them all); only the one with `write` writes."""
+    state = None
+    if sharded:
+        state = whole(trainable_state(model) if adapter else model.state_dict(keep_vars=True), write)
+    if write:
+        with atomic_dir(directory / f"{PREFIX}{step:06d}", force=True) as tmp:
+            save(model, tmp, state)
+
+
 def check_same_recipe(run_dir: Path, recipe_json: dict) -> None:
     """Refuse to resume checkpoints written under another recipe (run_dir/recipe.json, saved beside them)."""
     try:

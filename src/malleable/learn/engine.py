@@ -11,8 +11,10 @@ several processes under `accelerate launch` (DDP, or FSDP with `training.shardin
   2 processes x 4 give the same gradient.
 * The data order is a pure function of the seed and the step (a seeded permutation per epoch), so a run
   resumed from a checkpoint sees exactly the batches it would have seen.
-* Work files live in `OUT.run/` (metrics.jsonl, checkpoints). A killed run leaves them for `--resume`;
-  a finished run moves the metrics into OUT and deletes the rest (unless `training.keep_checkpoints`).
+* Work files live in `OUT.run/` (metrics.jsonl, checkpoints, snapshots). A killed run leaves them for
+  `--resume`; a finished run moves the metrics and the snapshots (`training.snapshot_every`: the model as a
+  loadable folder every N steps, what `merge`'s twa averages) into OUT and deletes the rest (unless
+  `training.keep_checkpoints`).
 * Early stopping (`training.patience`): the validation loss is computed every `eval_every` steps; once it has
   not improved for `patience` evaluations in a row the loop stops, and the weights of the best evaluation
   (kept in memory: the trainable parameters only) are the output. A resumed run restarts the count.
@@ -36,7 +38,7 @@ from malleable.errors import InputError, MalleableError, RecipeError, reason
 from malleable.io.atomic import atomic_dir
 from malleable.io.hashing import sha256_file
 from malleable.learn.checkpoint import (check_same_recipe, latest_checkpoint, load_checkpoint, run_folder,
-                                       save_checkpoint, trainable_state, whole)
+                                       save_checkpoint, save_snapshot, trainable_state, whole)
 from malleable.learn.data import Examples, collate, load_examples
 from malleable.learn.loss import task_loss
 from malleable.learn.registry import Method, get_method
@@ -45,6 +47,7 @@ from malleable.recipes.learn import LearnRecipe, load_learn_recipe
 from malleable.report import environment, peak_rss_mb, trusted, trusted_lines, write_report
 
 SCHEMA = "malleable.learn/1"
+SNAPSHOTS = "snapshots"  # OUT/snapshots/step-N/: the loadable models of `training.snapshot_every`
 
 
 def lr_factor(step: int, total: int, warmup: int, schedule: str) -> float:
@@ -402,6 +405,10 @@ def learn(recipe: LearnRecipe, out: str | Path, *, force: bool = False, resume: 
                 save_checkpoint(run_dir, step, accelerator.unwrap_model(model), optimizer, scheduler,
                                 list(states.cpu()), write=main)
                 accelerator.wait_for_everyone()
+            if t.snapshot_every and step % t.snapshot_every == 0 and step < plan.steps:
+                save_snapshot(run_dir / SNAPSHOTS, step, lambda m, folder, sd: method.save(m, folder, tokenizer, sd),
+                              accelerator.unwrap_model(model), method.output == "adapter", sharded, main)
+                accelerator.wait_for_everyone()
     finally:
         bar.close()
         if log:
@@ -442,6 +449,7 @@ def learn(recipe: LearnRecipe, out: str | Path, *, force: bool = False, resume: 
         "peak_rss_mb": peak_rss_mb(),
         "environment": environment(),
         "output": {"path": str(out), "kind": method.output},
+        "snapshots": sorted(f"{SNAPSHOTS}/{p.name}" for p in (run_dir / SNAPSHOTS).glob("step-*")),
         "main_process": main,
     }
     if torch.cuda.is_available():
@@ -450,6 +458,8 @@ def learn(recipe: LearnRecipe, out: str | Path, *, force: bool = False, resume: 
         with atomic_dir(out, force=force) as tmp:
             method.save(model, tmp, tokenizer, state)
             shutil.copy(run_dir / "metrics.jsonl", tmp / "metrics.jsonl")
+            if (run_dir / SNAPSHOTS).is_dir():
+                shutil.copytree(run_dir / SNAPSHOTS, tmp / SNAPSHOTS)
             write_report(tmp, report, _markdown(report))
         if not t.keep_checkpoints:
             shutil.rmtree(run_dir, ignore_errors=True)
@@ -468,5 +478,7 @@ def _markdown(r: dict) -> str:
              f"- trainable parameters: {r['trainable_parameters']:,}",
              "- final: " + ", ".join(f"{k} {v}" for k, v in f.items() if v is not None),
              f"- wall time {r['wall_time_s']} s, peak RSS {r['peak_rss_mb']} MB, device {r['device']}",
-             f"- output: `{r['output']['path']}` ({r['output']['kind']})", ""]
+             f"- output: `{r['output']['path']}` ({r['output']['kind']})",
+             *([f"- snapshots: {len(r['snapshots'])} loadable {r['output']['kind']}s, `{r['snapshots'][0]}` .. "
+                f"`{r['snapshots'][-1]}`"] if r["snapshots"] else []), ""]
     return "\n".join(lines)

@@ -69,6 +69,9 @@ class TrainingSpec(Strict):
     patience: int | None = Field(default=None, gt=0)
     checkpoint_every: int | None = Field(default=None, gt=0)
     keep_checkpoints: bool = False
+    # also write the model (or adapter) every this many steps as a loadable folder OUT/snapshots/step-N/, the
+    # history that `merge` method twa / twa_v averages (the resume checkpoints above keep only the newest)
+    snapshot_every: int | None = Field(default=None, gt=0)
     sharding: Literal["none", "fsdp"] = "none"
 
     @model_validator(mode="after")
