@@ -116,9 +116,15 @@ def twa_cli(root: Path, paths: list[Path], files: dict, seed: int, label: str, p
                     env=thread_env(1))
     if run["rc"] != 0:
         raise SystemExit(f"{label}: malleable merge failed:\n{run.get('stderr_tail')}")
-    report = json.loads((out / "report.json").read_text())
-    return out, {"wall_s": run["wall_s"], "peak_rss_mib": run["max_rss_mib"],
-                 "projection_bytes": report["twa"]["projection_bytes"], "final_loss": report["twa"]["history"][-1]["loss"]}
+    return out, {"wall_s": run["wall_s"], "peak_rss_mib": run["max_rss_mib"], **report_numbers(out)}
+
+
+def report_numbers(out: Path) -> dict:
+    """From a TWA-v output's report: the projection's bytes, the last logged loss, and the largest trained
+    coefficient |X| (how far training moved the average from the checkpoints' mean)."""
+    twa = json.loads((out / "report.json").read_text())["twa"]
+    return {"projection_bytes": twa["projection_bytes"], "final_loss": twa["history"][-1]["loss"],
+            "max_abs_coefficient": max(abs(x) for chunk in twa["coefficients"] for row in chunk for x in row)}
 
 
 def one_seed(seed: int, base: Path, work: Path) -> dict:
@@ -200,11 +206,14 @@ def markdown(result: dict) -> str:
              f"Seeds {[r['seed'] for r in rows]}; {N_TRAIN} / {N_VAL} / {N_TEST} train / validation / test items; "
              f"grid (lr, schedule) {GRID}.", "",
              "| method | test accuracy (%), mean [95% CI over seeds] | per seed | TWA-v peak RSS (MiB, median) | "
-             "projection bytes | TWA-v wall (s, median) |", "|---|---:|---|---:|---:|---:|"]
+             "projection bytes | TWA-v wall (s, median) | max abs coefficient (median) |",
+             "|---|---:|---|---:|---:|---:|---:|"]
     for m, a in s["accuracy"].items():
+        moved = num(m, "max_abs_coefficient")
         lines.append(f"| {m} | {a['mean']:.1f} [{a['lo']:.1f}, {a['hi']:.1f}] | "
                      f"{', '.join(f'{x:.1f}' for x in a['per_seed'])} | {num(m, 'peak_rss_mib') or ''} | "
-                     f"{num(m, 'projection_bytes') or ''} | {num(m, 'wall_s') or ''} |")
+                     f"{num(m, 'projection_bytes') or ''} | {num(m, 'wall_s') or ''} | "
+                     f"{'' if moved is None else f'{moved:.4f}'} |")
     lines += ["", "Individual fine-tunes' test accuracy (%) per seed, in GRID's order: " + "; ".join(
         f"seed {r['seed']}: " + " ".join(f"{100 * x:.0f}" for x in r["individual_test"]) for r in rows),
               "Greedy soup's ingredients (GRID indices, in the order added): " + "; ".join(
