@@ -490,15 +490,15 @@ def run_plan(plan, out, force: bool = False, progress: bool = True) -> dict:
     examples = load_examples(path, spec, tokenizer)
     task = "classification" if examples.format == "text_label" else "causal_lm"
     template = load_model(paths[0], task, tokenizer.pad_token_id, trust=trust)
-    models = (adapter_states(template, paths, trust) if is_adapter(paths[0])
+    adapters = is_adapter(paths[0])
+    models = (adapter_states(template, paths, trust) if adapters
               else [template] + [load_model(x, task, tokenizer.pad_token_id, trust=trust) for x in paths[1:]])
     if task == "classification" and template.config.num_labels != len(examples.labels):
         raise InputError(f"{paths[0]}: a classifier with {template.config.num_labels} classes, but {path} has "
                          f"{len(examples.labels)} labels")
     result = twa(models, template, examples.items, collate=lambda items: collate_tokens(items, tokenizer.pad_token_id),
                  form=form, parameters=p, seed=r.seed, progress=progress)
-    unexpected = template.load_state_dict(result.state, strict=not is_adapter(paths[0])).unexpected_keys
-    assert not unexpected, unexpected  # the averaged names are the template's own
+    template.load_state_dict(result.state, strict=not adapters)  # adapters: their factors, the base as it is
     report = {
         "schema": "malleable.merge/1", "method": form, "parameters": p,
         "inputs": [str(x) for x in paths], "output": {"path": str(out), "kind": plan.output_kind},
