@@ -567,8 +567,8 @@ def plot(res: dict, path: Path) -> None:
     axes[1].legend(fontsize=8, loc="lower right")
     axes[0].set_yticks(range(len(labels)), labels, fontsize=8)
     axes[0].invert_yaxis()
-    fig.suptitle("8 generated tasks x 200 test items: SmolLM2-135M LoRAs merged into one (orange: merge-then-compress, "
-                 "blue: LoRA-native, green: full rank)", fontsize=9)
+    fig.suptitle(f"8 generated tasks x 200 test items, zoo seed {s['seed']}: SmolLM2-135M LoRAs merged into one "
+                 "(orange: merge-then-compress, blue: LoRA-native, green: full rank)", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
