@@ -64,26 +64,33 @@ def test_gradient_accumulation_equals_one_big_batch(tiny_lm, train_file, tmp_pat
         torch.testing.assert_close(a[name], b[name], rtol=1e-4, atol=1e-6)
 
 
-def test_resume_after_a_crash_ends_with_the_same_weights(tiny_lm, train_file, tmp_path, monkeypatch):
+def crash_at(monkeypatch, crash_step: int, run) -> None:
+    """`run()` killed (KeyboardInterrupt) when the learn engine reaches step `crash_step`; the engine is mended
+    afterwards, so the next call trains normally."""
     from malleable.learn import engine
+
+    real = engine.batch_indices
+
+    def crashing(step, *args):
+        if step == crash_step:
+            raise KeyboardInterrupt
+        return real(step, *args)
+
+    monkeypatch.setattr(engine, "batch_indices", crashing)
+    with pytest.raises(KeyboardInterrupt):
+        run()
+    monkeypatch.setattr(engine, "batch_indices", real)
+
+
+def test_resume_after_a_crash_ends_with_the_same_weights(tiny_lm, train_file, tmp_path, monkeypatch):
 
     r = recipe(tiny_lm, train_file, steps=12, checkpoint_every=5)
     r["parameters"]["dropout"] = 0.2  # the RNG state must be restored too
     learn(r, tmp_path / "straight", progress=False)
 
-    real = engine.batch_indices
-
-    def crash_at_step_8(step, *args):
-        if step == 8:
-            raise KeyboardInterrupt
-        return real(step, *args)
-
-    monkeypatch.setattr(engine, "batch_indices", crash_at_step_8)
-    with pytest.raises(KeyboardInterrupt):
-        learn(r, tmp_path / "resumed", progress=False)
+    crash_at(monkeypatch, 8, lambda: learn(r, tmp_path / "resumed", progress=False))
     assert not (tmp_path / "resumed").exists()
     assert [p.name for p in (tmp_path / "resumed.run").glob("step-*")] == ["step-000005"]
-    monkeypatch.setattr(engine, "batch_indices", real)
     with pytest.raises(Exception, match="--resume"):
         learn(r, tmp_path / "resumed", progress=False)
     report = learn(r, tmp_path / "resumed", resume=True, progress=False)
@@ -273,8 +280,6 @@ def test_snapshots_are_the_model_at_their_steps_and_feed_twa(tiny_lm, train_file
     `merge` twa_v averages."""
     import yaml
 
-    from malleable.learn import engine
-
     r = recipe(tiny_lm, train_file, steps=6, snapshot_every=2, checkpoint_every=3, schedule="constant", log_every=1)
     report = learn(r, tmp_path / "out", progress=False)
     assert report["snapshots"] == ["snapshots/step-000002", "snapshots/step-000004"]
@@ -285,17 +290,7 @@ def test_snapshots_are_the_model_at_their_steps_and_feed_twa(tiny_lm, train_file
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert not torch.equal(a[next(iter(a))], load_file(snaps[1] / "adapter_model.safetensors")[next(iter(a))])
 
-    real = engine.batch_indices
-
-    def crash_at_step_5(step, *args):
-        if step == 5:
-            raise KeyboardInterrupt
-        return real(step, *args)
-
-    monkeypatch.setattr(engine, "batch_indices", crash_at_step_5)
-    with pytest.raises(KeyboardInterrupt):
-        learn(r, tmp_path / "resumed", progress=False)
-    monkeypatch.setattr(engine, "batch_indices", real)
+    crash_at(monkeypatch, 5, lambda: learn(r, tmp_path / "resumed", progress=False))
     learn(r, tmp_path / "resumed", resume=True, progress=False)
     for s in report["snapshots"]:
         assert tree_digest(tmp_path / "resumed" / s) == tree_digest(tmp_path / "out" / s)
