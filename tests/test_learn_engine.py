@@ -83,7 +83,6 @@ def crash_at(monkeypatch, crash_step: int, run) -> None:
 
 
 def test_resume_after_a_crash_ends_with_the_same_weights(tiny_lm, train_file, tmp_path, monkeypatch):
-
     r = recipe(tiny_lm, train_file, steps=12, checkpoint_every=5)
     r["parameters"]["dropout"] = 0.2  # the RNG state must be restored too
     learn(r, tmp_path / "straight", progress=False)
