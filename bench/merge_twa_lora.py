@@ -97,10 +97,9 @@ class Scorer:
 
     def adapter(self, path: Path) -> dict:
         """A written adapter's factors under the scorer's names."""
-        from peft.utils import load_peft_weights, set_peft_model_state_dict
+        from malleable.merge.twa import read_adapter
 
-        set_peft_model_state_dict(self.model, load_peft_weights(str(path)))
-        return {n: t.detach().clone() for n, t in self.model.named_parameters() if t.requires_grad}
+        return read_adapter(self.model, path, str(path))
 
 
 def twa_cli(root: Path, paths: list[Path], files: dict, seed: int, label: str, params: dict) -> tuple[Path, dict]:

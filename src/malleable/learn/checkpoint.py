@@ -113,13 +113,19 @@ def run_folder(out: str | Path, *, force: bool, resume: bool, inputs=()) -> tupl
     return out, run_dir
 
 
+def output_state(model, adapter: bool, sharded: bool, keep: bool) -> dict[str, torch.Tensor] | None:
+    """What a saver writes for a sharded model: whole tensors gathered from the shards (an adapter needs only the
+    trainable ones), kept where `keep`; None when unsharded (the saver reads the model itself). Collective."""
+    if not sharded:
+        return None
+    return whole(trainable_state(model) if adapter else model.state_dict(keep_vars=True), keep)
+
+
 def save_snapshot(directory: Path, step: int, save, model, adapter: bool, sharded: bool, write: bool) -> None:
     """Write the model as it is at `step` to `directory/step-<step>/` (atomically) with `save(model, folder,
     state_dict)`, the method's own saver, so a snapshot loads as the finished output does. Every process calls
     it (gathering FSDP shards takes them all); only the one with `write` writes."""
-    state = None
-    if sharded:
-        state = whole(trainable_state(model) if adapter else model.state_dict(keep_vars=True), write)
+    state = output_state(model, adapter, sharded, write)
     if write:
         with atomic_dir(directory / f"{PREFIX}{step:06d}", force=True) as tmp:
             save(model, tmp, state)

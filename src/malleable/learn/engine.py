@@ -37,8 +37,8 @@ import torch
 from malleable.errors import InputError, MalleableError, RecipeError, reason
 from malleable.io.atomic import atomic_dir
 from malleable.io.hashing import sha256_file
-from malleable.learn.checkpoint import (check_same_recipe, latest_checkpoint, load_checkpoint, run_folder,
-                                       save_checkpoint, save_snapshot, trainable_state, whole)
+from malleable.learn.checkpoint import (PREFIX, check_same_recipe, latest_checkpoint, load_checkpoint, output_state,
+                                       run_folder, save_checkpoint, save_snapshot)
 from malleable.learn.data import Examples, collate, load_examples
 from malleable.learn.loss import task_loss
 from malleable.learn.registry import Method, get_method
@@ -424,10 +424,7 @@ def learn(recipe: LearnRecipe, out: str | Path, *, force: bool = False, resume: 
     if val is not None:
         final["val_loss"] = round(evaluate_loss(model, val, plan.micro, pad, accelerator, method), 6)
     model = accelerator.unwrap_model(model)
-    # whole tensors for the output, gathered from the shards (an adapter needs only the trainable ones)
-    state = None
-    if sharded:
-        state = whole(trainable_state(model) if method.output == "adapter" else model.state_dict(keep_vars=True), main)
+    state = output_state(model, method.output == "adapter", sharded, main)
     report = {
         "schema": SCHEMA,
         "trusted": trusted(recipe),
@@ -449,7 +446,7 @@ def learn(recipe: LearnRecipe, out: str | Path, *, force: bool = False, resume: 
         "peak_rss_mb": peak_rss_mb(),
         "environment": environment(),
         "output": {"path": str(out), "kind": method.output},
-        "snapshots": sorted(f"{SNAPSHOTS}/{p.name}" for p in (run_dir / SNAPSHOTS).glob("step-*")),
+        "snapshots": sorted(f"{SNAPSHOTS}/{p.name}" for p in (run_dir / SNAPSHOTS).glob(f"{PREFIX}*")),
         "main_process": main,
     }
     if torch.cuda.is_available():

@@ -546,13 +546,25 @@ def is_adapter(path) -> bool:
     return checkpoint_base(path)[1]
 
 
+def read_adapter(template: nn.Module, path, name: str) -> dict[str, torch.Tensor]:
+    """The adapter at `path` loaded into `template` (a PEFT model of its shape), and copies of its factors under
+    the template's names; `name` is how an error names the input."""
+    from peft.utils import load_peft_weights, set_peft_model_state_dict
+
+    try:
+        loaded = set_peft_model_state_dict(template, load_peft_weights(str(path)))
+    except RuntimeError as e:  # torch's size-mismatch report: its first line names the tensor
+        raise InputError(f"{name}: {path} does not fit inputs[0]'s adapter ({reason(e)})") from None
+    if loaded.unexpected_keys:
+        raise InputError(f"{name}: tensor '{loaded.unexpected_keys[0]}' of {path} is not in inputs[0]'s adapter")
+    return {n: t.detach().clone() for n, t in template.named_parameters() if t.requires_grad}
+
+
 def adapter_states(template: nn.Module, paths: list, trust) -> list[dict[str, torch.Tensor]]:
     """Every adapter's factors under `template`'s names (a PEFT model holding paths[0]): each adapter is loaded
     into the one template in turn and its trainable tensors copied, so the base is held once, not once per input
     (eight adapters of SmolLM2 would otherwise hold eight copies of its 135M weights). The merge planner has
     checked that every input is an adapter on one base; here they must also share the settings in ADAPTER_KEYS."""
-    from peft.utils import load_peft_weights, set_peft_model_state_dict
-
     from malleable.io.checkpoint import read_json
     from malleable.models.checkpoints import ADAPTER_CONFIG, check_model_folder
 
@@ -566,14 +578,7 @@ def adapter_states(template: nn.Module, paths: list, trust) -> list[dict[str, to
             if _setting(config.get(key)) != _setting(config0.get(key)):
                 raise InputError(f"inputs[{i}]: {path / ADAPTER_CONFIG} has {key} {config.get(key)!r}, inputs[0]'s "
                                  f"{config0.get(key)!r} (adapters of one shape and scale are averaged)")
-        try:
-            loaded = set_peft_model_state_dict(template, load_peft_weights(str(path)))
-        except RuntimeError as e:  # torch's size-mismatch report: its first line names the tensor
-            raise InputError(f"inputs[{i}]: {path} does not fit inputs[0]'s adapter ({reason(e)})") from None
-        if loaded.unexpected_keys:
-            raise InputError(f"inputs[{i}]: tensor '{loaded.unexpected_keys[0]}' of {path} is not in inputs[0]'s "
-                             "adapter")
-        states.append({n: t.detach().clone() for n, t in template.named_parameters() if t.requires_grad})
+        states.append(read_adapter(template, path, f"inputs[{i}]"))
     with torch.no_grad():  # the template back to inputs[0]
         for n, t in template.named_parameters():
             if n in first:
