@@ -368,7 +368,8 @@ def markdown(result: dict) -> str:
               f"average before {result['loadavg_before']}, after {result['loadavg_after']}, at each seed's start "
               f"{[r['loadavg_start'] for r in result['rows']]} (the seconds are indicative only). Median regular "
               f"epoch {statistics.median(r['regular']['epoch_seconds_median'] for r in result['rows'])} s. Peak "
-              f"RSS {result['peak_rss_mb']} MB; wall {result['wall_s']} s (summed over the invocations that ran the seeds).", "", "Verdict: " + result["verdict"], ""]
+              f"RSS {result['peak_rss_mb']} MB; wall {result['wall_s']} s (summed over the invocations that ran the "
+              "seeds).", "", "Verdict: " + result["verdict"], ""]
     return "\n".join(lines)
 
 
