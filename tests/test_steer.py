@@ -408,9 +408,9 @@ def test_cli_bake_onto_another_hidden_size(tmp_path, artefact):
     assert res.exit_code == 2 and "hidden_size" in res.output and not (tmp_path / "out").exists()
 
 
-@pytest.mark.parametrize("concept", ["sentiment", "news"])
+@pytest.mark.parametrize("concept", ["sentiment", "news", "register"])
 def test_contrast_pair_builders(concept, tmp_path):
-    from malleable.data.steering import polarity_sentences, write_contrast_pairs
+    from malleable.data.steering import chat_lines, encyclopedic_sentences, polarity_sentences, write_contrast_pairs
     from malleable.steer.engine import read_pairs
 
     files = write_contrast_pairs(concept, tmp_path, seed=0)
@@ -423,6 +423,12 @@ def test_contrast_pair_builders(concept, tmp_path):
         assert all(r["positive"].strip() in reviews["pos"] and r["negative"].strip() in reviews["neg"]
                    for r in train + val)
         assert len({r["prompt"] for r in train}) > 1
+    elif concept == "register":
+        chat = set(chat_lines())
+        assert all(r["prompt"] == "" and r["positive"] in encyclopedic_sentences() and r["negative"] in chat
+                   for r in train + val)
+        assert not any("[1]" in r["positive"] for r in train + val)
+        assert len({r["negative"] for r in train + val}) == len(train + val)  # each chat line used once
     else:
         assert all(r["prompt"] == "" and r["negative"] in reviews["pos"] + reviews["neg"] for r in train + val)
         assert all(r["positive"] == r["positive"].lower() for r in train)
