@@ -9,8 +9,9 @@ small CNN of forget's classifier benchmark, buffers 200 and 500 for the replay m
 (seed outer, method inner) so that machine load falls on every method alike; a seed fixes the initial weights,
 the stream's order and the buffer's draws, so methods are compared PAIRED by seed. Reported: mean and 95%
 t-interval over seeds of the final average accuracy, forgetting, average incremental accuracy and plasticity,
-the paired differences LAS - ER and LAS - ER-ACE, and the median time of a run's training (evaluations apart). Results are
-written after every run (`--out`), so a run stopped early leaves what it measured, marked partial.
+the paired differences LAS - ER, LAS - ER-ACE (and MIR-LAS against all three when it runs), and the median
+time of a run's training (evaluations apart). Results are written after every run (`--out`), so a run stopped
+early leaves what it measured, marked partial.
 
 The side-by-side with Avalanche (its own virtualenv) is bench/continual_vs_avalanche.py; mir and mir_las run here
 with --methods.
@@ -81,13 +82,14 @@ def aggregate(runs: list[dict], planned: list[tuple[str, int | None]]) -> dict:
         table[label(method, buffer)] = {
             **{k: ci([r["metrics"][k] for r in rows]) for k in METRICS if rows[0]["metrics"][k] is not None},
             "train_seconds_median": median([r["train_seconds"] for r in rows]), "seeds": [r["seed"] for r in rows]}
-    for base in ("er", "er_ace"):
+    for challenger, base in (("las", "er"), ("las", "er_ace"), ("mir_las", "er"), ("mir_las", "er_ace"),
+                             ("mir_las", "las")):
         for buffer in sorted({b for _, b in planned if b is not None}):
             a = {r["seed"]: r for r in runs if r["method"] == base and r["buffer"] == buffer}
-            b = {r["seed"]: r for r in runs if r["method"] == "las" and r["buffer"] == buffer}
+            b = {r["seed"]: r for r in runs if r["method"] == challenger and r["buffer"] == buffer}
             seeds = sorted(set(a) & set(b))
             if len(seeds) >= 2:
-                paired[f"las - {base} (M={buffer})"] = {
+                paired[f"{challenger} - {base} (M={buffer})"] = {
                     k: paired_t([a[s]["metrics"][k] for s in seeds], [b[s]["metrics"][k] for s in seeds])
                     for k in ("average_accuracy", "forgetting")}
     return {"table": table, "paired": paired}
