@@ -46,3 +46,13 @@ def test_markdown_marks_a_partial_reduced_run():
             "machine": {"cpu": "cpu", "cores": 2, "versions": {"torch": "x"}, "malleable_git": "abc"}}
     text = co.markdown(data)
     assert "(partial)" in text and "REDUCED stream" in text and "| er (M=200) | 51.00 [" in text
+
+
+def test_aggregate_pairs_mir_las_against_each_baseline():
+    planned = co.arms([200], ["er", "er_ace", "las", "mir_las"])
+    runs = [run(m, 200, s, a + s) for m, a in (("er", 50.0), ("er_ace", 51.0), ("las", 53.0), ("mir_las", 56.0))
+            for s in range(2)]
+    paired = co.aggregate(runs, planned)["paired"]
+    assert set(paired) == {"las - er (M=200)", "las - er_ace (M=200)", "mir_las - er (M=200)",
+                           "mir_las - er_ace (M=200)", "mir_las - las (M=200)"}
+    assert paired["mir_las - las (M=200)"]["average_accuracy"]["mean"] == pytest.approx(3.0)
