@@ -65,10 +65,18 @@ args = parser.parse_args()
 if args.threads:
     torch.set_num_threads(args.threads)
 
+
+
+def refuse(message: str) -> None:
+    """Bad input: one line, exit code 2 (as every malleable command), nothing written."""
+    print(f"error: {message}", file=sys.stderr)
+    sys.exit(2)
+
+
 start = time.perf_counter()
 out = args.out.absolute()
 if out.exists() and not args.force:
-    sys.exit(f"error: {out}: output exists (pass --force to replace it)")
+    refuse(f"{out}: output exists (pass --force to replace it)")
 torch.manual_seed(args.seed)
 
 # 1. The base model: a plain transformers checkpoint, imported from the GGUF on first use.
@@ -76,7 +84,7 @@ try:
     base_dir = smollm2_checkpoint()
     data = {task: word_relations(task, seed=args.seed) for task in args.tasks}
 except MalleableError as e:
-    sys.exit(f"error: {e}")
+    refuse(str(e))
 tokenizer = AutoTokenizer.from_pretrained(base_dir)
 print(f"base model: {base_dir}  ({time.perf_counter() - start:.0f} s)")
 
