@@ -188,12 +188,13 @@ def summarise(runs: list[dict], labels: list[str], gains: list[float]) -> dict:
                   "positive_preferred": statistics.fmean(r["rows"][i]["positive_preferred"] for r in mine)}
                  for i, f in enumerate(fractions)]
         per_seed = [claims(r["rows"]) for r in mine]
+        at_runs = [matched(r["rows"], gains) for r in mine]
         out["methods"][lab] = {
             "seeds": seeds_of[lab], "top_strength": [r["top_strength"] for r in mine],
             "build_s": statistics.median(r["build_s"] for r in mine), "curve": curve,
             "claims": {k: interval([c[k] for c in per_seed]) for k in per_seed[0]},
             "util_peak_fractions": [c["util_peak_fraction"] for c in per_seed],
-            "matched": {str(g): [matched(r["rows"], gains)[str(g)] for r in mine] for g in gains},
+            "matched": {str(g): [at[str(g)] for at in at_runs] for g in gains},
             "gain_within": {str(b): interval([gain_within(r["rows"], b) for r in mine]) for b in BUDGETS},
             "fits": fit_curves([c["fraction"] for c in curve], [c["pref_odds"]["mean"] for c in curve],
                                [c["util_odds"]["mean"] for c in curve])}
@@ -203,9 +204,11 @@ def summarise(runs: list[dict], labels: list[str], gains: list[float]) -> dict:
         ra = {r["seed"]: r for r in runs if r["label"] == a}
         rb = {r["seed"]: r for r in runs if r["label"] == b}
         both = sorted(set(ra) & set(rb))
+        at_a = {s: matched(ra[s]["rows"], gains) for s in both}
+        at_b = {s: matched(rb[s]["rows"], gains) for s in both}
         cells = {}
         for g in gains:
-            pairs = [(matched(rb[s]["rows"], gains)[str(g)], matched(ra[s]["rows"], gains)[str(g)]) for s in both]
+            pairs = [(at_b[s][str(g)], at_a[s][str(g)]) for s in both]
             pairs = [p for p in pairs if None not in p]
             cells[str(g)] = {**paired_t([p[0] for p in pairs], [p[1] for p in pairs]), "of": len(both)} \
                 if pairs else {"n": 0, "of": len(both)}

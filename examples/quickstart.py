@@ -66,7 +66,6 @@ if args.threads:
     torch.set_num_threads(args.threads)
 
 
-
 def refuse(message: str) -> None:
     """Bad input: one line, exit code 2 (as every malleable command), nothing written."""
     print(f"error: {message}", file=sys.stderr)

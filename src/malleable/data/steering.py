@@ -47,27 +47,27 @@ def polarity_sentences() -> dict[str, list[str]]:
     return out
 
 
-def news_sentences(min_words: int = 6, max_words: int = 40) -> list[str]:
-    """Lee's news sentences, lower-cased, punctuation spaced out as in the review corpus."""
-    text = gensim_file(NEWS).read_text(encoding="utf-8", errors="replace")
+def sentences(text: str, min_words: int, max_words: int, normalise=lambda s: s) -> list[str]:
+    """The text's sentences (split after . ! ?), each normalised, whitespace collapsed, kept when its word count
+    is in min_words..max_words, in text order."""
     out = []
     for s in re.split(r"(?<=[.!?])\s+", text):
-        s = re.sub(r"([,.!?;:()\"])", r" \1 ", s.lower())
-        s = " ".join(s.split())
+        s = " ".join(normalise(s).split())
         if min_words <= len(s.split()) <= max_words:
             out.append(s)
     return out
+
+
+def news_sentences(min_words: int = 6, max_words: int = 40) -> list[str]:
+    """Lee's news sentences, lower-cased, punctuation spaced out as in the review corpus."""
+    text = gensim_file(NEWS).read_text(encoding="utf-8", errors="replace")
+    return sentences(text, min_words, max_words, lambda s: re.sub(r"([,.!?;:()\"])", r" \1 ", s.lower()))
 
 
 def encyclopedic_sentences(min_words: int = 6, max_words: int = 40) -> list[str]:
     """The para2para texts' sentences, citation marks removed, in file order."""
     text = "\n".join(gensim_file(name).read_text(encoding="utf-8", errors="replace") for name in ENCYCLOPEDIC)
-    out = []
-    for s in re.split(r"(?<=[.!?])\s+", re.sub(r"\[\d+\]", "", text)):
-        s = " ".join(s.split())
-        if min_words <= len(s.split()) <= max_words:
-            out.append(s)
-    return out
+    return sentences(re.sub(r"\[\d+\]", "", text), min_words, max_words)
 
 
 def chat_lines(min_words: int = 4, max_words: int = 40) -> list[str]:
@@ -106,7 +106,8 @@ def contrast_pairs(concept: str, seed: int = 0, validation: float = 0.2, limit: 
         rng.shuffle(pos)
         rng.shuffle(neg)
         if concept == "register":
-            neg = [length_matched(p, neg) for p in pos[:len(neg)]]
+            pool = neg
+            neg = [length_matched(p, pool) for p in pos[:len(pool)]]
         rows = [{"prompt": "", "positive": p, "negative": n} for p, n in zip(pos, neg)]
     rows = rows[:limit] if limit else rows
     k = max(1, round(len(rows) * validation))
