@@ -15,6 +15,7 @@ perplexity ratio on held-out text, all three (four with stage-2 LoRA) loaded and
 
     python bench/slim_skipgpt.py [--steps 120] [--batch 4] [--lora-steps 0] [--repeats 7] [--threads 1] [--retrain]
     python bench/slim_skipgpt.py --sparsity 0.5 --lora-steps 30 --only-lora --name slim_skipgpt_50   # equal speed?
+    python bench/slim_skipgpt.py --modules mlp --lora-steps 30 --only-lora --name slim_skipgpt_mlp  # MLPs alone
 
 Writes bench/results/slim_skipgpt.{json,md}; the checkpoints go to $MALLEABLE_CACHE/slim-bench (reused unless
 --retrain, with the training budget read from their report.json).
@@ -54,8 +55,9 @@ def configs(args) -> dict[str, tuple[str, dict]]:
     out = {"shortgpt-25": ("shortgpt", {"ratio": 0.25}),
            f"skipgpt-{pct}": ("skipgpt", {"sparsity": args.sparsity, "steps": 120, "batch_size": 4})}
     skip = {"sparsity": args.sparsity, "steps": args.steps, "batch_size": args.batch, "lr": args.lr,
-            "curriculum_every": args.curriculum}
-    tag = ("" if args.lr == 2e-3 else f"-lr{args.lr:g}") + (f"-cur{args.curriculum}" if args.curriculum else "")
+            "curriculum_every": args.curriculum, "modules": args.modules.split(",")}
+    tag = ("" if args.lr == 2e-3 else f"-lr{args.lr:g}") + (f"-cur{args.curriculum}" if args.curriculum else "") \
+        + ("" if args.modules == "attention,mlp" else f"-{args.modules.replace(',', '+')}")
     if tag or args.steps != 120 or args.batch != 4:
         out[f"skipgpt-{pct}{tag}"] = ("skipgpt", skip)
     if args.lora_steps:
@@ -96,6 +98,8 @@ def main() -> None:
     ap.add_argument("--lr", type=float, default=2e-3, help="SkipGPT stage-1 learning rate (the authors': 2e-3)")
     ap.add_argument("--only-lora", action="store_true", help="with --lora-steps: no run without stage 2")
     ap.add_argument("--curriculum", type=int, default=0, help="SkipGPT curriculum_every (0: fixed target)")
+    ap.add_argument("--modules", default="attention,mlp", help="SkipGPT's routed modules (mlp: the budget spent "
+                    "where a skip saves the most)")
     ap.add_argument("--lora-steps", type=int, default=0, help="SkipGPT stage-2 LoRA steps (0: none)")
     ap.add_argument("--repeats", type=int, default=7)
     ap.add_argument("--eval-windows", type=int, default=24)

@@ -144,6 +144,56 @@ def test_router_file_round_trips_and_rejects_a_foreign_model(tmp_path):
         load_routers(tmp_path, 32, 2)
 
 
+@torch.no_grad()
+def test_mlp_only_routers_never_skip_attention_and_equal_the_full_pair_with_attention_open(tmp_path):
+    model = tiny_llama(0)
+    ids = torch.randint(0, 128, (2, 16), generator=torch.Generator().manual_seed(1))
+    full = routers_for(model, seed=5)
+    torch.manual_seed(0)
+    mlp_only = nn.ModuleList(LayerRouters(model.config.hidden_size, ("mlp",)) for _ in model.model.layers)
+    with torch.no_grad():
+        for a, b in zip(mlp_only, full):
+            a.mlp.load_state_dict(b.mlp.state_dict())
+            b.attention.out.bias.copy_(torch.tensor([1e4, 0.0]))  # its attention router always says execute
+    mlp_only.eval().requires_grad_(False)
+    x = torch.randn(3, 5, model.config.hidden_size)
+    assert torch.equal(mlp_only[0].decide(x), full[0].decide(x))
+    want = gated_reference(model, full, ids)
+    routing = install(model, mlp_only, "hard")
+    torch.testing.assert_close(model(input_ids=ids).logits, want, rtol=1e-5, atol=1e-5)
+    rates = routing.skip_rates()
+    assert rates["attention"] == 0 and 0.1 < rates["mlp"] < 0.9, rates
+    torch.testing.assert_close(decode(model, ids[:1], 4), want[:1], rtol=1e-5, atol=1e-5)
+    # the file holds the MLP routers only, says so, and loads back as they were
+    save_routers(mlp_only, tmp_path, {"sparsity": 0.25})
+    back = load_routers(tmp_path, 64, 2)
+    assert back[0].routed == ("mlp",) and set(back.state_dict()) == set(mlp_only.state_dict())
+    assert all(k.split(".")[1] == "mlp" for k in back.state_dict())
+    # training gates: the unrouted attention's are ones, the MLP's are samples
+    ga, gm = mlp_only[0].gates(x, 1.0)
+    assert torch.equal(ga, torch.ones(3, 5)) and set(gm.unique().tolist()) <= {0.0, 1.0}
+
+
+def test_routing_the_mlp_alone_reaches_the_budget_through_the_mlp(tmp_path):
+    """The authors' loss with the attention gates fixed open: a quarter of all module executions is half the MLP's."""
+    root = tmp_path
+    torch.manual_seed(1)
+    LlamaForCausalLM(LlamaConfig(**(TINY | {"num_hidden_layers": 2}))).eval().save_pretrained(root / "model")
+    tiny_tokenizer().save_pretrained(root / "model")
+    (root / "cal.txt").write_text(text(0, 4000))
+    (root / "held.txt").write_text(text(1))
+    data = recipe(root, method="skipgpt", parameters={"sparsity": 0.25, "modules": "mlp", "steps": 30, "lr": 1e-2,
+                                                      "batch_size": 4})
+    data["calibration"] |= {"n_samples": 8}
+    report = slim(parse_slim_recipe(data | {"evaluate": None}), root / "out", force=True, progress=False)
+    last = report["routing"]["history"]["stage1"][-1]
+    assert last["keep_attention"] == 1.0 and abs(last["keep_mlp"] - 0.5) < 0.15, last
+    assert report["routing"]["calibration_skip_rates"]["attention"] == 0
+    model = load_model(root / "out", "causal_lm", tiny_tokenizer().pad_token_id)
+    assert routing_of(model).routers[0].routed == ("mlp",)
+    assert "routing mlp" in (root / "out" / "report.md").read_text()
+
+
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     """A 4-layer tiny Llama slimmed with skipgpt through the real engine (a short toy run)."""
@@ -229,6 +279,9 @@ BAD = [
     ({"batch_size": 4, "micro_batch_size": 3}, "parameters.micro_batch_size"),
     ({"lora_targets": ["nowhere_proj"], "lora_steps": 1, "steps": 1}, "'nowhere_proj' names no linear module"),
     ({"temperatur_start": 3}, "parameters.temperatur_start: unknown parameter"),
+    ({"modules": "ffn"}, "parameters.modules: 'ffn' is not a routable module"),
+    ({"modules": " , "}, "parameters.modules: names no module"),
+    ({"modules": "mlp", "sparsity": 0.5}, "parameters.sparsity: 0.5 is not below 0.5"),
 ]
 
 

@@ -58,29 +58,42 @@ class TokenRouter(nn.Module):
 
 class LayerRouters(nn.Module):
     """One decoder layer's routers; both read the layer's input hidden states (as the reference's Llama code,
-    whose MLP router reads the attention's residual, i.e. the layer input)."""
+    whose MLP router reads the attention's residual, i.e. the layer input). `modules` names the routed ones (the
+    authors route both); a module without a router always executes."""
 
-    def __init__(self, hidden: int):
+    def __init__(self, hidden: int, modules: tuple[str, ...] = MODULES):
         super().__init__()
-        self.attention = TokenRouter(hidden)
-        self.mlp = TokenRouter(hidden)
+        self.routed = tuple(m for m in MODULES if m in modules)
+        for m in self.routed:
+            setattr(self, m, TokenRouter(hidden))
 
     def decide(self, x: torch.Tensor) -> torch.Tensor:
-        """(..., 2) booleans, [attention, MLP] per token: True = execute (the argmax, a tie executing). Frozen
-        routers run fused (one d -> d/2 product and one block-diagonal d/2 -> 4), which at one token per forward
-        halves their calls; trainable ones run as two."""
+        """(..., 2) booleans, [attention, MLP] per token: True = execute (the argmax, a tie executing; a module
+        without a router always). Frozen routers run fused (one d -> d/2 product and one block-diagonal d/2 -> 4),
+        which at one token per forward halves their calls; trainable ones run as two."""
+        routers = [getattr(self, m) for m in self.routed]
         if any(p.requires_grad for p in self.parameters()):
-            logits = torch.cat([self.attention(x), self.mlp(x)], -1)
+            logits = torch.cat([r(x) for r in routers], -1)
         else:
             fused = self.__dict__.get("_fused")
             if fused is None:
-                a, m = self.attention, self.mlp
                 fused = self.__dict__["_fused"] = (
-                    torch.cat([a.hidden.weight, m.hidden.weight]), torch.cat([a.hidden.bias, m.hidden.bias]),
-                    torch.block_diag(a.out.weight, m.out.weight), torch.cat([a.out.bias, m.out.bias]))
+                    torch.cat([r.hidden.weight for r in routers]), torch.cat([r.hidden.bias for r in routers]),
+                    torch.block_diag(*(r.out.weight for r in routers)), torch.cat([r.out.bias for r in routers]))
             w1, b1, w2, b2 = fused
             logits = nn.functional.linear(torch.relu(nn.functional.linear(x.to(w1.dtype), w1, b1)), w2, b2)
-        return logits[..., 0::2] >= logits[..., 1::2]
+        keep = logits[..., 0::2] >= logits[..., 1::2]
+        if len(self.routed) == len(MODULES):
+            return keep
+        out = torch.ones(*keep.shape[:-1], len(MODULES), dtype=torch.bool, device=keep.device)
+        out[..., [MODULES.index(m) for m in self.routed]] = keep
+        return out
+
+    def gates(self, x: torch.Tensor, tau: float) -> list[torch.Tensor]:
+        """Training: per module, the hard Gumbel-softmax sample of "execute" (straight-through), ones for a
+        module without a router."""
+        return [nn.functional.gumbel_softmax(getattr(self, m)(x).float(), tau=tau, hard=True, dim=-1)[..., 0]
+                if m in self.routed else x.new_ones(x.shape[:-1], dtype=torch.float32) for m in MODULES]
 
 
 @dataclass
@@ -166,9 +179,7 @@ class _RoutedLayer:
             return type(layer).forward(layer, hidden_states, **attn_kw)
         x = hidden_states
         if routing.mode == "train":
-            la, lm = routers.attention(x), routers.mlp(x)
-            ga = nn.functional.gumbel_softmax(la.float(), tau=routing.tau, hard=True, dim=-1)[..., 0]
-            gm = nn.functional.gumbel_softmax(lm.float(), tau=routing.tau, hard=True, dim=-1)[..., 0]
+            ga, gm = routers.gates(x, routing.tau)
             routing.gates.append((ga, gm))
             h = layer.self_attn(hidden_states=layer.input_layernorm(x), **attn_kw)[0]
             x = x + h * ga.unsqueeze(-1).to(h.dtype)
@@ -246,12 +257,14 @@ def attention_part(layer, x: torch.Tensor, keep: torch.Tensor, kw: dict, kept: i
 # -- the routers' file -----------------------------------------------------------------------------------------
 def save_routers(routers: nn.ModuleList, folder: str | Path, meta: dict) -> Path:
     """Write the routers (float32) as `ROUTERS_FILE` in `folder`: keys layers.{i}.{attention,mlp}.{hidden,out}
-    .{weight,bias}; `meta` (strings) in the header beside the format."""
+    .{weight,bias} for the routed modules, named in the header's `modules` (absent in files from before the
+    choice: both); `meta` (strings) in the header beside the format."""
     from safetensors.torch import save_file
 
     tensors = {f"layers.{k}": v.detach().float().contiguous() for k, v in routers.state_dict().items()}
     path = Path(folder) / ROUTERS_FILE
-    save_file(tensors, str(path), metadata={"format": FORMAT, **{k: str(v) for k, v in meta.items()}})
+    save_file(tensors, str(path), metadata={"format": FORMAT, "modules": ",".join(routers[0].routed),
+                                            **{k: str(v) for k, v in meta.items()}})
     return path
 
 
@@ -265,15 +278,18 @@ def load_routers(folder: str | Path, hidden: int, n_layers: int) -> nn.ModuleLis
                          "missing; copy it beside the model or remove the key to load the dense model")
     try:
         with safe_open(str(path), framework="pt") as f:
-            fmt = (f.metadata() or {}).get("format")
+            header = f.metadata() or {}
             tensors = {k: f.get_tensor(k) for k in f.keys()}
     except Exception as e:  # a damaged or foreign file
         from malleable.errors import reason
 
         raise InputError(f"{path}: cannot read the routers ({reason(e, typed=True)})") from None
-    if fmt != FORMAT:
-        raise InputError(f"{path}: format {fmt!r}, expected {FORMAT!r}")
-    routers = nn.ModuleList(LayerRouters(hidden) for _ in range(n_layers))
+    if header.get("format") != FORMAT:
+        raise InputError(f"{path}: format {header.get('format')!r}, expected {FORMAT!r}")
+    modules = tuple(header.get("modules", ",".join(MODULES)).split(","))
+    if not set(modules) <= set(MODULES):
+        raise InputError(f"{path}: header modules {','.join(modules)!r}, expected some of {', '.join(MODULES)}")
+    routers = nn.ModuleList(LayerRouters(hidden, modules) for _ in range(n_layers))
     want = {f"layers.{k}": v.shape for k, v in routers.state_dict().items()}
     got = {k: v.shape for k, v in tensors.items()}
     if want != got:
