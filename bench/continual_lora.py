@@ -2,6 +2,11 @@
 
     PYTHONPATH=src python bench/continual_lora.py                    # 8 strategies, 3 seeds
     PYTHONPATH=src python bench/continual_lora.py --methods seq_lora,o_lora --seeds 0
+    PYTHONPATH=src python bench/continual_lora.py --tune --seeds 0 --methods "l2_lora:lam=1;l2_lora:lam=100"
+
+A method may carry parameters, `name:key=value,key=value` (methods separated by `;` when any does), and is then
+reported under that label. `--tune` scores on held-out training items instead of the test items: each task's
+last `--n-validation` training items are scored, the rest trained on; its results go to continual_lora_tuning.
 
 Every run is the verb itself (`malleable continual` with a `tasks:` list). The stream: four generated tasks of
 `malleable.data.generated`, the ones a 40-step adapter learns in the merge benchmark's zoo (`profession`, a rule
@@ -43,8 +48,9 @@ COMPOSED = "first-and-last-letter"
 METRICS = ("average_accuracy", "forgetting", "backward_transfer", "plasticity")
 
 
-def write_data(root: Path, tasks: list[str], n_train: int, n_test: int) -> dict:
-    """Each task's train/test JSONL (data seed 0) and the composed test; {name: (train, test)}."""
+def write_data(root: Path, tasks: list[str], n_train: int, n_test: int, n_validation: int = 0) -> dict:
+    """Each task's train/test JSONL (data seed 0) and the composed test; {name: (train, test)}. With
+    `n_validation`, the last that many training items replace the test items (for tuning)."""
     from malleable.data.files import write_jsonl
     from malleable.data.generated import generated_task
 
@@ -52,14 +58,30 @@ def write_data(root: Path, tasks: list[str], n_train: int, n_test: int) -> dict:
     out = {}
     for task in tasks + [COMPOSED]:
         split = generated_task(task, seed=0, n_test=n_test, n_validation=0, n_train=0 if task == COMPOSED else n_train)
+        if n_validation and task != COMPOSED:
+            split = {"train": split["train"][:-n_validation], "test": split["train"][-n_validation:]}
         test = write_jsonl(root / f"{task}-test.jsonl", split["test"])
         train = None if task == COMPOSED else write_jsonl(root / f"{task}-train.jsonl", split["train"])
         out[task] = (train, test)
     return out
 
 
+def parse_method(spec: str) -> tuple[str, dict]:
+    """`name` or `name:key=value,key=value` -> (name, parameters); values read as numbers where they are."""
+    name, _, rest = spec.partition(":")
+    params = {}
+    for item in filter(None, rest.split(",")):
+        key, _, value = item.partition("=")
+        try:
+            params[key] = int(value) if value.lstrip("-").isdigit() else float(value)
+        except ValueError:
+            params[key] = value
+    return name, params
+
+
 def recipe(model: Path, method: str, seed: int, data: dict, args) -> dict:
-    return {"model": str(model), "method": method, "seed": seed,
+    method, params = parse_method(method)
+    return {"model": str(model), "method": method, "seed": seed, "parameters": params,
             "lora": {"r": args.rank, "alpha": 2 * args.rank, "targets": ["q_proj", "k_proj", "v_proj", "o_proj"]},
             "tasks": [{"name": t, "train": str(data[t][0]), "test": str(data[t][1])} for t in args.tasks],
             "data": {"chat_template": "off"},
@@ -69,7 +91,7 @@ def recipe(model: Path, method: str, seed: int, data: dict, args) -> dict:
 
 
 def run_one(model: Path, method: str, seed: int, data: dict, args, work: Path) -> dict:
-    out = work / f"{method}-{seed}"
+    out = work / f"{method.replace(':', '_')}-{seed}"
     load = loadavg()
     start = time.perf_counter()
     report = continual(parse_continual_recipe(recipe(model, method, seed, data, args)), out, force=True,
@@ -131,8 +153,11 @@ def runs_start_ppl(runs: list[dict]) -> str:
 def markdown(res: dict) -> str:
     a, s = res["aggregate"], res["settings"]
     lines = [f"# Continual LoRA post-training on SmolLM2-135M-Instruct{' (PARTIAL)' if res['partial'] else ''}", "",
-             f"Stream: {' -> '.join(s['tasks'])} (generated tasks, {s['n_train']} training and {s['n_test']} test "
-             f"items each); LoRA r={s['rank']} on q/k/v/o, {s['steps']} steps per task, batch {s['batch_size']}, "
+             f"Stream: {' -> '.join(s['tasks'])} (generated tasks, " + (
+                 f"TUNING: {s['n_train'] - s['n_validation']} training items each, scored on {s['n_validation']} "
+                 "held-out training items instead of the test items" if s.get("tune") else
+                 f"{s['n_train']} training and {s['n_test']} test items each") + "); "
+             f"LoRA r={s['rank']} on q/k/v/o, {s['steps']} steps per task, batch {s['batch_size']}, "
              f"AdamW lr {s['lr']} constant, no chat template; seeds {s['seeds']}. Scores: exact match (%) under "
              f"teacher forcing. Composed: `{COMPOSED}` (both letter rules in one answer). Probe: "
              "perplexity on gensim's lee.cor (8 windows of 128 tokens), end / start.", "",
@@ -179,7 +204,10 @@ def markdown(res: dict) -> str:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--methods", default=",".join(STRATEGIES))
+    ap.add_argument("--methods", default=",".join(STRATEGIES), help="comma-separated, or `;`-separated when a "
+                    "method carries parameters (name:key=value,...)")
+    ap.add_argument("--tune", action="store_true", help="score held-out training items, not the test items")
+    ap.add_argument("--n-validation", type=int, default=40, help="with --tune: training items held out per task")
     ap.add_argument("--seeds", default="0,1,2")
     ap.add_argument("--tasks", default=",".join(TASKS))
     ap.add_argument("--steps", type=int, default=40)
@@ -192,19 +220,23 @@ def main(argv=None) -> int:
     ap.add_argument("--results", type=Path, default=RESULTS_DIR)
     args = ap.parse_args(argv)
     args.tasks = args.tasks.split(",")
-    methods, seeds = args.methods.split(","), [int(s) for s in args.seeds.split(",")]
+    methods = args.methods.split(";" if ";" in args.methods or ":" in args.methods else ",")
+    seeds = [int(s) for s in args.seeds.split(",")]
     from malleable.models.smollm2 import smollm2_checkpoint
 
     model = smollm2_checkpoint()
     key = f"s{args.steps}-b{args.batch_size}-lr{args.lr}-r{args.rank}-n{args.n_train}-{args.n_test}-" + "+".join(args.tasks)
+    key += f"-tune{args.n_validation}" if args.tune else ""
     work = args.work / key
-    data = write_data(work / "data", args.tasks, args.n_train, args.n_test)
-    settings = {k: v for k, v in vars(args).items() if k not in ("work", "results", "methods", "seeds")}
+    data = write_data(work / "data", args.tasks, args.n_train, args.n_test, args.n_validation if args.tune else 0)
+    name = NAME + ("_tuning" if args.tune else "")
+    settings = {k: v for k, v in vars(args).items() if k not in ("work", "results", "methods", "seeds")
+                and (args.tune or k != "n_validation")}
     settings |= {"seeds": seeds, "methods": methods}
     start, runs = time.perf_counter(), []
     for seed in seeds:
         for method in methods:
-            cache = work / "runs" / f"{method}-{seed}.json"
+            cache = work / "runs" / f"{method.replace(':', '_')}-{seed}.json"
             if cache.is_file():
                 runs.append(json.loads(cache.read_text()))
             else:
@@ -216,7 +248,7 @@ def main(argv=None) -> int:
             res = {"settings": settings, "runs": runs, "aggregate": aggregate(runs, methods),
                    "partial": len(runs) < len(methods) * len(seeds), "wall_s": time.perf_counter() - start,
                    "machine": machine()}
-            write_results(NAME, res, markdown(res), args.results)
+            write_results(name, res, markdown(res), args.results)
     return 0
 
 
