@@ -218,6 +218,8 @@ def main(argv=None) -> int:
     ap.add_argument("--n-test", type=int, default=80)
     ap.add_argument("--work", type=Path, default=Path.home() / ".cache/malleable/continual-lora")
     ap.add_argument("--results", type=Path, default=RESULTS_DIR)
+    ap.add_argument("--name", default=NAME, help="results file name (bench/results/<name>.{json,md}; --tune adds "
+                    "_tuning)")
     args = ap.parse_args(argv)
     args.tasks = args.tasks.split(",")
     methods = args.methods.split(";" if ";" in args.methods or ":" in args.methods else ",")
@@ -229,8 +231,8 @@ def main(argv=None) -> int:
     key += f"-tune{args.n_validation}" if args.tune else ""
     work = args.work / key
     data = write_data(work / "data", args.tasks, args.n_train, args.n_test, args.n_validation if args.tune else 0)
-    name = NAME + ("_tuning" if args.tune else "")
-    settings = {k: v for k, v in vars(args).items() if k not in ("work", "results", "methods", "seeds")
+    name = args.name + ("_tuning" if args.tune else "")
+    settings = {k: v for k, v in vars(args).items() if k not in ("work", "results", "methods", "seeds", "name")
                 and (args.tune or k != "n_validation")}
     settings |= {"seeds": seeds, "methods": methods}
     start, runs = time.perf_counter(), []
