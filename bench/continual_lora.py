@@ -4,8 +4,10 @@
     PYTHONPATH=src python bench/continual_lora.py --methods seq_lora,o_lora --seeds 0
     PYTHONPATH=src python bench/continual_lora.py --tune --seeds 0 --methods "l2_lora:lam=1;l2_lora:lam=100"
 
-A method may carry parameters, `name:key=value,key=value` (methods separated by `;` when any does), and is then
-reported under that label. `--tune` scores on held-out training items instead of the test items: each task's
+A method may carry parameters, `name:key=value,key=value`, and training settings of its own after `@`
+(`joint_lora@epochs=3,schedule=cosine`: an oracle trained to convergence); methods are separated by `;` when any
+carries either, and each is reported under its whole label. The oracle the others are paired against is the
+last joint_lora label given (`--oracle` names another). `--tune` scores on held-out training items instead of the test items: each task's
 last `--n-validation` training items are scored, the rest trained on; its results go to continual_lora_tuning.
 
 Every run is the verb itself (`malleable continual` with a `tasks:` list). The stream: four generated tasks of
@@ -66,32 +68,40 @@ def write_data(root: Path, tasks: list[str], n_train: int, n_test: int, n_valida
     return out
 
 
-def parse_method(spec: str) -> tuple[str, dict]:
-    """`name` or `name:key=value,key=value` -> (name, parameters); values read as numbers where they are."""
-    name, _, rest = spec.partition(":")
-    params = {}
-    for item in filter(None, rest.split(",")):
-        key, _, value = item.partition("=")
-        try:
-            params[key] = int(value) if value.lstrip("-").isdigit() else float(value)
-        except ValueError:
-            params[key] = value
-    return name, params
+def parse_method(spec: str) -> tuple[str, dict, dict]:
+    """`name[:key=value,...][@key=value,...]` -> (name, parameters, training settings); values read as numbers
+    where they are."""
+    def pairs(text: str) -> dict:
+        out = {}
+        for item in filter(None, text.split(",")):
+            key, _, value = item.partition("=")
+            try:
+                out[key] = int(value) if value.lstrip("-").isdigit() else float(value)
+            except ValueError:
+                out[key] = value
+        return out
+
+    head, _, training = spec.partition("@")
+    name, _, params = head.partition(":")
+    return name, pairs(params), pairs(training)
 
 
 def recipe(model: Path, method: str, seed: int, data: dict, args) -> dict:
-    method, params = parse_method(method)
+    method, params, own = parse_method(method)
+    training = {"steps": args.steps, "batch_size": args.batch_size, "lr": args.lr, "schedule": "constant"} | own
+    if "epochs" in own:
+        training.pop("steps")
     return {"model": str(model), "method": method, "seed": seed, "parameters": params,
             "lora": {"r": args.rank, "alpha": 2 * args.rank, "targets": ["q_proj", "k_proj", "v_proj", "o_proj"]},
             "tasks": [{"name": t, "train": str(data[t][0]), "test": str(data[t][1])} for t in args.tasks],
             "data": {"chat_template": "off"},
-            "training": {"steps": args.steps, "batch_size": args.batch_size, "lr": args.lr, "schedule": "constant"},
+            "training": training,
             "evaluate": {"probe": "lee", "probe_windows": 8, "probe_length": 128,
                          "composed": [{"name": COMPOSED, "test": str(data[COMPOSED][1])}]}}
 
 
 def run_one(model: Path, method: str, seed: int, data: dict, args, work: Path) -> dict:
-    out = work / f"{method.replace(':', '_')}-{seed}"
+    out = work / f"{method.replace(':', '_').replace('@', '_at_')}-{seed}"
     load = loadavg()
     start = time.perf_counter()
     report = continual(parse_continual_recipe(recipe(model, method, seed, data, args)), out, force=True,
@@ -121,7 +131,7 @@ def paired(runs: list[dict], method: str, reference: str, keys: tuple[str, ...])
     return {k: paired_t([ref[s][k] for s in mine], [mine[s][k] for s in mine]) for k in keys}
 
 
-def aggregate(runs: list[dict], methods: list[str]) -> dict:
+def aggregate(runs: list[dict], methods: list[str], oracle: str = "joint_lora") -> dict:
     table, vs_seq, vs_joint, matrices = {}, {}, {}, {}
     for m in methods:
         rows = [r for r in runs if r["method"] == m]
@@ -138,10 +148,10 @@ def aggregate(runs: list[dict], methods: list[str]) -> dict:
         matrices[m] = [[statistics.fmean(M[i][j] for M in R) for j in range(len(R[0][0]))] for i in range(len(R[0]))]
         if m != "seq_lora":
             vs_seq[m] = paired(runs, m, "seq_lora", ("average_accuracy", "forgetting"))
-        if m != "joint_lora":
-            vs_joint[m] = paired(runs, m, "joint_lora", ("average_accuracy",))
+        if m != oracle:
+            vs_joint[m] = paired(runs, m, oracle, ("average_accuracy",))
     start = runs[0]["accuracy_matrix"][0] if runs else []
-    return {"table": table, "paired_vs_seq_lora": vs_seq, "paired_vs_joint_lora": vs_joint,
+    return {"table": table, "paired_vs_seq_lora": vs_seq, "paired_vs_joint_lora": vs_joint, "oracle": oracle,
             "mean_matrices": matrices, "start_scores": start,
             "start_composed": runs[0]["composed"][0][0] if runs else None}
 
@@ -177,8 +187,9 @@ def markdown(res: dict) -> str:
         return f"{fmt(p[k]['mean'], nd)} [{fmt(p[k]['lo'], nd)}, {fmt(p[k]['hi'], nd)}]" if k in p else "-"
 
     lines += ["", "Paired by seed (mean [95% t-interval]): strategy minus seq_lora (the lower bound), and strategy "
-              "minus joint_lora (the oracle):", "",
-              "| strategy | avg acc - seq_lora | forgetting - seq_lora | avg acc - joint_lora |", "|---|---|---|---|"]
+              f"minus {a.get('oracle', 'joint_lora')} (the oracle):", "",
+              f"| strategy | avg acc - seq_lora | forgetting - seq_lora | avg acc - {a.get('oracle', 'joint_lora')} |",
+              "|---|---|---|---|"]
     for m in a["table"]:
         p, q = a["paired_vs_seq_lora"].get(m, {}), a["paired_vs_joint_lora"].get(m, {})
         lines.append(f"| {m} | {diff(p, 'average_accuracy')} | {diff(p, 'forgetting')} | "
@@ -206,6 +217,7 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--methods", default=",".join(STRATEGIES), help="comma-separated, or `;`-separated when a "
                     "method carries parameters (name:key=value,...)")
+    ap.add_argument("--oracle", help="the label the others are paired against (default: the last joint_lora one)")
     ap.add_argument("--tune", action="store_true", help="score held-out training items, not the test items")
     ap.add_argument("--n-validation", type=int, default=40, help="with --tune: training items held out per task")
     ap.add_argument("--seeds", default="0,1,2")
@@ -222,7 +234,8 @@ def main(argv=None) -> int:
                     "_tuning)")
     args = ap.parse_args(argv)
     args.tasks = args.tasks.split(",")
-    methods = args.methods.split(";" if ";" in args.methods or ":" in args.methods else ",")
+    methods = args.methods.split(";" if any(c in args.methods for c in ";:@") else ",")
+    oracle = args.oracle or next((m for m in reversed(methods) if m.startswith("joint_lora")), "joint_lora")
     seeds = [int(s) for s in args.seeds.split(",")]
     from malleable.models.smollm2 import smollm2_checkpoint
 
@@ -232,13 +245,14 @@ def main(argv=None) -> int:
     work = args.work / key
     data = write_data(work / "data", args.tasks, args.n_train, args.n_test, args.n_validation if args.tune else 0)
     name = args.name + ("_tuning" if args.tune else "")
-    settings = {k: v for k, v in vars(args).items() if k not in ("work", "results", "methods", "seeds", "name")
+    settings = {k: v for k, v in vars(args).items() if k not in ("work", "results", "methods", "seeds", "name",
+                                                                 "oracle")
                 and (args.tune or k != "n_validation")}
     settings |= {"seeds": seeds, "methods": methods}
     start, runs = time.perf_counter(), []
     for seed in seeds:
         for method in methods:
-            cache = work / "runs" / f"{method.replace(':', '_')}-{seed}.json"
+            cache = work / "runs" / f"{method.replace(':', '_').replace('@', '_at_')}-{seed}.json"
             if cache.is_file():
                 runs.append(json.loads(cache.read_text()))
             else:
@@ -247,7 +261,7 @@ def main(argv=None) -> int:
                 cache.write_text(json.dumps(run))
                 runs.append(run)
                 print(f"{method} seed {seed}: {json.dumps(values(run))} in {run['wall_s']} s", flush=True)
-            res = {"settings": settings, "runs": runs, "aggregate": aggregate(runs, methods),
+            res = {"settings": settings, "runs": runs, "aggregate": aggregate(runs, methods, oracle),
                    "partial": len(runs) < len(methods) * len(seeds), "wall_s": time.perf_counter() - start,
                    "machine": machine()}
             write_results(name, res, markdown(res), args.results)
