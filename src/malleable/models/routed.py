@@ -67,27 +67,43 @@ class LayerRouters(nn.Module):
         for m in self.routed:
             setattr(self, m, TokenRouter(hidden))
 
+    def logits(self, x: torch.Tensor) -> torch.Tensor:
+        """(..., 2 per routed module): (execute, skip) logits. Frozen routers run fused (one d -> d/4 per module
+        product and one block-diagonal product), which at one token per forward saves calls; trainable ones run
+        one by one."""
+        routers = [getattr(self, m) for m in self.routed]
+        params = self.__dict__.setdefault("_params", tuple(self.parameters()))  # a generator per call costs µs
+        if any(p.requires_grad for p in params):
+            return torch.cat([r(x) for r in routers], -1)
+        fused = self.__dict__.get("_fused")
+        if fused is None:
+            fused = self.__dict__["_fused"] = (
+                torch.cat([r.hidden.weight for r in routers]), torch.cat([r.hidden.bias for r in routers]),
+                torch.block_diag(*(r.out.weight for r in routers)), torch.cat([r.out.bias for r in routers]))
+        w1, b1, w2, b2 = fused
+        return nn.functional.linear(torch.relu(nn.functional.linear(x.to(w1.dtype), w1, b1)), w2, b2)
+
     def decide(self, x: torch.Tensor) -> torch.Tensor:
         """(..., 2) booleans, [attention, MLP] per token: True = execute (the argmax, a tie executing; a module
-        without a router always). Frozen routers run fused (one d -> d/2 product and one block-diagonal d/2 -> 4),
-        which at one token per forward halves their calls; trainable ones run as two."""
-        routers = [getattr(self, m) for m in self.routed]
-        if any(p.requires_grad for p in self.parameters()):
-            logits = torch.cat([r(x) for r in routers], -1)
-        else:
-            fused = self.__dict__.get("_fused")
-            if fused is None:
-                fused = self.__dict__["_fused"] = (
-                    torch.cat([r.hidden.weight for r in routers]), torch.cat([r.hidden.bias for r in routers]),
-                    torch.block_diag(*(r.out.weight for r in routers)), torch.cat([r.out.bias for r in routers]))
-            w1, b1, w2, b2 = fused
-            logits = nn.functional.linear(torch.relu(nn.functional.linear(x.to(w1.dtype), w1, b1)), w2, b2)
+        without a router always)."""
+        logits = self.logits(x)
         keep = logits[..., 0::2] >= logits[..., 1::2]
         if len(self.routed) == len(MODULES):
             return keep
         out = torch.ones(*keep.shape[:-1], len(MODULES), dtype=torch.bool, device=keep.device)
         out[..., [MODULES.index(m) for m in self.routed]] = keep
         return out
+
+    def route(self, x: torch.Tensor) -> tuple[torch.Tensor | None, list[int]]:
+        """(decide(x), or None for a single token; tokens executed per module). A decoding step routes one token
+        and only needs the counts, which come from the logits as Python numbers: the same `>=` on the same
+        float32 values, without the half-dozen tensor operations that cost as much as the routers' products."""
+        if x.shape[:-1].numel() != 1:
+            keep = self.decide(x)
+            return keep, keep.sum(tuple(range(keep.dim() - 1))).tolist()
+        v = self.logits(x).view(-1).tolist()
+        execute = {m: int(v[2 * i] >= v[2 * i + 1]) for i, m in enumerate(self.routed)}
+        return None, [execute.get(m, 1) for m in MODULES]
 
     def gates(self, x: torch.Tensor, tau: float) -> list[torch.Tensor]:
         """Training: per module, the hard Gumbel-softmax sample of "execute" (straight-through), ones for a
@@ -185,18 +201,17 @@ class _RoutedLayer:
             x = x + h * ga.unsqueeze(-1).to(h.dtype)
             m = layer.mlp(layer.post_attention_layernorm(x))
             return x + m * gm.unsqueeze(-1).to(m.dtype)
-        keep = routers.decide(x)
-        kept = keep.sum(tuple(range(keep.dim() - 1))).tolist()  # [attention, MLP] tokens executed
-        n = keep.numel() // 2
+        keep, kept = routers.route(x)  # kept: [attention, MLP] tokens executed; keep None: one token, all or none
+        n = x.shape[:-1].numel()
         routing.tokens += n
         routing.skipped["attention"] += n - kept[0]
         routing.skipped["mlp"] += n - kept[1]
         if kept[0] or cache is not None:  # no query runs and nothing is cached: nothing to do
-            x = attention_part(layer, x, keep[..., 0], attn_kw, kept[0], n)
-        return mlp_part(layer, x, keep[..., 1], kept[1] == n) if kept[1] else x
+            x = attention_part(layer, x, None if keep is None else keep[..., 0], attn_kw, kept[0], n)
+        return mlp_part(layer, x, None if keep is None else keep[..., 1], kept[1] == n) if kept[1] else x
 
 
-def mlp_part(layer, x: torch.Tensor, keep: torch.Tensor, every: bool) -> torch.Tensor:
+def mlp_part(layer, x: torch.Tensor, keep: torch.Tensor | None, every: bool) -> torch.Tensor:
     """x + mlp(norm(x)) for the kept tokens (`every`: all of them), x for the others; only the kept tokens go
     through the MLP."""
     if every:
@@ -207,7 +222,7 @@ def mlp_part(layer, x: torch.Tensor, keep: torch.Tensor, every: bool) -> torch.T
     return flat.index_add(0, idx, out.to(flat.dtype)).view_as(x)
 
 
-def attention_part(layer, x: torch.Tensor, keep: torch.Tensor, kw: dict, kept: int, n: int) -> torch.Tensor:
+def attention_part(layer, x: torch.Tensor, keep: torch.Tensor | None, kw: dict, kept: int, n: int) -> torch.Tensor:
     """x + attention(norm(x)) for the `kept` of the `n` tokens `keep` marks, x for the others. Every token's key
     and value are computed and cached (see the module docstring); queries, attention and the output projection
     only for the kept ones."""
