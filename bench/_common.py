@@ -7,6 +7,7 @@ import importlib.metadata as _md
 import json
 import os
 import platform
+import random
 import shlex
 import statistics
 import subprocess
@@ -134,6 +135,13 @@ def loadavg() -> list[float]:
 def median(xs: list[float]) -> float | None:
     xs = [x for x in xs if x is not None]
     return statistics.median(xs) if xs else None
+
+
+def boot_median(xs: list[float], resamples: int = 2000, seed: int = 0) -> list[float]:
+    """95% bootstrap interval of the median of `xs` (percentile method, seeded)."""
+    rng = random.Random(seed)
+    meds = sorted(statistics.median(rng.choice(xs) for _ in xs) for _ in range(resamples))
+    return [meds[int(0.025 * resamples)], meds[int(0.975 * resamples) - 1]]
 
 
 def ratio(a: float | None, b: float | None) -> float | None:

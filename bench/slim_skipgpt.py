@@ -26,7 +26,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import random
 import statistics
 import sys
 import time
@@ -37,7 +36,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # threads that spin for a b
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import torch  # noqa: E402
-from _common import fmt, loadavg, machine, write_results  # noqa: E402
+from _common import boot_median, fmt, loadavg, machine, write_results  # noqa: E402
 from slim_smollm2 import ratio_ci  # noqa: E402
 
 from malleable.api import slim  # noqa: E402
@@ -80,12 +79,6 @@ def build(name: str, method: str, params: dict, model: Path, work: Path, retrain
         slim(recipe, out, force=True, progress=True)
         print(f"{name}: built in {time.perf_counter() - t:.0f} s (load {before[0]} -> {loadavg()[0]})", flush=True)
     return json.loads((out / "report.json").read_text())
-
-
-def boot_median(xs: list[float], resamples: int = 2000, seed: int = 0) -> list[float]:
-    rng = random.Random(seed)
-    meds = sorted(statistics.median(rng.choice(xs) for _ in xs) for _ in range(resamples))
-    return [meds[int(0.025 * resamples)], meds[int(0.975 * resamples) - 1]]
 
 
 def main() -> None:

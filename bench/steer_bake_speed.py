@@ -38,7 +38,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
-from _common import fmt, loadavg, machine, thread_env, write_results  # noqa: E402
+from _common import boot_median, fmt, loadavg, machine, thread_env, write_results  # noqa: E402
 
 NAME = "steer_bake_speed"
 ARMS = ("plain", "plain_again", "baked_zero", "baked")
@@ -83,12 +83,6 @@ def build(work: Path, seed: int) -> dict[str, str]:
     bake(work / "caa", plain, work / "baked_zero", strength=0.0, force=True)
     return {"plain": plain, "plain_again": plain, "baked_zero": str(work / "baked_zero"),
             "baked": str(work / "baked")}
-
-
-def boot_median(xs: list[float], resamples: int = 2000, seed: int = 0) -> list[float]:
-    rng = random.Random(seed)
-    meds = sorted(statistics.median(rng.choice(xs) for _ in xs) for _ in range(resamples))
-    return [meds[int(0.025 * resamples)], meds[int(0.975 * resamples) - 1]]
 
 
 def summary(rounds: list[dict]) -> dict:
