@@ -68,9 +68,9 @@ class LayerRouters(nn.Module):
             setattr(self, m, TokenRouter(hidden))
 
     def logits(self, x: torch.Tensor) -> torch.Tensor:
-        """(..., 2 per routed module): (execute, skip) logits. Frozen routers run fused (one d -> d/4 per module
-        product and one block-diagonal product), which at one token per forward saves calls; trainable ones run
-        one by one."""
+        """(..., 2 per routed module): (execute, skip) logits. Frozen routers run fused (one product for every
+        routed module's hidden layer, one block-diagonal product for their outputs), which at one token per
+        forward saves calls; trainable ones run one by one."""
         routers = [getattr(self, m) for m in self.routed]
         params = self.__dict__.setdefault("_params", tuple(self.parameters()))  # a generator per call costs µs
         if any(p.requires_grad for p in params):

@@ -113,9 +113,8 @@ class SkipGPT(ModuleSkipper):
         per = sum(p.numel() for p in LayerRouters(d, tuple(self.p["modules"])).parameters())
         n = len(set(self.p["modules"])) * len(layers)
         return {"routers": n, "router_parameters": per * len(layers), "bytes_saved": 0,
-                "summary": f"train {n} routers ({per * len(layers):,} parameters, {' and '.join(self.p['modules'])})"
-                           f" for "
-                           f"{len(layers)} decoder layers towards skipping {self.p['sparsity']:g} of the module "
+                "summary": f"train {n} routers ({per * len(layers):,} parameters, {' and '.join(self.p['modules'])}) "
+                           f"for {len(layers)} decoder layers towards skipping {self.p['sparsity']:g} of the module "
                            f"executions, {self.p['steps']} steps"
                            + (f", then {self.p['lora_steps']} LoRA steps" if self.p["lora_steps"] else "")
                            + f"; the weights are written unchanged{' (LoRA merged)' if self.p['lora_steps'] else ''}"
