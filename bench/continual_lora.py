@@ -176,7 +176,9 @@ def markdown(res: dict) -> str:
     for m, row in a["table"].items():
         def cell(k, nd=2):
             c = row.get(k)
-            return "-" if c is None else f"{fmt(c['mean'], nd)} [{fmt(c['lo'], nd)}, {fmt(c['hi'], nd)}]"
+            if c is None:
+                return "-"
+            return fmt(c["mean"], nd) + (f" [{fmt(c['lo'], nd)}, {fmt(c['hi'], nd)}]" if c["n"] > 1 else "")
         n = row["average_accuracy"]["n"]
         probe = row["probe_ratio_final"]
         lines.append(f"| {m} | {n} | {cell('average_accuracy')} | {cell('forgetting')} | "
