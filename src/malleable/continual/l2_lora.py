@@ -2,9 +2,11 @@
 
 The loss adds ``lambda / 2 * sum (theta - theta*)^2`` over the adapter's parameters, theta* their values at the
 end of the previous task (nothing on the first task): EWC with every parameter's importance 1 (ewc_lora weighs
-each by its Fisher information). The default lambda is our choice, not a paper's: a task moves the adapter's
-~10^5-10^6 entries by ~10^-2 each, a squared distance of order 10-100, so lambda = 0.01 makes the penalty
-comparable to the task loss at the end of a task.
+each by its Fisher information). The default lambda is our choice, not a paper's: lambda = 1, the best of
+0.1, 1 and 10 on held-out training items of the continual LoRA benchmark's stream (SmolLM2-135M, rank 8, four
+generated tasks; bench/results/continual_lora_tuning.md: 28.8%, 46.3%, 39.4% average accuracy). The earlier
+default, 0.01, was sized to make the penalty comparable to the loss at the end of a task and changed nothing
+measurable (its forgetting matched plain sequential training).
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ from malleable.params import Param
 
 
 @continual_method("l2_lora", params={
-    "lam": Param(0.01, "weight of the squared distance to the previous task's adapter", ge=0)})
+    "lam": Param(1.0, "weight of the squared distance to the previous task's adapter", ge=0)})
 class L2LoRA(AdapterStrategy):
     """Sequential LoRA with an L2 pull towards the previous task's adapter."""
 
