@@ -7,8 +7,8 @@
 A method may carry parameters, `name:key=value,key=value`, and training settings of its own after `@`
 (`joint_lora@epochs=3,schedule=cosine`: an oracle trained to convergence); methods are separated by `;` when any
 carries either, and each is reported under its whole label. The oracle the others are paired against is the
-last joint_lora label given (`--oracle` names another). `--tune` scores on held-out training items instead of the test items: each task's
-last `--n-validation` training items are scored, the rest trained on; its results go to continual_lora_tuning.
+last joint_lora label given (`--oracle` names another). `--tune` scores held-out training items instead of the
+test items (each task's last `--n-validation` training items scored, the rest trained on), into <name>_tuning.
 
 Every run is the verb itself (`malleable continual` with a `tasks:` list). The stream: four generated tasks of
 `malleable.data.generated`, the ones a 40-step adapter learns in the merge benchmark's zoo (`profession`, a rule
@@ -218,7 +218,7 @@ def markdown(res: dict) -> str:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--methods", default=",".join(STRATEGIES), help="comma-separated, or `;`-separated when a "
-                    "method carries parameters (name:key=value,...)")
+                    "method carries parameters or training settings (name:key=value,...@key=value,...)")
     ap.add_argument("--oracle", help="the label the others are paired against (default: the last joint_lora one)")
     ap.add_argument("--tune", action="store_true", help="score held-out training items, not the test items")
     ap.add_argument("--n-validation", type=int, default=40, help="with --tune: training items held out per task")
