@@ -86,6 +86,11 @@ def parse_method(spec: str) -> tuple[str, dict, dict]:
     return name, pairs(params), pairs(training)
 
 
+def run_name(method: str, seed: int) -> str:
+    """A method label and seed as a file name (the run's folder and its cached result)."""
+    return f"{method.replace(':', '_').replace('@', '_at_')}-{seed}"
+
+
 def recipe(model: Path, method: str, seed: int, data: dict, args) -> dict:
     method, params, own = parse_method(method)
     training = {"steps": args.steps, "batch_size": args.batch_size, "lr": args.lr, "schedule": "constant"} | own
@@ -101,7 +106,7 @@ def recipe(model: Path, method: str, seed: int, data: dict, args) -> dict:
 
 
 def run_one(model: Path, method: str, seed: int, data: dict, args, work: Path) -> dict:
-    out = work / f"{method.replace(':', '_').replace('@', '_at_')}-{seed}"
+    out = work / run_name(method, seed)
     load = loadavg()
     start = time.perf_counter()
     report = continual(parse_continual_recipe(recipe(model, method, seed, data, args)), out, force=True,
@@ -254,7 +259,7 @@ def main(argv=None) -> int:
     start, runs = time.perf_counter(), []
     for seed in seeds:
         for method in methods:
-            cache = work / "runs" / f"{method.replace(':', '_').replace('@', '_at_')}-{seed}.json"
+            cache = work / "runs" / f"{run_name(method, seed)}.json"
             if cache.is_file():
                 runs.append(json.loads(cache.read_text()))
             else:

@@ -87,11 +87,12 @@ class SkipGPT(ModuleSkipper):
         for key in ("lora_targets", "modules"):
             if isinstance(p[key], str):
                 p[key] = [t.strip() for t in p[key].split(",") if t.strip()]
+        p["modules"] = list(dict.fromkeys(p["modules"]))  # each routed module once
         bad = [f"'{m}' is not a routable module" for m in p["modules"] if m not in MODULES]
         if bad or not p["modules"]:
             raise RecipeError(f"parameters.modules: {bad[0] if bad else 'names no module'} (choose from "
                               f"{', '.join(MODULES)})")
-        share = len(set(p["modules"])) / len(MODULES)
+        share = len(p["modules"]) / len(MODULES)
         if p["sparsity"] >= share:
             raise RecipeError(f"parameters.sparsity: {p['sparsity']} is not below {share:g}, the share of module "
                               f"executions the routed modules ({', '.join(p['modules'])}) make up")
@@ -111,7 +112,7 @@ class SkipGPT(ModuleSkipper):
                                   f"(e.g. {', '.join(sorted(names)[:6])})")
         d = model.config.hidden_size
         per = sum(p.numel() for p in LayerRouters(d, tuple(self.p["modules"])).parameters())
-        n = len(set(self.p["modules"])) * len(layers)
+        n = len(self.p["modules"]) * len(layers)
         return {"routers": n, "router_parameters": per * len(layers), "bytes_saved": 0,
                 "summary": f"train {n} routers ({per * len(layers):,} parameters, {' and '.join(self.p['modules'])}) "
                            f"for {len(layers)} decoder layers towards skipping {self.p['sparsity']:g} of the module "
