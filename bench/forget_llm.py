@@ -22,6 +22,10 @@ Models run on accelerate's device (the GPU when there is one), in float32.
   # the issue-13 objectives (default --objectives: all nine), answers generated up to each gold answer's length + 8
   python bench/forget_llm.py --objectives dpo,idkdpo,undial,wga --forget forget10 --seeds 0,1,2 \
       --max-new-tokens gold --name forget_llm_gold
+  # calibrated runs that also search step sizes (x3, x10, x30 of each objective's lr; issue 13), beside the
+  # fixed and plain calibrated runs already in the file
+  python bench/forget_llm.py --objectives simnpo,rmu,wga,dpo,idkdpo --seeds 0,1,2 --calibrate 0.1 \
+      --search-lr 3,10,30 --lr-rmu 1e-3 --name forget_llm_calibrated
   # one GPU, TOFU size, every split
   python bench/forget_llm.py --preset tofu --objectives ga,graddiff,npo,simnpo,rmu \
       --forget forget01,forget05,forget10 --seeds 0,1,2
@@ -73,9 +77,17 @@ def run_key(run: dict) -> str:
 
 
 def label(run: dict) -> str:
-    """The row a run is aggregated into: its objective and lr, and its stopping rule when calibrated."""
-    cal = run.get("calibrate")
-    return f"{run['objective']} (lr {run['settings']['lr']:g})" + (f", calibrated ±{cal['tolerance']:g}" if cal else "")
+    """The row a run is aggregated into: its objective and lr (the step sizes searched, when a list), and its
+    stopping rule when calibrated."""
+    cal, lr = run.get("calibrate"), run["settings"]["lr"]
+    lrs = "/".join(f"{x:g}" for x in lr) + " searched" if isinstance(lr, list) else f"{lr:g}"
+    return f"{run['objective']} (lr {lrs})" + (f", calibrated ±{cal['tolerance']:g}" if cal else "")
+
+
+def fixed_settings(run: dict) -> str:
+    """The settings of the fixed-budget run a calibrated one is compared with: the same, at the objective's own lr
+    where the calibrated run searched a list of step sizes around it."""
+    return json.dumps({**run["settings"], "lr": run.get("base_lr", run["settings"]["lr"])}, sort_keys=True)
 
 
 def _stats(vals: list) -> dict | None:
@@ -249,11 +261,10 @@ def calibration_section(result: dict, forget: str) -> list[str]:
 
     runs = [r for r in result["runs"] if r["forget"] == forget]
     retain = result["reference"][forget]["retain"]
-    fixed = {(r["objective"], r["seed"], json.dumps(r["settings"], sort_keys=True)): r
-             for r in runs if "calibrate" not in r}
+    fixed = {(r["objective"], r["seed"], fixed_settings(r)): r for r in runs if "calibrate" not in r}
     pairs: dict = {}
     for r in (r for r in runs if "calibrate" in r):
-        f = fixed.get((r["objective"], r["seed"], json.dumps(r["settings"], sort_keys=True)))
+        f = fixed.get((r["objective"], r["seed"], fixed_settings(r)))
         if f is not None:
             pairs.setdefault(label(r), []).append((f, r))
     if not pairs:
@@ -264,7 +275,10 @@ def calibration_section(result: dict, forget: str) -> list[str]:
              f"retain model| over {', '.join(GAP_METRICS)}, x 100; difference = calibrated - fixed per seed, "
              "mean and 95% t interval (negative: closer to the retain model). Sides from the evaluation's min-k "
              "AUC at the arm's tolerance; the retain model's own AUC is "
-             f"{fmt(retain['mia_auc_min_k'], 3)}.", "",
+             f"{fmt(retain['mia_auc_min_k'], 3)}. An arm that searched step sizes (`forget.stopping."
+             "search_step_size`: each from the target, smallest first, the first whose rule reaches the target "
+             "kept, else the closest) is compared with the fixed run at the objective's own lr, and its stop step "
+             "names the lr kept.", "",
              "| calibrated run | seeds | stop step (of budget) | gap fixed | gap calibrated | difference [95% CI] | "
              "AUC fixed | AUC calibrated | over / calibrated / under, fixed | over / calibrated / under, calibrated |",
              "|---|---:|---|---:|---:|---|---:|---:|---|---|"]
@@ -278,7 +292,8 @@ def calibration_section(result: dict, forget: str) -> list[str]:
             s = [side(r["summary"]["mia_auc_min_k"], tol) for r in rs]
             return " / ".join(str(s.count(k)) for k in ("over-unlearned", "calibrated", "under-unlearned"))
 
-        stops = [c["stopping"]["restored_to"] or c["steps"] for _, c in ps]
+        stops = [str(c["stopping"]["restored_to"] or c["steps"])
+                 + (f" at lr {c['lr_search']['lr']:g}" if "lr_search" in c else "") for _, c in ps]
         lines.append(f"| {name} | {len(ps)} | {', '.join(map(str, stops))} (of {ps[0][0]['steps']}) | "
                      f"{fmt(sum(gf) / len(gf))} | {fmt(sum(gc) / len(gc))} | {fmt(d['mean'])} [{fmt(d['lo'])}, "
                      f"{fmt(d['hi'])}] | {fmt(sum(f['summary']['mia_auc_min_k'] for f, _ in ps) / len(ps), 3)} | "
@@ -355,6 +370,9 @@ def parse_args(description: str = __doc__, extra=None) -> argparse.Namespace:
                     help="comma-separated tolerances: beside each fixed-budget run, one stopped by "
                          "StopRule('indistinguishable') at each (the same lr, its budget the cap)")
     ap.add_argument("--check-every", type=int, default=2, help="steps between the stop rule's checks")
+    ap.add_argument("--search-lr", type=lambda v: [float(x) for x in v.split(",")], default=[],
+                    help="factors of each objective's lr, e.g. 3,10,30: each --calibrate arm also runs searching "
+                         "those step sizes (forget.stopping.search_step_size)")
     ap.add_argument("--note", action="append", default=[], help="a reduction or caveat for the markdown")
     ap.add_argument("--results", type=Path, default=RESULTS_DIR)
     ap.add_argument("--name", help="results file name (a pilot at other settings keeps its own)")
@@ -416,20 +434,23 @@ def main() -> None:
         for objective in args.objectives.split(","):
             lr = args.lr_rmu if objective == "rmu" and args.lr_rmu else args.lr
             kwargs = {"epochs": args.epochs, "batch_size": args.batch_size, "lr": lr}
-            arms = [None] + [{"tolerance": t, "check_every": args.check_every} for t in args.calibrate]
-            for seed, calibrate in ((int(s), a) for s in args.seeds.split(",") for a in arms):
-                run = {"forget": forget, "objective": objective, "seed": seed, "settings": kwargs}
+            searched = {**kwargs, "lr": [lr * f for f in args.search_lr]}
+            arms = [(kwargs, None)] + [(k, {"tolerance": t, "check_every": args.check_every}) for t in args.calibrate
+                                       for k in ([kwargs, searched] if args.search_lr else [kwargs])]
+            for seed, (settings, calibrate) in ((int(s), a) for s in args.seeds.split(",") for a in arms):
+                run = {"forget": forget, "objective": objective, "seed": seed, "settings": settings}
                 if calibrate is not None:
                     run.update(calibrate=calibrate, stop_rule=STOP_RULE)
+                if settings is searched:
+                    run["base_lr"] = lr
                 if run_key(run) in done:
                     continue
-                out = proto.unlearn(objective, seed, calibrate, **kwargs)
+                out = proto.unlearn(objective, seed, calibrate, **settings)
                 run.update(metric_definitions=METRIC_DEFINITIONS, seconds=out["seconds"], steps=out["steps"],
                            summary=out["summary"],
                            relearn=out["relearn"],
                            examples=out["evals"]["forget"]["examples"], loadavg=loadavg())
-                if "stopping" in out:
-                    run["stopping"] = out["stopping"]
+                run.update({k: out[k] for k in ("stopping", "lr_search") if k in out})
                 runs[:] = [r for r in runs if run_key(r) != run_key(run)] + [run]
                 print(forget, objective, seed, json.dumps(out["summary"]), json.dumps(out["relearn"]["recovered"]),
                       flush=True)

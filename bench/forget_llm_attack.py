@@ -72,7 +72,7 @@ def main() -> None:
     refs = {name: [proto.reference_attack(name, a) for a in attacks] for name in ("target", "retain")}
     models = dict(refs)
     for objective in filter(None, args.objectives.split(",")):
-        result, tokenizer, _ = proto.unlearned(objective, 0, epochs=args.epochs, batch_size=args.batch_size,
+        result, tokenizer, _, _ = proto.unlearned(objective, 0, epochs=args.epochs, batch_size=args.batch_size,
                                                lr=args.lr)
         models[f"{objective} (lr {args.lr:g})"] = [
             {**r, **came_back(t, s, r)} for t, s, r in zip(

@@ -50,3 +50,19 @@ def test_privacy_leakage_is_recomputed_from_the_stored_aucs_and_legacy_runs_are_
     assert fl.legacy_note(result).startswith("1 of 2 runs and the target/retain rows of forget10")
     result["runs"][0]["metric_definitions"] = result["reference"]["forget10"]["metric_definitions"] = METRIC_DEFINITIONS
     assert fl.legacy_note(result) is None
+
+
+def test_a_calibrated_run_that_searched_step_sizes_is_compared_with_the_fixed_run_at_the_objectives_lr():
+    summary = {m: 0.5 for m in fl.GAP_METRICS}
+    fixed = {"forget": "forget10", "objective": "rmu", "seed": 0, "steps": 13,
+             "settings": {"epochs": 5.0, "batch_size": 8, "lr": 1e-3}, "summary": {**summary, "mia_auc_min_k": 0.9}}
+    other = {**fixed, "settings": {**fixed["settings"], "lr": 3e-3}, "summary": {**summary, "mia_auc_min_k": 0.1}}
+    searched = {**fixed, "settings": {**fixed["settings"], "lr": [3e-3, 1e-2]}, "base_lr": 1e-3,
+                "calibrate": {"tolerance": 0.1, "check_every": 2}, "summary": summary,
+                "stopping": {"restored_to": None}, "lr_search": {"lr": 1e-2, "tried": []}}
+    result = {"reference": {"forget10": {"retain": summary}}, "runs": [fixed, other, searched]}
+    assert fl.label(searched) == "rmu (lr 0.003/0.01 searched), calibrated ±0.1"
+    row = next(line for line in fl.calibration_section(result, "forget10") if line.startswith("| rmu"))
+    cells = [c.strip() for c in row.split("|")]
+    assert cells[3] == "13 at lr 0.01 (of 13)"
+    assert cells[4] == "6.67" and cells[5] == "0.00"  # paired with the lr 1e-3 run (AUC 0.9), not the 3e-3 one

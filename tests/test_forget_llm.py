@@ -217,6 +217,15 @@ def test_protocol_end_to_end_on_the_tiny_model(tiny_lm, tmp_path):
                         lr=1e-3)
     assert run["stopping"]["stopped_at"] == 1 and run["steps"] == 1
     assert run["stopping"]["calibration_rows"] == len(proto.splits["calibration"]) == 2
+    assert "lr_search" not in run
+    # a list of step sizes goes through forget.stopping.search_step_size (tested there): the search and the
+    # list itself are recorded
+    run = proto.unlearn("ga", seed=0, calibrate={"tolerance": 0.49, "check_every": 1}, steps=2, batch_size=2,
+                        lr=[1e-6, 1e-3])
+    assert run["settings"]["lr"] == [1e-6, 1e-3] and run["lr_search"]["lr"] == 1e-6  # the first reaches 0.49
+    assert [t["lr"] for t in run["lr_search"]["tried"]] == [1e-6]
+    with pytest.raises(ValueError, match="needs calibrate"):
+        proto.unlearned("ga", steps=1, lr=[1e-6, 1e-3])
 
 
 def test_gold_answer_lengths_cut_each_generation_at_its_own_budget(tiny_lm, tok):

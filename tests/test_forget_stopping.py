@@ -12,7 +12,7 @@ from hostile import refused
 from test_forget_cli import invoke, recipe_file, target  # noqa: F401  (the fine-tuned tiny target fixture)
 
 from malleable.forget.run import split_calibration, verdict
-from malleable.forget.stopping import StopRule, side
+from malleable.forget.stopping import StopRule, search_step_size, side
 
 
 def scripted(aucs: list[float], **kw) -> tuple[StopRule, torch.nn.Linear]:
@@ -85,6 +85,32 @@ def test_the_last_step_is_always_checked():
     drive(rule, model, 7)
     assert [p["step"] for p in rule.curve] == [5, 7] and rule.stopped_at is None
     assert rule.report()["verdict"] == "under-unlearned"
+
+
+def scripted_search(curves: dict[float, list[float]], steps: int = 15):
+    """`search_step_size` over scripted rules: step size lr's checks measure `curves[lr]` in turn."""
+    from types import SimpleNamespace
+
+    rules = iter([scripted(curve)[0] for curve in curves.values()])
+
+    def run(lr, stop):
+        drive(stop, torch.nn.Linear(1, 1, bias=False), steps)
+        return SimpleNamespace(steps=len(stop.curve) * 5, seconds=1.0, lr=lr)
+
+    return search_step_size(list(curves), run, lambda: next(rules))
+
+
+def test_the_search_keeps_the_first_step_size_that_reaches_the_target_and_tries_no_more():
+    lr, result, stop, tried = scripted_search({1e-6: [0.9, 0.9, 0.85], 1e-4: [0.9, 0.6, 0.5], 1e-2: [0.1]})
+    assert lr == result.lr == 1e-4 and stop.stopped_at == 15 and stop.reached
+    assert [t["lr"] for t in tried] == [1e-6, 1e-4]  # 1e-2 never ran
+    assert tried[0]["stopped_at"] is None and tried[0]["distance"] == pytest.approx(0.35)
+
+
+def test_the_search_keeps_the_closest_when_none_reaches_the_target():
+    lr, _, stop, tried = scripted_search({1e-6: [0.9, 0.9, 0.85], 1e-4: [0.9, 0.8, 0.7], 1e-3: [0.9, 0.8, 0.75]})
+    assert lr == 1e-4 and not stop.reached and stop.report()["verdict"] == "under-unlearned"
+    assert [t["distance"] for t in tried] == pytest.approx([0.35, 0.2, 0.25])
 
 
 @pytest.mark.parametrize("auc, words", [(0.9, "under-unlearned"), (0.53, "calibrated"), (0.47, "calibrated"),

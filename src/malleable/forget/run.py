@@ -17,7 +17,7 @@ from malleable.evaluate.unlearning import evidence, gaps
 from malleable.forget.engine import unlearn
 from malleable.forget.data import prompt_completion_records
 from malleable.forget.registry import get_mask, get_objective
-from malleable.forget.stopping import MIN_ROWS, StopRule, side
+from malleable.forget.stopping import MIN_ROWS, StopRule, search_step_size, side
 from malleable.io.atomic import atomic_dir, check_output
 from malleable.io.hashing import sha256_file
 from malleable.learn.data import collate, load_examples
@@ -133,28 +133,26 @@ def forget(recipe: ForgetRecipe, out: str | Path, *, force: bool = False, refere
     # the reference is measured before unlearning: `stop_at: reference` stops at its forget loss
     reference_row = evidence(ref_model, items, batch, size) if ref_model is not None else None
     reference_loss = reference_row["forget"]["loss"] if reference_row else None
-    chosen, tried = None, []  # chosen: (lr, result, stop rule, distance) kept; tried: what each step size did
-    for lr in t.lr if isinstance(t.lr, list) else [t.lr]:
-        if tried:  # every step size starts from the original model
-            model = load_model(recipe.model, recipe.task, pad, trust=trust)
-        stop = StopRule(t.stop_at, items["forget"], batch, tolerance=t.tolerance, check_every=t.check_every,
-                        calibration=calibration, batch_size=size, reference_loss=reference_loss) if t.stop_at else None
-        result = unlearn(model, forget=items["forget"], retain=items["retain"] or None, collate=batch,
-                         objective=recipe.objective, parameters=recipe.parameters, mask=recipe.mask, lora=recipe.lora,
-                         steps=t.steps, epochs=t.epochs, batch_size=t.batch_size, lr=lr, optimizer=t.optimizer,
-                         schedule=t.schedule, warmup_steps=t.warmup_steps, weight_decay=t.weight_decay,
-                         max_grad_norm=t.max_grad_norm, seed=recipe.seed, progress=progress, stop=stop)
-        reached = stop is None or stop.reached
-        distance = abs(stop.distance(stop.kept())) if stop is not None else 0.0
-        if stop is not None:
-            tried.append({"lr": lr, "steps": result.steps, "stopped_at": stop.stopped_at,
-                          "restored_to": stop.restored_to, "distance": round(distance, 6)})
-        if reached or chosen is None or distance < chosen[3]:  # none reached yet: keep the closest, drop the rest
-            chosen = (lr, result, stop, distance)
-        del model, result
-        if reached:  # the smallest step size that reaches the target
-            break
-    lr, result, stop, _ = chosen
+    lr_kwargs = dict(objective=recipe.objective, parameters=recipe.parameters, mask=recipe.mask, lora=recipe.lora,
+                     steps=t.steps, epochs=t.epochs, batch_size=t.batch_size, optimizer=t.optimizer,
+                     schedule=t.schedule, warmup_steps=t.warmup_steps, weight_decay=t.weight_decay,
+                     max_grad_norm=t.max_grad_norm, seed=recipe.seed, progress=progress)
+    fresh = [model]  # the loaded model for the first step size; every later one starts from the original again
+
+    def run_at(lr, stop):
+        start_from = fresh.pop() if fresh else load_model(recipe.model, recipe.task, pad, trust=trust)
+        return unlearn(start_from, forget=items["forget"], retain=items["retain"] or None, collate=batch, lr=lr,
+                       stop=stop, **lr_kwargs)
+
+    del model
+    if t.stop_at:
+        lr, result, stop, tried = search_step_size(
+            t.lr if isinstance(t.lr, list) else [t.lr], run_at,
+            lambda: StopRule(t.stop_at, items["forget"], batch, tolerance=t.tolerance, check_every=t.check_every,
+                             calibration=calibration, batch_size=size, reference_loss=reference_loss))
+    else:
+        lr, stop, tried = t.lr, None, None
+        result = run_at(lr, None)
     after = evidence(result.model, items, batch, size)
     rows = {"original": before, "unlearned": after, **({"reference": reference_row} if reference_row else {})}
     report = {

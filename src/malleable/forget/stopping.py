@@ -130,3 +130,26 @@ class StopRule:
         return {"rule": self.mode, "version": VERSION, "tolerance": self.tolerance, "check_every": self.check_every,
                 "stopped_at": self.stopped_at, "restored_to": self.restored_to, "reference_loss": self.reference_loss,
                 "calibration_rows": len(self.calibration), "verdict": verdict, "curve": self.curve}
+
+
+def search_step_size(lrs: Sequence[float], run: Callable, make_stop: Callable[[], StopRule]):
+    """Try each step size in order, every one from the original model, under a fresh stop rule:
+    `run(lr, stop)` unlearns and returns `forget.unlearn`'s result. Keeps the first step size whose rule reaches
+    the target, else the one that ended closest to it. Returns (lr, result, stop rule, what each step size did).
+
+    Why a list: a step size too small for the budget ends under-unlearned however the rule stops (the LLM
+    protocol's RMU, DPO, SimNPO and WGA at their default lr), one too large overshoots between two checks; trying
+    the smallest first and going up keeps the weights moved as little as the target allows."""
+    chosen, tried = None, []  # chosen: (lr, result, stop rule, distance)
+    for lr in lrs:
+        stop = make_stop()
+        result = run(lr, stop)
+        distance = abs(stop.distance(stop.kept()))
+        tried.append({"lr": lr, "steps": result.steps, "seconds": round(result.seconds, 1),
+                      "stopped_at": stop.stopped_at, "restored_to": stop.restored_to, "distance": round(distance, 6)})
+        if stop.reached or chosen is None or distance < chosen[3]:  # none reached yet: keep the closest only
+            chosen = (lr, result, stop, distance)
+        del result
+        if stop.reached:
+            break
+    return (*chosen[:3], tried)

@@ -198,19 +198,23 @@ class Protocol:
         chat = uses_chat_template(tokenizer, "auto")
         return [encode_pair(tokenizer, r["prompt"], r["completion"], chat) for r in records]
 
-    def unlearned(self, objective: str, seed: int = 0, calibrate: dict | None = None, **kwargs):
-        """(forget.unlearn's result, tokenizer, the stop rule or None): the forget split unlearned from a fresh
-        copy of the target. `kwargs` go to `forget.unlearn` (parameters, epochs or steps, batch_size, lr, lora,
-        mask...). `calibrate` ({"tolerance": ..., "check_every": ...}) stops the run with
-        `StopRule("indistinguishable")`: the forget rows' loss attack against the `calibration` split's people,
-        never-trained people other than the evaluation's holdout, so the rule does not read the rows the
-        evaluation's membership attack is scored on; the budget in `kwargs` is then the most it may run."""
+    def unlearned(self, objective: str, seed: int = 0, calibrate: dict | None = None, *,
+                  lr: float | list[float], **kwargs):
+        """(forget.unlearn's result, tokenizer, the stop rule or None, the step-size search or None: the
+        chosen lr and what each one did): the forget split unlearned from a fresh copy of the target. `kwargs` go
+        to `forget.unlearn` (parameters, epochs or steps, batch_size, lora, mask...). `calibrate`
+        ({"tolerance": ..., "check_every": ...}) stops the run with `StopRule("indistinguishable")`: the forget
+        rows' loss attack against the `calibration` split's people, never-trained people other than the
+        evaluation's holdout, so the rule does not read the rows the evaluation's membership attack is scored
+        on; the budget in `kwargs` is then the most it may run, and `lr` may be a list, searched as
+        `forget.stopping.search_step_size` does (the run keeps the chosen one)."""
         from malleable.forget import unlearn
         from malleable.forget.registry import get_objective
-        from malleable.forget.stopping import StopRule
+        from malleable.forget.stopping import StopRule, search_step_size
         from malleable.learn.data import collate
+        from malleable.models.checkpoints import load_tokenizer
 
-        model, tokenizer = load_trained(self.base, self.target_dir)
+        tokenizer = load_tokenizer(self.base)
         retain = self.items(self.splits[RETAIN_OF[self.forget]], tokenizer)
         pad = tokenizer.pad_token_id
 
@@ -221,28 +225,41 @@ class Protocol:
         items = self.items(self.sets["forget"], tokenizer)
         forget = get_objective(objective, kwargs.get("parameters") or {}).examples(items, tokenizer, seed=seed,
                                                                                   records=records)
-        stop = None if calibrate is None else StopRule(
-            "indistinguishable", items, batch,
-            calibration=self.items(self.splits["calibration"], tokenizer), batch_size=self.eval_batch_size,
-            **calibrate)
-        result = unlearn(model, forget=forget, retain=retain, collate=batch, objective=objective, seed=seed,
-                         stop=stop, **kwargs)
-        result.model.eval()
-        return result, tokenizer, stop
+        def run_at(step_size, stop):
+            model = load_trained(self.base, self.target_dir)[0]
+            return unlearn(model, forget=forget, retain=retain, collate=batch, objective=objective, seed=seed,
+                           lr=step_size, stop=stop, **kwargs)
 
-    def unlearn(self, objective: str, seed: int = 0, calibrate: dict | None = None, **kwargs) -> dict:
+        if calibrate is None:
+            if isinstance(lr, list):
+                raise ValueError("lr: a list of step sizes needs calibrate (the stop rule decides between them)")
+            result, stop, search = run_at(lr, None), None, None
+        else:
+            chosen, result, stop, tried = search_step_size(
+                lr if isinstance(lr, list) else [lr], run_at,
+                lambda: StopRule("indistinguishable", items, batch,
+                                 calibration=self.items(self.splits["calibration"], tokenizer),
+                                 batch_size=self.eval_batch_size, **calibrate))
+            search = {"lr": chosen, "tried": tried} if isinstance(lr, list) else None
+        result.model.eval()
+        return result, tokenizer, stop, search
+
+    def unlearn(self, objective: str, seed: int = 0, calibrate: dict | None = None, *, lr: float | list[float],
+                **kwargs) -> dict:
         """`unlearned`, then its metrics and the run's cost. With `relearning`, "relearn" holds the attack's
         before/after numbers and what came back; with `calibrate`, "stopping" the stop rule's report (its
         curve, the step it stopped at, the check it rolled back to, its verdict on the calibration rows)."""
         from malleable.evaluate.llm_forget import summarise
 
-        result, tokenizer, stop = self.unlearned(objective, seed, calibrate, **kwargs)
+        result, tokenizer, stop, search = self.unlearned(objective, seed, calibrate, lr=lr, **kwargs)
         evals = evaluate(result.model, tokenizer, self.sets, self.settings, self.eval_batch_size)
-        out = {"objective": objective, "seed": seed, "settings": kwargs,
+        out = {"objective": objective, "seed": seed, "settings": {**kwargs, "lr": lr},
                "seconds": round(result.seconds, 1), "steps": result.steps,
                "summary": summarise(evals, self.evals["retain"]), "evals": evals}
         if stop is not None:
             out["stopping"] = stop.report()
+        if search is not None:
+            out["lr_search"] = search
         if self.relearning is not None:
             out["relearn"] = self._returned(self.attack(result.model, tokenizer))
         return out
