@@ -133,16 +133,17 @@ def forget(recipe: ForgetRecipe, out: str | Path, *, force: bool = False, refere
     # the reference is measured before unlearning: `stop_at: reference` stops at its forget loss
     reference_row = evidence(ref_model, items, batch, size) if ref_model is not None else None
     reference_loss = reference_row["forget"]["loss"] if reference_row else None
-    lr_kwargs = dict(objective=recipe.objective, parameters=recipe.parameters, mask=recipe.mask, lora=recipe.lora,
-                     steps=t.steps, epochs=t.epochs, batch_size=t.batch_size, optimizer=t.optimizer,
-                     schedule=t.schedule, warmup_steps=t.warmup_steps, weight_decay=t.weight_decay,
-                     max_grad_norm=t.max_grad_norm, seed=recipe.seed, progress=progress)
+    unlearn_settings = dict(objective=recipe.objective, parameters=recipe.parameters, mask=recipe.mask,
+                            lora=recipe.lora, steps=t.steps, epochs=t.epochs, batch_size=t.batch_size,
+                            optimizer=t.optimizer, schedule=t.schedule, warmup_steps=t.warmup_steps,
+                            weight_decay=t.weight_decay, max_grad_norm=t.max_grad_norm, seed=recipe.seed,
+                            progress=progress)
     fresh = [model]  # the loaded model for the first step size; every later one starts from the original again
 
     def run_at(lr, stop):
         start_from = fresh.pop() if fresh else load_model(recipe.model, recipe.task, pad, trust=trust)
         return unlearn(start_from, forget=items["forget"], retain=items["retain"] or None, collate=batch, lr=lr,
-                       stop=stop, **lr_kwargs)
+                       stop=stop, **unlearn_settings)
 
     del model
     if t.stop_at:
