@@ -18,9 +18,17 @@ DOT_THRESHOLD = 0.9995  # mergekit: |cos| above this interpolates linearly
 EPS = 1e-8  # mergekit: a norm at or below this counts as 1
 
 
-def _norm(t: torch.Tensor) -> float:
-    """The tensor's L2 norm, accumulated block by block in float64 (no full-size temporary)."""
-    return math.sqrt(sum(float(b.double().square().sum()) for b in blocks(t)))
+def _norms_and_dot(v0: torch.Tensor, v1: torch.Tensor) -> tuple[float, float, float]:
+    """||v0||, ||v1|| and <v0, v1>, accumulated block by block in float64 in one pass over both tensors (no
+    full-size temporary; each block converted once: on a 1.1B-parameter model the three separate passes this
+    replaces made slerp 1.9x mergekit's time)."""
+    s0 = s1 = dot = 0.0
+    for a, b in zip(blocks(v0), blocks(v1)):
+        a, b = a.double(), b.double()
+        s0 += float(torch.dot(a, a))
+        s1 += float(torch.dot(b, b))
+        dot += float(torch.dot(a, b))
+    return math.sqrt(s0), math.sqrt(s1), dot
 
 
 def slerp_(t: float, v0: torch.Tensor, v1: torch.Tensor) -> torch.Tensor:
@@ -29,13 +37,13 @@ def slerp_(t: float, v0: torch.Tensor, v1: torch.Tensor) -> torch.Tensor:
     mergekit's ``slerp``: the angle comes from the normalised tensors (a norm <= 1e-8 counts as 1), but the
     coefficients sin((1-t)theta)/sin(theta) and sin(t theta)/sin(theta) multiply the tensors themselves, so
     norms interpolate too; |cos theta| > 0.9995 interpolates linearly. mergekit accumulates the norms and the
-    dot product chunk by chunk in float32; we do it block by block in float64, so results agree to float32
+    dot product of the normalised tensors chunk by chunk in float32; we accumulate the raw dot product block by
+    block in float64 and divide by the norms (the same value in exact arithmetic), so results agree to float32
     rounding, not bit for bit.
     """
-    n0, n1 = _norm(v0), _norm(v1)
+    n0, n1, dot = _norms_and_dot(v0, v1)
     n0, n1 = (n0 if n0 > EPS else 1.0), (n1 if n1 > EPS else 1.0)
-    dot = sum(float((a.double() / n0).mul_(b.double() / n1).sum()) for a, b in zip(blocks(v0), blocks(v1)))
-    dot = min(max(dot, -1.0), 1.0)
+    dot = min(max(dot / (n0 * n1), -1.0), 1.0)  # the normalised tensors' dot product
     if abs(dot) > DOT_THRESHOLD:
         c0, c1 = 1.0 - t, t
     else:  # mergekit computes the coefficients as float32 tensors; so do we
