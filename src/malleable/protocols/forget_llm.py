@@ -235,10 +235,10 @@ class Protocol:
                 raise ValueError("lr: a list of step sizes needs calibrate (the stop rule decides between them)")
             result, stop, search = run_at(lr, None), None, None
         else:
+            calibration = self.items(self.splits["calibration"], tokenizer)  # tokenised once for every lr tried
             chosen, result, stop, tried = search_step_size(
                 lr if isinstance(lr, list) else [lr], run_at,
-                lambda: StopRule("indistinguishable", items, batch,
-                                 calibration=self.items(self.splits["calibration"], tokenizer),
+                lambda: StopRule("indistinguishable", items, batch, calibration=calibration,
                                  batch_size=self.eval_batch_size, **calibrate))
             search = {"lr": chosen, "tried": tried} if isinstance(lr, list) else None
         result.model.eval()

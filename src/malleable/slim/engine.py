@@ -400,7 +400,7 @@ def slim(recipe: SlimRecipe, out: str | Path, force: bool = False, progress: boo
     held_out = consecutive_windows(tokenizer, ev.source, ev.seq_len, ev.max_windows) if ev is not None else None
     if ev is not None and ev.speed:
         tokens(tokenizer, ev.source, ev.prompt_tokens)
-    task_records = relation_records(ev) if ev is not None else {}
+    task_records = relation_records(ev.tasks, ev.task_items) if ev is not None else {}
     model = load(recipe, tokenizer)
     dtype = stored_dtype(recipe)
     seconds = {"load": round(time.perf_counter() - start, 3)}
@@ -497,12 +497,12 @@ def evict_only(recipe: SlimRecipe, out, force: bool, the_plan: dict, tokenizer, 
     return report
 
 
-def relation_records(ev) -> dict[str, list[dict]]:
-    """{relation: the first `task_items` records of its test split} (word_relations, seed 0), read before the
+def relation_records(tasks: list[str] | None, items: int) -> dict[str, list[dict]]:
+    """{relation: the first `items` records of its test split} (word_relations, seed 0), read before the
     model loads so that a missing questions-words.txt fails first."""
     from malleable.data.word_relations import word_relations
 
-    return {name: word_relations(name)["test"][:ev.task_items] for name in ev.tasks or []}
+    return {name: word_relations(name)["test"][:items] for name in tasks or []}
 
 
 def task_accuracy(models: dict, tokenizer, records: dict[str, list[dict]]) -> dict:
