@@ -26,6 +26,9 @@ Models run on accelerate's device (the GPU when there is one), in float32.
   # fixed and plain calibrated runs already in the file
   python bench/forget_llm.py --objectives simnpo,rmu,wga,dpo,idkdpo --seeds 0,1,2 --calibrate 0.1 \
       --search-lr 3,10,30 --lr-rmu 1e-3 --name forget_llm_calibrated
+  # the same searching arms with the stop rule's retain guard (retain loss at most 1.25x the target's)
+  python bench/forget_llm.py --objectives simnpo,rmu,wga,dpo,idkdpo --seeds 0,1,2 --calibrate 0.1 \
+      --search-lr 3,10,30 --retain-limit 1.25 --lr-rmu 1e-3 --name forget_llm_calibrated
   # one GPU, TOFU size, every split
   python bench/forget_llm.py --preset tofu --objectives ga,graddiff,npo,simnpo,rmu \
       --forget forget01,forget05,forget10 --seeds 0,1,2
@@ -78,10 +81,11 @@ def run_key(run: dict) -> str:
 
 def label(run: dict) -> str:
     """The row a run is aggregated into: its objective and lr (the step sizes searched, when a list), and its
-    stopping rule when calibrated."""
+    stopping rule when calibrated (with its retain guard's factor, when guarded)."""
     cal, lr = run.get("calibrate"), run["settings"]["lr"]
     lrs = "/".join(f"{x:g}" for x in lr) + " searched" if isinstance(lr, list) else f"{lr:g}"
-    return f"{run['objective']} (lr {lrs})" + (f", calibrated ±{cal['tolerance']:g}" if cal else "")
+    guard = f", retain loss ≤ {cal['retain_limit']:g}x" if cal and cal.get("retain_limit") else ""
+    return f"{run['objective']} (lr {lrs})" + (f", calibrated ±{cal['tolerance']:g}" if cal else "") + guard
 
 
 def fixed_settings(run: dict) -> str:
@@ -278,10 +282,12 @@ def calibration_section(result: dict, forget: str) -> list[str]:
              f"{fmt(retain['mia_auc_min_k'], 3)}. An arm that searched step sizes (`forget.stopping."
              "search_step_size`: each from the target, smallest first, the first whose rule reaches the target "
              "kept, else the closest) is compared with the fixed run at the objective's own lr, and its stop step "
-             "names the lr kept.", "",
+             "names the lr kept. A guarded arm (retain loss ≤ a factor of the target's, on retain rows utility "
+             "is not scored on) names the step where the guard ended the run.", "",
              "| calibrated run | seeds | stop step (of budget) | gap fixed | gap calibrated | difference [95% CI] | "
-             "AUC fixed | AUC calibrated | over / calibrated / under, fixed | over / calibrated / under, calibrated |",
-             "|---|---:|---|---:|---:|---|---:|---:|---|---|"]
+             "AUC fixed | AUC calibrated | over / calibrated / under, fixed | over / calibrated / under, calibrated "
+             "| utility fixed | utility calibrated |",
+             "|---|---:|---|---:|---:|---|---:|---:|---|---|---:|---:|"]
     for name, ps in sorted(pairs.items()):
         tol = ps[0][1]["calibrate"]["tolerance"]
         gf = [gap_to_retain(f["summary"], retain) for f, _ in ps]
@@ -293,12 +299,19 @@ def calibration_section(result: dict, forget: str) -> list[str]:
             return " / ".join(str(s.count(k)) for k in ("over-unlearned", "calibrated", "under-unlearned"))
 
         stops = [str(c["stopping"]["restored_to"] or c["steps"])
-                 + (f" at lr {c['lr_search']['lr']:g}" if "lr_search" in c else "") for _, c in ps]
+                 + (f" at lr {c['lr_search']['lr']:g}" if "lr_search" in c else "")
+                 + (f" (guard at {c['stopping']['broken_at']})" if c["stopping"].get("broken_at") else "")
+                 for _, c in ps]
+
+        def utility(rs):
+            return fmt(sum(r["summary"]["model_utility"] for r in rs) / len(rs), 3)
+
         lines.append(f"| {name} | {len(ps)} | {', '.join(map(str, stops))} (of {ps[0][0]['steps']}) | "
                      f"{fmt(sum(gf) / len(gf))} | {fmt(sum(gc) / len(gc))} | {fmt(d['mean'])} [{fmt(d['lo'])}, "
                      f"{fmt(d['hi'])}] | {fmt(sum(f['summary']['mia_auc_min_k'] for f, _ in ps) / len(ps), 3)} | "
                      f"{fmt(sum(c['summary']['mia_auc_min_k'] for _, c in ps) / len(ps), 3)} | "
-                     f"{sides([f for f, _ in ps])} | {sides([c for _, c in ps])} |")
+                     f"{sides([f for f, _ in ps])} | {sides([c for _, c in ps])} | {utility([f for f, _ in ps])} | "
+                     f"{utility([c for _, c in ps])} |")
     return lines + [""]
 
 
@@ -373,12 +386,18 @@ def parse_args(description: str = __doc__, extra=None) -> argparse.Namespace:
     ap.add_argument("--search-lr", type=lambda v: [float(x) for x in v.split(",")], default=[],
                     help="factors of each objective's lr, e.g. 3,10,30: each --calibrate arm also runs searching "
                          "those step sizes (forget.stopping.search_step_size)")
+    ap.add_argument("--retain-limit", type=float,
+                    help="a factor > 1: each --calibrate arm (the searching one, with --search-lr) also runs with the "
+                         "stop rule's retain guard, the retain loss at most this factor of the target's")
     ap.add_argument("--note", action="append", default=[], help="a reduction or caveat for the markdown")
     ap.add_argument("--results", type=Path, default=RESULTS_DIR)
     ap.add_argument("--name", help="results file name (a pilot at other settings keeps its own)")
     ap.add_argument("--render", type=Path, metavar="JSON", help="only rewrite this results JSON's .md and .png")
     ap.set_defaults(**PRESETS[pre.parse_known_args()[0].preset])
-    return ap.parse_args()
+    args = ap.parse_args()
+    if args.retain_limit is not None and args.retain_limit <= 1:
+        ap.error(f"--retain-limit: a factor of the target's retain loss, greater than 1; got {args.retain_limit:g}")
+    return args
 
 
 def gpu_name() -> str | None:
@@ -435,8 +454,12 @@ def main() -> None:
             lr = args.lr_rmu if objective == "rmu" and args.lr_rmu else args.lr
             kwargs = {"epochs": args.epochs, "batch_size": args.batch_size, "lr": lr}
             searched = {**kwargs, "lr": [lr * f for f in args.search_lr]}
-            arms = [(kwargs, None)] + [(k, {"tolerance": t, "check_every": args.check_every}) for t in args.calibrate
-                                       for k in ([kwargs, searched] if args.search_lr else [kwargs])]
+            arms = [(kwargs, None)]
+            for t in args.calibrate:
+                rule = {"tolerance": t, "check_every": args.check_every}
+                arms += [(k, rule) for k in ([kwargs, searched] if args.search_lr else [kwargs])]
+                if args.retain_limit:
+                    arms.append((searched if args.search_lr else kwargs, {**rule, "retain_limit": args.retain_limit}))
             for seed, (settings, calibrate) in ((int(s), a) for s in args.seeds.split(",") for a in arms):
                 run = {"forget": forget, "objective": objective, "seed": seed, "settings": settings}
                 if calibrate is not None:

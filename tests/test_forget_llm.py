@@ -181,7 +181,7 @@ def test_relearning_attack_brings_back_what_ga_removed(memorised, tok):
 
 def test_protocol_end_to_end_on_the_tiny_model(tiny_lm, tmp_path):
     """Data, target and retain fine-tunes through `learn`, cached evaluations, one unlearning run."""
-    from malleable.protocols.forget_llm import Protocol, ProtocolSettings
+    from malleable.protocols.forget_llm import Protocol, ProtocolSettings, guard_records
 
     settings = ProtocolSettings(people=10, qa_per_person=2, epochs=1, batch_size=4, retain_eval=4, world_eval=4,
                                 max_new_tokens=4)
@@ -226,6 +226,15 @@ def test_protocol_end_to_end_on_the_tiny_model(tiny_lm, tmp_path):
     assert [t["lr"] for t in run["lr_search"]["tried"]] == [1e-6]
     with pytest.raises(ValueError, match="needs calibrate"):
         proto.unlearned("ga", steps=1, lr=[1e-6, 1e-3])
+    # the retain guard reads retain rows utility is not scored on; gradient ascent at a large step size takes
+    # the retain loss past 1.001x the target's at the first check: the run ends there, with nothing to go back to
+    guard = guard_records(settings, proto.splits, "forget01")
+    assert len(guard) == 4 and not {r["prompt"] for r in guard} & {r["prompt"] for r in proto.sets["retain"]}
+    run = proto.unlearn("ga", seed=0, calibrate={"tolerance": 0.1, "check_every": 1, "retain_limit": 1.001},
+                        steps=3, batch_size=2, lr=1e-1)
+    s = run["stopping"]
+    assert (s["broken_at"], s["kept_broken"], run["steps"]) == (1, True, 1)
+    assert s["curve"][0]["retain_loss"] > s["retain_limit"]
 
 
 def test_gold_answer_lengths_cut_each_generation_at_its_own_budget(tiny_lm, tok):

@@ -11,15 +11,20 @@ import yaml
 from hostile import refused
 from test_forget_cli import invoke, recipe_file, target  # noqa: F401  (the fine-tuned tiny target fixture)
 
+from malleable.errors import InputError
 from malleable.forget.run import split_calibration, verdict
 from malleable.forget.stopping import StopRule, search_step_size, side
 
 
-def scripted(aucs: list[float], **kw) -> tuple[StopRule, torch.nn.Linear]:
-    """A rule whose measurements are `aucs` in turn, over a model whose weight is the check's index."""
-    rule = StopRule("indistinguishable", [0, 1], None, calibration=[2, 3], tolerance=0.05, check_every=5, **kw)
-    seq = iter(aucs)
-    rule.measure = lambda model: {"forget_loss": 0.0, "membership_auc": next(seq)}
+def scripted(aucs: list[float], retain: list[float] | None = None, **kw) -> tuple[StopRule, torch.nn.Linear]:
+    """A rule whose measurements are `aucs` in turn (and retain losses `retain`, against a limit of 1.0), over a
+    model whose weight is the check's index."""
+    guard = {"retain": [4, 5], "retain_limit": 1.0} if retain is not None else {}
+    rule = StopRule("indistinguishable", [0, 1], None, calibration=[2, 3], tolerance=0.05, check_every=5,
+                    **guard, **kw)
+    seq, losses = iter(aucs), iter(retain or [])
+    rule.measure = lambda model: {"forget_loss": 0.0, "membership_auc": next(seq)} | (
+        {"retain_loss": next(losses)} if retain is not None else {})
     return rule, torch.nn.Linear(1, 1, bias=False)
 
 
@@ -87,11 +92,39 @@ def test_the_last_step_is_always_checked():
     assert rule.report()["verdict"] == "under-unlearned"
 
 
-def scripted_search(curves: dict[float, list[float]], steps: int = 15):
-    """`search_step_size` over scripted rules: step size lr's checks measure `curves[lr]` in turn."""
+def test_the_retain_guard_stops_at_the_first_check_past_its_limit_and_goes_back():
+    rule, model = scripted([0.9, 0.7, 0.6, 0.5], retain=[0.5, 0.8, 1.2, 1.3])
+    drive(rule, model, 40)
+    assert (rule.broken_at, rule.stopped_at, rule.restored_to, float(model.weight)) == (15, None, 10, 10)
+    assert not rule.reached and not rule.kept_broken  # kept step 10: AUC 0.7, short of the target, within the limit
+    report = rule.report()
+    assert report["verdict"] == "under-unlearned" and report["broken_at"] == 15 and report["retain_limit"] == 1.0
+
+
+def test_a_guarded_run_that_reaches_the_target_within_the_limit_is_untouched():
+    rule, model = scripted([0.9, 0.5], retain=[0.5, 0.9])
+    drive(rule, model, 40)
+    assert (rule.broken_at, rule.stopped_at, rule.restored_to) == (None, 10, None) and rule.reached
+
+
+def test_a_run_broken_at_its_first_check_ends_broken_and_never_counts_as_reached():
+    rule, model = scripted([0.5], retain=[2.0])  # at the target, but past the limit: nothing earlier to go back to
+    drive(rule, model, 40)
+    assert rule.broken_at == 5 and rule.kept_broken and not rule.reached and float(model.weight) == 5
+
+
+def test_the_retain_guard_needs_retain_rows():
+    with pytest.raises(InputError, match="training.retain_limit"):
+        StopRule("indistinguishable", [0, 1], None, calibration=[2, 3], tolerance=0.05, check_every=5,
+                 retain_limit=1.2)
+
+
+def scripted_search(curves: dict[float, list[float]], steps: int = 15, retain: dict[float, list[float]] | None = None):
+    """`search_step_size` over scripted rules: step size lr's checks measure `curves[lr]` in turn (and retain
+    losses `retain[lr]` when given)."""
     from types import SimpleNamespace
 
-    rules = iter([scripted(curve)[0] for curve in curves.values()])
+    rules = iter([scripted(curve, None if retain is None else retain[lr])[0] for lr, curve in curves.items()])
 
     def run(lr, stop):
         drive(stop, torch.nn.Linear(1, 1, bias=False), steps)
@@ -111,6 +144,15 @@ def test_the_search_keeps_the_closest_when_none_reaches_the_target():
     lr, _, stop, tried = scripted_search({1e-6: [0.9, 0.9, 0.85], 1e-4: [0.9, 0.8, 0.7], 1e-3: [0.9, 0.8, 0.75]})
     assert lr == 1e-4 and not stop.reached and stop.report()["verdict"] == "under-unlearned"
     assert [t["distance"] for t in tried] == pytest.approx([0.35, 0.2, 0.25])
+
+
+def test_the_search_passes_over_a_step_size_whose_run_breaks_the_retain_limit():
+    # 1e-4 reaches AUC 0.5 only past the limit and goes back to 0.7; 1e-3's first check breaks it at 0.45
+    lr, _, stop, tried = scripted_search({1e-4: [0.9, 0.7, 0.5], 1e-3: [0.45]},
+                                         retain={1e-4: [0.5, 0.9, 1.5], 1e-3: [3.0]})
+    assert lr == 1e-4 and stop.restored_to == 10 and not stop.kept_broken
+    assert [(t["lr"], t["broken_at"]) for t in tried] == [(1e-4, 15), (1e-3, 5)]
+    assert [t["distance"] for t in tried] == pytest.approx([0.2, 0.05])  # 1e-3 is closer, and broken: ranked last
 
 
 @pytest.mark.parametrize("auc, words", [(0.9, "under-unlearned"), (0.53, "calibrated"), (0.47, "calibrated"),
@@ -158,6 +200,9 @@ def test_forget_stops_at_the_target_and_reports_the_curve(target, tmp_path):  # 
     ({"lr": [1e-5, 1e-4]}, {}, "needs training.stop_at"),
     ({"stop_at": "indistinguishable", "lr": [1e-5, 1e-5]}, {}, "listed twice"),
     ({"stop_at": "indistinguishable", "lr": [1e-5, -1.0]}, {}, "greater than 0"),
+    ({"retain_limit": 1.2}, {}, "set stop_at"),
+    ({"stop_at": "indistinguishable", "retain_limit": 1.0}, {}, "training.retain_limit"),
+    ({"stop_at": "indistinguishable", "retain_limit": 1.2}, {"retain": None}, "data.retain"),
 ])
 def test_bad_stopping_settings_are_one_line(target, tmp_path, training, data, mentions):  # noqa: F811
     r = recipe_file(tmp_path / "r.yaml", target, training={"steps": 4, "batch_size": 8, "lr": 2e-3, **training})
@@ -203,3 +248,22 @@ def test_a_list_of_step_sizes_keeps_the_first_that_reaches_the_target(target, tm
     assert invoke("forget", alone, tmp_path / "alone", "-q").exit_code == 0
     assert json.loads((tmp_path / "alone" / "report.json").read_text())["calibration"] == report["calibration"]
     assert "step size: 0.002" in (tmp_path / "out" / "report.md").read_text()
+
+
+def test_the_retain_guard_ends_the_run_where_the_retain_loss_passes_its_limit(target, tmp_path):  # noqa: F811
+    """A high step size with a tight guard: the retain loss passes 1.02x the original's before the forget rows
+    reach the target, the run stops there and keeps the check before (every check it keeps is within)."""
+    r = recipe_file(tmp_path / "r.yaml", target, training={
+        "steps": 40, "batch_size": 8, "lr": 2e-3, "stop_at": "indistinguishable", "check_every": 1,
+        "tolerance": 0.1, "calibration": 0.5, "retain_limit": 1.02})
+    result = invoke("forget", r, tmp_path / "out", "-q")
+    assert result.exit_code == 0, result.output
+    report = json.loads((tmp_path / "out" / "report.json").read_text())
+    c, e = report["calibration"], report["evidence"]
+    assert c["retain_limit"] == pytest.approx(1.02 * e["original"]["retain"]["loss"], rel=1e-4)  # all retain rows
+    assert c["broken_at"] == c["curve"][-1]["step"] == report["steps"] < 40 and c["stopped_at"] is None
+    assert c["curve"][-1]["retain_loss"] > c["retain_limit"] >= max(p["retain_loss"] for p in c["curve"][:-1])
+    if c["restored_to"] is not None:  # the model is the kept check's: its retain loss is within the limit again
+        assert c["restored_to"] == c["curve"][-2]["step"]
+        assert e["unlearned"]["retain"]["loss"] <= c["retain_limit"] + 1e-4
+    assert "the retain loss passed its limit" in (tmp_path / "out" / "report.md").read_text()

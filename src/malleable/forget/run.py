@@ -9,6 +9,7 @@ unlearning through LoRA) is written atomically with report.json, report.md and e
 from __future__ import annotations
 
 import json
+import random
 import time
 from pathlib import Path
 
@@ -17,7 +18,7 @@ from malleable.evaluate.unlearning import evidence, gaps
 from malleable.forget.engine import unlearn
 from malleable.forget.data import prompt_completion_records
 from malleable.forget.registry import get_mask, get_objective
-from malleable.forget.stopping import MIN_ROWS, StopRule, search_step_size, side
+from malleable.forget.stopping import MIN_ROWS, StopRule, retain_bound, search_step_size, side
 from malleable.io.atomic import atomic_dir, check_output
 from malleable.io.hashing import sha256_file
 from malleable.learn.data import collate, load_examples
@@ -82,6 +83,8 @@ def check_recipe(recipe: ForgetRecipe):
                           f"{' and '.join(sorted(names[k] for k in objective.kinds))} only)")
     if objective.needs_retain and recipe.data.retain is None:
         raise RecipeError(f"data.retain: {recipe.objective} needs retain data and none was given")
+    if recipe.training.retain_limit is not None and recipe.data.retain is None:
+        raise RecipeError("data.retain: training.retain_limit guards the retain set's loss; none was given")
     if recipe.training.stop_at == "indistinguishable" and recipe.data.holdout is None:
         raise RecipeError("data.holdout: training.stop_at: indistinguishable measures the forget rows against "
                           "holdout rows; none were given")
@@ -130,6 +133,8 @@ def forget(recipe: ForgetRecipe, out: str | Path, *, force: bool = False, refere
         raise RecipeError("training.stop_at: reference needs a reference model (--reference or `reference:`)")
     calibration = split_calibration(items, t.calibration, recipe.seed) if t.stop_at == "indistinguishable" else []
     before = evidence(model, items, batch, size)
+    guard = guard_rows(items["retain"], recipe.seed) if t.retain_limit is not None else []
+    retain_limit = retain_bound(model, guard, batch, t.retain_limit, size) if guard else None
     # the reference is measured before unlearning: `stop_at: reference` stops at its forget loss
     reference_row = evidence(ref_model, items, batch, size) if ref_model is not None else None
     reference_loss = reference_row["forget"]["loss"] if reference_row else None
@@ -150,7 +155,8 @@ def forget(recipe: ForgetRecipe, out: str | Path, *, force: bool = False, refere
         lr, result, stop, tried = search_step_size(
             t.lr if isinstance(t.lr, list) else [t.lr], run_at,
             lambda: StopRule(t.stop_at, items["forget"], batch, tolerance=t.tolerance, check_every=t.check_every,
-                             calibration=calibration, batch_size=size, reference_loss=reference_loss))
+                             calibration=calibration, batch_size=size, reference_loss=reference_loss,
+                             retain=guard, retain_limit=retain_limit))
     else:
         lr, stop, tried = t.lr, None, None
         result = run_at(lr, None)
@@ -193,11 +199,15 @@ def forget(recipe: ForgetRecipe, out: str | Path, *, force: bool = False, refere
     return report
 
 
+def guard_rows(retain: list, seed: int, most: int = 64) -> list:
+    """The retain rows the retain guard measures at each check: a seeded sample, so a check costs the same
+    however large the retain set is (they stay in training; the guard watches utility, not membership)."""
+    return random.Random(seed).sample(retain, min(most, len(retain)))
+
+
 def split_calibration(items: dict, share: float, seed: int) -> list:
     """Take a seeded `share` of the holdout rows out of `items` for the stopping rule (they never enter the
     evidence, so the reported attack is not the one the rule tuned on); returns them."""
-    import random
-
     rows = list(items["holdout"])
     random.Random(seed).shuffle(rows)
     n = max(MIN_ROWS, round(share * len(rows)))
@@ -272,6 +282,7 @@ def report_markdown(title: str, r: dict) -> str:
                      f"being worse than unseen rows)")
     if r.get("lr_search"):
         tried = [f"{x['lr']} (" + (f"stopped at step {x['stopped_at']}" if x["stopped_at"] else
+                                   f"retain limit passed at step {x['broken_at']}" if x.get("broken_at") else
                                    f"ran all {x['steps']} steps") + f", distance {x['distance']})"
                  for x in r["lr_search"]]
         lines.append(f"- step size: {r['lr']}, of {'; '.join(tried)} (the first that reaches the target, else the "
@@ -279,9 +290,15 @@ def report_markdown(title: str, r: dict) -> str:
     c = r.get("calibration")
     if c:
         where = f", then back to step {c['restored_to']} (closer to the target)" if c["restored_to"] else ""
+        stopped = f"stopped at step {c['stopped_at']}"
+        if c.get("broken_at"):
+            where = (f", then back to step {c['restored_to']}" if c["restored_to"] else
+                     " (no earlier check to go back to)")
+            stopped = f"the retain loss passed its limit ({c['retain_limit']:.4f}) at step {c['broken_at']}"
+        guard = f", retain loss at most {c['retain_limit']:.4f}" if c.get("retain_limit") is not None else ""
         lines.append(f"- calibrated stopping ({c['rule']}, tolerance {c['tolerance']}, checked every "
-                     f"{c['check_every']} steps on {c['calibration_rows']} calibration rows): stopped at step "
-                     f"{c['stopped_at']}{where}; {c['verdict']} on the rule's own measure")
+                     f"{c['check_every']} steps on {c['calibration_rows']} calibration rows{guard}): {stopped}"
+                     f"{where}; {c['verdict']} on the rule's own measure")
         lines.append("- curve: " + "; ".join(f"step {p['step']}: " + ", ".join(f"{k} {v}" for k, v in p.items()
                                                                             if k != "step") for p in c["curve"]))
     return "\n".join(lines) + "\n"

@@ -21,6 +21,13 @@ the band's near edge (the LLM protocol's calibrated runs ended at AUC ~0.6 with 
 under-unlearned). The tolerance now only says when a run counts as calibrated (`side`), and how near the
 target the rule starts stopping at a check that does not improve.
 
+The membership attack cannot see what unlearning costs elsewhere: on the LLM protocol SimNPO needs a step size
+whose run reaches AUC 0.5 with the model's utility at 0.0-0.4 (retain model 0.46). With a retain guard
+(`retain` rows and a `retain_limit` on their mean loss, from `retain_bound`) every check also measures the
+retain loss; the first check past the limit is *broken*: the rule stops there and goes back to the closest
+earlier check (all earlier ones were within the limit), and `search_step_size` ranks a run that ends on a
+broken check below every run that does not.
+
 Where the issue asked for a held-out part of the *forget* set, this rule measures the rows being unlearned
 against held-out *unseen* rows instead: the rows that were not trained on cannot show over-unlearning, which
 is exactly what the rule has to catch, and the holdout part it looks at is kept out of the final evidence.
@@ -38,7 +45,7 @@ from malleable.evaluate.unlearning import example_scores
 
 MIN_ROWS = 2  # fewer forget or calibration rows leave the attack's AUC without any resolution
 VERSION = 3  # of the stopping decision (1: first check inside the band; 2: closest check, ties to the later one);
-# reports and benchmark caches carry it
+# reports and benchmark caches carry it (the retain guard, off unless asked for, leaves runs without it as they were)
 
 
 def side(auc: float, tolerance: float) -> str:
@@ -63,15 +70,19 @@ class StopRule:
     """Called with the model after a step; returns True to stop. Keeps the curve of every check."""
 
     def __init__(self, mode: str, forget: Sequence, collate: Callable, *, tolerance: float, check_every: int,
-                 calibration: Sequence = (), reference_loss: float | None = None, batch_size: int = 16):
+                 calibration: Sequence = (), reference_loss: float | None = None, batch_size: int = 16,
+                 retain: Sequence = (), retain_limit: float | None = None):
         if len(forget) < MIN_ROWS or (mode == "indistinguishable" and len(calibration) < MIN_ROWS):
             raise InputError(f"training.stop_at: {mode} needs at least {MIN_ROWS} forget rows and {MIN_ROWS} "
                              f"calibration (holdout) rows; got {len(forget)} and {len(calibration)}")
         self.mode, self.forget, self.calibration, self.collate = mode, forget, calibration, collate
         self.tolerance, self.check_every, self.reference_loss = tolerance, check_every, reference_loss
-        self.batch_size = batch_size
+        if retain_limit is not None and not retain:
+            raise InputError("training.retain_limit: the retain guard needs retain rows; none were given")
+        self.batch_size, self.retain, self.retain_limit = batch_size, retain, retain_limit
         self.curve: list[dict] = []
         self.stopped_at: int | None = None
+        self.broken_at: int | None = None  # the check whose retain loss passed the limit
         self.restored_to: int | None = None
         self._best: tuple[float, int, dict[str, torch.Tensor]] | None = None  # |gap|, step, weights
 
@@ -82,7 +93,13 @@ class StopRule:
             held = example_scores(model, self.calibration, self.collate, self.batch_size)["loss"]
             row["membership_auc"] = round(membership_auc(-forget.numpy(), -held.numpy()), 6)
             row["holdout_loss"] = round(float(held.mean()), 6)
+        if self.retain_limit is not None:
+            row["retain_loss"] = round(float(example_scores(model, self.retain, self.collate,
+                                                            self.batch_size)["loss"].mean()), 6)
         return row
+
+    def broken(self, row: dict) -> bool:
+        return self.retain_limit is not None and row["retain_loss"] > self.retain_limit
 
     def distance(self, row: dict) -> float:
         """How far a check is from the target, signed: > 0 short of it, < 0 past it."""
@@ -97,6 +114,10 @@ class StopRule:
         self.curve.append(row)
         gap = self.distance(row)
         best = self._best[0] if self._best is not None else float("inf")
+        if self.broken(row):  # every earlier check was within the limit and short of the target: keep the closest
+            self.broken_at = step
+            self._go_back(model)
+            return True
         closing = gap > 0 and (gap > self.tolerance or gap < best)  # short of the target and still closing in
         if closing and gap < best:
             self._best = (gap, step, {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad})
@@ -105,22 +126,36 @@ class StopRule:
         # an earlier check was as close or closer: go back to it (on a tie, it moved the weights less; AUCs on
         # a few rows take few distinct values, so ties are common)
         if self._best is not None and self._best[0] <= abs(gap) and self._best[1] != step:
-            with torch.no_grad():
-                for n, p in model.named_parameters():
-                    if n in self._best[2]:
-                        p.copy_(self._best[2][n])
-            self.restored_to = self._best[1]
+            self._go_back(model)
         if not closing:
             self.stopped_at = step
         return True
+
+    def _go_back(self, model) -> None:
+        """Put the closest check's trainable weights back (none kept yet: the model stays as it is)."""
+        if self._best is None:
+            return
+        with torch.no_grad():
+            for n, p in model.named_parameters():
+                if n in self._best[2]:
+                    p.copy_(self._best[2][n])
+        self.restored_to = self._best[1]
 
     def kept(self) -> dict:
         """The check whose weights the model ends with: the one gone back to, else the last."""
         return next(r for r in reversed(self.curve) if self.restored_to in (None, r["step"]))
 
     @property
+    def kept_broken(self) -> bool:
+        """The model ends on a check past the retain limit (the first check already broke it)."""
+        return bool(self.curve) and self.broken(self.kept())
+
+    @property
     def reached(self) -> bool:
-        """Stopped at the target, or ended (budget spent) on a check within the tolerance of it."""
+        """Stopped at the target, or ended (budget spent, or the retain guard) on a check within the tolerance
+        of it; never on a check past the retain limit."""
+        if self.kept_broken:
+            return False
         return self.stopped_at is not None or (bool(self.curve) and abs(self.distance(self.kept())) <= self.tolerance)
 
     def report(self) -> dict:
@@ -129,27 +164,37 @@ class StopRule:
                    loss_side(final["forget_loss"], self.reference_loss, self.tolerance))
         return {"rule": self.mode, "version": VERSION, "tolerance": self.tolerance, "check_every": self.check_every,
                 "stopped_at": self.stopped_at, "restored_to": self.restored_to, "reference_loss": self.reference_loss,
+                "retain_limit": self.retain_limit, "broken_at": self.broken_at, "kept_broken": self.kept_broken,
                 "calibration_rows": len(self.calibration), "verdict": verdict, "curve": self.curve}
 
 
 def search_step_size(lrs: Sequence[float], run: Callable, make_stop: Callable[[], StopRule]):
     """Try each step size in order, every one from the original model, under a fresh stop rule:
     `run(lr, stop)` unlearns and returns `forget.unlearn`'s result. Keeps the first step size whose rule reaches
-    the target, else the one that ended closest to it. Returns (lr, result, stop rule, what each step size did).
+    the target, else the one that ended closest to it (a run ending past the rule's retain limit only when every
+    run does). Returns (lr, result, stop rule, what each step size did).
 
     Why a list: a step size too small for the budget ends under-unlearned however the rule stops (the LLM
     protocol's RMU, DPO, SimNPO and WGA at their default lr), one too large overshoots between two checks; trying
     the smallest first and going up keeps the weights moved as little as the target allows."""
-    chosen, tried = None, []  # chosen: (lr, result, stop rule, distance)
+    chosen, tried = None, []  # chosen: (lr, result, stop rule, (ends broken, distance))
     for lr in lrs:
         stop = make_stop()
         result = run(lr, stop)
-        distance = abs(stop.distance(stop.kept()))
+        rank = (stop.kept_broken, abs(stop.distance(stop.kept())))
         tried.append({"lr": lr, "steps": result.steps, "seconds": round(result.seconds, 1),
-                      "stopped_at": stop.stopped_at, "restored_to": stop.restored_to, "distance": round(distance, 6)})
-        if stop.reached or chosen is None or distance < chosen[3]:  # none reached yet: keep the closest only
-            chosen = (lr, result, stop, distance)
+                      "stopped_at": stop.stopped_at, "restored_to": stop.restored_to, "distance": round(rank[1], 6)}
+                     | ({"broken_at": stop.broken_at} if stop.retain_limit is not None else {}))
+        if stop.reached or chosen is None or rank < chosen[3]:  # none reached yet: keep the closest only
+            chosen = (lr, result, stop, rank)
         del result
         if stop.reached:
             break
     return (*chosen[:3], tried)
+
+
+def retain_bound(model, rows: Sequence, collate: Callable, factor: float, batch_size: int = 16) -> float:
+    """The retain guard's limit: `factor` times the model's mean loss on the guard's rows, measured before
+    unlearning (a factor, not a fixed loss, so one setting reads the same on models that fit their data to
+    different losses)."""
+    return factor * float(example_scores(model, rows, collate, batch_size)["loss"].mean())

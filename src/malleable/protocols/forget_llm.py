@@ -126,6 +126,16 @@ def eval_sets(settings: ProtocolSettings, splits: dict[str, list], forget: str) 
             "holdout": splits["holdout"][:len(splits[forget])]}
 
 
+def guard_records(settings: ProtocolSettings, splits: dict[str, list], forget: str) -> list[dict]:
+    """Retain rows for the stop rule's retain guard: as many as utility is scored on, spread over the retain
+    people like those but none of them, so the guard never reads a row the evaluation scores."""
+    retain = splits[RETAIN_OF[forget]]
+    scored = set(range(len(retain))[::max(1, len(retain) // settings.retain_eval)][:settings.retain_eval])
+    rest = [r for i, r in enumerate(retain) if i not in scored]  # as `eval_sets` picks them
+    step = max(1, len(rest) // settings.retain_eval)
+    return rest[step // 2::step][:settings.retain_eval]
+
+
 def evaluate(model, tokenizer, sets: dict[str, list[dict]], settings: ProtocolSettings,
              batch_size: int = 16) -> dict[str, dict]:
     from malleable.evaluate.llm_forget import evaluate_set
@@ -207,10 +217,12 @@ class Protocol:
         rows' loss attack against the `calibration` split's people, never-trained people other than the
         evaluation's holdout, so the rule does not read the rows the evaluation's membership attack is scored
         on; the budget in `kwargs` is then the most it may run, and `lr` may be a list, searched as
-        `forget.stopping.search_step_size` does (the run keeps the chosen one)."""
+        `forget.stopping.search_step_size` does (the run keeps the chosen one). `calibrate["retain_limit"]`, a
+        factor, adds the rule's retain guard on `guard_records` (its limit: that factor of the target's loss
+        on them)."""
         from malleable.forget import unlearn
         from malleable.forget.registry import get_objective
-        from malleable.forget.stopping import StopRule, search_step_size
+        from malleable.forget.stopping import StopRule, retain_bound, search_step_size
         from malleable.learn.data import collate
         from malleable.models.checkpoints import load_tokenizer
 
@@ -236,10 +248,17 @@ class Protocol:
             result, stop, search = run_at(lr, None), None, None
         else:
             calibration = self.items(self.splits["calibration"], tokenizer)  # tokenised once for every lr tried
+            rule = dict(calibrate)
+            if rule.get("retain_limit") is not None:
+                guard = self.items(guard_records(self.settings, self.splits, self.forget), tokenizer)
+                target = load_trained(self.base, self.target_dir)[0]
+                rule.update(retain=guard, retain_limit=retain_bound(target, guard, batch, rule["retain_limit"],
+                                                                    self.eval_batch_size))
+                del target
             chosen, result, stop, tried = search_step_size(
                 lr if isinstance(lr, list) else [lr], run_at,
                 lambda: StopRule("indistinguishable", items, batch, calibration=calibration,
-                                 batch_size=self.eval_batch_size, **calibrate))
+                                 batch_size=self.eval_batch_size, **rule))
             search = {"lr": chosen, "tried": tried} if isinstance(lr, list) else None
         result.model.eval()
         return result, tokenizer, stop, search

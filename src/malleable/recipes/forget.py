@@ -57,6 +57,9 @@ class ForgetTraining(Strict):
     tolerance: float = Field(default=0.05, gt=0, lt=0.5)  # around AUC 0.5, or relative to the reference's loss
     check_every: int = Field(default=5, gt=0)  # steps between checks
     calibration: float = Field(default=0.5, gt=0, lt=1)  # share of the holdout rows the rule checks against
+    # the retain guard: a check whose retain loss passes this factor of the original model's ends the run, and the
+    # closest earlier check is kept (the membership attack alone cannot see utility falling)
+    retain_limit: float | None = Field(default=None, gt=1)
 
     @model_validator(mode="after")
     def _length(self):
@@ -68,6 +71,8 @@ class ForgetTraining(Strict):
         if isinstance(self.lr, list) and self.stop_at is None:
             raise ValueError("lr: a list of step sizes needs training.stop_at (the stopping rule decides which "
                              "one reaches the retrain target)")
+        if self.retain_limit is not None and self.stop_at is None:
+            raise ValueError("retain_limit: the retain guard is part of training.stop_at's rule; set stop_at")
         if len(set(lrs)) < len(lrs):
             raise ValueError("lr: a step size is listed twice")
         return self
