@@ -348,6 +348,18 @@ def test_della_keep_probabilities_hand_values():
     assert_close(rows, torch.tensor([[0.7, 0.3], [0.3, 0.7]]))
 
 
+@pytest.mark.parametrize("shape", [(300,), (40, 64), (6, 5, 3, 3), (8, 1)])
+def test_della_keep_probabilities_are_mergekits_bit_for_bit_with_ties(shape):
+    """Ours scatters i / (n - 1) through one argsort where mergekit argsorts twice: the same float32 values,
+    ties included (bf16 task vectors repeat magnitudes often; the kept draws depend on every bit)."""
+    t = (torch.randn(shape, generator=torch.Generator().manual_seed(3)) * 4).round() / 4  # few distinct magnitudes
+    x = t.unsqueeze(0) if t.dim() < 2 else t
+    ranks = torch.argsort(x.abs(), dim=1, descending=False).argsort(dim=1).float() + 1  # mk_della_magprune's lines
+    lo, hi = ranks.min(dim=1, keepdim=True).values, ranks.max(dim=1, keepdim=True).values
+    want = (0.4 - 0.15) + ((ranks - lo) / (hi - lo)).clamp(0, 1).nan_to_num(0.5) * 2 * 0.15
+    assert torch.equal(keep_probabilities(t, 0.4, 0.15), want)
+
+
 @pytest.mark.parametrize("name, consensus, normalize", [("della", True, True), ("della_linear", False, False),
                                                         ("della_linear", False, True)])
 @pytest.mark.parametrize("shape", [(37,), (16, 12)])

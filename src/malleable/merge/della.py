@@ -33,12 +33,19 @@ RESCALE = Param(True, "scale the kept entries back to the task vector's L1 norm 
 
 def keep_probabilities(t: torch.Tensor, density: float, epsilon: float) -> torch.Tensor:
     """mergekit's ``della_magprune`` probabilities for `t` (2-D or more: ranks along dim 1; 1-D: one row):
-    density - epsilon + 2 epsilon * (rank - min rank) / (max rank - min rank), computed as mergekit does.
-    A row of one entry (0/0 in mergekit) gets probability density."""
+    density - epsilon + 2 epsilon * (rank - min rank) / (max rank - min rank). A row of one entry (0/0 in
+    mergekit) gets probability density.
+
+    mergekit ranks with a second argsort of the first; the ranks of a row are then 1..n, so the normalised rank
+    of the entry at sorted position i is i / (n - 1), scattered back through the first argsort: the same float32
+    values bit for bit at half the cost (the second sort was half of della's time on a 1B model)."""
     x = t.unsqueeze(0) if t.dim() < 2 else t
-    ranks = torch.argsort(torch.argsort(x.abs(), dim=1, descending=False), dim=1).to(torch.float32) + 1
-    lo, hi = ranks.min(dim=1, keepdim=True).values, ranks.max(dim=1, keepdim=True).values
-    rank_norm = ((ranks - lo) / (hi - lo)).clamp(0, 1).nan_to_num_(0.5)
+    n = x.shape[1]
+    order = torch.argsort(x.abs(), dim=1)
+    by_position = torch.arange(n, dtype=torch.float32) / (n - 1) if n > 1 else torch.full((1,), 0.5)
+    by_position = by_position.view(1, n, *[1] * (x.dim() - 2)).expand(x.shape)
+    rank_norm = torch.empty(x.shape, dtype=torch.float32).scatter_(1, order, by_position)
+    del order
     return (density - epsilon) + rank_norm * 2 * epsilon
 
 
