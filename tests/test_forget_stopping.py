@@ -92,13 +92,21 @@ def test_the_last_step_is_always_checked():
     assert rule.report()["verdict"] == "under-unlearned"
 
 
-def test_the_retain_guard_stops_at_the_first_check_past_its_limit_and_goes_back():
+def test_a_check_past_the_retain_limit_is_never_kept_and_the_run_goes_on():
+    # 0.6 breaks the limit: not kept, the run goes on; 0.5 reaches the target past the limit: stop, back to 0.7
     rule, model = scripted([0.9, 0.7, 0.6, 0.5], retain=[0.5, 0.8, 1.2, 1.3])
     drive(rule, model, 40)
-    assert (rule.broken_at, rule.stopped_at, rule.restored_to, float(model.weight)) == (15, None, 10, 10)
-    assert not rule.reached and not rule.kept_broken  # kept step 10: AUC 0.7, short of the target, within the limit
+    assert (rule.broken_at, rule.stopped_at, rule.restored_to, float(model.weight)) == (15, 20, 10, 10)
+    assert rule.reached and not rule.kept_broken  # the target was reached; larger step sizes would break sooner
     report = rule.report()
     assert report["verdict"] == "under-unlearned" and report["broken_at"] == 15 and report["retain_limit"] == 1.0
+
+
+def test_a_retain_loss_that_recovers_lets_the_run_reach_the_target():
+    rule, model = scripted([0.9, 0.7, 0.52, 0.5], retain=[1.4, 0.9, 1.1, 0.95])  # past the limit at 5 and 15
+    drive(rule, model, 40)
+    assert (rule.broken_at, rule.stopped_at, rule.restored_to, float(model.weight)) == (5, 20, None, 20)
+    assert rule.reached and rule.report()["verdict"] == "calibrated"
 
 
 def test_a_guarded_run_that_reaches_the_target_within_the_limit_is_untouched():
@@ -107,10 +115,11 @@ def test_a_guarded_run_that_reaches_the_target_within_the_limit_is_untouched():
     assert (rule.broken_at, rule.stopped_at, rule.restored_to) == (None, 10, None) and rule.reached
 
 
-def test_a_run_broken_at_its_first_check_ends_broken_and_never_counts_as_reached():
-    rule, model = scripted([0.5], retain=[2.0])  # at the target, but past the limit: nothing earlier to go back to
+def test_a_run_past_the_limit_at_every_check_ends_there_and_never_counts_as_reached():
+    rule, model = scripted([0.8, 0.5], retain=[2.0, 2.5])  # at the target, but nothing within the limit to keep
     drive(rule, model, 40)
-    assert rule.broken_at == 5 and rule.kept_broken and not rule.reached and float(model.weight) == 5
+    assert (rule.broken_at, rule.stopped_at) == (5, 10) and rule.kept_broken and not rule.reached
+    assert float(model.weight) == 10
 
 
 def test_the_retain_guard_needs_retain_rows():
@@ -146,13 +155,13 @@ def test_the_search_keeps_the_closest_when_none_reaches_the_target():
     assert [t["distance"] for t in tried] == pytest.approx([0.35, 0.2, 0.25])
 
 
-def test_the_search_passes_over_a_step_size_whose_run_breaks_the_retain_limit():
-    # 1e-4 reaches AUC 0.5 only past the limit and goes back to 0.7; 1e-3's first check breaks it at 0.45
-    lr, _, stop, tried = scripted_search({1e-4: [0.9, 0.7, 0.5], 1e-3: [0.45]},
-                                         retain={1e-4: [0.5, 0.9, 1.5], 1e-3: [3.0]})
-    assert lr == 1e-4 and stop.restored_to == 10 and not stop.kept_broken
-    assert [(t["lr"], t["broken_at"]) for t in tried] == [(1e-4, 15), (1e-3, 5)]
-    assert [t["distance"] for t in tried] == pytest.approx([0.2, 0.05])  # 1e-3 is closer, and broken: ranked last
+def test_the_search_ranks_a_run_that_ends_past_the_retain_limit_last():
+    # neither reaches the target within 15 steps; 1e-3 ends closer (0.55), but past the limit at every check
+    lr, _, stop, tried = scripted_search({1e-4: [0.9, 0.8, 0.7], 1e-3: [0.7, 0.6, 0.55]},
+                                         retain={1e-4: [0.5, 0.9, 0.95], 1e-3: [3.0, 3.0, 3.0]})
+    assert lr == 1e-4 and not stop.kept_broken and not stop.reached
+    assert [(t["lr"], t["broken_at"]) for t in tried] == [(1e-4, None), (1e-3, 5)]
+    assert [t["distance"] for t in tried] == pytest.approx([0.2, 0.05])
 
 
 @pytest.mark.parametrize("auc, words", [(0.9, "under-unlearned"), (0.53, "calibrated"), (0.47, "calibrated"),
@@ -250,9 +259,9 @@ def test_a_list_of_step_sizes_keeps_the_first_that_reaches_the_target(target, tm
     assert "step size: 0.002" in (tmp_path / "out" / "report.md").read_text()
 
 
-def test_the_retain_guard_ends_the_run_where_the_retain_loss_passes_its_limit(target, tmp_path):  # noqa: F811
-    """A high step size with a tight guard: the retain loss passes 1.02x the original's before the forget rows
-    reach the target, the run stops there and keeps the check before (every check it keeps is within)."""
+def test_the_retain_guard_through_malleable_forget(target, tmp_path):  # noqa: F811
+    """A high step size with a tight guard (1.02x the original retain loss): checks past the limit are never
+    kept, so the model ends on the closest check within it, and its retain loss is within it again."""
     r = recipe_file(tmp_path / "r.yaml", target, training={
         "steps": 40, "batch_size": 8, "lr": 2e-3, "stop_at": "indistinguishable", "check_every": 1,
         "tolerance": 0.1, "calibration": 0.5, "retain_limit": 1.02})
@@ -261,9 +270,9 @@ def test_the_retain_guard_ends_the_run_where_the_retain_loss_passes_its_limit(ta
     report = json.loads((tmp_path / "out" / "report.json").read_text())
     c, e = report["calibration"], report["evidence"]
     assert c["retain_limit"] == pytest.approx(1.02 * e["original"]["retain"]["loss"], rel=1e-4)  # all retain rows
-    assert c["broken_at"] == c["curve"][-1]["step"] == report["steps"] < 40 and c["stopped_at"] is None
-    assert c["curve"][-1]["retain_loss"] > c["retain_limit"] >= max(p["retain_loss"] for p in c["curve"][:-1])
-    if c["restored_to"] is not None:  # the model is the kept check's: its retain loss is within the limit again
-        assert c["restored_to"] == c["curve"][-2]["step"]
-        assert e["unlearned"]["retain"]["loss"] <= c["retain_limit"] + 1e-4
-    assert "the retain loss passed its limit" in (tmp_path / "out" / "report.md").read_text()
+    assert c["broken_at"] is not None and c["restored_to"] is not None and not c["kept_broken"]
+    within = [p for p in c["curve"] if p["retain_loss"] <= c["retain_limit"]]
+    kept = next(p for p in c["curve"] if p["step"] == c["restored_to"])
+    assert kept in within and abs(kept["membership_auc"] - 0.5) == min(abs(p["membership_auc"] - 0.5) for p in within)
+    assert e["unlearned"]["retain"]["loss"] == pytest.approx(kept["retain_loss"], rel=1e-4)
+    assert "the retain loss passed that limit first at step" in (tmp_path / "out" / "report.md").read_text()

@@ -290,15 +290,15 @@ def report_markdown(title: str, r: dict) -> str:
     c = r.get("calibration")
     if c:
         where = f", then back to step {c['restored_to']} (closer to the target)" if c["restored_to"] else ""
-        stopped = f"stopped at step {c['stopped_at']}"
-        if c.get("broken_at"):
-            where = (f", then back to step {c['restored_to']}" if c["restored_to"] else
-                     " (no earlier check to go back to)")
-            stopped = f"the retain loss passed its limit ({c['retain_limit']:.4f}) at step {c['broken_at']}"
-        guard = f", retain loss at most {c['retain_limit']:.4f}" if c.get("retain_limit") is not None else ""
+        guard = ""
+        if c.get("retain_limit") is not None:
+            guard = f", keeping no check whose retain loss passes {c['retain_limit']:.4f}"
+            if c["broken_at"]:
+                where += (f"; the retain loss passed that limit first at step {c['broken_at']}"
+                          + (" and the model ends past it" if c["kept_broken"] else ""))
         lines.append(f"- calibrated stopping ({c['rule']}, tolerance {c['tolerance']}, checked every "
-                     f"{c['check_every']} steps on {c['calibration_rows']} calibration rows{guard}): {stopped}"
-                     f"{where}; {c['verdict']} on the rule's own measure")
+                     f"{c['check_every']} steps on {c['calibration_rows']} calibration rows{guard}): stopped at "
+                     f"step {c['stopped_at']}{where}; {c['verdict']} on the rule's own measure")
         lines.append("- curve: " + "; ".join(f"step {p['step']}: " + ", ".join(f"{k} {v}" for k, v in p.items()
                                                                             if k != "step") for p in c["curve"]))
     return "\n".join(lines) + "\n"

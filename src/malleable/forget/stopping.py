@@ -24,9 +24,10 @@ target the rule starts stopping at a check that does not improve.
 The membership attack cannot see what unlearning costs elsewhere: on the LLM protocol SimNPO needs a step size
 whose run reaches AUC 0.5 with the model's utility at 0.0-0.4 (retain model 0.46). With a retain guard
 (`retain` rows and a `retain_limit` on their mean loss, from `retain_bound`) every check also measures the
-retain loss; the first check past the limit is *broken*: the rule stops there and goes back to the closest
-earlier check (all earlier ones were within the limit), and `search_step_size` ranks a run that ends on a
-broken check below every run that does not.
+retain loss, and a check past the limit is never kept: short of the target the run goes on (the retain term
+often pulls the loss back: SimNPO's jumps at its first check and recovers), and where it reaches or passes the
+target the rule stops and goes back to the closest check within the limit. `search_step_size` ranks a run
+that ends on a check past the limit (none within it to go back to) below every run that does not.
 
 Where the issue asked for a held-out part of the *forget* set, this rule measures the rows being unlearned
 against held-out *unseen* rows instead: the rows that were not trained on cannot show over-unlearning, which
@@ -82,7 +83,7 @@ class StopRule:
         self.batch_size, self.retain, self.retain_limit = batch_size, retain, retain_limit
         self.curve: list[dict] = []
         self.stopped_at: int | None = None
-        self.broken_at: int | None = None  # the check whose retain loss passed the limit
+        self.broken_at: int | None = None  # the first check whose retain loss passed the limit
         self.restored_to: int | None = None
         self._best: tuple[float, int, dict[str, torch.Tensor]] | None = None  # |gap|, step, weights
 
@@ -112,34 +113,26 @@ class StopRule:
             return False
         row = {"step": step, **self.measure(model)}
         self.curve.append(row)
-        gap = self.distance(row)
-        best = self._best[0] if self._best is not None else float("inf")
-        if self.broken(row):  # every earlier check was within the limit and short of the target: keep the closest
+        gap, broken = self.distance(row), self.broken(row)
+        if broken and self.broken_at is None:
             self.broken_at = step
-            self._go_back(model)
-            return True
+        best = self._best[0] if self._best is not None else float("inf")
         closing = gap > 0 and (gap > self.tolerance or gap < best)  # short of the target and still closing in
-        if closing and gap < best:
+        if closing and gap < best and not broken:
             self._best = (gap, step, {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad})
         if closing and not last:
             return False
-        # an earlier check was as close or closer: go back to it (on a tie, it moved the weights less; AUCs on
-        # a few rows take few distinct values, so ties are common)
-        if self._best is not None and self._best[0] <= abs(gap) and self._best[1] != step:
-            self._go_back(model)
+        # an earlier check was as close or closer, or this one is past the retain limit: go back to the closest
+        # (on a tie, it moved the weights less; AUCs on a few rows take few distinct values, so ties are common)
+        if self._best is not None and self._best[1] != step and (broken or self._best[0] <= abs(gap)):
+            with torch.no_grad():
+                for n, p in model.named_parameters():
+                    if n in self._best[2]:
+                        p.copy_(self._best[2][n])
+            self.restored_to = self._best[1]
         if not closing:
             self.stopped_at = step
         return True
-
-    def _go_back(self, model) -> None:
-        """Put the closest check's trainable weights back (none kept yet: the model stays as it is)."""
-        if self._best is None:
-            return
-        with torch.no_grad():
-            for n, p in model.named_parameters():
-                if n in self._best[2]:
-                    p.copy_(self._best[2][n])
-        self.restored_to = self._best[1]
 
     def kept(self) -> dict:
         """The check whose weights the model ends with: the one gone back to, else the last."""
@@ -147,13 +140,13 @@ class StopRule:
 
     @property
     def kept_broken(self) -> bool:
-        """The model ends on a check past the retain limit (the first check already broke it)."""
+        """The model ends on a check past the retain limit (there was none within it to go back to)."""
         return bool(self.curve) and self.broken(self.kept())
 
     @property
     def reached(self) -> bool:
-        """Stopped at the target, or ended (budget spent, or the retain guard) on a check within the tolerance
-        of it; never on a check past the retain limit."""
+        """Stopped at the target, or ended (budget spent) on a check within the tolerance of it; never when the
+        model ends on a check past the retain limit."""
         if self.kept_broken:
             return False
         return self.stopped_at is not None or (bool(self.curve) and abs(self.distance(self.kept())) <= self.tolerance)
