@@ -24,9 +24,9 @@ target the rule starts stopping at a check that does not improve.
 The membership attack cannot see what unlearning costs elsewhere: on the LLM protocol SimNPO needs a step size
 whose run reaches AUC 0.5 with the model's utility at 0.0-0.4 (retain model 0.46). With a retain guard
 (`retain` rows and a `retain_limit` on their mean loss, from `retain_bound`) every check also measures the
-retain loss, and a check past the limit is never kept: short of the target the run goes on (the retain term
-often pulls the loss back: SimNPO's jumps at its first check and recovers), and where it reaches or passes the
-target the rule stops and goes back to the closest check within the limit. `search_step_size` ranks a run
+retain loss, and a check past the limit is never kept: short of the target the run goes on (a retain term can
+pull the loss back within it), and where it reaches or passes the target the rule stops and goes back to the
+closest check within the limit. `search_step_size` ranks a run
 that ends on a check past the limit (none within it to go back to) below every run that does not.
 
 Where the issue asked for a held-out part of the *forget* set, this rule measures the rows being unlearned
