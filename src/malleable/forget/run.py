@@ -282,11 +282,11 @@ def report_markdown(title: str, r: dict) -> str:
                      f"being worse than unseen rows)")
     if r.get("lr_search"):
         tried = [f"{x['lr']} (" + (f"stopped at step {x['stopped_at']}" if x["stopped_at"] else
-                                   f"retain limit passed at step {x['broken_at']}" if x.get("broken_at") else
-                                   f"ran all {x['steps']} steps") + f", distance {x['distance']})"
-                 for x in r["lr_search"]]
+                                   f"ran all {x['steps']} steps")
+                 + (f", retain limit first passed at step {x['broken_at']}" if x.get("broken_at") else "")
+                 + f", distance {x['distance']})" for x in r["lr_search"]]
         lines.append(f"- step size: {r['lr']}, of {'; '.join(tried)} (the first that reaches the target, else the "
-                     "closest at its end)")
+                     "closest at its end, one that ends within the retain limit before one that does not)")
     c = r.get("calibration")
     if c:
         where = f", then back to step {c['restored_to']} (closer to the target)" if c["restored_to"] else ""

@@ -26,8 +26,8 @@ whose run reaches AUC 0.5 with the model's utility at 0.0-0.4 (retain model 0.46
 (`retain` rows and a `retain_limit` on their mean loss, from `retain_bound`) every check also measures the
 retain loss, and a check past the limit is never kept: short of the target the run goes on (a retain term can
 pull the loss back within it), and where it reaches or passes the target the rule stops and goes back to the
-closest check within the limit. `search_step_size` ranks a run
-that ends on a check past the limit (none within it to go back to) below every run that does not.
+closest check within the limit. `search_step_size` ranks a run that ends on a check past the limit (none
+within it to go back to) below every run that does not.
 
 Where the issue asked for a held-out part of the *forget* set, this rule measures the rows being unlearned
 against held-out *unseen* rows instead: the rows that were not trained on cannot show over-unlearning, which

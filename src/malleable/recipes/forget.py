@@ -57,8 +57,8 @@ class ForgetTraining(Strict):
     tolerance: float = Field(default=0.05, gt=0, lt=0.5)  # around AUC 0.5, or relative to the reference's loss
     check_every: int = Field(default=5, gt=0)  # steps between checks
     calibration: float = Field(default=0.5, gt=0, lt=1)  # share of the holdout rows the rule checks against
-    # the retain guard: a check whose retain loss passes this factor of the original model's ends the run, and the
-    # closest earlier check is kept (the membership attack alone cannot see utility falling)
+    # the retain guard: a check whose retain loss passes this factor of the original model's is never kept (the
+    # membership attack alone cannot see utility falling)
     retain_limit: float | None = Field(default=None, gt=1)
 
     @model_validator(mode="after")
