@@ -282,8 +282,8 @@ def calibration_section(result: dict, forget: str) -> list[str]:
              f"{fmt(retain['mia_auc_min_k'], 3)}. An arm that searched step sizes (`forget.stopping."
              "search_step_size`: each from the target, smallest first, the first whose rule reaches the target "
              "kept, else the closest) is compared with the fixed run at the objective's own lr, and its stop step "
-             "names the lr kept. A guarded arm (retain loss ≤ a factor of the target's, on retain rows utility "
-             "is not scored on) names the step where the guard ended the run.", "",
+             "names the lr kept. A guarded arm (no check kept whose retain loss passes a factor of the target's, "
+             "on retain rows utility is not scored on) names the check where the kept run first passed it.", "",
              "| calibrated run | seeds | stop step (of budget) | gap fixed | gap calibrated | difference [95% CI] | "
              "AUC fixed | AUC calibrated | over / calibrated / under, fixed | over / calibrated / under, calibrated "
              "| utility fixed | utility calibrated |",
@@ -300,7 +300,7 @@ def calibration_section(result: dict, forget: str) -> list[str]:
 
         stops = [str(c["stopping"]["restored_to"] or c["steps"])
                  + (f" at lr {c['lr_search']['lr']:g}" if "lr_search" in c else "")
-                 + (f" (guard at {c['stopping']['broken_at']})" if c["stopping"].get("broken_at") else "")
+                 + (f" (limit passed at {c['stopping']['broken_at']})" if c["stopping"].get("broken_at") else "")
                  for _, c in ps]
 
         def utility(rs):

@@ -66,12 +66,12 @@ def test_a_calibrated_run_that_searched_step_sizes_is_compared_with_the_fixed_ru
     cells = [c.strip() for c in row.split("|")]
     assert cells[3] == "13 at lr 0.01 (of 13)"
     assert cells[4] == "6.67" and cells[5] == "0.00"  # paired with the lr 1e-3 run (AUC 0.9), not the 3e-3 one
-    # the same search under the retain guard: its own row, naming where the guard ended the run
+    # the same search under the retain guard: its own row, naming where the kept run first passed the limit
     guarded = {**searched, "calibrate": {**searched["calibrate"], "retain_limit": 1.25},
                "summary": {**summary, "model_utility": 0.4}, "stopping": {"restored_to": 6, "broken_at": 8}}
     result["runs"].append(guarded)
     assert fl.label(guarded) == "rmu (lr 0.003/0.01 searched), calibrated ±0.1, retain loss ≤ 1.25x"
     rows = [line for line in fl.calibration_section(result, "forget10") if line.startswith("| rmu")]
     cells = [c.strip() for c in rows[1].split("|")]
-    assert len(rows) == 2 and cells[1] == fl.label(guarded) and cells[3] == "6 at lr 0.01 (guard at 8) (of 13)"
+    assert len(rows) == 2 and cells[1] == fl.label(guarded) and cells[3] == "6 at lr 0.01 (limit passed at 8) (of 13)"
     assert cells[-3:-1] == ["0.500", "0.400"]  # model utility, fixed and guarded

@@ -129,9 +129,8 @@ def eval_sets(settings: ProtocolSettings, splits: dict[str, list], forget: str) 
 def guard_records(settings: ProtocolSettings, splits: dict[str, list], forget: str) -> list[dict]:
     """Retain rows for the stop rule's retain guard: as many as utility is scored on, spread over the retain
     people like those but none of them, so the guard never reads a row the evaluation scores."""
-    retain = splits[RETAIN_OF[forget]]
-    scored = set(range(len(retain))[::max(1, len(retain) // settings.retain_eval)][:settings.retain_eval])
-    rest = [r for i, r in enumerate(retain) if i not in scored]  # as `eval_sets` picks them
+    scored = eval_sets(settings, splits, forget)["retain"]
+    rest = [r for r in splits[RETAIN_OF[forget]] if r not in scored]
     step = max(1, len(rest) // settings.retain_eval)
     return rest[step // 2::step][:settings.retain_eval]
 
